@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXTRAS := dev,demo,kafka
+
+.PHONY: demo test lint unit bench schema clean
+
+$(BIN)/outbox-relay: pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	@touch $@
+
+demo: $(BIN)/outbox-relay
+	$(BIN)/outbox-relay demo
+
+lint: $(BIN)/outbox-relay
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Installs the servers the tests need when missing, then lints and runs every test against real
+# servers the tests start themselves (or RELAY_TEST_PG_DSN / KAFKA_BOOTSTRAP_SERVERS when set).
+test: lint
+	bash tests/install-servers.sh
+	@$(BIN)/pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
+
+unit: $(BIN)/outbox-relay
+	$(BIN)/pytest tests/unit tests/contract
+
+bench: $(BIN)/outbox-relay
+	bash tests/install-servers.sh
+	$(BIN)/python -m tests.bench.bench_polling_file
+
+schema: $(BIN)/outbox-relay
+	$(BIN)/outbox-relay schema > config/relay.schema.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,42 @@
+"""The JSON-lines message format shared by the `stdout` and `file` sinks.
+
+One line per event: the event's metadata, every header of DESIGN.md (the row's own headers
+included) and the payload. A JSON payload is embedded as JSON, unchanged; any other payload is
+embedded as a string (text) or base64 (`payload_base64`, binary).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+
+from relay.events import OutboxEvent
+
+
+def encode_line(event: OutboxEvent) -> bytes:
+    meta = json.dumps(
+        {
+            "event_id": event.event_id,
+            "event_type": event.event_type,
+            "aggregate_type": event.aggregate_type,
+            "aggregate_id": event.aggregate_id,
+            "position": event.position,
+            "created_at": event.created_at_iso,
+            "headers": event.standard_headers(),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+    ctype = event.content_type
+    if ctype == "application/json":
+        return meta[:-1] + b',"payload":' + event.payload + b"}\n"
+    if ctype.startswith("text/"):
+        text = json.dumps(event.payload.decode("utf-8", "replace"), ensure_ascii=False)
+        return meta[:-1] + b',"payload":' + text.encode() + b"}\n"
+    encoded = base64.b64encode(event.payload)
+    return meta[:-1] + b',"payload_base64":"' + encoded + b'"}\n'
+
+
+def encode_lines(events: Sequence[OutboxEvent]) -> bytes:
+    return b"".join([encode_line(e) for e in events])

@@ -1,0 +1,442 @@
+"""Source `postgres-polling`: reads the outbox table in `position` order, marks or deletes rows
+after the broker acknowledged them, and wakes on NOTIFY so latency is not bound to the poll interval.
+
+Reading order and late commits. Positions come from a sequence, so a transaction can commit a
+row whose position is *lower* than rows already relayed (it took its position first and
+committed later). A pure `position > last_seen` cursor would skip such a row forever. This source
+reads ahead with a cursor for speed and, whenever it has caught up, sweeps the unpublished rows
+*behind* the cursor (cheap: the partial index holds only unpublished rows) and relays any it does
+not hold in flight. Nothing committed is ever skipped; a late row is relayed after rows with
+higher positions of *other* aggregates. Per-aggregate order therefore relies on the usual outbox
+assumption: writers of one aggregate are serialized (row lock or optimistic version on the
+aggregate), so one aggregate's rows commit in position order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from pydantic import BaseModel, ConfigDict, Field
+
+from relay.durations import Duration
+from relay.events import OutboxEvent
+from relay.interfaces import BacklogStats, ConnectorError, Source
+from relay.logs import get_logger
+from relay.registry import ConnectorConfig, SourcePlugin
+from relay.secrets import scrubber
+
+_MIN_POSITION = -(2**63)
+
+
+class ColumnMapping(BaseModel):
+    """Column names of the outbox table, for schemas other than the default one.
+
+    `headers` and `created_at` may be null when the table has no such column; `published_at` may
+    be null with `after_publish: delete`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    position: str = "position"
+    event_id: str = "event_id"
+    aggregate_type: str = "aggregate_type"
+    aggregate_id: str = "aggregate_id"
+    event_type: str = "event_type"
+    payload: str = "payload"
+    headers: str | None = "headers"
+    created_at: str | None = "created_at"
+    published_at: str | None = "published_at"
+
+
+class PostgresPollingConfig(ConnectorConfig):
+    type: Literal["postgres-polling"]
+    dsn: str = Field(description="libpq connection string or postgresql:// URL.")
+    table: str = Field(
+        default="public.outbox", pattern=r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$"
+    )
+    batch_size: int = Field(default=500, ge=1, le=100_000, description="Rows per fetch.")
+    poll_interval: Duration = Field(default=0.2, gt=0, description="Fallback when no NOTIFY arrives.")
+    after_publish: Literal["mark", "delete"] = "mark"
+    columns: ColumnMapping = ColumnMapping()
+    notify: bool = Field(default=True, description="LISTEN for the trigger that init-db installs.")
+    notify_channel: str = Field(default="outbox_relay", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    connect_timeout: Duration = Field(default=5.0, gt=0)
+
+    def table_ident(self) -> sql.Identifier:
+        return sql.Identifier(*self.table.split("."))
+
+
+def _text_column(name: str) -> sql.Composable:
+    return sql.SQL("{}::text").format(sql.Identifier(name))
+
+
+class PostgresPollingSource(Source):
+    kind = "postgres-polling"
+
+    def __init__(self, config: PostgresPollingConfig) -> None:
+        if config.after_publish == "mark" and config.columns.published_at is None:
+            raise ConnectorError("columns.published_at is required with after_publish: mark")
+        self.config = config
+        self._log = get_logger(source=self.kind, table=config.table)
+        self._fetch_conn: psycopg.AsyncConnection[Any] | None = None
+        self._ack_conn: psycopg.AsyncConnection[Any] | None = None
+        self._stats_conn: psycopg.AsyncConnection[Any] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._cursor = _MIN_POSITION
+        self._outstanding: set[int] = set()
+        self._acked_during_sweep: set[int] | None = None
+        self._last_sweep = 0.0
+        self._caught_up = False
+        self._queries: dict[str, sql.Composed] = {}
+        self._payload_is_bytes = False
+        self._content_type = "application/json"
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.config.dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self.config.connect_timeout)),
+                application_name="outbox-relay",
+            )
+        except psycopg.Error as exc:
+            raise ConnectorError(scrubber.scrub(f"cannot connect to the database: {exc}")) from None
+
+    async def start(self) -> None:
+        conn = self._fetch_conn = await self._connect()
+        await self._inspect_table(conn)
+        if self.config.notify and self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="outbox-relay:listen")
+
+    async def _inspect_table(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, str]:
+        """Check that the table and the mapped columns exist; build the queries for their types."""
+        cfg = self.config
+        try:
+            cur = await conn.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+                " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+                (cfg.table,),
+            )
+            types = dict(await cur.fetchall())
+        except psycopg.Error as exc:
+            raise ConnectorError(scrubber.scrub(f"cannot inspect table {cfg.table}: {exc}")) from None
+        if not types:
+            raise ConnectorError(f"table {cfg.table} does not exist (run: outbox-relay init-db)")
+        wanted = {k: v for k, v in cfg.columns.model_dump().items() if v is not None}
+        missing = [f"columns.{k}={v}" for k, v in wanted.items() if v not in types]
+        if missing:
+            raise ConnectorError(f"table {cfg.table} has no column for {', '.join(missing)}")
+        payload_type = types[cfg.columns.payload]
+        self._payload_is_bytes = payload_type == "bytea"
+        self._content_type = {
+            "json": "application/json",
+            "jsonb": "application/json",
+            "bytea": "application/octet-stream",
+        }.get(payload_type, "text/plain; charset=utf-8")
+        self._build_queries()
+        return types
+
+    def _build_queries(self) -> None:
+        cfg, cols = self.config, self.config.columns
+        table = cfg.table_ident()
+        pos = sql.Identifier(cols.position)
+        payload = sql.Identifier(cols.payload) if self._payload_is_bytes else _text_column(cols.payload)
+        created = (
+            sql.SQL("extract(epoch from {})::float8").format(sql.Identifier(cols.created_at))
+            if cols.created_at
+            else sql.SQL("extract(epoch from now())::float8")
+        )
+        select = sql.SQL(", ").join(
+            [
+                sql.SQL("{}::int8").format(pos),
+                _text_column(cols.event_id),
+                _text_column(cols.aggregate_type),
+                _text_column(cols.aggregate_id),
+                _text_column(cols.event_type),
+                payload,
+                _text_column(cols.headers) if cols.headers else sql.SQL("NULL::text"),
+                created,
+            ]
+        )
+        unpublished = (
+            sql.SQL("{} IS NULL").format(sql.Identifier(cols.published_at))
+            if cols.published_at and cfg.after_publish == "mark"
+            else sql.SQL("true")
+        )
+        base = sql.SQL("SELECT {select} FROM {table} WHERE {unpublished} AND {pos} ").format(
+            select=select, table=table, unpublished=unpublished, pos=pos
+        )
+        self._queries["ahead"] = base + sql.SQL("> %s ORDER BY {} LIMIT %s").format(pos)
+        self._queries["behind"] = base + sql.SQL("<= %s ORDER BY {} LIMIT %s").format(pos)
+        if cfg.after_publish == "mark":
+            assert cols.published_at is not None
+            self._queries["ack"] = sql.SQL("UPDATE {} SET {} = now() WHERE {} = ANY(%s)").format(
+                table, sql.Identifier(cols.published_at), pos
+            )
+        else:
+            self._queries["ack"] = sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(table, pos)
+        oldest = (
+            sql.SQL("COALESCE(extract(epoch from now() - min({})), 0)::float8").format(
+                sql.Identifier(cols.created_at)
+            )
+            if cols.created_at
+            else sql.SQL("0::float8")
+        )
+        self._queries["backlog"] = sql.SQL("SELECT count(*), {} FROM {} WHERE {}").format(
+            oldest, table, unpublished
+        )
+
+    async def _conn(self, which: Literal["fetch", "ack", "stats"]) -> psycopg.AsyncConnection[Any]:
+        attr = f"_{which}_conn"
+        conn: psycopg.AsyncConnection[Any] | None = getattr(self, attr)
+        if conn is None or conn.closed or conn.broken:
+            conn = await self._connect()
+            setattr(self, attr, conn)
+            if not self._queries:
+                await self._inspect_table(conn)
+        return conn
+
+    async def _run(
+        self, which: Literal["fetch", "ack", "stats"], query: sql.Composed, params: Sequence[Any]
+    ) -> psycopg.AsyncCursor[Any]:
+        conn = await self._conn(which)
+        try:
+            return await conn.execute(query, params)
+        except psycopg.OperationalError:
+            # Drop the connection: the next call reconnects (database restart, network cut).
+            await conn.close()
+            raise
+
+    # --- fetch --------------------------------------------------------------------------------
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up
+
+    async def fetch(self, limit: int) -> list[OutboxEvent]:
+        limit = min(limit, self.config.batch_size)
+        cur = await self._run("fetch", self._queries["ahead"], (self._cursor, limit))
+        rows = await cur.fetchall()
+        if rows:
+            self._cursor = rows[-1][0]
+        events = self._to_events(rows)
+        self._caught_up = False
+        if len(rows) < limit:
+            due = time.monotonic() - self._last_sweep >= self.config.poll_interval
+            if not rows or due:
+                events.extend(await self._sweep_behind(limit - len(rows)))
+                self._caught_up = True
+        return events
+
+    async def _sweep_behind(self, limit: int) -> list[OutboxEvent]:
+        """Unpublished rows behind the cursor that we do not hold: rows that committed late."""
+        if limit <= 0 or self._cursor == _MIN_POSITION:
+            return []
+        self._last_sweep = time.monotonic()
+        self._acked_during_sweep = set()
+        try:
+            # Held rows are unpublished too; ask for enough to see past them.
+            want = limit + len(self._outstanding)
+            cur = await self._run("fetch", self._queries["behind"], (self._cursor, want))
+            rows = await cur.fetchall()
+            skip = self._outstanding | self._acked_during_sweep
+        finally:
+            self._acked_during_sweep = None
+        late = [row for row in rows if row[0] not in skip][:limit]
+        if late:
+            self._log.info(
+                "relaying rows that committed after later positions",
+                count=len(late),
+                first_position=late[0][0],
+            )
+        return self._to_events(late)
+
+    def _to_events(self, rows: Sequence[tuple[Any, ...]]) -> list[OutboxEvent]:
+        events: list[OutboxEvent] = []
+        append = events.append
+        outstanding = self._outstanding
+        is_bytes = self._payload_is_bytes
+        content_type = self._content_type
+        for position, event_id, agg_type, agg_id, event_type, payload, headers, created in rows:
+            defect = None
+            if payload is None:
+                body = b""
+                defect = "payload is NULL"
+            else:
+                body = payload if is_bytes else payload.encode()
+            if headers is None or headers == "{}":
+                header_map: dict[str, str] = {}
+            else:
+                header_map, problem = _parse_headers(headers)
+                defect = defect or problem
+            if agg_id is None:
+                defect = defect or "aggregate id is NULL"
+            if event_type is None:
+                defect = defect or "event type is NULL"
+            append(
+                OutboxEvent(
+                    position,
+                    event_id or "",
+                    agg_type or "",
+                    agg_id,
+                    event_type or "",
+                    body,
+                    header_map,
+                    created,
+                    ack_token=position,
+                    content_type=content_type,
+                    defect=defect,
+                )
+            )
+            outstanding.add(position)
+        return events
+
+    # --- ack ----------------------------------------------------------------------------------
+
+    async def ack(self, events: Sequence[OutboxEvent]) -> None:
+        positions = [e.position for e in events]
+        await self._run("ack", self._queries["ack"], (positions,))
+        self._outstanding.difference_update(positions)
+        if self._acked_during_sweep is not None:
+            self._acked_during_sweep.update(positions)
+
+    # --- wake-ups -----------------------------------------------------------------------------
+
+    async def wait_for_events(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection; on loss, reconnect with backoff (polling covers the gap)."""
+        delay = 0.5
+        while True:
+            try:
+                conn = await self._connect()
+                async with conn:
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self.config.notify_channel))
+                    )
+                    delay = 0.5
+                    self._wake.set()  # rows may have arrived while we were not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._log.warning("LISTEN connection lost; polling meanwhile", error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # --- backlog, status, checks, DDL ---------------------------------------------------------
+
+    async def backlog(self) -> BacklogStats:
+        cur = await self._run("stats", self._queries["backlog"], ())
+        row = await cur.fetchone()
+        assert row is not None
+        return BacklogStats(pending=int(row[0]), oldest_age_seconds=max(float(row[1]), 0.0))
+
+    async def status_lines(self) -> list[str]:
+        stats = await self.backlog()
+        line = f"pending={stats.pending} oldest_age={stats.oldest_age_seconds:.1f}s"
+        cols = self.config.columns
+        if self.config.after_publish == "mark" and cols.published_at:
+            query = sql.SQL("SELECT count(*) FROM {} WHERE {} > now() - interval '1 minute'").format(
+                self.config.table_ident(), sql.Identifier(cols.published_at)
+            )
+            row = await (await self._run("stats", query, ())).fetchone()
+            line += f" published_last_minute={row[0] if row else 0}"
+        return [line]
+
+    async def check(self) -> list[str]:
+        conn = await self._connect()
+        try:
+            types = await self._inspect_table(conn)
+            notes = [f"table {self.config.table}: {len(types)} columns, mapping ok"]
+            if self.config.notify:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
+                    " AND tgname = 'outbox_relay_notify'",
+                    (self.config.table,),
+                )
+                row = await cur.fetchone()
+                if row and row[0]:
+                    notes.append("NOTIFY trigger present")
+                else:
+                    notes.append("NOTIFY trigger missing: latency falls back to poll_interval (run init-db)")
+            return notes
+        finally:
+            await conn.close()
+
+    def init_sql(self) -> list[str]:
+        cfg, cols = self.config, self.config.columns
+        table = ".".join(f'"{part}"' for part in cfg.table.split("."))
+        statements: list[str] = []
+        if cols == ColumnMapping():
+            statements.append(
+                f"CREATE TABLE IF NOT EXISTS {table} (\n"
+                "  position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+                "  event_id       uuid        NOT NULL DEFAULT gen_random_uuid() UNIQUE,\n"
+                "  aggregate_type text        NOT NULL,\n"
+                "  aggregate_id   text        NOT NULL,\n"
+                "  event_type     text        NOT NULL,\n"
+                "  payload        jsonb       NOT NULL,\n"
+                "  headers        jsonb       NOT NULL DEFAULT '{}',\n"
+                "  created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+                "  published_at   timestamptz\n"
+                ")"
+            )
+        if cols.published_at and cfg.after_publish == "mark":
+            index = f"{cfg.table.split('.')[-1]}_unpublished"
+            statements.append(
+                f'CREATE INDEX IF NOT EXISTS "{index}" ON {table} ("{cols.position}")'
+                f' WHERE "{cols.published_at}" IS NULL'
+            )
+        if cfg.notify:
+            statements.extend(
+                [
+                    "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger"
+                    " LANGUAGE plpgsql AS $$\nBEGIN\n"
+                    "  PERFORM pg_notify(TG_ARGV[0], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);\n"
+                    "  RETURN NULL;\nEND\n$$",
+                    f"DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}",
+                    # One notification per inserting statement: cheap even for bulk inserts.
+                    f"CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table}"
+                    f" FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay_notify('{cfg.notify_channel}')",
+                ]
+            )
+        return statements
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        for attr in ("_fetch_conn", "_ack_conn", "_stats_conn"):
+            conn = getattr(self, attr)
+            if conn is not None:
+                await conn.close()
+                setattr(self, attr, None)
+
+
+def _parse_headers(text: str) -> tuple[dict[str, str], str | None]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}, "headers are not valid JSON"
+    if not isinstance(value, dict):
+        return {}, "headers must be a JSON object"
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}, None
+
+
+plugin = SourcePlugin(type="postgres-polling", config=PostgresPollingConfig, factory=PostgresPollingSource)

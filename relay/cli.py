@@ -1,0 +1,200 @@
+"""The `outbox-relay` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from relay import __version__
+from relay.config import ConfigError, RelayConfig, config_json_schema, load_config
+from relay.interfaces import ConnectorError
+from relay.logs import configure_logging
+from relay.runner import Relay, SetupError, build_pipelines, build_sink, build_source
+from relay.secrets import redact_url, scrubber
+
+T = TypeVar("T")
+
+CONFIG_OPTION = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The relay's YAML config file.",
+)
+
+
+def _fail(lines: list[str] | str, code: int = 2) -> NoReturn:
+    for line in [lines] if isinstance(lines, str) else lines:
+        click.echo(scrubber.scrub(line), err=True)
+    sys.exit(code)
+
+
+def _load(path: Path) -> RelayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _fail(exc.problems)
+
+
+def _run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(factory())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="outbox-relay")
+def cli() -> None:
+    """Relay transactional-outbox events from PostgreSQL to message brokers."""
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--drain", is_flag=True, help="Exit 0 once the outbox is empty (batch jobs, tests).")
+def run(config_path: Path, drain: bool) -> None:
+    """Relay events until stopped (SIGTERM/SIGINT finish in-flight events, then exit 0)."""
+    config = _load(config_path)
+    configure_logging(config.log.format, config.log.level)
+    try:
+        pipelines = build_pipelines(config)
+    except SetupError as exc:
+        _fail(f"{config_path}: {exc}")
+
+    async def main() -> int:
+        return await Relay(config, pipelines).run(drain=drain)
+
+    sys.exit(_run_async(main))
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--connect", is_flag=True, help="Also connect to each database and broker.")
+def check(config_path: Path, connect: bool) -> None:
+    """Validate the config and print the effective settings (secrets masked)."""
+    config = _load(config_path)
+    configure_logging("console", "warning")
+    failures = 0
+    for index, outbox in enumerate(config.outboxes):
+        try:
+            source, sink = build_source(outbox, index), build_sink(outbox, index)
+        except SetupError as exc:
+            _fail(f"{config_path}: {exc}")
+        settings = outbox.model_dump(mode="json")
+        click.echo(f"outbox {outbox.name}:")
+        click.echo("  " + redact_url(json.dumps(settings, sort_keys=True)))
+        if sink.describe():
+            click.echo(
+                "  sink effective settings: " + redact_url(json.dumps(sink.describe(), sort_keys=True))
+            )
+        if connect:
+            failures += _run_async(lambda s=source, k=sink: _connect_checks(s, k))  # type: ignore[misc]
+    if failures:
+        sys.exit(1)
+    click.echo(f"{config_path}: ok")
+
+
+async def _connect_checks(source: Any, sink: Any) -> int:
+    failures = 0
+    for label, probe in (("database", source.check), ("sink", sink.check)):
+        try:
+            notes = await probe()
+            click.echo(f"  {label}: ok" + "".join(f"\n    {n}" for n in notes or []))
+        except (ConnectorError, OSError) as exc:
+            failures += 1
+            click.echo(scrubber.scrub(f"  {label}: FAILED: {exc}"))
+    await source.close()
+    return failures
+
+
+@cli.command("init-db")
+@CONFIG_OPTION
+@click.option("--print-sql", is_flag=True, help="Print the SQL instead of running it.")
+def init_db(config_path: Path, print_sql: bool) -> None:
+    """Create the outbox table, its partial index and the NOTIFY trigger (idempotent)."""
+    config = _load(config_path)
+    for index, outbox in enumerate(config.outboxes):
+        try:
+            source = build_source(outbox, index)
+        except SetupError as exc:
+            _fail(f"{config_path}: {exc}")
+        statements = source.init_sql()
+        if print_sql:
+            click.echo(f"-- outbox {outbox.name}")
+            click.echo(";\n\n".join(statements) + ";\n")
+            continue
+        dsn = getattr(outbox.source, "dsn", None)
+        if dsn is None:
+            _fail(f"{config_path}: outboxes[{index}].source: this source has no database to set up")
+        try:
+            _execute_all(dsn, statements)
+        except Exception as exc:
+            _fail(f"{config_path}: outboxes[{index}]: init-db failed: {exc}", code=1)
+        click.echo(f"outbox {outbox.name}: database ready ({len(statements)} statements)")
+
+
+def _execute_all(dsn: str, statements: list[str]) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, connect_timeout=10) as conn, conn.transaction():
+        for statement in statements:
+            conn.execute(statement)
+
+
+@cli.command()
+@CONFIG_OPTION
+def status(config_path: Path) -> None:
+    """Per outbox: pending events, age of the oldest, published in the last minute."""
+    config = _load(config_path)
+    configure_logging("console", "error")
+
+    async def main() -> int:
+        failures = 0
+        for index, outbox in enumerate(config.outboxes):
+            source = build_source(outbox, index)
+            try:
+                await source.start()
+                for line in await source.status_lines():
+                    click.echo(f"{outbox.name}: {line}")
+            except (ConnectorError, OSError) as exc:
+                failures += 1
+                click.echo(scrubber.scrub(f"{outbox.name}: unavailable: {exc}"))
+            except Exception as exc:
+                failures += 1
+                click.echo(scrubber.scrub(f"{outbox.name}: unavailable: {type(exc).__name__}: {exc}"))
+            finally:
+                await source.close()
+        return 1 if failures else 0
+
+    try:
+        sys.exit(_run_async(main))
+    except SetupError as exc:
+        _fail(f"{config_path}: {exc}")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON schema of the config file."""
+    click.echo(json.dumps(config_json_schema(), indent=2, sort_keys=True))
+
+
+@cli.command()
+@click.option("--dsn", envvar="DATABASE_URL", help="Use this PostgreSQL instead of an embedded one.")
+@click.option("--rate", default=50, show_default=True, help="Sample events written per second.")
+@click.option("--duration", default=0.0, help="Stop after this many seconds (0: until Ctrl-C).")
+def demo(dsn: str | None, rate: int, duration: float) -> None:
+    """Embedded PostgreSQL, sample order events written continuously, relayed to stdout."""
+    from relay.demo import run_demo
+
+    sys.exit(run_demo(dsn, rate, duration))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,45 @@
+"""Durations in config files: `200ms`, `5s`, `1m`, `1h`, or a plain number of seconds."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BeforeValidator, WithJsonSchema
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds as a float. Raises ValueError with a message fit for the user."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 200ms, 5s or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _PATTERN.match(value)
+        if not match:
+            raise ValueError(f"'{value}' is not a duration; use a number with ms, s, m or h (200ms, 5s, 1m)")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    else:
+        raise ValueError("must be a duration such as 200ms, 5s or 1m")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": "Seconds, or a number with a unit: 200ms, 5s, 1m, 1h.",
+        }
+    ),
+]

@@ -1,0 +1,84 @@
+"""The event as it travels from a source to a sink, and the per-event outcome of a publish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+@dataclass(slots=True, eq=False)
+class OutboxEvent:
+    """One outbox row (or emitted message) on its way to the broker.
+
+    `position` is the source's order: the `position` column in polling mode, a commit-ordered
+    sequence in logical-replication mode. Events of one aggregate are published in `position`
+    order. `payload` is the body exactly as stored (JSON text stays JSON text). `created_at` is
+    seconds since the epoch, used for lag and end-to-end latency. `ack_token` is opaque to
+    everything but the source that produced the event.
+    """
+
+    position: int
+    event_id: str
+    aggregate_type: str
+    aggregate_id: str | None
+    event_type: str
+    payload: bytes
+    headers: dict[str, str]
+    created_at: float
+    ack_token: Any = None
+    #: What the payload bytes are: application/json (json/jsonb columns, emitted JSON messages),
+    #: text/plain or application/octet-stream for other column types.
+    content_type: str = "application/json"
+    # Set by the source when the row could not be turned into a publishable event (for example a
+    # NULL aggregate id in a mapped table): the pipeline retries and reports it instead of dropping it.
+    defect: str | None = None
+    attempts: int = field(default=0)
+
+    @property
+    def created_at_iso(self) -> str:
+        return datetime.fromtimestamp(self.created_at, UTC).isoformat()
+
+    @property
+    def lane_key(self) -> tuple[str, str | None]:
+        """Events with equal lane keys are published strictly one after another, in order."""
+        return (self.aggregate_type, self.aggregate_id)
+
+    def standard_headers(self) -> dict[str, str]:
+        """The headers every message carries (DESIGN.md), the row's own headers first so that
+        ours win on a name clash: a row cannot forge `event_id` or `position`."""
+        merged = dict(self.headers)
+        merged["event_id"] = self.event_id
+        merged["event_type"] = self.event_type
+        merged["aggregate_type"] = self.aggregate_type
+        merged["aggregate_id"] = "" if self.aggregate_id is None else self.aggregate_id
+        merged["position"] = str(self.position)
+        merged["created_at"] = self.created_at_iso
+        return merged
+
+    def template_fields(self) -> dict[str, str]:
+        """Fields available to topic / routing-key templates such as `{aggregate_type}.events`."""
+        return {
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "aggregate_type": self.aggregate_type,
+            "aggregate_id": "" if self.aggregate_id is None else self.aggregate_id,
+            "position": str(self.position),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why one event was not acknowledged by the broker.
+
+    `permanent` says retrying the same event cannot help (too large, unauthorized, invalid); the
+    pipeline still retries with backoff until dead-lettering takes it, so nothing is dropped.
+    """
+
+    reason: str
+    permanent: bool = False
+
+
+# A sink returns, per event and in the order given, None for "acknowledged by the broker" or a
+# Failure. None keeps the common all-acked case free of per-event allocations.
+PublishResult = Failure | None

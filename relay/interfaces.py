@@ -1,0 +1,114 @@
+"""The two narrow interfaces every connector implements: Source and Sink.
+
+Data flows one way: source -> pipeline -> sink, and acknowledgements flow back to the source.
+Connectors know nothing about each other; the pipeline owns batching, ordering and retries.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay.events import OutboxEvent, PublishResult
+
+
+class ConnectorError(Exception):
+    """A failure a connector explains in one sentence (no traceback is shown to the user)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogStats:
+    """What is waiting in a source. `oldest_age_seconds` is 0 when nothing waits."""
+
+    pending: int
+    oldest_age_seconds: float
+
+
+class Sink(ABC):
+    """Publishes events to a broker.
+
+    Contract:
+    - `publish(events)` returns exactly one result per event, in the given order: None means the
+      broker acknowledged the event durably (Kafka delivery report with acks=all, RabbitMQ
+      publisher confirm, JetStream PubAck, file written and flushed); a `Failure` means it did not.
+    - The pipeline never hands a sink two events of the same aggregate in one call, and never the
+      next event of an aggregate before the previous one was acknowledged; a sink may therefore
+      publish the events of one call concurrently and in any interleaving.
+    - Raising from `publish` means the whole call failed (for example the broker is unreachable);
+      the pipeline treats every event of the call as failed and retries them.
+    - `close()` flushes whatever was accepted and releases the connection.
+    """
+
+    #: Label for metrics and logs, normally the connector type.
+    kind: str = "sink"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect. May raise ConnectorError; the pipeline retries with backoff."""
+
+    @abstractmethod
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and disconnect."""
+
+    async def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise ConnectorError when the broker cannot be reached (used by `check --connect`, `/readyz`)."""
+
+    def describe(self) -> dict[str, object]:
+        """Effective settings for `check` output, secrets already redacted."""
+        return {}
+
+
+class Source(ABC):
+    """Yields outbox events in source order and takes acknowledgements back.
+
+    Contract:
+    - `fetch(limit)` returns at most `limit` events that were never returned before by this
+      instance, in source order (position order for polling, commit order for replication).
+      Every unacknowledged event is returned once per process lifetime; after a restart, whatever
+      was not acknowledged is returned again (at-least-once).
+    - `ack(events)` records that the broker acknowledged these events (mark published, delete, or
+      confirm a WAL position); it is durable when it returns. Events may be acked in any order
+      across aggregates. Raising means nothing was recorded and the pipeline retries the same ack.
+    - `wait_for_events()` returns when new events may have arrived (NOTIFY, WAL) or when the
+      source's poll interval has passed, whichever is first.
+    - `caught_up` is true when the last `fetch` saw everything committed so far (for `--drain`).
+    """
+
+    kind: str = "source"
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def fetch(self, limit: int) -> list[OutboxEvent]: ...
+
+    @abstractmethod
+    async def ack(self, events: Sequence[OutboxEvent]) -> None: ...
+
+    @abstractmethod
+    async def wait_for_events(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def caught_up(self) -> bool: ...
+
+    @abstractmethod
+    async def backlog(self) -> BacklogStats: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    async def check(self) -> list[str]:
+        """Verify the database side (reachable, table and columns present); return notes to print."""
+        return []
+
+    def init_sql(self) -> list[str]:
+        """Idempotent DDL that `init-db` runs (table, index, trigger)."""
+        return []
+
+    async def status_lines(self) -> list[str]:
+        """Human-readable lines for `outbox-relay status`."""
+        stats = await self.backlog()
+        return [f"pending={stats.pending} oldest={stats.oldest_age_seconds:.1f}s"]

@@ -1,0 +1,44 @@
+"""Prometheus metrics, names as promised in the README and used by the Helm chart's alerts."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_PUBLISHED = Counter(
+    "outbox_relay_events_published", "Events acknowledged by the broker.", ["outbox", "sink"]
+)
+PUBLISH_FAILURES = Counter(
+    "outbox_relay_publish_failures",
+    "Events the broker did not acknowledge (each failed attempt counts).",
+    ["outbox", "sink"],
+)
+RETRIES = Counter("outbox_relay_retries", "Events scheduled for another attempt.", ["outbox"])
+PENDING = Gauge("outbox_relay_pending_events", "Events in the outbox not yet published.", ["outbox"])
+LAG = Gauge("outbox_relay_lag_seconds", "Age of the oldest unpublished event; 0 when empty.", ["outbox"])
+IN_FLIGHT = Gauge(
+    "outbox_relay_in_flight_events",
+    "Events fetched and not yet acknowledged to the source.",
+    ["outbox"],
+)
+BLOCKED_AGGREGATES = Gauge(
+    "outbox_relay_blocked_aggregates",
+    "Aggregates whose next event failed and waits for a retry.",
+    ["outbox"],
+)
+END_TO_END = Histogram(
+    "outbox_relay_end_to_end_seconds",
+    "From the event's created_at to the broker's acknowledgement.",
+    ["outbox"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+BATCH_SECONDS = Histogram(
+    "outbox_relay_batch_seconds",
+    "Time per batch and stage (fetch, publish, ack).",
+    ["outbox", "stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+UP = Gauge(
+    "outbox_relay_up",
+    "1 when the outbox's database and broker answered on the last attempt.",
+    ["outbox", "component"],
+)

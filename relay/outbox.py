@@ -1,0 +1,89 @@
+"""Producer-side helpers: write an event inside the application's own transaction.
+
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        conn.execute("UPDATE orders SET status = 'paid' WHERE id = %s", (order_id,))
+        write_event(conn, "order", order_id, "OrderPaid", {"order_id": order_id, "amount": 42})
+
+The event becomes visible to the relay exactly when the transaction commits, and never if it
+rolls back. Serialize writes per aggregate (lock the aggregate's row first, as above) so that one
+aggregate's events commit in position order.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor, sql
+from psycopg.types.json import Jsonb
+
+_INSERT = (
+    "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, event_type, payload, headers)"
+    " VALUES (%s, %s, %s, %s, %s, %s)"
+)
+
+
+def _statement(table: str) -> sql.Composed:
+    return sql.SQL(_INSERT).format(table=sql.Identifier(*table.split(".")))
+
+
+def _params(
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Any,
+    headers: Mapping[str, str] | None,
+    event_id: str | None,
+) -> tuple[str, tuple[Any, ...]]:
+    event_id = event_id or str(uuid.uuid4())
+    if isinstance(payload, bytes):
+        payload = payload.decode()
+    body = Jsonb(json.loads(payload)) if isinstance(payload, str) else Jsonb(payload)
+    return event_id, (
+        event_id,
+        aggregate_type,
+        str(aggregate_id),
+        event_type,
+        body,
+        Jsonb(dict(headers or {})),
+    )
+
+
+def write_event(
+    conn_or_cursor: Connection[Any] | Cursor[Any],
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Any,
+    headers: Mapping[str, str] | None = None,
+    *,
+    table: str = "public.outbox",
+    event_id: str | None = None,
+) -> str:
+    """Insert one event into the outbox table; returns its event_id.
+
+    `payload` is any JSON-serializable value, or a JSON document as str/bytes. It does not commit:
+    the caller's transaction decides.
+    """
+    event_id, params = _params(aggregate_type, aggregate_id, event_type, payload, headers, event_id)
+    conn_or_cursor.execute(_statement(table), params)
+    return event_id
+
+
+async def write_event_async(
+    conn_or_cursor: AsyncConnection[Any] | AsyncCursor[Any],
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Any,
+    headers: Mapping[str, str] | None = None,
+    *,
+    table: str = "public.outbox",
+    event_id: str | None = None,
+) -> str:
+    """`write_event` for psycopg's async connections and cursors."""
+    event_id, params = _params(aggregate_type, aggregate_id, event_type, payload, headers, event_id)
+    await conn_or_cursor.execute(_statement(table), params)
+    return event_id

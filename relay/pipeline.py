@@ -1,0 +1,384 @@
+"""The pipeline of one outbox: source -> lanes -> sink -> ack back to the source.
+
+Four tasks share one event loop:
+- fetch:    pulls events while the in-flight window has room (memory stays bounded by
+            `max_in_flight`, whatever the backlog), so the next fetch overlaps the current publish;
+- dispatch: hands the heads of ready lanes to the sink, up to `publish_concurrency` calls at once;
+- ack:      records broker-acknowledged events in the source, coalescing whatever piled up;
+- stats:    measures pending events and lag for the metrics.
+Nothing is acknowledged to the source unless the sink reported it acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from relay import metrics
+from relay.backoff import Backoff
+from relay.config import PipelineConfig, RetryConfig
+from relay.events import Failure, OutboxEvent, PublishResult
+from relay.interfaces import Sink, Source
+from relay.lanes import Lanes
+from relay.logs import get_logger
+from relay.secrets import scrubber
+
+# Reconnect pacing for the database and the broker as a whole (per-event retries use `retry:`).
+_CONNECT_BACKOFF = Backoff(initial=0.2, maximum=10.0)
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return scrubber.scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        name: str,
+        source: Source,
+        sink: Sink,
+        *,
+        retry: RetryConfig,
+        tuning: PipelineConfig,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.sink = sink
+        self._tuning = tuning
+        self._backoff = Backoff(retry.initial, retry.max, retry.multiplier)
+        self._log = get_logger(outbox=name)
+        self._lanes = Lanes()
+        self._held = 0  # fetched and not yet acknowledged to the source
+        self._ack_queue: list[OutboxEvent] = []
+        self._publishing: set[asyncio.Task[None]] = set()
+        self._dispatch_wake = asyncio.Event()
+        self._ack_wake = asyncio.Event()
+        self._space_freed = asyncio.Event()
+        self._fetch_done = asyncio.Event()
+        self._dispatch_done = asyncio.Event()
+        self._closing = False  # no new publishes once set
+        self.started = False
+        self.db_ok = False
+        self.sink_ok = False
+        self.published = 0
+        self._m_published = metrics.EVENTS_PUBLISHED.labels(name, sink.kind)
+        self._m_failures = metrics.PUBLISH_FAILURES.labels(name, sink.kind)
+        self._m_retries = metrics.RETRIES.labels(name)
+        self._m_e2e = metrics.END_TO_END.labels(name)
+        self._m_fetch = metrics.BATCH_SECONDS.labels(name, "fetch")
+        self._m_publish = metrics.BATCH_SECONDS.labels(name, "publish")
+        self._m_ack = metrics.BATCH_SECONDS.labels(name, "ack")
+        self._m_db_up = metrics.UP.labels(name, "database")
+        self._m_sink_up = metrics.UP.labels(name, "sink")
+
+    # --- public -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.db_ok and self.sink_ok
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
+        """Relay until `stop` is set (or, with `drain`, until the source is caught up and empty).
+
+        On stop: fetch no more, let publishes already handed to the sink finish, acknowledge what
+        the broker acknowledged, close the sink (flush). Events fetched but not yet published are
+        simply left in the outbox for the next run.
+        """
+        if not await self._start_connectors(stop):
+            return
+        fetch = asyncio.create_task(self._fetch_loop(stop, drain), name=f"{self.name}:fetch")
+        dispatch = asyncio.create_task(self._dispatch_loop(), name=f"{self.name}:dispatch")
+        ack = asyncio.create_task(self._ack_loop(), name=f"{self.name}:ack")
+        stats = asyncio.create_task(self._stats_loop(), name=f"{self.name}:stats")
+        try:
+            await fetch
+            self._closing = True
+            self._dispatch_wake.set()
+            await dispatch
+            await ack
+        finally:
+            stats.cancel()
+            for task in (fetch, dispatch, ack, *self._publishing):
+                task.cancel()
+            await asyncio.gather(fetch, dispatch, ack, stats, *self._publishing, return_exceptions=True)
+            await self._close_connectors()
+
+    # --- start and stop -----------------------------------------------------------------------
+
+    async def _start_connectors(self, stop: asyncio.Event) -> bool:
+        for component, start in (("database", self.source.start), ("sink", self.sink.start)):
+            if not await self._retry_until_ok(stop, component, start):
+                return False
+        self.db_ok = self.sink_ok = True
+        self._m_db_up.set(1)
+        self._m_sink_up.set(1)
+        self.started = True
+        self._log.info("outbox started", source=self.source.kind, sink=self.sink.kind)
+        return True
+
+    async def _retry_until_ok(
+        self, stop: asyncio.Event, component: str, action: Callable[[], Awaitable[Any]]
+    ) -> bool:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await action()
+                return True
+            except Exception as exc:
+                attempt += 1
+                delay = _CONNECT_BACKOFF.delay(attempt)
+                self._log.error(
+                    f"{component} not reachable, retrying",
+                    error=describe_error(exc),
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                )
+                await _sleep_unless(stop, delay)
+        return False
+
+    async def _close_connectors(self) -> None:
+        for closer in (self.sink.close, self.source.close):
+            try:
+                await closer()
+            except Exception as exc:
+                self._log.warning("close failed", error=describe_error(exc))
+
+    # --- fetch --------------------------------------------------------------------------------
+
+    async def _fetch_loop(self, stop: asyncio.Event, drain: bool) -> None:
+        attempt = 0
+        tuning = self._tuning
+        while not stop.is_set():
+            room = tuning.max_in_flight - self._held
+            if room <= 0:
+                self._space_freed.clear()
+                if tuning.max_in_flight - self._held <= 0:
+                    await _wait_either(self._space_freed, stop)
+                continue
+            started = time.perf_counter()
+            try:
+                events = await self.source.fetch(room)
+            except Exception as exc:
+                attempt += 1
+                self._set_db(False)
+                delay = _CONNECT_BACKOFF.delay(attempt)
+                self._log.error(
+                    "fetch failed, retrying",
+                    error=describe_error(exc),
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                )
+                await _sleep_unless(stop, delay)
+                continue
+            attempt = 0
+            self._set_db(True)
+            self._m_fetch.observe(time.perf_counter() - started)
+            if events:
+                self._held += len(events)
+                self._lanes.add(events)
+                self._dispatch_wake.set()
+                if not self.source.caught_up:
+                    continue
+            if drain and self.source.caught_up and not events:
+                if self._held == 0:
+                    self._log.info("drained: the outbox is empty", published=self.published)
+                    break
+                self._space_freed.clear()
+                await _wait_either(self._space_freed, stop, 0.1)
+                continue
+            await _first_of(self.source.wait_for_events(), stop)
+        self._fetch_done.set()
+
+    # --- dispatch and publish -----------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        slots = asyncio.Semaphore(self._tuning.publish_concurrency)
+        batch_size = self._tuning.publish_batch_size
+        while True:
+            await slots.acquire()
+            if self._closing:
+                slots.release()
+                break
+            batch = self._lanes.take(batch_size, time.monotonic())
+            if not batch:
+                slots.release()
+                self._dispatch_wake.clear()
+                now = time.monotonic()
+                if self._lanes.has_ready(now):
+                    continue
+                retry_at = self._lanes.next_retry_at()
+                timeout = None if retry_at is None else max(retry_at - now, 0.0)
+                await _wait_either(self._dispatch_wake, None, timeout)
+                continue
+            task = asyncio.create_task(self._publish(batch))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+            task.add_done_callback(lambda _: slots.release())
+        if self._publishing:
+            await asyncio.gather(*self._publishing, return_exceptions=True)
+        self._dispatch_done.set()
+        self._ack_wake.set()
+
+    async def _publish(self, batch: list[OutboxEvent]) -> None:
+        sendable = [e for e in batch if e.defect is None]
+        started = time.perf_counter()
+        results: Sequence[PublishResult]
+        try:
+            results = await self.sink.publish(sendable) if sendable else []
+            if len(results) != len(sendable):
+                raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
+            self._set_sink(True)
+        except Exception as exc:
+            self._set_sink(False)
+            reason = describe_error(exc)
+            self._log.error("publish failed", error=reason, events=len(sendable))
+            results = [Failure(reason)] * len(sendable)
+        self._m_publish.observe(time.perf_counter() - started)
+        if len(sendable) != len(batch):
+            by_event = dict(zip(map(id, sendable), results, strict=True))
+            results = [by_event.get(id(e), Failure(e.defect or "")) for e in batch]
+        self._settle(batch, results)
+
+    def _settle(self, batch: list[OutboxEvent], results: Sequence[PublishResult]) -> None:
+        acked: list[OutboxEvent] = []
+        lanes = self._lanes
+        now_wall = time.time()
+        e2e = self._m_e2e
+        failed = 0
+        for event, result in zip(batch, results, strict=True):
+            if result is None:
+                lanes.succeeded(event)
+                acked.append(event)
+                e2e.observe(now_wall - event.created_at)
+                continue
+            failed += 1
+            event.attempts += 1
+            delay = self._backoff.delay(event.attempts)
+            lanes.failed(event, time.monotonic() + delay)
+            self._log.warning(
+                "event not acknowledged, will retry",
+                event_id=event.event_id,
+                aggregate_id=event.aggregate_id,
+                position=event.position,
+                reason=result.reason,
+                permanent=result.permanent,
+                attempt=event.attempts,
+                retry_in=round(delay, 3),
+            )
+        if acked:
+            self.published += len(acked)
+            self._m_published.inc(len(acked))
+            self._ack_queue.extend(acked)
+            self._ack_wake.set()
+        if failed:
+            self._m_failures.inc(failed)
+            self._m_retries.inc(failed)
+        self._dispatch_wake.set()
+
+    # --- ack ----------------------------------------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        attempt = 0
+        while True:
+            if not self._ack_queue:
+                if self._dispatch_done.is_set():
+                    return
+                self._ack_wake.clear()
+                if not self._ack_queue and not self._dispatch_done.is_set():
+                    await self._ack_wake.wait()
+                continue
+            batch, self._ack_queue = self._ack_queue, []
+            while True:
+                started = time.perf_counter()
+                try:
+                    await self.source.ack(batch)
+                    break
+                except Exception as exc:
+                    attempt += 1
+                    self._set_db(False)
+                    delay = _CONNECT_BACKOFF.delay(attempt)
+                    self._log.error(
+                        "ack failed, retrying (the broker already has these events)",
+                        error=describe_error(exc),
+                        events=len(batch),
+                        attempt=attempt,
+                        retry_in=round(delay, 2),
+                    )
+                    await asyncio.sleep(delay)
+            attempt = 0
+            self._set_db(True)
+            self._m_ack.observe(time.perf_counter() - started)
+            self._held -= len(batch)
+            self._space_freed.set()
+
+    # --- stats --------------------------------------------------------------------------------
+
+    async def _stats_loop(self) -> None:
+        pending = metrics.PENDING.labels(self.name)
+        lag = metrics.LAG.labels(self.name)
+        in_flight = metrics.IN_FLIGHT.labels(self.name)
+        blocked = metrics.BLOCKED_AGGREGATES.labels(self.name)
+        while True:
+            in_flight.set(self._held)
+            blocked.set(self._lanes.blocked_lanes)
+            try:
+                stats = await self.source.backlog()
+                pending.set(stats.pending)
+                lag.set(stats.oldest_age_seconds)
+            except Exception as exc:
+                self._set_db(False)
+                self._log.warning("backlog query failed", error=describe_error(exc))
+            await asyncio.sleep(self._tuning.stats_interval)
+
+    # --- health -------------------------------------------------------------------------------
+
+    def _set_db(self, ok: bool) -> None:
+        if ok != self.db_ok:
+            self.db_ok = ok
+            self._m_db_up.set(1 if ok else 0)
+            if ok:
+                self._log.info("database reachable again")
+
+    def _set_sink(self, ok: bool) -> None:
+        if ok != self.sink_ok:
+            self.sink_ok = ok
+            self._m_sink_up.set(1 if ok else 0)
+            if ok:
+                self._log.info("broker reachable again")
+
+
+async def _sleep_unless(stop: asyncio.Event, delay: float) -> None:
+    await _wait_either(stop, None, delay)
+
+
+async def _wait_either(
+    first: asyncio.Event, second: asyncio.Event | None, timeout: float | None = None
+) -> None:
+    """Wait until either event is set or the timeout passes."""
+    waits = [asyncio.ensure_future(first.wait())]
+    if second is not None:
+        waits.append(asyncio.ensure_future(second.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+
+
+async def _first_of(awaitable: Awaitable[Any], stop: asyncio.Event) -> None:
+    main = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((main, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not main.done():
+            main.cancel()
+        await asyncio.gather(main, stopper, return_exceptions=True)

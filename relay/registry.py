@@ -1,0 +1,76 @@
+"""Finds sources and sinks by their `type:` through Python entry points.
+
+A connector module exposes `plugin = SinkPlugin(...)` or `SourcePlugin(...)` and is registered
+under the entry-point group `outbox_relay.sinks` or `outbox_relay.sources`; a third-party package
+adds a broker the same way. Connector modules import their client library lazily (inside
+`factory`), so config validation works without the extra installed and `requires` gives the user
+the exact `pip install` line.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from relay.interfaces import Sink, Source
+
+SINK_GROUP = "outbox_relay.sinks"
+SOURCE_GROUP = "outbox_relay.sources"
+
+
+class ConnectorConfig(BaseModel):
+    """Base of every connector's settings: unknown keys are refused, `type` selects the plugin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+
+
+C = TypeVar("C", Source, Sink)
+
+
+@dataclass(frozen=True)
+class Plugin(Generic[C]):
+    type: str
+    config: builtins.type[ConnectorConfig]
+    factory: Callable[..., C]
+    #: Importable module names the connector needs, and the extra that installs them.
+    requires: tuple[str, ...] = field(default=())
+    extra: str | None = None
+
+    def missing_requirement(self) -> str | None:
+        """The `pip install` hint when a required client library is not importable."""
+        missing = [name for name in self.requires if importlib.util.find_spec(name) is None]
+        if not missing:
+            return None
+        return f"needs: pip install 'outbox-relay[{self.extra}]' (missing {', '.join(missing)})"
+
+
+SinkPlugin = Plugin[Sink]
+SourcePlugin = Plugin[Source]
+
+
+def _load(group: str) -> dict[str, Plugin[Sink] | Plugin[Source]]:
+    plugins: dict[str, Plugin[Sink] | Plugin[Source]] = {}
+    for entry in entry_points(group=group):
+        plugin = entry.load()
+        if not isinstance(plugin, Plugin):
+            raise TypeError(f"entry point {entry.name} in {group} is not a Plugin")
+        plugins[plugin.type] = plugin
+    return plugins
+
+
+@cache
+def sink_plugins() -> dict[str, Plugin[Sink]]:
+    return _load(SINK_GROUP)  # type: ignore[return-value]
+
+
+@cache
+def source_plugins() -> dict[str, Plugin[Source]]:
+    return _load(SOURCE_GROUP)  # type: ignore[return-value]

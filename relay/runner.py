@@ -1,0 +1,116 @@
+"""Builds connectors from the config and runs one pipeline per outbox, with signals and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping
+from typing import cast
+
+from relay.config import OutboxConfig, RelayConfig
+from relay.http import HealthServer
+from relay.interfaces import ConnectorError, Sink, Source
+from relay.logs import get_logger
+from relay.pipeline import Pipeline
+from relay.registry import ConnectorConfig, sink_plugins, source_plugins
+
+
+class SetupError(Exception):
+    """A config that validated but cannot be used (missing extra, connector refuses settings)."""
+
+
+def build_source(outbox: OutboxConfig, index: int) -> Source:
+    return cast(Source, _build("source", source_plugins(), outbox.source, index))
+
+
+def build_sink(outbox: OutboxConfig, index: int) -> Sink:
+    return cast(Sink, _build("sink", sink_plugins(), outbox.sink, index))
+
+
+def _build(role: str, plugins: Mapping[str, object], config: ConnectorConfig, index: int) -> object:
+    from relay.registry import Plugin
+
+    plugin = plugins[config.type]
+    assert isinstance(plugin, Plugin)
+    where = f"outboxes[{index}].{role}"
+    missing = plugin.missing_requirement()
+    if missing:
+        raise SetupError(f"{where}.type: {role} type '{config.type}' {missing}")
+    try:
+        return plugin.factory(config)
+    except ConnectorError as exc:
+        raise SetupError(f"{where}: {exc}") from None
+
+
+def build_pipelines(config: RelayConfig) -> list[Pipeline]:
+    return [
+        Pipeline(
+            outbox.name,
+            build_source(outbox, i),
+            build_sink(outbox, i),
+            retry=outbox.retry,
+            tuning=outbox.pipeline,
+        )
+        for i, outbox in enumerate(config.outboxes)
+    ]
+
+
+class Relay:
+    """Every outbox of one config file, the HTTP endpoint, and signal handling."""
+
+    def __init__(self, config: RelayConfig, pipelines: list[Pipeline] | None = None) -> None:
+        self.config = config
+        self.pipelines = pipelines if pipelines is not None else build_pipelines(config)
+        self.stop = asyncio.Event()
+        self._log = get_logger()
+        self.http: HealthServer | None = None
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        detail = {
+            p.name: {"started": p.started, "database": p.db_ok, "sink": p.sink_ok} for p in self.pipelines
+        }
+        return all(p.ready for p in self.pipelines), {"outboxes": detail}
+
+    def _on_signal(self, signum: int) -> None:
+        if self.stop.is_set():
+            self._log.warning("second signal: exiting now (unacknowledged events will be re-sent)")
+            raise SystemExit(1)
+        self._log.info("stopping: finishing in-flight events", signal=signal.Signals(signum).name)
+        self.stop.set()
+
+    async def run(self, *, drain: bool = False) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        if self.config.http.port:
+            self.http = HealthServer(self.config.http.host, self.config.http.port, self.readiness)
+            try:
+                await self.http.start()
+            except OSError as exc:
+                self._log.error("cannot open the HTTP port", port=self.config.http.port, error=str(exc))
+                return 2
+            self._log.info("http listening", port=self.http.port)
+        runs = [asyncio.create_task(p.run(self.stop, drain=drain)) for p in self.pipelines]
+        try:
+            stopper = asyncio.create_task(self.stop.wait())
+            done, _ = await asyncio.wait({stopper, *runs}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                _, still = await asyncio.wait(runs, timeout=self.config.shutdown_grace)
+                if still:
+                    self._log.error("grace period over: exiting with events in flight")
+                    for task in still:
+                        task.cancel()
+                    await asyncio.gather(*still, return_exceptions=True)
+                    return 1
+            else:
+                await asyncio.gather(*runs)
+                stopper.cancel()
+            for task in runs:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            return 0
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            if self.http is not None:
+                await self.http.close()

@@ -1,0 +1,58 @@
+"""Keeps passwords out of logs, errors and `check` output.
+
+Two layers: `redact_url` rewrites a DSN or URL for display, and `SecretScrubber` remembers every
+password found in the loaded config so that any text (an exception message from a client library,
+a log field) can be scrubbed even when the library echoed the password in a form we did not expect.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit
+
+_MASK = "***"
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+_KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """Replace passwords in URL-style (`scheme://user:pw@host`) and key=value DSNs with ***."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{_MASK}@", text)
+    return _KV_PASSWORD.sub(lambda m: f"{m['key']}{_MASK}", text)
+
+
+def passwords_in(text: str) -> list[str]:
+    """Every password written into a DSN or URL, raw and percent-decoded."""
+    found: list[str] = []
+    for match in _URL_PASSWORD.finditer(text):
+        found.append(match["pw"])
+    for match in _KV_PASSWORD.finditer(text):
+        found.append(match["pw"].strip("'"))
+    try:
+        parts = urlsplit(text)
+        if parts.password:
+            found.append(parts.password)
+    except ValueError:
+        pass
+    return [p for p in {*found, *(unquote(p) for p in found)} if p]
+
+
+class SecretScrubber:
+    """Process-wide memory of secrets to remove from any text shown to a person."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def remember_from(self, text: str) -> None:
+        self._secrets.update(passwords_in(text))
+
+    def scrub(self, text: str) -> str:
+        text = redact_url(text)
+        # Longest first, so a password containing another one is masked whole.
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            if len(secret) >= 3:
+                text = text.replace(secret, _MASK)
+        return text
+
+
+scrubber = SecretScrubber()

@@ -1,0 +1,140 @@
+"""The contract every sink passes, whatever the broker behind it.
+
+One backend = one entry in `BACKENDS`: how to build a working sink, how to build one whose
+destination is broken, and how to read back what was delivered. Brokers join this list with their
+own real servers (Watermill's pub/sub test suite is the model)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+
+from connectors.sinks.file import FileSink, FileSinkConfig
+from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
+from relay.events import OutboxEvent
+from relay.interfaces import Sink
+from tests.support import read_lines
+
+
+@dataclass
+class Backend:
+    sink: Sink
+    read_back: Callable[[], list[dict[str, Any]]]
+    broken: Callable[[], Sink]
+
+
+def _file_backend(tmp_path: Path) -> Iterator[Backend]:
+    path = tmp_path / "events.jsonl"
+    # /dev/full accepts the open and fails every write with ENOSPC: a destination that is down.
+    broken = Path("/dev/full")
+    yield Backend(
+        FileSink(FileSinkConfig(type="file", path=str(path))),
+        lambda: read_lines(path),
+        lambda: FileSink(FileSinkConfig(type="file", path=str(broken))),
+    )
+
+
+def _stdout_backend(tmp_path: Path) -> Iterator[Backend]:
+    # stdout redirected to a file, as `outbox-relay run > events.jsonl` does.
+    path = tmp_path / "stdout.jsonl"
+    stream: BinaryIO = path.open("wb")
+
+    def broken() -> Sink:
+        dead_read, dead_write = os.pipe()
+        os.close(dead_read)  # writing to a pipe nobody reads: EPIPE, as when the consumer died
+        return StdoutSink(StdoutSinkConfig(type="stdout"), stream=os.fdopen(dead_write, "wb"))
+
+    try:
+        yield Backend(
+            StdoutSink(StdoutSinkConfig(type="stdout"), stream=stream), lambda: read_lines(path), broken
+        )
+    finally:
+        stream.close()
+
+
+BACKENDS = {"file": _file_backend, "stdout": _stdout_backend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield from BACKENDS[request.param](tmp_path)
+
+
+def _events(count: int, aggregates: int, start: int = 1) -> list[OutboxEvent]:
+    return [
+        OutboxEvent(
+            position=i,
+            event_id=f"00000000-0000-0000-0000-{i:012d}",
+            aggregate_type="order",
+            aggregate_id=f"order-{i % aggregates}",
+            event_type="OrderUpdated",
+            payload=b'{"seq": %d, "text": "caf\xc3\xa9"}' % i,
+            headers={"traceparent": f"00-trace-{i}-01", "correlation_id": "c-1"},
+            created_at=1_700_000_000.0 + i,
+        )
+        for i in range(start, start + count)
+    ]
+
+
+async def test_every_event_is_delivered_with_body_and_all_headers(backend: Backend) -> None:
+    events = _events(50, aggregates=5)
+    await backend.sink.start()
+    assert await backend.sink.publish(events) == [None] * 50
+    await backend.sink.close()
+    delivered = {m["event_id"]: m for m in backend.read_back()}
+    assert set(delivered) == {e.event_id for e in events}
+    for event in events:
+        message = delivered[event.event_id]
+        assert message["payload"] == {"seq": event.position, "text": "café"}
+        headers = message["headers"]
+        assert headers["traceparent"] == event.headers["traceparent"]
+        assert headers["correlation_id"] == "c-1"
+        assert headers["event_id"] == event.event_id
+        assert headers["event_type"] == "OrderUpdated"
+        assert headers["aggregate_type"] == "order"
+        assert headers["aggregate_id"] == event.aggregate_id
+        assert headers["position"] == str(event.position)
+        assert headers["created_at"].startswith("2023-11-14T22:")
+
+
+async def test_events_of_one_aggregate_arrive_in_publish_order_across_calls(backend: Backend) -> None:
+    await backend.sink.start()
+    for start in range(1, 400, 40):
+        # The pipeline hands one event per aggregate per call; successive calls follow source order.
+        assert await backend.sink.publish(_events(40, aggregates=40, start=start)) == [None] * 40
+    await backend.sink.close()
+    per_aggregate: dict[str, list[int]] = {}
+    for message in backend.read_back():
+        per_aggregate.setdefault(message["aggregate_id"], []).append(message["position"])
+    assert sum(len(p) for p in per_aggregate.values()) == 400
+    assert all(positions == sorted(positions) for positions in per_aggregate.values())
+
+
+async def test_a_broken_destination_never_reports_an_acknowledgement(backend: Backend) -> None:
+    sink = backend.broken()
+    events = _events(10, aggregates=3)
+    try:
+        await sink.start()
+        results = await sink.publish(events)
+    except Exception:
+        return  # the whole call failed: the pipeline retries every event of it
+    finally:
+        try:
+            await sink.close()
+        except Exception:
+            pass
+    assert len(results) == len(events)
+    assert all(result is not None for result in results), "an event was acked that was never delivered"
+
+
+async def test_close_flushes_everything_that_was_acknowledged(backend: Backend) -> None:
+    await backend.sink.start()
+    for start in (1, 101, 201):
+        await backend.sink.publish(_events(100, aggregates=100, start=start))
+    await backend.sink.close()
+    assert len(backend.read_back()) == 300

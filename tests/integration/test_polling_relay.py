@@ -1,0 +1,235 @@
+"""The polling source and the pipeline end to end, against a real PostgreSQL and the file sink."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from relay.config import parse_config
+from relay.events import Failure, OutboxEvent, PublishResult
+from relay.interfaces import Sink
+from relay.outbox import write_event
+from relay.pipeline import Pipeline
+from relay.runner import build_source
+from tests.harness.postgres import PostgresServer
+from tests.support import (
+    assert_complete_and_ordered,
+    event_ids,
+    insert_events,
+    read_lines,
+    relay_config,
+    run_relay_until,
+)
+
+
+def _file_sink(tmp_path: Path) -> dict[str, Any]:
+    return {"type": "file", "path": str(tmp_path / "out.jsonl")}
+
+
+def _unpublished(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_every_event_reaches_the_file_sink_with_headers_and_in_order_per_aggregate(
+    dsn: str, tmp_path: Path
+) -> None:
+    insert_events(dsn, 3000, aggregates=37)
+    out = tmp_path / "out.jsonl"
+    await run_relay_until(relay_config(dsn, _file_sink(tmp_path)), lambda r: _unpublished(dsn) == 0)
+    lines = read_lines(out)
+    assert assert_complete_and_ordered(lines, event_ids(dsn)) == 0
+    first = lines[0]
+    assert first["payload"]["note"] == "x" * 64
+    headers = first["headers"]
+    assert headers["traceparent"] == "00-abc-01"
+    assert headers["event_id"] == first["event_id"]
+    assert headers["position"] == str(first["position"])
+    assert {"event_type", "aggregate_type", "aggregate_id", "created_at"} <= headers.keys()
+
+
+async def test_a_row_that_commits_after_a_higher_position_is_not_skipped(dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    slow = psycopg.connect(dsn)
+    try:
+        # The slow transaction takes the lower position first and commits last.
+        slow.execute("BEGIN")
+        late_id = write_event(slow, "order", "late", "Created", {"n": 1})
+        with psycopg.connect(dsn, autocommit=True) as fast:
+            fast_id = write_event(fast, "order", "early", "Created", {"n": 2})
+
+        async def relay_until_late_row() -> None:
+            def done(_: Any) -> bool:
+                delivered = {line["event_id"] for line in read_lines(out)}
+                if fast_id in delivered and slow.info.transaction_status != 0:
+                    slow.execute("COMMIT")  # now commit the lower position, after the higher one went out
+                return late_id in delivered
+
+            await run_relay_until(relay_config(dsn, _file_sink(tmp_path)), done, timeout=20)
+
+        await relay_until_late_row()
+    finally:
+        slow.close()
+    positions = [line["position"] for line in read_lines(out)]
+    assert positions == sorted(positions, reverse=True), "the late row came after the higher one"
+    assert _unpublished(dsn) == 0
+
+
+async def test_after_publish_delete_removes_exactly_the_relayed_rows(dsn: str, tmp_path: Path) -> None:
+    insert_events(dsn, 500, aggregates=5)
+    expected = event_ids(dsn)
+    config = relay_config(dsn, _file_sink(tmp_path), after_publish="delete")
+
+    def empty(_: Any) -> bool:
+        return not event_ids(dsn)
+
+    await run_relay_until(config, empty)
+    assert assert_complete_and_ordered(read_lines(tmp_path / "out.jsonl"), expected) == 0
+
+
+async def test_notify_wakes_the_relay_long_before_the_poll_interval(dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    config = relay_config(dsn, _file_sink(tmp_path), poll_interval="30s")
+    latencies: list[float] = []
+
+    async def write_and_time() -> None:
+        await asyncio.sleep(0.5)  # let the relay start listening
+        for i in range(5):
+            started = time.monotonic()
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                write_event(conn, "order", f"o{i}", "Created", {"i": i})
+            while len(read_lines(out)) <= i:  # noqa: ASYNC110 - polling a file, no event to await
+                await asyncio.sleep(0.005)
+            latencies.append(time.monotonic() - started)
+
+    writer = asyncio.ensure_future(write_and_time())
+    await run_relay_until(config, lambda _: writer.done(), timeout=20)
+    await writer
+    assert len(latencies) == 5
+    assert max(latencies) < 5.0, f"NOTIFY did not wake the relay: {latencies}"
+
+
+class _RejectsOneAggregate(Sink):
+    """A sink that refuses every event of one aggregate a number of times (an unhealthy consumer
+    of a real broker would look the same to the pipeline)."""
+
+    kind = "test"
+
+    def __init__(self, path: Path, reject: str, times: int) -> None:
+        self.path, self.reject, self.remaining = path, reject, times
+        self.lines: list[tuple[str, int]] = []
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        results: list[PublishResult] = []
+        for event in events:
+            if event.aggregate_id == self.reject and self.remaining > 0:
+                self.remaining -= 1
+                results.append(Failure("rejected for the test"))
+            else:
+                self.lines.append((event.aggregate_id or "", event.position))
+                results.append(None)
+        return results
+
+
+async def test_failing_aggregate_is_retried_in_order_while_other_aggregates_flow(
+    dsn: str, tmp_path: Path
+) -> None:
+    insert_events(dsn, 400, aggregates=4)  # order-0 .. order-3, 100 events each
+    config = parse_config(relay_config(dsn, {"type": "stdout"}), "t.yaml", {})
+    outbox = config.outboxes[0]
+    sink = _RejectsOneAggregate(tmp_path, reject="order-1", times=6)
+    pipeline = Pipeline(
+        outbox.name, build_source(outbox, 0), sink, retry=outbox.retry, tuning=outbox.pipeline
+    )
+    relay = await run_relay_until(
+        relay_config(dsn, {"type": "stdout"}), lambda _: _unpublished(dsn) == 0, pipelines=[pipeline]
+    )
+    assert relay.pipelines[0].published == 400
+    per_aggregate: dict[str, list[int]] = {}
+    for aggregate, position in sink.lines:
+        per_aggregate.setdefault(aggregate, []).append(position)
+    assert all(p == sorted(p) and len(p) == 100 for p in per_aggregate.values())
+    # While order-1 was held back, the others were not: order-1's first event arrived late.
+    first_of_rejected = sink.lines.index(("order-1", per_aggregate["order-1"][0]))
+    assert first_of_rejected > 3
+
+
+async def test_a_row_with_null_aggregate_id_blocks_only_itself_and_stays_visible(
+    dsn: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE loose (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " eid uuid DEFAULT gen_random_uuid(), kind text, agg text, ev text, body jsonb,"
+            " done_at timestamptz)"
+        )
+        conn.execute(
+            "INSERT INTO loose (kind, agg, ev, body) VALUES ('order', 'a', 'E', '{}'),"
+            " ('order', NULL, 'E', '{}'), ('order', 'b', 'E', '{}')"
+        )
+    columns = {
+        "position": "id",
+        "event_id": "eid",
+        "aggregate_type": "kind",
+        "aggregate_id": "agg",
+        "event_type": "ev",
+        "payload": "body",
+        "headers": None,
+        "created_at": None,
+        "published_at": "done_at",
+    }
+    config = relay_config(dsn, _file_sink(tmp_path), table="public.loose", columns=columns, notify=False)
+    config["outboxes"][0]["pipeline"] = {"stats_interval": "100ms"}
+
+    def two_delivered_and_retrying(relay: Any) -> bool:
+        return len(read_lines(tmp_path / "out.jsonl")) == 2 and relay.pipelines[0]._lanes.blocked_lanes == 1
+
+    await run_relay_until(config, two_delivered_and_retrying)
+    assert sorted(line["aggregate_id"] for line in read_lines(tmp_path / "out.jsonl")) == ["a", "b"]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT agg FROM loose WHERE done_at IS NULL").fetchall()
+    assert rows == [(None,)], "the defective row is neither published nor dropped"
+
+
+async def test_memory_stays_bounded_by_the_in_flight_window(dsn: str, tmp_path: Path) -> None:
+    insert_events(dsn, 5000, aggregates=50)
+    config = relay_config(dsn, _file_sink(tmp_path), batch_size=100)
+    config["outboxes"][0]["pipeline"] = {"max_in_flight": 150, "publish_batch_size": 40}
+    peak = 0
+
+    def track(relay: Any) -> bool:
+        nonlocal peak
+        peak = max(peak, relay.pipelines[0].held)
+        return _unpublished(dsn) == 0
+
+    await run_relay_until(config, track)
+    assert 0 < peak <= 150
+    assert assert_complete_and_ordered(read_lines(tmp_path / "out.jsonl"), event_ids(dsn)) == 0
+
+
+@pytest.mark.slow
+async def test_database_restart_mid_run_loses_nothing(pg: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    if not pg.owned:
+        pytest.skip("needs a PostgreSQL this test run started")
+    insert_events(dsn, 20_000, aggregates=100)
+    out = tmp_path / "out.jsonl"
+    restarted = False
+
+    def restart_once_then_finish(relay: Any) -> bool:
+        nonlocal restarted
+        if not restarted and len(read_lines(out)) > 2000:
+            pg.restart()
+            restarted = True
+        return restarted and _unpublished(dsn) == 0
+
+    config = relay_config(dsn, _file_sink(tmp_path), batch_size=200)
+    await run_relay_until(config, restart_once_then_finish, timeout=90)
+    assert_complete_and_ordered(read_lines(out), event_ids(dsn))

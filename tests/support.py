@@ -1,0 +1,111 @@
+"""Helpers for tests and benchmarks: write events, build configs, read the file sink back."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from connectors.sources.postgres_polling import PostgresPollingConfig, PostgresPollingSource
+
+DEFAULT_TABLE_SQL = PostgresPollingSource(
+    PostgresPollingConfig(type="postgres-polling", dsn="unused")
+).init_sql()
+
+
+def insert_events(dsn: str, count: int, aggregates: int = 10, *, table: str = "outbox") -> None:
+    """Insert `count` events spread round-robin over `aggregates` aggregates, in one statement."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload, headers)"
+            " SELECT 'order', 'order-' || (i %% %s), 'OrderUpdated',"
+            " jsonb_build_object('seq', i, 'note', repeat('x', 64)), '{\"traceparent\": \"00-abc-01\"}'"
+            " FROM generate_series(1, %s) AS i",
+            (aggregates, count),
+        )
+
+
+def relay_config(dsn: str, sink: dict[str, Any], **source: Any) -> dict[str, Any]:
+    pipeline = source.pop("pipeline", {})
+    return {
+        "outboxes": [
+            {
+                "name": "orders",
+                "source": {"type": "postgres-polling", "dsn": dsn, "poll_interval": "100ms", **source},
+                "sink": sink,
+                "retry": {"initial": "20ms", "max": "200ms"},
+                "pipeline": pipeline,
+            }
+        ],
+        "http": {"port": 0},
+        "log": {"format": "json", "level": "info"},
+    }
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_complete_and_ordered(delivered: Iterable[dict[str, Any]], expected_ids: set[str]) -> int:
+    """Every expected event delivered at least once, and per aggregate each first delivery has a
+    higher position than every earlier delivery (a repeat of an already-delivered event is a
+    duplicate, allowed by at-least-once). Returns the number of duplicates."""
+    seen: set[str] = set()
+    last_position: dict[str, int] = defaultdict(lambda: -1)
+    duplicates = 0
+    for message in delivered:
+        event_id, aggregate = message["event_id"], message["aggregate_id"]
+        if event_id in seen:
+            duplicates += 1
+            continue
+        seen.add(event_id)
+        assert message["position"] > last_position[aggregate], (
+            f"aggregate {aggregate}: position {message['position']} after {last_position[aggregate]}"
+        )
+        last_position[aggregate] = message["position"]
+    missing = expected_ids - seen
+    assert not missing, f"{len(missing)} events never delivered, e.g. {sorted(missing)[:3]}"
+    return duplicates
+
+
+def event_ids(dsn: str, table: str = "outbox") -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {row[0] for row in conn.execute(f"SELECT event_id::text FROM {table}")}
+
+
+async def run_relay_until(
+    config: dict[str, Any],
+    done: Any,
+    *,
+    timeout: float = 30.0,
+    pipelines: Any = None,
+) -> Any:
+    """Run a relay in this process until `done(relay)` is true (checked every 20 ms), then stop it
+    gracefully. Fails the test when `timeout` passes first. Returns the relay."""
+    import asyncio
+    import time
+
+    from relay.config import parse_config
+    from relay.runner import Relay
+
+    relay = Relay(parse_config(config, "test.yaml", {}), pipelines)
+    task = asyncio.create_task(relay.run())
+    deadline = time.monotonic() + timeout
+    try:
+        while not done(relay):
+            if task.done():
+                raise AssertionError(f"relay stopped early: {task.result()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(0.02)
+    finally:
+        relay.stop.set()
+        code = await asyncio.wait_for(task, 30)
+    assert code == 0
+    return relay

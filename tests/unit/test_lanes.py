@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from relay.backoff import Backoff
+from relay.events import OutboxEvent
+from relay.lanes import Lanes
+
+
+def _event(position: int, aggregate: str) -> OutboxEvent:
+    return OutboxEvent(position, f"e{position}", "order", aggregate, "T", b"{}", {}, 0.0)
+
+
+def test_only_the_head_of_each_aggregate_is_handed_out() -> None:
+    lanes = Lanes()
+    a1, a2, b1 = _event(1, "a"), _event(2, "a"), _event(3, "b")
+    lanes.add([a1, a2, b1])
+    assert lanes.take(10, now=0) == [a1, b1]
+    assert lanes.take(10, now=0) == []
+    lanes.succeeded(a1)
+    assert lanes.take(10, now=0) == [a2]
+    assert len(lanes) == 2
+
+
+def test_a_failed_event_holds_back_only_its_own_aggregate_until_its_retry_time() -> None:
+    lanes = Lanes()
+    a1, a2, b1, b2 = _event(1, "a"), _event(2, "a"), _event(3, "b"), _event(4, "b")
+    lanes.add([a1, a2, b1, b2])
+    lanes.take(10, now=0)
+    lanes.failed(a1, retry_at=5)
+    lanes.succeeded(b1)
+    assert lanes.take(10, now=1) == [b2]
+    assert lanes.blocked_lanes == 1
+    assert lanes.next_retry_at() == 5
+    assert lanes.take(10, now=5) == [a1]  # the same event again, never a2 before it
+    lanes.succeeded(a1)
+    assert lanes.take(10, now=5) == [a2]
+
+
+def test_take_respects_the_limit_and_keeps_arrival_order_of_lanes() -> None:
+    lanes = Lanes()
+    events = [_event(i, f"agg{i}") for i in range(5)]
+    lanes.add(events)
+    assert lanes.take(3, now=0) == events[:3]
+    assert lanes.take(3, now=0) == events[3:]
+
+
+def test_backoff_grows_exponentially_to_its_cap_with_full_jitter() -> None:
+    backoff = Backoff(initial=0.1, maximum=2.0, multiplier=2.0)
+    assert [backoff.ceiling(n) for n in (1, 2, 3, 4, 5, 6)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    assert backoff.ceiling(10_000) == 2.0
+    delays = [backoff.delay(3) for _ in range(200)]
+    assert all(0 <= d <= 0.4 for d in delays)
+    assert max(delays) - min(delays) > 0.1  # jittered, not a constant
