@@ -8,6 +8,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import psycopg
@@ -22,7 +23,9 @@ _STATUSES = ("OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered")
 
 def _embedded_postgres() -> tuple[str, Any]:
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR in containers
+            import pgserver
     except ImportError:
         print(
             "outbox-relay demo: the embedded PostgreSQL needs: pip install 'outbox-relay[demo]'"
@@ -31,7 +34,9 @@ def _embedded_postgres() -> tuple[str, Any]:
         )
         raise SystemExit(2) from None
     data_dir = tempfile.mkdtemp(prefix="outbox-relay-demo-")
-    server = pgserver.get_server(data_dir, cleanup_mode="delete")  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(data_dir, cleanup_mode="delete")  # type: ignore[attr-defined]
     return str(server.get_uri()), server
 
 

@@ -55,7 +55,8 @@ class FileSink(Sink):
     async def close(self) -> None:
         if self._file is not None:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.config.fsync:
+                os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
 
