@@ -240,13 +240,20 @@ class Pipeline:
             reason = describe_error(exc)
             self._log.error("publish failed", error=reason, events=len(sendable))
             results = [Failure(reason)] * len(sendable)
+            whole_call_failed = True
+        else:
+            whole_call_failed = False
         self._m_publish.observe(time.perf_counter() - started)
         if len(sendable) != len(batch):
             by_event = dict(zip(map(id, sendable), results, strict=True))
             results = [by_event.get(id(e), Failure(e.defect or "")) for e in batch]
-        self._settle(batch, results)
+        self._settle(batch, results, log_each=not whole_call_failed)
 
-    def _settle(self, batch: list[OutboxEvent], results: Sequence[PublishResult]) -> None:
+    def _settle(
+        self, batch: list[OutboxEvent], results: Sequence[PublishResult], *, log_each: bool = True
+    ) -> None:
+        """Advance acknowledged lanes, schedule retries for the rest. `log_each` is off when the
+        whole call failed: that was logged once, and a line per event would flood the log."""
         acked: list[OutboxEvent] = []
         lanes = self._lanes
         now_wall = time.time()
@@ -262,6 +269,8 @@ class Pipeline:
             event.attempts += 1
             delay = self._backoff.delay(event.attempts)
             lanes.failed(event, time.monotonic() + delay)
+            if not log_each and event.defect is None:
+                continue
             self._log.warning(
                 "event not acknowledged, will retry",
                 event_id=event.event_id,

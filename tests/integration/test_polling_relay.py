@@ -233,3 +233,52 @@ async def test_database_restart_mid_run_loses_nothing(pg: PostgresServer, dsn: s
     config = relay_config(dsn, _file_sink(tmp_path), batch_size=200)
     await run_relay_until(config, restart_once_then_finish, timeout=90)
     assert_complete_and_ordered(read_lines(out), event_ids(dsn))
+
+
+class _DownForAWhile(Sink):
+    """A sink whose broker is unreachable for its first calls (every call raises)."""
+
+    kind = "test"
+
+    def __init__(self, failing_calls: int) -> None:
+        self.failing_calls = failing_calls
+        self.delivered: list[tuple[str, int]] = []
+        self.readiness_seen: list[bool] = []
+        self.pipeline: Pipeline | None = None
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        assert self.pipeline is not None
+        self.readiness_seen.append(self.pipeline.ready)
+        if self.failing_calls > 0:
+            self.failing_calls -= 1
+            raise ConnectionRefusedError("broker down for the test")
+        self.delivered.extend((e.aggregate_id or "", e.position) for e in events)
+        return [None] * len(events)
+
+
+async def test_a_broker_outage_marks_nothing_and_the_backlog_drains_in_order_when_it_returns(
+    dsn: str,
+) -> None:
+    insert_events(dsn, 1000, aggregates=10)
+    config = relay_config(dsn, {"type": "stdout"})
+    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+    sink = _DownForAWhile(failing_calls=5)
+    pipeline = sink.pipeline = Pipeline(
+        outbox.name, build_source(outbox, 0), sink, retry=outbox.retry, tuning=outbox.pipeline
+    )
+
+    def drained(relay: Any) -> bool:
+        if not relay.pipelines[0].sink_ok:
+            assert _unpublished(dsn) == 1000 - len(sink.delivered), "only delivered events are marked"
+        return _unpublished(dsn) == 0
+
+    await run_relay_until(config, drained, pipelines=[pipeline])
+    # Ready before the outage, not ready while the broker refused, ready again after it returned.
+    assert sink.readiness_seen[0] is True
+    assert sink.readiness_seen[1:5] == [False] * 4
+    assert sink.readiness_seen[-1] is True
+    assert len(sink.delivered) == 1000
+    per_aggregate: dict[str, list[int]] = {}
+    for aggregate, position in sink.delivered:
+        per_aggregate.setdefault(aggregate, []).append(position)
+    assert all(p == sorted(p) for p in per_aggregate.values())
