@@ -16,7 +16,7 @@ from relay.config import ConfigError, RelayConfig, config_json_schema, load_conf
 from relay.interfaces import ConnectorError
 from relay.logs import configure_logging
 from relay.runner import Relay, SetupError, build_pipelines, build_sink, build_source
-from relay.secrets import redact_url, scrubber
+from relay.secrets import scrubber
 
 T = TypeVar("T")
 
@@ -84,18 +84,26 @@ def check(config_path: Path, connect: bool) -> None:
             source, sink = build_source(outbox, index), build_sink(outbox, index)
         except SetupError as exc:
             _fail(f"{config_path}: {exc}")
-        settings = outbox.model_dump(mode="json")
         click.echo(f"outbox {outbox.name}:")
-        click.echo("  " + redact_url(json.dumps(settings, sort_keys=True)))
+        click.echo("  " + json.dumps(_masked(outbox.model_dump(mode="json")), sort_keys=True))
         if sink.describe():
-            click.echo(
-                "  sink effective settings: " + redact_url(json.dumps(sink.describe(), sort_keys=True))
-            )
+            click.echo("  sink effective settings: " + json.dumps(_masked(sink.describe()), sort_keys=True))
         if connect:
             failures += _run_async(lambda s=source, k=sink: _connect_checks(s, k))  # type: ignore[misc]
     if failures:
         sys.exit(1)
     click.echo(f"{config_path}: ok")
+
+
+def _masked(value: Any) -> Any:
+    """Settings for display: every string with a password in it, masked."""
+    if isinstance(value, str):
+        return scrubber.scrub(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
 
 
 async def _connect_checks(source: Any, sink: Any) -> int:
