@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from relay.durations import Duration
-from relay.registry import ConnectorConfig, sink_plugins, source_plugins
+from relay.registry import ConnectorConfig, broken_plugins, sink_plugins, source_plugins
 from relay.secrets import scrubber
 
 
@@ -207,6 +207,8 @@ def _reason(error: Mapping[str, Any]) -> str:
         return f"must be {op[kind]} {bound}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}"
+    if kind == "union_tag_invalid" and str(ctx.get("tag")) in broken_plugins:
+        return f"type '{ctx.get('tag')}' is installed but {broken_plugins[str(ctx.get('tag'))]}"
     if kind == "union_tag_invalid":
         known = ", ".join(sorted(t.strip("'") for t in str(ctx.get("expected_tags", "")).split(", ")))
         return f"unknown type '{ctx.get('tag')}' (known: {known})"

@@ -56,12 +56,22 @@ SinkPlugin = Plugin[Sink]
 SourcePlugin = Plugin[Source]
 
 
+#: Entry points that failed to load, by type name: a broken third-party plugin must not take the
+#: whole relay down, but a config that names it gets the reason instead of "unknown type".
+broken_plugins: dict[str, str] = {}
+
+
 def _load(group: str) -> dict[str, Plugin[Sink] | Plugin[Source]]:
     plugins: dict[str, Plugin[Sink] | Plugin[Source]] = {}
     for entry in entry_points(group=group):
-        plugin = entry.load()
+        try:
+            plugin = entry.load()
+        except Exception as exc:
+            broken_plugins[entry.name] = f"{entry.value} failed to load: {type(exc).__name__}: {exc}"
+            continue
         if not isinstance(plugin, Plugin):
-            raise TypeError(f"entry point {entry.name} in {group} is not a Plugin")
+            broken_plugins[entry.name] = f"{entry.value} is not a relay.registry.Plugin"
+            continue
         plugins[plugin.type] = plugin
     return plugins
 

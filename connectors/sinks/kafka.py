@@ -1,0 +1,725 @@
+"""Sink `kafka`: produces every event to a Kafka topic with confluent-kafka (librdkafka).
+
+An acknowledgement is a delivery report without error from a producer configured with
+`acks=all` (the default here): every in-sync replica has the message. With
+`enable.idempotence=true` (also the default) librdkafka's own retries cannot duplicate or reorder
+messages within a partition, so the only duplicates left are the relay's at-least-once re-sends.
+
+`confluent_kafka` is imported inside methods only, so that a config naming this sink validates
+(and `check` can say which extra to install) on an installation without the `kafka` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import string
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from relay.durations import Duration
+from relay.events import Failure, OutboxEvent, PublishResult
+from relay.interfaces import ConnectorError, Sink
+from relay.logs import get_logger
+from relay.registry import ConnectorConfig, SinkPlugin
+
+if TYPE_CHECKING:
+    from confluent_kafka import KafkaError, Message, Producer
+
+ProducerValue = str | int | float | bool
+
+#: Merged *under* the user's `producer:` settings: the user can override each of them.
+SAFE_DEFAULTS: dict[str, ProducerValue] = {
+    # A delivery report then means every in-sync replica has the message (DESIGN.md promise 4).
+    "acks": "all",
+    # librdkafka retries internally without duplicating or reordering a partition's messages;
+    # it keeps max.in.flight.requests.per.connection at its idempotence-compatible 5.
+    "enable.idempotence": True,
+    # A few ms of batching turns a burst of small events into one request per partition.
+    "linger.ms": 5,
+    # Cheap on CPU, good on JSON; in builtin.features of the librdkafka inside the confluent-kafka
+    # wheels (checked with 2.16.0), so no system library is needed.
+    "compression.type": "lz4",
+    # The Java client's partitioner: a key lands on the same partition as when Debezium or a
+    # Java service produces it, so consumers joining topics by key stay co-partitioned.
+    "partitioner": "murmur2_random",
+    "client.id": "outbox-relay",
+}
+
+# Settings the sink owns: a second way to set them would make the effective value ambiguous.
+_OWNED_SETTINGS: dict[str, str] = {
+    "bootstrap.servers": "use bootstrap_servers",
+    "metadata.broker.list": "use bootstrap_servers",
+    "message.timeout.ms": "use delivery_timeout",
+    "delivery.timeout.ms": "use delivery_timeout",
+    "transactional.id": "transactions are not supported; idempotence already prevents duplicates",
+    "error_cb": "callbacks cannot be configured",
+    "logger": "callbacks cannot be configured",
+}
+
+_SECRET_KEY = re.compile(r"password|secret|(^|\.)ssl\.key\.pem$|^sasl\.oauthbearer\.config$", re.IGNORECASE)
+_MASK = "***"
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic).
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC_LITERAL = re.compile(r"^[A-Za-z0-9._-]*$")
+
+# librdkafka scans for timed-out messages once a second, so reports arrive up to ~1 s after
+# message.timeout.ms; the margin keeps our own bound from firing before librdkafka's.
+_WAIT_MARGIN_S = 2.0
+_PROBE_TIMEOUT_MAX_S = 10.0
+_POLL_INTERVAL_S = 0.1
+_QUEUE_FULL_PAUSE_S = 0.01
+
+_SAMPLE_EVENT = OutboxEvent(
+    position=1,
+    event_id="00000000-0000-0000-0000-000000000000",
+    aggregate_type="order",
+    aggregate_id="42",
+    event_type="order.created",
+    payload=b"{}",
+    headers={},
+    created_at=0.0,
+)
+TEMPLATE_FIELDS: tuple[str, ...] = tuple(_SAMPLE_EVENT.template_fields())
+
+
+def _check_template(template: str, what: str) -> None:
+    """Raise ValueError naming the problem when `template` cannot be rendered for every event."""
+    available = ", ".join(TEMPLATE_FIELDS)
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(
+            f"{what} template {template!r} is malformed ({exc}); write braces as {{{{ }}}}"
+        ) from None
+    for literal, name, _spec, _conversion in parts:
+        if what == "topic" and not _TOPIC_LITERAL.match(literal):
+            raise ValueError(
+                f"topic template {template!r} has characters Kafka refuses in topic names "
+                "(allowed: letters, digits, '.', '_', '-')"
+            )
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError(f"{what} template {template!r} has a positional field; name one of: {available}")
+        if name not in TEMPLATE_FIELDS:
+            raise ValueError(
+                f"{what} template {template!r} uses unknown field {{{name}}}; available: {available}"
+            )
+    try:
+        template.format_map(_SAMPLE_EVENT.template_fields())
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"{what} template {template!r} cannot be rendered: {exc}") from None
+
+
+def _truthy(value: ProducerValue) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
+
+
+def is_secret_setting(name: str) -> bool:
+    return bool(_SECRET_KEY.search(name))
+
+
+class KafkaSinkConfig(ConnectorConfig):
+    type: Literal["kafka"]
+    bootstrap_servers: str = Field(
+        min_length=1, description="Comma-separated host:port list of brokers to bootstrap from."
+    )
+    topic: str = Field(
+        default="outbox.{aggregate_type}",
+        min_length=1,
+        description=f"Topic template; fields: {', '.join(TEMPLATE_FIELDS)}.",
+    )
+    key: str = Field(
+        default="{aggregate_id}",
+        description="Message key template; events with equal keys share a partition and keep their order.",
+    )
+    producer: dict[str, ProducerValue] = Field(
+        default_factory=dict,
+        description="librdkafka producer settings, passed unchanged; they override the safe defaults.",
+    )
+    format: Literal["raw", "cloudevents"] = Field(
+        default="raw",
+        description="raw: payload and headers only; cloudevents: also CloudEvents binary-mode headers.",
+    )
+    delivery_timeout: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="How long one event may wait for its delivery report before it counts as failed.",
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_topic(cls, value: str) -> str:
+        _check_template(value, "topic")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _valid_key(cls, value: str) -> str:
+        _check_template(value, "key")
+        return value
+
+    @field_validator("producer", mode="before")
+    @classmethod
+    def _scalar_settings(cls, value: object) -> object:
+        # Without this, pydantic reports one error per member of the value union.
+        if isinstance(value, dict):
+            for name, setting in value.items():
+                if not isinstance(setting, str | int | float | bool):
+                    raise ValueError(f"{name} must be a string, number or boolean (librdkafka setting)")
+        return value
+
+    @field_validator("producer")
+    @classmethod
+    def _no_owned_settings(cls, value: dict[str, ProducerValue]) -> dict[str, ProducerValue]:
+        for name in value:
+            if name in _OWNED_SETTINGS:
+                raise ValueError(f"{name} cannot be set here: {_OWNED_SETTINGS[name]}")
+        return value
+
+    @model_validator(mode="after")
+    def _idempotence_consistent(self) -> KafkaSinkConfig:
+        # librdkafka refuses these combinations only when the producer is created; saying so
+        # at config time names the key instead of failing on every start attempt.
+        settings = self.producer_settings()
+        if _truthy(settings["enable.idempotence"]):
+            acks = str(settings["acks"]).strip().lower()
+            if acks not in ("all", "-1"):
+                raise ValueError(
+                    f"producer.acks={settings['acks']} needs producer.enable.idempotence: false "
+                    "(and an acknowledgement then no longer means every in-sync replica has the event)"
+                )
+            for name in ("max.in.flight.requests.per.connection", "max.in.flight"):
+                if name in settings and not isinstance(settings[name], bool):
+                    try:
+                        in_flight = int(settings[name])
+                    except ValueError:
+                        raise ValueError(f"producer.{name} must be a number") from None
+                    if in_flight > 5:
+                        raise ValueError(
+                            f"producer.{name}={in_flight} is above 5, which enable.idempotence forbids"
+                        )
+        return self
+
+    def producer_settings(self) -> dict[str, ProducerValue]:
+        """The librdkafka configuration the sink uses (without callbacks), secrets included."""
+        settings: dict[str, ProducerValue] = dict(SAFE_DEFAULTS)
+        settings.update(self.producer)
+        settings["bootstrap.servers"] = self.bootstrap_servers
+        # librdkafka reads 0 as "never time out"; the validator already refuses 0.
+        settings["message.timeout.ms"] = max(1, round(self.delivery_timeout * 1000))
+        return settings
+
+    def secrets(self) -> list[str]:
+        return [str(v) for k, v in self.producer.items() if is_secret_setting(k) and str(v)]
+
+
+# --- the sink ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    result: PublishResult
+    #: The producer instance can no longer deliver (fenced or fatal): a new one can.
+    producer_broken: bool = False
+
+
+_RETRIABLE_ANYWAY = frozenset(
+    {
+        # Producer-state errors: a new producer id fixes them, so they are not the event's fault.
+        "INVALID_PRODUCER_EPOCH",
+        "INVALID_PRODUCER_ID_MAPPING",
+        "INVALID_TXN_STATE",
+    }
+)
+_PERMANENT = frozenset(
+    {
+        "MSG_SIZE_TOO_LARGE",
+        "_MSG_SIZE_TOO_LARGE",
+        "RECORD_LIST_TOO_LARGE",
+        "TOPIC_AUTHORIZATION_FAILED",
+        "CLUSTER_AUTHORIZATION_FAILED",
+        "UNKNOWN_TOPIC_OR_PART",
+        "_UNKNOWN_TOPIC",
+        "_UNKNOWN_PARTITION",
+        "TOPIC_EXCEPTION",
+        "POLICY_VIOLATION",
+        "UNSUPPORTED_FOR_MESSAGE_FORMAT",
+        "CORRUPT_MESSAGE",
+    }
+)
+# After these the producer instance is stuck: tansu, for one, answers every later produce of an
+# idempotent producer with PRODUCER_FENCED once librdkafka bumped its epoch after a timeout.
+_PRODUCER_BROKEN = frozenset(
+    {
+        "PRODUCER_FENCED",
+        "_FENCED",
+        "_FATAL",
+        "INVALID_PRODUCER_EPOCH",
+        "INVALID_PRODUCER_ID_MAPPING",
+        "OUT_OF_ORDER_SEQUENCE_NUMBER",
+        "UNKNOWN_PRODUCER_ID",
+    }
+)
+_HINTS = {
+    "MSG_SIZE_TOO_LARGE": "the event is larger than message.max.bytes of the producer or the topic",
+    "_MSG_TIMED_OUT": "no delivery report within delivery_timeout: broker unreachable or too slow",
+    "UNKNOWN_TOPIC_OR_PART": "the topic does not exist and the broker did not create it",
+    "_UNKNOWN_TOPIC": "the topic does not exist and the broker did not create it",
+    "TOPIC_AUTHORIZATION_FAILED": "the relay's principal may not write to the topic",
+    "TOPIC_EXCEPTION": "the broker refused the topic name",
+}
+
+
+def _outcome(topic: str, err: KafkaError) -> _Outcome:
+    name = err.name()
+    permanent = name not in _RETRIABLE_ANYWAY and (
+        name in _PERMANENT or name.startswith(("INVALID_", "_INVALID"))
+    )
+    hint = _HINTS.get(name)
+    detail = f"{err.str()} ({name})" + (f": {hint}" if hint else "")
+    return _Outcome(
+        Failure(f"kafka topic {topic!r}: {detail}", permanent=permanent),
+        producer_broken=name in _PRODUCER_BROKEN or err.fatal(),
+    )
+
+
+class _LibrdkafkaLog:
+    """Receives librdkafka's own log lines (instead of raw stderr) and forwards them to structlog."""
+
+    def __init__(self, log: Any, mask: Callable[[str], str]) -> None:
+        self._log = log
+        self._mask = mask
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        text = self._mask(fmt % args if args else fmt)
+        # confluent-kafka maps syslog levels to logging levels: 10 debug ... 50 critical.
+        if level >= 30:
+            self._log.warning("librdkafka", detail=text)
+        elif level >= 20:
+            self._log.info("librdkafka", detail=text)
+        else:
+            self._log.debug("librdkafka", detail=text)
+
+
+_Resolved = tuple["asyncio.Future[_Outcome]", _Outcome]
+
+
+class _ProducerHandle:
+    """One librdkafka producer plus the one thread that polls it.
+
+    Only that thread calls poll(), so delivery reports run there; they are handed to the event
+    loop of each waiting future in one call_soon_threadsafe per poll round, not one per message.
+    `retire()` turns the loop into a bounded flush; the thread then purges what is left (whose
+    futures resolve as failures) and drops the producer.
+    """
+
+    def __init__(self, settings: Mapping[str, ProducerValue], log: Any, mask: Callable[[str], str]) -> None:
+        from confluent_kafka import KafkaException, Producer
+
+        self._log = log
+        self._mask = mask
+        #: Why this producer cannot deliver any more; None while it can.
+        self.broken: str | None = None
+        conf: dict[str, Any] = dict(settings)
+        conf["error_cb"] = self._on_error
+        conf["logger"] = _LibrdkafkaLog(log, mask)
+        try:
+            self._producer: Producer | None = Producer(conf)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConnectorError(f"kafka producer settings refused: {mask(_kafka_text(exc))}") from None
+        self._resolved: list[_Resolved] = []
+        self._retire_at: float | None = None
+        self._thread = threading.Thread(target=self._run, name="kafka-sink-poll", daemon=True)
+        self._thread.start()
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None or self._retire_at is not None:
+            raise ConnectorError("kafka producer is closed")
+        return self._producer
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes,
+        headers: list[tuple[str, str | bytes | None]],
+        future: asyncio.Future[_Outcome],
+    ) -> None:
+        """Queue one message; raises BufferError when librdkafka's queue is full, KafkaException
+        when the message can never be sent (too large, ...)."""
+        self.producer.produce(
+            topic,
+            value=value,
+            key=key,
+            headers=headers,
+            on_delivery=partial(self._on_delivery, future, topic),
+        )
+
+    def retire(self, within: float) -> None:
+        """Stop taking messages; deliver what is queued for at most `within` seconds, then purge."""
+        if self._retire_at is None:
+            self._retire_at = time.monotonic() + within
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    # --- poll thread ---------------------------------------------------------------------------
+
+    def _on_delivery(
+        self, future: asyncio.Future[_Outcome], topic: str, err: KafkaError | None, _: Message
+    ) -> None:
+        if err is None:
+            self._resolved.append((future, _DELIVERED))
+            return
+        outcome = _outcome(topic, err)
+        if outcome.producer_broken and self.broken is None:
+            self.broken = outcome.result.reason if outcome.result else err.name()
+        self._resolved.append((future, outcome))
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.broken = f"{err.name()}: {err.str()}"
+            self._log.error("kafka producer failed, replacing it", error=self._mask(self.broken))
+        elif err.name() == "_ALL_BROKERS_DOWN":
+            self._log.warning("kafka brokers unreachable", error=self._mask(err.str()))
+        else:
+            self._log.debug("kafka client error", error=self._mask(f"{err.name()}: {err.str()}"))
+
+    def _run(self) -> None:
+        producer = self._producer
+        assert producer is not None
+        try:
+            while self._retire_at is None:
+                producer.poll(_POLL_INTERVAL_S)
+                self._hand_over()
+            remaining = self._retire_at - time.monotonic()
+            if remaining > 0 and len(producer) > 0:
+                # flush() sends at once, without waiting out linger.ms, and serves the reports.
+                producer.flush(remaining)
+                self._hand_over()
+            # What is still queued will not be delivered in time: fail it now rather than never.
+            producer.purge()
+            producer.poll(0)
+            self._hand_over()
+        except Exception as exc:  # a bug here must not leave futures waiting silently
+            self._log.error("kafka poll thread failed", error=self._mask(f"{type(exc).__name__}: {exc}"))
+            self.broken = f"poll thread failed: {exc}"
+        finally:
+            self._producer = None
+
+    def _hand_over(self) -> None:
+        if not self._resolved:
+            return
+        resolved, self._resolved = self._resolved, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Resolved]] = {}
+        for future, outcome in resolved:
+            by_loop.setdefault(future.get_loop(), []).append((future, outcome))
+        for loop, items in by_loop.items():
+            # The loop may be closed already (its publish gave up and the run ended).
+            with suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, items)
+
+
+_DELIVERED = _Outcome(None)
+
+
+def _settle(items: list[_Resolved]) -> None:
+    for future, outcome in items:
+        if not future.done():
+            future.set_result(outcome)
+
+
+def _kafka_error_of(exc: BaseException) -> KafkaError | None:
+    from confluent_kafka import KafkaError
+
+    first = exc.args[0] if exc.args else None
+    return first if isinstance(first, KafkaError) else None
+
+
+def _kafka_text(exc: BaseException) -> str:
+    """The KafkaError text inside a KafkaException, else the exception's own text."""
+    err = _kafka_error_of(exc)
+    if err is not None:
+        return f"{err.str()} ({err.name()})"
+    return str(exc) or type(exc).__name__
+
+
+class KafkaSink(Sink):
+    """Contract (on top of `Sink`): `publish` hands every event of the call to librdkafka at once
+    and waits, without blocking the event loop, for every delivery report, at most
+    delivery_timeout plus a small margin in total. None means a delivery report without error
+    (acks=all by default); a Failure names the topic and is `permanent` when resending the same
+    bytes to the same topic cannot succeed. `publish` raises only when the sink is not started."""
+
+    kind = "kafka"
+
+    def __init__(self, config: KafkaSinkConfig) -> None:
+        self.config = config
+        self._settings = config.producer_settings()
+        self._secrets = sorted(config.secrets(), key=len, reverse=True)
+        self._log = get_logger(sink="kafka")
+        self._handle: _ProducerHandle | None = None
+        self._wait_bound = config.delivery_timeout + _WAIT_MARGIN_S + 0.1 * config.delivery_timeout
+        self._probe_timeout = min(max(config.delivery_timeout, 1.0), _PROBE_TIMEOUT_MAX_S)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the producer and make sure the cluster answers a metadata request."""
+        if self._handle is not None and self._handle.broken is None:
+            return
+        self._replace_handle()
+        try:
+            assert self._handle is not None
+            await asyncio.to_thread(self._probe, self._handle.producer)
+        except BaseException:
+            await self._drop_handle()
+            raise
+
+    async def check(self) -> None:
+        handle = self._handle
+        if handle is not None and handle.broken is None:
+            await asyncio.to_thread(self._probe, handle.producer)
+            return
+        probe = _ProducerHandle(self._settings, self._log, self._mask)
+        try:
+            await asyncio.to_thread(self._probe, probe.producer)
+        finally:
+            probe.retire(0)
+            await asyncio.to_thread(probe.join, _PROBE_TIMEOUT_MAX_S)
+
+    async def close(self) -> None:
+        """Deliver what is queued for at most delivery_timeout, then drop the producer."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        handle.retire(self.config.delivery_timeout)
+        await asyncio.to_thread(handle.join, self._wait_bound)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "bootstrap_servers": self.config.bootstrap_servers,
+            "topic": self.config.topic,
+            "key": self.config.key,
+            "format": self.config.format,
+            "delivery_timeout": self.config.delivery_timeout,
+            "producer": {
+                k: (_MASK if is_secret_setting(k) else v) for k, v in sorted(self._settings.items())
+            },
+        }
+
+    # --- publish -------------------------------------------------------------------------------
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        if not events:
+            return []
+        if self._handle is None:
+            raise ConnectorError("kafka sink is not started")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_bound
+        results: list[PublishResult] = [None] * len(events)
+        todo = list(range(len(events)))
+        # One extra round for events refused because the producer went bad (fenced): a fresh
+        # producer gets a new producer id and usually delivers them within the same call.
+        for _round in range(2):
+            retry = await self._publish_round(events, todo, results, deadline)
+            if not retry or loop.time() >= deadline:
+                break
+            todo = retry
+        return results
+
+    async def _publish_round(
+        self,
+        events: Sequence[OutboxEvent],
+        indexes: list[int],
+        results: list[PublishResult],
+        deadline: float,
+    ) -> list[int]:
+        """Produce `indexes`, fill in their results; return those to retry on a new producer."""
+        loop = asyncio.get_running_loop()
+        handle = self._usable_handle()
+        waiting: dict[int, asyncio.Future[_Outcome]] = {}
+        topics: dict[int, str] = {}
+        retry: list[int] = []
+        for index in indexes:
+            event = events[index]
+            message = self._message(event)
+            if isinstance(message, Failure):
+                results[index] = message
+                continue
+            topic, key, headers = message
+            topics[index] = topic
+            future: asyncio.Future[_Outcome] = loop.create_future()
+            try:
+                outcome = self._try_produce(handle, topic, event.payload, key, headers, future)
+            except BufferError:
+                outcome = await self._produce_when_room(
+                    handle, topic, event.payload, key, headers, future, deadline
+                )
+            if outcome is None:
+                waiting[index] = future
+            elif outcome.producer_broken:
+                retry.append(index)
+                results[index] = outcome.result
+            else:
+                results[index] = outcome.result
+        if waiting:
+            await asyncio.wait(waiting.values(), timeout=max(deadline - loop.time(), 0.0))
+        for index, future in waiting.items():
+            if not future.done():
+                future.cancel()
+                results[index] = Failure(
+                    f"kafka topic {topics[index]!r}: no delivery report within "
+                    f"{self._wait_bound:.1f}s (delivery_timeout {self.config.delivery_timeout:g}s)"
+                )
+                continue
+            outcome = future.result()
+            results[index] = outcome.result
+            if outcome.producer_broken:
+                retry.append(index)
+        if retry:
+            self._log.warning(
+                "kafka producer can no longer deliver, replacing it",
+                reason=self._mask(handle.broken or "unknown"),
+                events=len(retry),
+            )
+        return sorted(retry)
+
+    def _try_produce(
+        self,
+        handle: _ProducerHandle,
+        topic: str,
+        value: bytes,
+        key: bytes,
+        headers: list[tuple[str, str | bytes | None]],
+        future: asyncio.Future[_Outcome],
+    ) -> _Outcome | None:
+        """Queue one message; None when queued, else why it was not. Raises BufferError when
+        librdkafka's queue is full."""
+        from confluent_kafka import KafkaException
+
+        try:
+            handle.produce(topic, value, key, headers, future)
+            return None
+        except KafkaException as exc:
+            err = _kafka_error_of(exc)
+            if err is None:
+                return _Outcome(Failure(f"kafka topic {topic!r}: {self._mask(_kafka_text(exc))}"))
+            outcome = _outcome(topic, err)
+            if outcome.producer_broken and handle.broken is None:
+                handle.broken = err.name()
+            return outcome
+        except ConnectorError as exc:  # a concurrent call retired this producer
+            return _Outcome(Failure(f"kafka topic {topic!r}: {exc}"), producer_broken=True)
+
+    async def _produce_when_room(
+        self,
+        handle: _ProducerHandle,
+        topic: str,
+        value: bytes,
+        key: bytes,
+        headers: list[tuple[str, str | bytes | None]],
+        future: asyncio.Future[_Outcome],
+        deadline: float,
+    ) -> _Outcome | None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # The queue (queue.buffering.max.*) is full; the poll thread drains it as delivery
+            # reports arrive, so yield to it instead of blocking the event loop.
+            if loop.time() >= deadline:
+                return _Outcome(
+                    Failure(f"kafka topic {topic!r}: local producer queue stayed full until the deadline")
+                )
+            await asyncio.sleep(_QUEUE_FULL_PAUSE_S)
+            with suppress(BufferError):
+                return self._try_produce(handle, topic, value, key, headers, future)
+
+    def _message(
+        self, event: OutboxEvent
+    ) -> tuple[str, bytes, list[tuple[str, str | bytes | None]]] | Failure:
+        fields = event.template_fields()
+        topic = self.config.topic.format_map(fields)
+        if not _TOPIC_NAME.match(topic) or topic in (".", ".."):
+            return Failure(
+                f"kafka topic {topic!r} (from template {self.config.topic!r}) is not a valid topic name: "
+                "1-249 letters, digits, '.', '_', '-'",
+                permanent=True,
+            )
+        key = self.config.key.format_map(fields).encode()
+        headers = event.standard_headers()
+        if self.config.format == "cloudevents":
+            # CloudEvents Kafka protocol binding, binary mode: the payload stays the body.
+            headers.update(
+                {
+                    "ce_specversion": "1.0",
+                    "ce_id": event.event_id,
+                    "ce_source": f"/outbox-relay/{event.aggregate_type}",
+                    "ce_type": event.event_type,
+                    "ce_time": event.created_at_iso,
+                    "ce_subject": "" if event.aggregate_id is None else event.aggregate_id,
+                    "content-type": event.content_type,
+                }
+            )
+        return topic, key, [(name, value.encode()) for name, value in headers.items()]
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _usable_handle(self) -> _ProducerHandle:
+        handle = self._handle
+        if handle is None:
+            raise ConnectorError("kafka sink is not started")
+        if handle.broken is not None:
+            self._replace_handle()
+            assert self._handle is not None
+            return self._handle
+        return handle
+
+    def _replace_handle(self) -> None:
+        old = self._handle
+        self._handle = _ProducerHandle(self._settings, self._log, self._mask)
+        if old is not None:
+            # Its in-flight messages may still be acknowledged; their callers are waiting.
+            old.retire(self.config.delivery_timeout)
+
+    async def _drop_handle(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.retire(0)
+            await asyncio.to_thread(handle.join, _PROBE_TIMEOUT_MAX_S)
+
+    def _probe(self, producer: Producer) -> None:
+        """Blocking: one metadata request, bounded by the probe timeout."""
+        from confluent_kafka import KafkaException
+
+        where = f"kafka at {self.config.bootstrap_servers}"
+        try:
+            metadata = producer.list_topics(timeout=self._probe_timeout)
+        except KafkaException as exc:
+            raise ConnectorError(
+                f"{where} did not answer within {self._probe_timeout:g}s: {self._mask(_kafka_text(exc))}"
+            ) from None
+        if not metadata.brokers:
+            raise ConnectorError(f"{where} answered without any broker in its metadata")
+
+    def _mask(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, _MASK)
+        return text
+
+
+plugin = SinkPlugin(
+    type="kafka", config=KafkaSinkConfig, factory=KafkaSink, requires=("confluent_kafka",), extra="kafka"
+)
