@@ -148,7 +148,9 @@ def init_db(config_path: Path, print_sql: bool) -> None:
 def _execute_all(dsn: str, statements: list[str]) -> None:
     import psycopg
 
-    with psycopg.connect(dsn, connect_timeout=10) as conn, conn.transaction():
+    # Autocommit, one statement at a time: creating a replication slot is refused inside a
+    # transaction that already wrote something. Every statement is idempotent on its own.
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement)
 
@@ -165,7 +167,7 @@ def status(config_path: Path) -> None:
         for index, outbox in enumerate(config.outboxes):
             source = build_source(outbox, index)
             try:
-                await source.start()
+                # No start(): status must not open a replication stream or take over anything.
                 for line in await source.status_lines():
                     click.echo(f"{outbox.name}: {line}")
             except (ConnectorError, OSError) as exc:

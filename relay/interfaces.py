@@ -19,10 +19,12 @@ class ConnectorError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class BacklogStats:
-    """What is waiting in a source. `oldest_age_seconds` is 0 when nothing waits."""
+    """What is waiting in a source. `oldest_age_seconds` is 0 when nothing waits;
+    `slot_lag_bytes` is WAL retained for a replication slot (None for sources without one)."""
 
     pending: int
     oldest_age_seconds: float
+    slot_lag_bytes: int | None = None
 
 
 class Sink(ABC):

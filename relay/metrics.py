@@ -42,3 +42,8 @@ UP = Gauge(
     "1 when the outbox's database and broker answered on the last attempt.",
     ["outbox", "component"],
 )
+SLOT_LAG = Gauge(
+    "outbox_relay_replication_slot_lag_bytes",
+    "WAL the replication slot retains: pg_current_wal_lsn() - confirmed_flush_lsn.",
+    ["outbox"],
+)

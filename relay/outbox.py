@@ -87,3 +87,40 @@ async def write_event_async(
     event_id, params = _params(aggregate_type, aggregate_id, event_type, payload, headers, event_id)
     await conn_or_cursor.execute(_statement(table), params)
     return event_id
+
+
+def emit_event(
+    conn_or_cursor: Connection[Any] | Cursor[Any],
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Any,
+    headers: Mapping[str, str] | None = None,
+    *,
+    prefix: str = "outbox",
+    event_id: str | None = None,
+) -> str:
+    """Write an event as a transactional WAL message, for `postgres-logical` in `message` mode:
+    no table, nothing to vacuum. The message is decoded only if the transaction commits.
+
+    The message content (write the same JSON from any language with
+    `SELECT pg_logical_emit_message(true, 'outbox', '<json>')`):
+    {"event_id": "...", "aggregate_type": "...", "aggregate_id": "...", "event_type": "...",
+     "payload": <any JSON>, "headers": {"name": "value"}}
+    """
+    event_id = event_id or str(uuid.uuid4())
+    if isinstance(payload, bytes | str):
+        payload = json.loads(payload)
+    content = json.dumps(
+        {
+            "event_id": event_id,
+            "aggregate_type": aggregate_type,
+            "aggregate_id": str(aggregate_id),
+            "event_type": event_type,
+            "payload": payload,
+            "headers": dict(headers or {}),
+        },
+        separators=(",", ":"),
+    )
+    conn_or_cursor.execute("SELECT pg_logical_emit_message(true, %s, %s)", (prefix, content))
+    return event_id

@@ -341,6 +341,8 @@ class Pipeline:
                 stats = await self.source.backlog()
                 pending.set(stats.pending)
                 lag.set(stats.oldest_age_seconds)
+                if stats.slot_lag_bytes is not None:
+                    metrics.SLOT_LAG.labels(self.name).set(stats.slot_lag_bytes)
             except Exception as exc:
                 self._set_db(False)
                 self._log.warning("backlog query failed", error=describe_error(exc))

@@ -383,19 +383,7 @@ class PostgresPollingSource(Source):
         table = ".".join(f'"{part}"' for part in cfg.table.split("."))
         statements: list[str] = []
         if cols == ColumnMapping():
-            statements.append(
-                f"CREATE TABLE IF NOT EXISTS {table} (\n"
-                "  position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
-                "  event_id       uuid        NOT NULL DEFAULT gen_random_uuid() UNIQUE,\n"
-                "  aggregate_type text        NOT NULL,\n"
-                "  aggregate_id   text        NOT NULL,\n"
-                "  event_type     text        NOT NULL,\n"
-                "  payload        jsonb       NOT NULL,\n"
-                "  headers        jsonb       NOT NULL DEFAULT '{}',\n"
-                "  created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
-                "  published_at   timestamptz\n"
-                ")"
-            )
+            statements.append(default_table_ddl(cfg.table))
         if cols.published_at and cfg.after_publish == "mark":
             index = f"{cfg.table.split('.')[-1]}_unpublished"
             statements.append(
@@ -427,6 +415,24 @@ class PostgresPollingSource(Source):
             if conn is not None:
                 await conn.close()
                 setattr(self, attr, None)
+
+
+def default_table_ddl(table: str) -> str:
+    """The default outbox table of DESIGN.md (shared by both PostgreSQL sources)."""
+    quoted = ".".join(f'"{part}"' for part in table.split("."))
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quoted} (\n"
+        "  position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+        "  event_id       uuid        NOT NULL DEFAULT gen_random_uuid() UNIQUE,\n"
+        "  aggregate_type text        NOT NULL,\n"
+        "  aggregate_id   text        NOT NULL,\n"
+        "  event_type     text        NOT NULL,\n"
+        "  payload        jsonb       NOT NULL,\n"
+        "  headers        jsonb       NOT NULL DEFAULT '{}',\n"
+        "  created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+        "  published_at   timestamptz\n"
+        ")"
+    )
 
 
 def _parse_headers(text: str) -> tuple[dict[str, str], str | None]:

@@ -1,0 +1,579 @@
+"""Source `postgres-logical`: streams the WAL through a logical replication slot (pgoutput).
+
+Two modes:
+- `table`: INSERTs into the configured outbox table(s) become events (UPDATE/DELETE are not
+  published: the publication is `publish = 'insert'`), so the insert-then-delete-in-one-transaction
+  pattern works and a Debezium-style table works through `columns:`.
+- `message`: `pg_logical_emit_message(true, '<prefix>', '<json>')` becomes an event; nothing is
+  written to any table at all. The JSON: {"event_id", "aggregate_type", "aggregate_id",
+  "event_type", "payload", "headers"} (see `relay.outbox.emit_event`).
+
+Order is commit order; events of one transaction keep their order. `position` is the WAL
+location of the change, which increases along one aggregate's events when its writers are
+serialized. Acknowledgement: the flush position confirmed to PostgreSQL only ever moves to the end
+of a transaction all of whose events (and of every transaction before it) the broker
+acknowledged, so a restart resumes from the slot without skipping anything unacknowledged.
+Memory: events are decoded as they are fetched, never a whole transaction at once; the pipeline's
+window bounds what is held, the socket holds the rest (a 200,000-event transaction is streamed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+from psycopg import pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.sources import pgoutput
+from connectors.sources.postgres_polling import default_table_ddl
+from relay.durations import Duration
+from relay.events import OutboxEvent
+from relay.interfaces import BacklogStats, ConnectorError, Source
+from relay.logs import get_logger
+from relay.registry import ConnectorConfig, SourcePlugin
+from relay.secrets import scrubber
+
+HEARTBEAT_PREFIX = "outbox_relay_heartbeat"
+_JSON_OIDS = {114, 3802}
+_BYTEA_OID = 17
+_IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
+
+
+class LogicalColumns(BaseModel):
+    """Column names in `table` mode. A Debezium-style table maps as {event_id: id,
+    aggregate_type: aggregatetype, aggregate_id: aggregateid, event_type: type, headers: null,
+    created_at: null}."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    event_id: str = "event_id"
+    aggregate_type: str = "aggregate_type"
+    aggregate_id: str = "aggregate_id"
+    event_type: str = "event_type"
+    payload: str = "payload"
+    headers: str | None = "headers"
+    created_at: str | None = "created_at"
+
+
+class PostgresLogicalConfig(ConnectorConfig):
+    type: Literal["postgres-logical"]
+    dsn: str = Field(description="libpq connection string or URL; the user needs REPLICATION.")
+    slot: str = Field(default="outbox_relay", pattern=_IDENT)
+    publication: str = Field(default="outbox_relay", pattern=_IDENT)
+    mode: Literal["table", "message"] = "table"
+    tables: list[str] = Field(default=["public.outbox"], min_length=1)
+    message_prefix: str = Field(default="outbox", min_length=1)
+    columns: LogicalColumns = LogicalColumns()
+    batch_size: int = Field(default=2000, ge=1, le=100_000, description="Events per fetch at most.")
+    poll_interval: Duration = Field(default=0.5, gt=0, description="Longest wait for WAL data.")
+    heartbeat_interval: Duration = Field(
+        default=10.0, ge=0, description="Emit a WAL message this often so an idle slot advances; 0: off."
+    )
+    status_interval: Duration = Field(
+        default=5.0, gt=0, description="Standby status updates at least this often (< wal_sender_timeout)."
+    )
+    connect_timeout: Duration = Field(default=5.0, gt=0)
+
+
+class _Unit:
+    """One transaction (or one non-transactional message) in commit order."""
+
+    __slots__ = ("closed", "end_lsn", "outstanding")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.closed = False
+        self.end_lsn: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _TableShape:
+    indexes: tuple[int, int, int, int, int, int | None, int | None]
+    content_type: str
+    payload_is_bytea: bool
+
+
+class PostgresLogicalSource(Source):
+    kind = "postgres-logical"
+
+    def __init__(self, config: PostgresLogicalConfig) -> None:
+        self.config = config
+        self._log = get_logger(source=self.kind, slot=config.slot)
+        self._repl: psycopg.AsyncConnection[Any] | None = None
+        self._sql: psycopg.AsyncConnection[Any] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._relations: dict[int, _TableShape | None] = {}
+        self._tables = {t if "." in t else f"public.{t}" for t in config.tables}
+        self._units: deque[_Unit] = deque()
+        self._current: _Unit | None = None
+        self._commit_time = 0.0
+        self._received = 0  # highest WAL position seen in the stream
+        self._confirmed = 0  # flush position confirmed to the server
+        self._sent_confirmed = -1
+        self._caught_up = False
+        self._drain_target = 0
+        self._held = 0
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def _connect(self, replication: bool) -> psycopg.AsyncConnection[Any]:
+        kwargs: dict[str, Any] = {"replication": "database"} if replication else {}
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.config.dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self.config.connect_timeout)),
+                application_name="outbox-relay",
+                **kwargs,
+            )
+        except psycopg.Error as exc:
+            raise ConnectorError(scrubber.scrub(f"cannot connect to the database: {exc}")) from None
+
+    async def _sql_conn(self) -> psycopg.AsyncConnection[Any]:
+        if self._sql is None or self._sql.closed or self._sql.broken:
+            self._sql = await self._connect(replication=False)
+        return self._sql
+
+    async def start(self) -> None:
+        sql = await self._sql_conn()
+        # The WAL position the relay must reach for `--drain`: a heartbeat written now.
+        cur = await sql.execute("SELECT pg_logical_emit_message(true, %s, '')::text", (HEARTBEAT_PREFIX,))
+        row = await cur.fetchone()
+        self._drain_target = pgoutput.parse_lsn(row[0]) if row else 0
+        await self._start_stream()
+        if not self._tasks:
+            self._tasks.append(asyncio.create_task(self._status_loop(), name="outbox-relay:standby-status"))
+            if self.config.heartbeat_interval > 0:
+                self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="outbox-relay:heartbeat"))
+
+    async def _start_stream(self) -> None:
+        """Open the replication connection and START_REPLICATION from the slot's confirmed position."""
+        cfg = self.config
+        conn = await self._connect(replication=True)
+        pgconn = conn.pgconn
+        command = (
+            f"START_REPLICATION SLOT \"{cfg.slot}\" LOGICAL 0/0 (proto_version '1', "
+            f"publication_names '\"{cfg.publication}\"', messages 'true')"
+        )
+        pgconn.send_query(command.encode())
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            await self._readable(pgconn.socket, 10.0)
+        result = pgconn.get_result()
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            message = (result.get_error_message() if result else pgconn.get_error_message()) or "failed"
+            await conn.close()
+            raise ConnectorError(_explain_start_error(cfg, message.strip()))
+        self._repl = conn
+        # A transaction cut off by the lost connection will be sent again in full; its events
+        # already held are published anyway (they did commit), but it must not confirm anything.
+        if self._current is not None:
+            self._current.closed = True
+            self._current = None
+        self._relations.clear()
+        self._log.info("streaming from replication slot", publication=cfg.publication, mode=cfg.mode)
+
+    async def _readable(self, fd: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
+
+    async def _stream(self) -> psycopg.AsyncConnection[Any]:
+        if self._repl is None or self._repl.closed or self._repl.broken:
+            await self._drop_stream()
+            await self._start_stream()
+        assert self._repl is not None
+        return self._repl
+
+    async def _drop_stream(self) -> None:
+        if self._repl is not None:
+            await self._repl.close()
+            self._repl = None
+
+    # --- fetch --------------------------------------------------------------------------------
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up
+
+    async def fetch(self, limit: int) -> list[OutboxEvent]:
+        conn = await self._stream()
+        pgconn = conn.pgconn
+        limit = min(limit, self.config.batch_size)
+        events: list[OutboxEvent] = []
+        try:
+            pgconn.consume_input()
+            while len(events) < limit:
+                size, frame = pgconn.get_copy_data(1)
+                if size == 0:
+                    break
+                if size < 0:
+                    raise psycopg.OperationalError(
+                        scrubber.scrub(pgconn.get_error_message() or "replication stream ended")
+                    )
+                self._on_frame(bytes(frame), events)
+        except psycopg.Error as exc:
+            await self._drop_stream()
+            raise psycopg.OperationalError(scrubber.scrub(str(exc))) from None
+        self._held += len(events)
+        self._caught_up = (
+            len(events) < limit and self._current is None and self._received >= self._drain_target
+        )
+        if self._confirmed != self._sent_confirmed:
+            self._send_status()
+        return events
+
+    def _on_frame(self, frame: bytes, events: list[OutboxEvent]) -> None:
+        parsed = pgoutput.parse_frame(frame)
+        if isinstance(parsed, pgoutput.Keepalive):
+            self._received = max(self._received, parsed.wal_end)
+            if self._current is None and not self._units:
+                # Everything sent so far is acknowledged or was never ours: let the slot advance.
+                self._confirmed = max(self._confirmed, parsed.wal_end)
+            if parsed.reply_requested:
+                self._send_status(reply=False)
+            return
+        if parsed is None:
+            return
+        self._received = max(self._received, parsed.wal_end, parsed.wal_start)
+        message = pgoutput.decode(parsed.payload)
+        if isinstance(message, pgoutput.Insert):
+            shape = self._relations.get(message.relid)
+            if shape is not None and self._current is not None:
+                events.append(self._table_event(message.values, shape, parsed.wal_start, self._current))
+        elif isinstance(message, pgoutput.Begin):
+            self._current = _Unit()
+            self._units.append(self._current)
+            self._commit_time = pgoutput.pg_time_to_epoch(message.commit_time_us)
+        elif isinstance(message, pgoutput.Commit):
+            if self._current is not None:
+                self._current.closed = True
+                self._current.end_lsn = message.end_lsn
+                self._current = None
+                self._release_acknowledged()
+        elif isinstance(message, pgoutput.Relation):
+            self._relations[message.relid] = self._shape(message)
+        elif isinstance(message, pgoutput.Message):
+            self._on_message(message, parsed.wal_start, events)
+
+    def _on_message(self, message: pgoutput.Message, lsn: int, events: list[OutboxEvent]) -> None:
+        if message.prefix != self.config.message_prefix or self.config.mode != "message":
+            return
+        unit = self._current
+        if unit is None or not message.transactional:
+            # A non-transactional message is its own unit, confirmed at its own position.
+            unit = _Unit()
+            unit.closed = True
+            unit.end_lsn = message.lsn
+            self._units.append(unit)
+        events.append(self._message_event(message, lsn, unit))
+
+    def _shape(self, relation: pgoutput.Relation) -> _TableShape | None:
+        if self.config.mode != "table" or relation.qualified_name not in self._tables:
+            return None
+        cols = self.config.columns
+        index = {name: i for i, name in enumerate(relation.columns)}
+        wanted = [cols.event_id, cols.aggregate_type, cols.aggregate_id, cols.event_type, cols.payload]
+        missing = [name for name in wanted if name not in index]
+        for optional in (cols.headers, cols.created_at):
+            if optional is not None and optional not in index:
+                missing.append(optional)
+        if missing:
+            # Not silent: every insert of this table would be lost otherwise; fail loudly instead.
+            raise ConnectorError(f"table {relation.qualified_name} has no column(s) {', '.join(missing)}")
+        payload_oid = relation.type_oids[index[cols.payload]]
+        return _TableShape(
+            (
+                index[cols.event_id],
+                index[cols.aggregate_type],
+                index[cols.aggregate_id],
+                index[cols.event_type],
+                index[cols.payload],
+                index[cols.headers] if cols.headers else None,
+                index[cols.created_at] if cols.created_at else None,
+            ),
+            "application/json"
+            if payload_oid in _JSON_OIDS
+            else ("application/octet-stream" if payload_oid == _BYTEA_OID else "text/plain; charset=utf-8"),
+            payload_oid == _BYTEA_OID,
+        )
+
+    def _table_event(
+        self, values: list[bytes | None], shape: _TableShape, lsn: int, unit: _Unit
+    ) -> OutboxEvent:
+        i_id, i_type, i_agg, i_event, i_payload, i_headers, i_created = shape.indexes
+        defect = None
+        payload = values[i_payload]
+        if payload is None:
+            payload, defect = b"", "payload is NULL"
+        elif shape.payload_is_bytea:
+            payload = bytes.fromhex(payload[2:].decode())  # text form of bytea: \x0a1b...
+        headers: dict[str, str] = {}
+        raw_headers = values[i_headers] if i_headers is not None else None
+        if raw_headers is not None and raw_headers != b"{}":
+            headers, problem = _headers_from_json(raw_headers)
+            defect = defect or problem
+        created = self._commit_time
+        if i_created is not None and values[i_created] is not None:
+            created = pgoutput.timestamptz_text_to_epoch(values[i_created].decode())  # type: ignore[union-attr]
+        aggregate_id = _text(values[i_agg])
+        if aggregate_id is None:
+            defect = defect or "aggregate id is NULL"
+        unit.outstanding += 1
+        return OutboxEvent(
+            lsn,
+            _text(values[i_id]) or "",
+            _text(values[i_type]) or "",
+            aggregate_id,
+            _text(values[i_event]) or "",
+            payload,
+            headers,
+            created,
+            ack_token=unit,
+            content_type=shape.content_type,
+            defect=defect,
+        )
+
+    def _message_event(self, message: pgoutput.Message, lsn: int, unit: _Unit) -> OutboxEvent:
+        unit.outstanding += 1
+        try:
+            body = json.loads(message.content)
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            reason = f"message is not an outbox event JSON object: {exc}"
+            return OutboxEvent(
+                lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", message.content, {},
+                self._commit_time, ack_token=unit, defect=reason,
+            )  # fmt: skip
+        payload = body.get("payload")
+        headers = body.get("headers") or {}
+        defect: str | None = None
+        for required in ("event_id", "aggregate_type", "aggregate_id", "event_type"):
+            if body.get(required) in (None, ""):
+                defect = defect or f"message lacks {required}"
+        if not isinstance(headers, dict):
+            headers, defect = {}, defect or "headers must be a JSON object"
+        return OutboxEvent(
+            lsn,
+            str(body.get("event_id") or f"lsn-{pgoutput.format_lsn(lsn)}"),
+            str(body.get("aggregate_type") or ""),
+            None if body.get("aggregate_id") is None else str(body["aggregate_id"]),
+            str(body.get("event_type") or ""),
+            json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(),
+            {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in headers.items()},
+            self._commit_time,
+            ack_token=unit,
+            defect=defect,
+        )
+
+    # --- ack ----------------------------------------------------------------------------------
+
+    async def ack(self, events: Sequence[OutboxEvent]) -> None:
+        for event in events:
+            event.ack_token.outstanding -= 1
+        self._held -= len(events)
+        self._release_acknowledged()
+        if self._confirmed != self._sent_confirmed:
+            self._send_status()
+
+    def _release_acknowledged(self) -> None:
+        units = self._units
+        while units and units[0].closed and units[0].outstanding <= 0:
+            unit = units.popleft()
+            if unit.end_lsn is not None:
+                self._confirmed = max(self._confirmed, unit.end_lsn)
+
+    def _send_status(self, reply: bool = False) -> None:
+        conn = self._repl
+        if conn is None or conn.closed:
+            return
+        message = pgoutput.standby_status(self._received, self._confirmed, int(time.time() * 1e6), reply)
+        try:
+            conn.pgconn.put_copy_data(message)
+            conn.pgconn.flush()
+            self._sent_confirmed = self._confirmed
+        except Exception as exc:  # the next fetch notices the broken connection and reconnects
+            self._log.debug("standby status not sent", error=str(exc))
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            self._send_status()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                sql = await self._sql_conn()
+                await sql.execute("SELECT pg_logical_emit_message(true, %s, '')", (HEARTBEAT_PREFIX,))
+            except Exception as exc:
+                self._log.warning("heartbeat failed", error=scrubber.scrub(str(exc)))
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    async def wait_for_events(self) -> None:
+        conn = self._repl
+        if conn is None or conn.closed:
+            await asyncio.sleep(self.config.poll_interval)
+            return
+        await self._readable(conn.pgconn.socket, self.config.poll_interval)
+
+    # --- backlog, status, checks, DDL ---------------------------------------------------------
+
+    async def _slot_row(self) -> tuple[Any, ...] | None:
+        sql = await self._sql_conn()
+        cur = await sql.execute(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, active, confirmed_flush_lsn::text,"
+            " active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (self.config.slot,),
+        )
+        return await cur.fetchone()
+
+    async def backlog(self) -> BacklogStats:
+        row = await self._slot_row()
+        lag = int(row[0] or 0) if row else 0
+        return BacklogStats(pending=max(self._held, 0), oldest_age_seconds=0.0, slot_lag_bytes=lag)
+
+    async def status_lines(self) -> list[str]:
+        row = await self._slot_row()
+        if row is None:
+            return [f"slot {self.config.slot}: missing (run: outbox-relay init-db)"]
+        lag, active, confirmed, pid = row
+        state = f"active (pid {pid})" if active else "inactive"
+        return [f"slot {self.config.slot}: lag_bytes={lag} confirmed_flush_lsn={confirmed} {state}"]
+
+    async def check(self) -> list[str]:
+        sql = await self._connect(replication=False)
+        try:
+            notes: list[str] = []
+            wal_level = await (await sql.execute("SHOW wal_level")).fetchone()
+            if not wal_level or wal_level[0] != "logical":
+                raise ConnectorError(
+                    f"wal_level is {wal_level[0] if wal_level else '?'}, logical replication needs"
+                    " wal_level = logical (postgresql.conf, then restart PostgreSQL)"
+                )
+            role = await (
+                await sql.execute(
+                    "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+                )
+            ).fetchone()
+            if not role or not role[0]:
+                raise ConnectorError(
+                    "the database user lacks the REPLICATION attribute (ALTER ROLE ... REPLICATION)"
+                )
+            pub = await (
+                await sql.execute(
+                    "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.config.publication,)
+                )
+            ).fetchone()
+            if not pub:
+                raise ConnectorError(
+                    f"publication {self.config.publication} is missing (run: outbox-relay init-db)"
+                )
+            row = await (
+                await sql.execute(
+                    "SELECT active, active_pid, plugin FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.config.slot,),
+                )
+            ).fetchone()
+            if not row:
+                raise ConnectorError(
+                    f"replication slot {self.config.slot} is missing (run: outbox-relay init-db)"
+                )
+            if row[2] != "pgoutput":
+                raise ConnectorError(
+                    f"replication slot {self.config.slot} uses plugin {row[2]}, not pgoutput"
+                )
+            notes.append("wal_level logical, REPLICATION granted, publication and slot present")
+            if row[0]:
+                notes.append(f"slot {self.config.slot} is in use by pid {row[1]} (another relay is active)")
+            return notes
+        finally:
+            await sql.close()
+
+    def init_sql(self) -> list[str]:
+        cfg = self.config
+        statements: list[str] = []
+        # Message mode publishes no table: the messages flow through any publication.
+        scope = ""
+        if cfg.mode == "table":
+            if cfg.columns == LogicalColumns():
+                statements.extend(default_table_ddl(table) for table in cfg.tables)
+            scope = " FOR TABLE " + ", ".join(_quoted(t) for t in cfg.tables)
+        statements.append(
+            "DO $$ BEGIN\n"
+            f"  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{cfg.publication}') THEN\n"
+            f"    CREATE PUBLICATION \"{cfg.publication}\"{scope} WITH (publish = 'insert');\n"
+            "  END IF;\nEND $$"
+        )
+        # Must run outside a transaction that wrote anything: init-db runs each statement alone.
+        statements.append(
+            f"SELECT pg_create_logical_replication_slot('{cfg.slot}', 'pgoutput')"
+            f" WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{cfg.slot}')"
+        )
+        return statements
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._repl is not None and not self._repl.closed:
+            self._release_acknowledged()
+            self._send_status()
+        await self._drop_stream()
+        if self._sql is not None:
+            await self._sql.close()
+            self._sql = None
+
+
+def _quoted(table: str) -> str:
+    return ".".join(f'"{part}"' for part in table.split("."))
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _headers_from_json(raw: bytes) -> tuple[dict[str, str], str | None]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}, "headers are not valid JSON"
+    if not isinstance(value, dict):
+        return {}, "headers must be a JSON object"
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}, None
+
+
+def _explain_start_error(config: PostgresLogicalConfig, message: str) -> str:
+    message = scrubber.scrub(message)
+    if "does not exist" in message and "slot" in message:
+        return f"replication slot {config.slot} does not exist (run: outbox-relay init-db): {message}"
+    if "is active for PID" in message:
+        return f"replication slot {config.slot} is in use by another process (another relay?): {message}"
+    if "publication" in message and "does not exist" in message:
+        return f"publication {config.publication} does not exist (run: outbox-relay init-db): {message}"
+    return f"START_REPLICATION failed: {message}"
+
+
+plugin = SourcePlugin(type="postgres-logical", config=PostgresLogicalConfig, factory=PostgresLogicalSource)
