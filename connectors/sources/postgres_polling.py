@@ -205,9 +205,13 @@ class PostgresPollingSource(Source):
         return conn
 
     async def _run(
-        self, which: Literal["fetch", "ack", "stats"], query: sql.Composed, params: Sequence[Any]
+        self, which: Literal["fetch", "ack", "stats"], query: str | sql.Composed, params: Sequence[Any]
     ) -> psycopg.AsyncCursor[Any]:
+        """Run a query on one of the connections; `query` may name one of the built queries
+        (built once the table was inspected, which connecting does when needed)."""
         conn = await self._conn(which)
+        if isinstance(query, str):
+            query = self._queries[query]
         try:
             return await conn.execute(query, params)
         except psycopg.OperationalError:
@@ -223,7 +227,7 @@ class PostgresPollingSource(Source):
 
     async def fetch(self, limit: int) -> list[OutboxEvent]:
         limit = min(limit, self.config.batch_size)
-        cur = await self._run("fetch", self._queries["ahead"], (self._cursor, limit))
+        cur = await self._run("fetch", "ahead", (self._cursor, limit))
         rows = await cur.fetchall()
         if rows:
             self._cursor = rows[-1][0]
@@ -245,7 +249,7 @@ class PostgresPollingSource(Source):
         try:
             # Held rows are unpublished too; ask for enough to see past them.
             want = limit + len(self._outstanding)
-            cur = await self._run("fetch", self._queries["behind"], (self._cursor, want))
+            cur = await self._run("fetch", "behind", (self._cursor, want))
             rows = await cur.fetchall()
             skip = self._outstanding | self._acked_during_sweep
         finally:
@@ -303,7 +307,7 @@ class PostgresPollingSource(Source):
 
     async def ack(self, events: Sequence[OutboxEvent]) -> None:
         positions = [e.position for e in events]
-        await self._run("ack", self._queries["ack"], (positions,))
+        await self._run("ack", "ack", (positions,))
         self._outstanding.difference_update(positions)
         if self._acked_during_sweep is not None:
             self._acked_during_sweep.update(positions)
@@ -341,7 +345,7 @@ class PostgresPollingSource(Source):
     # --- backlog, status, checks, DDL ---------------------------------------------------------
 
     async def backlog(self) -> BacklogStats:
-        cur = await self._run("stats", self._queries["backlog"], ())
+        cur = await self._run("stats", "backlog", ())
         row = await cur.fetchone()
         assert row is not None
         return BacklogStats(pending=int(row[0]), oldest_age_seconds=max(float(row[1]), 0.0))
