@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := dev,demo,kafka
+EXTRAS := dev,demo,kafka,rabbitmq
 
 .PHONY: demo test lint unit bench schema clean
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 
 @dataclass(slots=True, eq=False)
 class OutboxEvent:
@@ -44,7 +46,7 @@ class OutboxEvent:
         """Events with equal lane keys are published strictly one after another, in order."""
         return (self.aggregate_type, self.aggregate_id)
 
-    def standard_headers(self) -> dict[str, str]:
+    def standard_headers(self, created_at_iso: str | None = None) -> dict[str, str]:
         """The headers every message carries (DESIGN.md), the row's own headers first so that
         ours win on a name clash: a row cannot forge `event_id` or `position`."""
         merged = dict(self.headers)
@@ -53,7 +55,7 @@ class OutboxEvent:
         merged["aggregate_type"] = self.aggregate_type
         merged["aggregate_id"] = "" if self.aggregate_id is None else self.aggregate_id
         merged["position"] = str(self.position)
-        merged["created_at"] = self.created_at_iso
+        merged["created_at"] = created_at_iso or self.created_at_iso
         return merged
 
     def template_fields(self) -> dict[str, str]:
@@ -82,3 +84,14 @@ class Failure:
 # A sink returns, per event and in the order given, None for "acknowledged by the broker" or a
 # Failure. None keeps the common all-acked case free of per-event allocations.
 PublishResult = Failure | None
+
+
+def headers_from_json(raw: str | bytes) -> tuple[dict[str, str], str | None]:
+    """A row's `headers` JSON object as string headers, or ({}, why it is unusable)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}, "headers are not valid JSON"
+    if not isinstance(value, dict):
+        return {}, "headers must be a JSON object"
+    return {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in value.items()}, None

@@ -13,3 +13,15 @@ if [ -z "${RELAY_TEST_PG_DSN:-}" ] && ! have_postgres; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
+
+# RabbitMQ: the tests use RELAY_TEST_AMQP_URL, else a node answering on 127.0.0.1:5672, else a
+# private node they start themselves from Debian's rabbitmq-server package.
+have_rabbitmq() {
+  command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]
+}
+
+if [ -z "${RELAY_TEST_AMQP_URL:-}" ] && ! have_rabbitmq; then
+  echo "installing RabbitMQ (Debian package rabbitmq-server) for the tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+fi

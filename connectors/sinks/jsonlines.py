@@ -8,32 +8,32 @@ embedded as a string (text) or base64 (`payload_base64`, binary).
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Sequence
+
+import orjson
 
 from relay.events import OutboxEvent
 
 
 def encode_line(event: OutboxEvent) -> bytes:
-    meta = json.dumps(
+    created_at = event.created_at_iso
+    meta = orjson.dumps(
         {
             "event_id": event.event_id,
             "event_type": event.event_type,
             "aggregate_type": event.aggregate_type,
             "aggregate_id": event.aggregate_id,
             "position": event.position,
-            "created_at": event.created_at_iso,
-            "headers": event.standard_headers(),
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    ).encode()
+            "created_at": created_at,
+            "headers": event.standard_headers(created_at),
+        }
+    )
     ctype = event.content_type
     if ctype == "application/json":
         return meta[:-1] + b',"payload":' + event.payload + b"}\n"
     if ctype.startswith("text/"):
-        text = json.dumps(event.payload.decode("utf-8", "replace"), ensure_ascii=False)
-        return meta[:-1] + b',"payload":' + text.encode() + b"}\n"
+        text = orjson.dumps(event.payload.decode("utf-8", "replace"))
+        return meta[:-1] + b',"payload":' + text + b"}\n"
     encoded = base64.b64encode(event.payload)
     return meta[:-1] + b',"payload_base64":"' + encoded + b'"}\n'
 

@@ -20,13 +20,13 @@ window bounds what is held, the socket holds the rest (a 200,000-event transacti
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 import psycopg
 from psycopg import pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from connectors.sources import pgoutput
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.durations import Duration
-from relay.events import OutboxEvent
+from relay.events import OutboxEvent, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SourcePlugin
@@ -330,7 +330,7 @@ class PostgresLogicalSource(Source):
         headers: dict[str, str] = {}
         raw_headers = values[i_headers] if i_headers is not None else None
         if raw_headers is not None and raw_headers != b"{}":
-            headers, problem = _headers_from_json(raw_headers)
+            headers, problem = headers_from_json(raw_headers)
             defect = defect or problem
         created = self._commit_time
         if i_created is not None and values[i_created] is not None:
@@ -356,10 +356,10 @@ class PostgresLogicalSource(Source):
     def _message_event(self, message: pgoutput.Message, lsn: int, unit: _Unit) -> OutboxEvent:
         unit.outstanding += 1
         try:
-            body = json.loads(message.content)
+            body = orjson.loads(message.content)
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as exc:
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
             reason = f"message is not an outbox event JSON object: {exc}"
             return OutboxEvent(
                 lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", message.content, {},
@@ -379,8 +379,8 @@ class PostgresLogicalSource(Source):
             str(body.get("aggregate_type") or ""),
             None if body.get("aggregate_id") is None else str(body["aggregate_id"]),
             str(body.get("event_type") or ""),
-            json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(),
-            {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in headers.items()},
+            orjson.dumps(payload),
+            {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in headers.items()},
             self._commit_time,
             ack_token=unit,
             defect=defect,
@@ -553,16 +553,6 @@ def _quoted(table: str) -> str:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
-
-
-def _headers_from_json(raw: bytes) -> tuple[dict[str, str], str | None]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {}, "headers are not valid JSON"
-    if not isinstance(value, dict):
-        return {}, "headers must be a JSON object"
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}, None
 
 
 def _explain_start_error(config: PostgresLogicalConfig, message: str) -> str:

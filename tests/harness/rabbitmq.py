@@ -1,0 +1,700 @@
+"""A real RabbitMQ broker for tests and benchmarks.
+
+``start_rabbitmq()`` returns a :class:`RabbitBroker` that is one of
+
+* an **external** broker named by ``RELAY_TEST_AMQP_URL`` (``owned`` False, never stopped by us:
+  :meth:`RabbitBroker.stop` and :meth:`RabbitBroker.start` raise :class:`BrokerControlUnavailable`);
+* the **system node** answering on ``127.0.0.1:5672`` with guest/guest (``owned`` False). When
+  ``rabbitmqctl`` can reach it (as root or as the ``rabbitmq`` user, through Debian's wrapper in
+  /usr/sbin, which switches to the ``rabbitmq`` user and its Erlang cookie), ``stop`` and ``start``
+  are ``rabbitmqctl stop_app`` / ``start_app``: the Erlang VM stays up, the AMQP listener closes,
+  every client connection is closed with ``320 CONNECTION_FORCED``; durable exchanges and queues
+  and their persistent messages survive. ``close()`` starts the app again if a test left it
+  stopped, so the shared node is never left down;
+* a **private node** (``owned`` True) started from Debian's ``rabbitmq-server`` package with its own
+  node name (``relaytest-<random>@localhost``), AMQP port, distribution port, epmd port, Erlang
+  cookie, config, data and log directories, all under a fresh temporary directory; nothing of the
+  system node's configuration (``/etc/rabbitmq``) is read. ``stop`` is ``rabbitmqctl stop`` (the
+  whole node), ``start`` boots it again on the same ports with the same data. The consistent-hash
+  exchange plugin is enabled from the first boot.
+
+Facts seen on Debian 12 (RabbitMQ 3.10.8, Erlang 25): a private node boots in ~4 s;
+``rabbitmqctl await_startup`` fails at once (status 69) until the node has registered with epmd,
+so it is retried; ``stop_app`` takes ~0.5 s and ``start_app`` ~1 s on the system node; the plugin
+``rabbitmq_consistent_hash_exchange`` ships with the package but is not enabled on the system node.
+
+An owned node never outlives the process that started it: ``close()`` stops it, an ``atexit`` hook
+does the same if the caller forgot, and a watchdog process kills it if the caller is killed
+outright (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "AMQP_URL_ENV_VAR",
+    "CONSISTENT_HASH_PLUGIN",
+    "PRIVATE_ENV_VAR",
+    "SYSTEM_URL",
+    "BrokerControlUnavailable",
+    "RabbitBroker",
+    "consistent_hash_available",
+    "declare_queue",
+    "delete",
+    "drain_queue",
+    "queue_depth",
+    "start_rabbitmq",
+]
+
+AMQP_URL_ENV_VAR = "RELAY_TEST_AMQP_URL"
+PRIVATE_ENV_VAR = "RELAY_TEST_RABBITMQ_PRIVATE"
+"""Set to 1 to boot a private node even when the system node answers (restarts then stop a node
+of our own instead of the shared node's app)."""
+SYSTEM_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+CONSISTENT_HASH_PLUGIN = "rabbitmq_consistent_hash_exchange"
+
+_HOST = "127.0.0.1"
+_LIB_BIN = Path("/usr/lib/rabbitmq/bin")  # Debian's real scripts; /usr/sbin holds wrappers that `su`
+_BOOT_TIMEOUT_S = 90.0
+_CTL_TIMEOUT_S = 60.0
+_AMQP_READY_TIMEOUT_S = 30.0
+
+_WATCHDOG_SOURCE = """\
+import os, shutil, signal, subprocess, sys
+if "disarm" in sys.stdin.read():
+    sys.exit(0)
+try:
+    os.killpg(int(sys.argv[1]), signal.SIGKILL)
+except OSError:
+    pass
+if sys.argv[3]:
+    subprocess.run([sys.argv[3], "-port", sys.argv[4], "-kill"], capture_output=True, timeout=10)
+shutil.rmtree(sys.argv[2], ignore_errors=True)
+"""
+
+
+class BrokerControlUnavailable(RuntimeError):
+    """This broker cannot be stopped or started from here (tests needing that should skip)."""
+
+
+class RabbitBroker:
+    """A RabbitMQ broker for tests: an external one, the system node, or a private node.
+
+    Attributes:
+        url: AMQP URL with credentials, for clients.
+        owned: True when this object started the node (a private node).
+        node: Erlang node name when known (system or private node), else None.
+        root: temporary directory of a private node (data, logs, cookie), else None.
+
+    Not thread-safe; use it as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        owned: bool,
+        node: str | None = None,
+        root: Path | None = None,
+        ports: tuple[int, int, int] | None = None,
+    ) -> None:
+        self.url = url
+        self.owned = owned
+        self.node = node
+        self.root = root
+        self.log_path = root / "server.out" if root is not None else None
+        self._ports = ports  # (amqp, distribution, epmd) of a private node
+        self._process: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._control_checked: str | None = None  # None: unchecked; "" ok; else why not
+        self._app_stopped = False
+        self._closed = False
+        self._creator_pid = os.getpid()
+        atexit.register(self._at_exit)
+
+    def __repr__(self) -> str:
+        kind = "private node" if self.owned else ("system node" if self.url == SYSTEM_URL else "external")
+        return f"<RabbitBroker {kind} {_redact(self.url)}>"
+
+    def __enter__(self) -> RabbitBroker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- control -------------------------------------------------------------------------------
+
+    @property
+    def controllable(self) -> bool:
+        """True when :meth:`stop`/:meth:`start`/:meth:`enable_plugin` work on this broker."""
+        return self._why_not_controllable() == ""
+
+    def stop(self) -> None:
+        """Take the broker down (private node: the whole node; system node: ``stop_app``) and return
+        once it no longer accepts AMQP connections. Raises BrokerControlUnavailable."""
+        self._require_control("stop")
+        if self.owned:
+            self._stop_node()
+        else:
+            self._ctl("stop_app")
+            self._app_stopped = True
+        _wait_port_closed(self._amqp_address(), 10.0)
+
+    def start(self) -> None:
+        """Bring the broker back and return once it accepts AMQP logins. A no-op while it runs."""
+        self._require_control("start")
+        if self.owned:
+            if self._process is None or self._process.poll() is not None:
+                self._spawn()
+        else:
+            self._ctl("start_app")
+            self._app_stopped = False
+        wait_for_amqp(self.url, _AMQP_READY_TIMEOUT_S)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def enable_plugin(self, name: str) -> None:
+        """``rabbitmq-plugins enable NAME`` on this node (the system node's enabled_plugins file
+        is changed for good). Raises BrokerControlUnavailable."""
+        self._require_control("enable a plugin on")
+        args = ["enable", name]
+        self._run(self._script("rabbitmq-plugins"), *self._node_args(), *args)
+
+    def ensure_consistent_hash(self) -> None:
+        """Make the x-consistent-hash exchange type available, enabling its plugin if needed.
+        Raises BrokerControlUnavailable when it is missing and cannot be enabled from here."""
+        if consistent_hash_available(self.url):
+            return
+        self.enable_plugin(CONSISTENT_HASH_PLUGIN)
+        deadline = time.monotonic() + 10
+        while not consistent_hash_available(self.url):
+            if time.monotonic() > deadline:
+                raise BrokerControlUnavailable(
+                    f"{CONSISTENT_HASH_PLUGIN} enabled but the exchange type is missing"
+                )
+            time.sleep(0.2)
+
+    def add_user(self, user: str, password: str) -> None:
+        """Create a user with every permission on vhost "/" (for credential tests)."""
+        self._require_control("add a user to")
+        self._ctl("add_user", user, password)
+        self._ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+
+    def delete_user(self, user: str) -> None:
+        self._require_control("delete a user from")
+        self._ctl("delete_user", user)
+
+    def url_for(self, user: str, password: str) -> str:
+        """This broker's URL with other credentials (the password percent-encoded)."""
+        from urllib.parse import quote
+
+        parts = urlsplit(self.url)
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port or 5672}"
+        return parts._replace(netloc=netloc).geturl()
+
+    def close(self) -> None:
+        """Stop and delete a private node; restart the system node's app if we stopped it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._at_exit)
+        if self.owned:
+            try:
+                self._stop_node()
+            finally:
+                self._kill_epmd()
+                self._disarm_watchdog()
+                if self.root is not None:
+                    shutil.rmtree(self.root, ignore_errors=True)
+        elif self._app_stopped:
+            self._ctl("start_app")
+            self._app_stopped = False
+
+    # -- private node --------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        assert self.root is not None and self._ports is not None and self.node is not None
+        amqp, dist, epmd = self._ports
+        root = str(self.root)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(
+            HOME=root,  # the Erlang cookie lives here, shared by the node and our rabbitmqctl calls
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_IP_ADDRESS=_HOST,
+            RABBITMQ_NODE_PORT=str(amqp),
+            RABBITMQ_DIST_PORT=str(dist),
+            ERL_EPMD_PORT=str(epmd),
+            ERL_EPMD_ADDRESS=_HOST,
+            RABBITMQ_MNESIA_BASE=f"{root}/mnesia",
+            RABBITMQ_LOG_BASE=f"{root}/log",
+            # Our own (empty) files, so /etc/rabbitmq (the system node's NODENAME, listeners) is not read.
+            RABBITMQ_CONF_ENV_FILE=f"{root}/rabbitmq-env.conf",
+            RABBITMQ_CONFIG_FILE=f"{root}/rabbitmq.conf",
+            RABBITMQ_ADVANCED_CONFIG_FILE=f"{root}/advanced.config",
+            RABBITMQ_ENABLED_PLUGINS_FILE=f"{root}/enabled_plugins",
+            RABBITMQ_PID_FILE=f"{root}/rabbitmq.pid",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        )
+        return env
+
+    def _spawn(self) -> None:
+        assert self.root is not None and self.log_path is not None
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [self._script("rabbitmq-server")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                env=self._env(),
+                start_new_session=True,  # its own process group, so the watchdog can kill all of it
+            )
+        self._start_watchdog(self._process.pid)
+        try:
+            self._await_startup()
+        except BaseException:
+            self._kill_node()
+            raise
+
+    def _await_startup(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + _BOOT_TIMEOUT_S
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"rabbitmq-server exited with status {self._process.returncode}\n{self._log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"RabbitMQ node {self.node} did not boot within {_BOOT_TIMEOUT_S:g}s")
+            # Fails at once (status 69) until the node has registered with epmd; then it waits.
+            done = subprocess.run(
+                [self._script("rabbitmqctl"), *self._node_args(), "await_startup", "--timeout", "30"],
+                capture_output=True,
+                env=self._env(),
+                cwd=self.root,
+                timeout=_CTL_TIMEOUT_S,
+            )
+            if done.returncode == 0:
+                break
+            time.sleep(0.3)
+        wait_for_amqp(self.url, _AMQP_READY_TIMEOUT_S)
+
+    def _stop_node(self) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            self._process = None
+            return
+        try:
+            self._ctl("stop")
+            process.wait(timeout=30)
+        except (subprocess.SubprocessError, RuntimeError):
+            self._kill_node()
+        self._process = None
+
+    def _kill_node(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.SubprocessError):
+            process.wait(timeout=10)
+
+    def _kill_epmd(self) -> None:
+        epmd = shutil.which("epmd")
+        if epmd is None or self._ports is None:
+            return
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            subprocess.run([epmd, "-port", str(self._ports[2]), "-kill"], capture_output=True, timeout=10)
+
+    def _start_watchdog(self, pid: int) -> None:
+        assert self.root is not None and self._ports is not None
+        self._disarm_watchdog()
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WATCHDOG_SOURCE,
+                str(pid),
+                str(self.root),
+                shutil.which("epmd") or "",
+                str(self._ports[2]),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            start_new_session=True,
+        )
+
+    def _disarm_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None or watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(b"disarm\n")
+        with contextlib.suppress(OSError):
+            watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait(timeout=10)
+
+    def _log_tail(self, max_chars: int = 4000) -> str:
+        if self.log_path is None:
+            return ""
+        texts = []
+        for path in [self.log_path, *sorted((self.log_path.parent / "log").glob("*.log"))]:
+            with contextlib.suppress(OSError):
+                texts.append(f"--- {path} ---\n{path.read_text(errors='replace')[-max_chars:]}")
+        return "\n".join(texts)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _script(self, name: str) -> str:
+        if self.owned:
+            # The real script, run as ourselves with our own HOME (cookie); the /usr/sbin wrapper
+            # would switch to the rabbitmq user, who cannot read our directory.
+            real = _LIB_BIN / name
+            if real.is_file():
+                return str(real)
+        found = shutil.which(name) or (
+            str(Path("/usr/sbin") / name) if (Path("/usr/sbin") / name).exists() else None
+        )
+        if found is None:
+            raise BrokerControlUnavailable(f"{name} not found (Debian package rabbitmq-server)")
+        return found
+
+    def _node_args(self) -> list[str]:
+        return ["-n", self.node] if self.owned and self.node else []
+
+    def _ctl(self, *args: str) -> None:
+        self._run(self._script("rabbitmqctl"), *self._node_args(), *args)
+
+    def _run(self, *command: str) -> None:
+        env = self._env() if self.owned else None
+        try:
+            done = subprocess.run(
+                list(command),
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=self.root or "/",
+                timeout=_CTL_TIMEOUT_S,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BrokerControlUnavailable(f"{' '.join(command[:3])}: {exc}") from None
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).strip()
+            what = f"{Path(command[0]).name} {' '.join(command[1:])}"
+            raise BrokerControlUnavailable(f"{what} failed ({done.returncode}): {output[-1500:]}")
+
+    def _why_not_controllable(self) -> str:
+        if self._closed:
+            return "this RabbitBroker is closed"
+        if self.owned:
+            return ""
+        if self.url != SYSTEM_URL:
+            return f"{AMQP_URL_ENV_VAR} names an external broker; unset it to use a local node"
+        if self._control_checked is None:
+            try:
+                self._ctl("status")
+                self._control_checked = ""
+            except BrokerControlUnavailable as exc:
+                self._control_checked = f"rabbitmqctl cannot control the system node: {exc}"
+        return self._control_checked
+
+    def _require_control(self, action: str) -> None:
+        why = self._why_not_controllable()
+        if why:
+            raise BrokerControlUnavailable(f"cannot {action} {self!r}: {why}")
+
+    def _amqp_address(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or _HOST, parts.port or 5672
+
+    def _at_exit(self) -> None:
+        if os.getpid() != self._creator_pid:
+            return
+        try:
+            self.close()
+        except Exception as exc:
+            print(f"outbox-relay test harness: could not clean up {self!r}: {exc}", file=sys.stderr)
+
+
+def start_rabbitmq(*, prefer_existing: bool | None = None, tmp_root: str | None = None) -> RabbitBroker:
+    """Return a running RabbitMQ broker for tests.
+
+    ``RELAY_TEST_AMQP_URL`` wins when set (RuntimeError if it does not accept a login). Otherwise,
+    with ``prefer_existing`` (default: unless ``RELAY_TEST_RABBITMQ_PRIVATE=1``), the system node on
+    127.0.0.1:5672 when it accepts guest/guest. Else
+    a private node is booted under a new directory in ``tmp_root`` (default: the system temp dir);
+    RuntimeError (with the install hint) when the rabbitmq-server package is missing.
+    """
+    external = os.environ.get(AMQP_URL_ENV_VAR)
+    if external:
+        try:
+            wait_for_amqp(external, 10.0)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{AMQP_URL_ENV_VAR} is set but {exc}") from None
+        return RabbitBroker(external, owned=False)
+    if prefer_existing is None:
+        prefer_existing = os.environ.get(PRIVATE_ENV_VAR, "") not in ("1", "true", "yes")
+    if prefer_existing and _amqp_login_works(SYSTEM_URL):
+        return RabbitBroker(SYSTEM_URL, owned=False)
+    if not (_LIB_BIN / "rabbitmq-server").is_file() and shutil.which("rabbitmq-server") is None:
+        raise RuntimeError(
+            "no RabbitMQ: install the Debian package rabbitmq-server (tests/install-servers.sh), "
+            f"or set {AMQP_URL_ENV_VAR}"
+        )
+    root = Path(tempfile.mkdtemp(prefix="relay-rabbitmq-", dir=tmp_root)).resolve()
+    amqp, dist, epmd = _pick_ports(3)
+    (root / "mnesia").mkdir()
+    (root / "log").mkdir()
+    (root / "rabbitmq-env.conf").write_text("")
+    (root / "rabbitmq.conf").write_text(f"listeners.tcp.1 = {_HOST}:{amqp}\n")
+    (root / "enabled_plugins").write_text(f"[{CONSISTENT_HASH_PLUGIN}].\n")
+    cookie = root / ".erlang.cookie"
+    cookie.write_text(secrets.token_hex(16).upper())
+    cookie.chmod(0o400)
+    node = f"relaytest-{uuid.uuid4().hex[:8]}@localhost"
+    url = f"amqp://guest:guest@{_HOST}:{amqp}/%2F"
+    broker = RabbitBroker(url, owned=True, node=node, root=root, ports=(amqp, dist, epmd))
+    try:
+        broker._spawn()
+    except BaseException:
+        broker.close()
+        raise
+    return broker
+
+
+# -- AMQP helpers (blocking pika; call them from tests, not from the code under test) -----------
+
+
+def _connect(url: str, timeout: float = 5.0) -> Any:
+    import pika
+
+    parameters = pika.URLParameters(url)
+    parameters.socket_timeout = timeout
+    parameters.stack_timeout = timeout
+    parameters.connection_attempts = 1
+    return pika.BlockingConnection(parameters)
+
+
+def _amqp_login_works(url: str) -> bool:
+    try:
+        _connect(url, 3.0).close()
+        return True
+    except Exception:
+        return False
+
+
+def wait_for_amqp(url: str, timeout: float) -> None:
+    """Return once a login on ``url`` succeeds; RuntimeError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            _connect(url, min(5.0, max(deadline - time.monotonic(), 0.5))).close()
+            return
+        except Exception as exc:
+            last = exc
+            time.sleep(0.1)
+    raise RuntimeError(f"{_redact(url)} does not accept a login within {timeout:g}s: {last!r}")
+
+
+def declare_queue(
+    url: str,
+    name: str,
+    exchange: str,
+    binding_key: str,
+    arguments: dict[str, Any] | None = None,
+    *,
+    exchange_type: str | None = None,
+) -> None:
+    """Declare a durable queue and bind it to ``exchange`` with ``binding_key`` (for an
+    x-consistent-hash exchange the binding key is the queue's weight, such as "1"). With
+    ``exchange_type`` the exchange is declared first (durable)."""
+    connection = _connect(url)
+    try:
+        channel = connection.channel()
+        if exchange_type is not None:
+            channel.exchange_declare(exchange, exchange_type, durable=True)
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        channel.queue_bind(name, exchange, binding_key)
+    finally:
+        connection.close()
+
+
+def delete(
+    url: str, *, queues: tuple[str, ...] | list[str] = (), exchanges: tuple[str, ...] | list[str] = ()
+) -> None:
+    """Delete queues and exchanges, ignoring those that do not exist."""
+    connection = _connect(url)
+    try:
+        for kind, names in (("queue", queues), ("exchange", exchanges)):
+            for name in names:
+                channel = connection.channel()
+                with contextlib.suppress(Exception):
+                    if kind == "queue":
+                        channel.queue_delete(name)
+                    else:
+                        channel.exchange_delete(name)
+                with contextlib.suppress(Exception):
+                    channel.close()
+    finally:
+        connection.close()
+
+
+def queue_depth(url: str, queue: str) -> int:
+    connection = _connect(url)
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        connection.close()
+
+
+def consistent_hash_available(url: str) -> bool:
+    """Whether the broker knows the x-consistent-hash exchange type (its plugin is enabled).
+    An unknown type makes RabbitMQ close the whole connection, so a throwaway one is used."""
+    name = f"relay-probe-{uuid.uuid4().hex[:8]}"
+    connection = _connect(url)
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(name, "x-consistent-hash", auto_delete=True)
+        channel.exchange_delete(name)
+        return True
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+def drain_queue(url: str, queue: str, expected: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Take messages off ``queue`` until ``expected`` arrived or ``timeout`` passed, then whatever
+    else arrives within 0.2 s (duplicates, strays); return them in queue order as dicts with body,
+    properties (message_id, type, timestamp, content_type, delivery_mode), headers, routing_key,
+    exchange, redelivered. Taken messages are acknowledged, so the queue is emptied of them.
+    Callers assert on what they got: fewer than expected means lost."""
+    deadline = time.monotonic() + timeout
+    messages: list[dict[str, Any]] = []
+    connection = _connect(url)
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1000)
+        quiet_since: float | None = None
+        for method, properties, body in channel.consume(queue, inactivity_timeout=0.05):
+            now = time.monotonic()
+            if method is None:
+                if len(messages) >= expected:
+                    quiet_since = quiet_since or now
+                    if now - quiet_since >= 0.2:
+                        break
+                if now >= deadline:
+                    break
+                continue
+            quiet_since = None
+            messages.append(_message(method, properties, body))
+            channel.basic_ack(method.delivery_tag)
+        # Unacknowledged deliveries still in the prefetch buffer go back to the queue.
+        channel.cancel()
+    finally:
+        connection.close()
+    return messages
+
+
+def _message(method: Any, properties: Any, body: bytes) -> dict[str, Any]:
+    headers = properties.headers or {}
+    return {
+        "body": body,
+        "properties": {
+            "message_id": properties.message_id,
+            "type": properties.type,
+            "timestamp": properties.timestamp,
+            "content_type": properties.content_type,
+            "delivery_mode": properties.delivery_mode,
+        },
+        "headers": {k: v.decode() if isinstance(v, bytes) else v for k, v in headers.items()},
+        "routing_key": method.routing_key,
+        "exchange": method.exchange,
+        "redelivered": method.redelivered,
+    }
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port or 5672}").geturl()
+
+
+def _wait_port_closed(address: tuple[str, int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(address, timeout=0.5):
+                pass
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{address[0]}:{address[1]} still accepts connections {timeout:g}s after the stop")
+
+
+def _pick_ports(count: int) -> tuple[int, ...]:
+    """Free loopback ports below the kernel's ephemeral range, so an outgoing connection cannot
+    take one while the node is down for a restart."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    chosen: list[int] = []
+    for _ in range(500):
+        if len(chosen) == count:
+            break
+        port = random.randint(15000, max(low - 1, 15001)) if low > 16000 else _any_free_port()
+        if port not in chosen and _port_is_free(port):
+            chosen.append(port)
+    if len(chosen) < count:
+        raise RuntimeError("no free loopback ports for a private RabbitMQ node")
+    return tuple(chosen)
+
+
+def _any_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((_HOST, port))
+        except OSError:
+            return False
+    return True
