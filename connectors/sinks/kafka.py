@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import string
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
+from relay.templates import TEMPLATE_FIELDS, check_template
 
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message, Producer
@@ -78,46 +78,14 @@ _PROBE_TIMEOUT_MAX_S = 10.0
 _POLL_INTERVAL_S = 0.1
 _QUEUE_FULL_PAUSE_S = 0.01
 
-_SAMPLE_EVENT = OutboxEvent(
-    position=1,
-    event_id="00000000-0000-0000-0000-000000000000",
-    aggregate_type="order",
-    aggregate_id="42",
-    event_type="order.created",
-    payload=b"{}",
-    headers={},
-    created_at=0.0,
-)
-TEMPLATE_FIELDS: tuple[str, ...] = tuple(_SAMPLE_EVENT.template_fields())
-
 
 def _check_template(template: str, what: str) -> None:
-    """Raise ValueError naming the problem when `template` cannot be rendered for every event."""
-    available = ", ".join(TEMPLATE_FIELDS)
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(
-            f"{what} template {template!r} is malformed ({exc}); write braces as {{{{ }}}}"
-        ) from None
-    for literal, name, _spec, _conversion in parts:
+    for literal in check_template(template, what):
         if what == "topic" and not _TOPIC_LITERAL.match(literal):
             raise ValueError(
                 f"topic template {template!r} has characters Kafka refuses in topic names "
                 "(allowed: letters, digits, '.', '_', '-')"
             )
-        if name is None:
-            continue
-        if name == "" or name.isdigit():
-            raise ValueError(f"{what} template {template!r} has a positional field; name one of: {available}")
-        if name not in TEMPLATE_FIELDS:
-            raise ValueError(
-                f"{what} template {template!r} uses unknown field {{{name}}}; available: {available}"
-            )
-    try:
-        template.format_map(_SAMPLE_EVENT.template_fields())
-    except (ValueError, KeyError, IndexError, AttributeError) as exc:
-        raise ValueError(f"{what} template {template!r} cannot be rendered: {exc}") from None
 
 
 def _truthy(value: ProducerValue) -> bool:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,6 +39,7 @@ from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
 from relay.secrets import redact_url, scrubber
+from relay.templates import TEMPLATE_FIELDS, check_template
 
 ExchangeType = Literal["topic", "direct", "fanout", "headers", "x-consistent-hash"]
 
@@ -47,17 +47,6 @@ DEFAULT_ROUTING_KEY = "{aggregate_type}.{event_type}"
 # The consistent-hash exchange hashes the routing key: the aggregate id keeps an aggregate on one queue.
 CONSISTENT_HASH_ROUTING_KEY = "{aggregate_id}"
 
-_SAMPLE_EVENT = OutboxEvent(
-    position=1,
-    event_id="00000000-0000-0000-0000-000000000000",
-    aggregate_type="order",
-    aggregate_id="42",
-    event_type="order.created",
-    payload=b"{}",
-    headers={},
-    created_at=0.0,
-)
-TEMPLATE_FIELDS: tuple[str, ...] = tuple(_SAMPLE_EVENT.template_fields())
 
 # Connection settings that the sink's own keys control; a second spelling in the URL would make
 # the effective value ambiguous.
@@ -80,32 +69,6 @@ _REPLY_NOT_FOUND = 404
 _REPLY_PRECONDITION_FAILED = 406
 _REPLY_ACCESS_REFUSED = 403
 _REPLY_COMMAND_INVALID = 503
-
-
-def _check_template(template: str) -> None:
-    """Raise ValueError naming the problem when `template` cannot be rendered for every event."""
-    available = ", ".join(TEMPLATE_FIELDS)
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(
-            f"routing_key template {template!r} is malformed ({exc}); write literal braces as {{{{ }}}}"
-        ) from None
-    for _literal, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if name == "" or name.isdigit():
-            raise ValueError(
-                f"routing_key template {template!r} has a positional field {{}}; name one of: {available}"
-            )
-        if name not in TEMPLATE_FIELDS:
-            raise ValueError(
-                f"routing_key template {template!r} uses unknown field {{{name}}}; available: {available}"
-            )
-        if spec or conversion:
-            raise ValueError(
-                f"routing_key template {template!r}: field {{{name}}} takes no format spec or conversion"
-            )
 
 
 class RabbitMQSinkConfig(ConnectorConfig):
@@ -185,7 +148,7 @@ class RabbitMQSinkConfig(ConnectorConfig):
     @field_validator("routing_key")
     @classmethod
     def _valid_routing_key(cls, value: str) -> str:
-        _check_template(value)
+        check_template(value, "routing_key")
         return value
 
     @field_validator("exchange")

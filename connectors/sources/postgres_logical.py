@@ -32,6 +32,7 @@ from psycopg import pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sources import pgoutput
+from connectors.sources.postgres_connect import connect
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
@@ -123,17 +124,7 @@ class PostgresLogicalSource(Source):
     # --- connections --------------------------------------------------------------------------
 
     async def _connect(self, replication: bool) -> psycopg.AsyncConnection[Any]:
-        kwargs: dict[str, Any] = {"replication": "database"} if replication else {}
-        try:
-            return await psycopg.AsyncConnection.connect(
-                self.config.dsn,
-                autocommit=True,
-                connect_timeout=max(1, int(self.config.connect_timeout)),
-                application_name="outbox-relay",
-                **kwargs,
-            )
-        except psycopg.Error as exc:
-            raise ConnectorError(scrubber.scrub(f"cannot connect to the database: {exc}")) from None
+        return await connect(self.config.dsn, self.config.connect_timeout, replication=replication)
 
     async def _sql_conn(self) -> psycopg.AsyncConnection[Any]:
         if self._sql is None or self._sql.closed or self._sql.broken:

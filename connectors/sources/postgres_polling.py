@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.sources.postgres_connect import connect
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
@@ -99,15 +100,7 @@ class PostgresPollingSource(Source):
     # --- connections --------------------------------------------------------------------------
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        try:
-            return await psycopg.AsyncConnection.connect(
-                self.config.dsn,
-                autocommit=True,
-                connect_timeout=max(1, int(self.config.connect_timeout)),
-                application_name="outbox-relay",
-            )
-        except psycopg.Error as exc:
-            raise ConnectorError(scrubber.scrub(f"cannot connect to the database: {exc}")) from None
+        return await connect(self.config.dsn, self.config.connect_timeout)
 
     async def start(self) -> None:
         self._queries.clear()  # inspect the table again: its columns may have changed since

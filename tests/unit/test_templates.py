@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from relay.events import OutboxEvent
+from relay.templates import TEMPLATE_FIELDS, check_template
+
+
+def test_template_fields_are_exactly_the_fields_an_event_offers() -> None:
+    event = OutboxEvent(1, "e", "order", "42", "Created", b"{}", {}, 0.0)
+    assert set(TEMPLATE_FIELDS) == set(event.template_fields())
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("outbox.{aggregate_typ}", "uses unknown field {aggregate_typ}"),
+        ("outbox.{}", "has a positional field"),
+        ("outbox.{aggregate_type", "is malformed"),
+        ("{aggregate_id!r}", "takes no format spec or conversion"),
+    ],
+)
+def test_bad_templates_are_refused_with_the_reason(template: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="topic template") as caught:
+        check_template(template, "topic")
+    assert problem in str(caught.value)
+
+
+def test_good_templates_return_their_literal_parts() -> None:
+    assert check_template("outbox.{aggregate_type}.v1", "topic") == ["outbox.", ".v1"]
