@@ -32,7 +32,7 @@ unit: $(BIN)/outbox-relay
 
 bench: $(BIN)/outbox-relay
 	bash tests/install-servers.sh
-	$(BIN)/python -m tests.bench.bench_polling_file
+	for b in bench_polling_file bench_polling_kafka bench_polling_rabbitmq bench_logical; do $(BIN)/python -m tests.bench.$$b || exit 1; done
 
 schema: $(BIN)/outbox-relay
 	$(BIN)/outbox-relay schema > config/relay.schema.json

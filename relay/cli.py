@@ -16,7 +16,7 @@ from relay.config import ConfigError, RelayConfig, config_json_schema, load_conf
 from relay.interfaces import ConnectorError
 from relay.logs import configure_logging
 from relay.runner import Relay, SetupError, build_pipelines, build_sink, build_source
-from relay.secrets import scrubber
+from relay.secrets import is_secret_key, scrubber
 
 T = TypeVar("T")
 
@@ -100,7 +100,7 @@ def _masked(value: Any) -> Any:
     if isinstance(value, str):
         return scrubber.scrub(value)
     if isinstance(value, dict):
-        return {k: _masked(v) for k, v in value.items()}
+        return {k: "***" if is_secret_key(str(k)) and v else _masked(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_masked(v) for v in value]
     return value

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from relay.durations import Duration
 from relay.registry import ConnectorConfig, broken_plugins, sink_plugins, source_plugins
-from relay.secrets import scrubber
+from relay.secrets import is_secret_key, scrubber
 
 
 class ConfigError(Exception):
@@ -249,7 +249,9 @@ def _remember_secrets(value: Any) -> None:
     if isinstance(value, str):
         scrubber.remember_from(value)
     elif isinstance(value, dict):
-        for item in value.values():
+        for key, item in value.items():
+            if is_secret_key(str(key)) and isinstance(item, str | int):
+                scrubber.remember(str(item))
             _remember_secrets(item)
     elif isinstance(value, list):
         for item in value:

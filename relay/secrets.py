@@ -11,6 +11,11 @@ import re
 from urllib.parse import unquote, urlsplit
 
 _MASK = "***"
+# Settings whose value is a secret by their name: librdkafka's sasl.password, ssl.key.password,
+# ssl.key.pem, sasl.oauthbearer.config, and any `password`, `secret` or `token` key of ours.
+_SECRET_KEY = re.compile(
+    r"password|secret|token|(^|\.)ssl\.key\.pem$|^sasl\.oauthbearer\.config$", re.IGNORECASE
+)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
 _KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
@@ -46,6 +51,11 @@ class SecretScrubber:
     def remember_from(self, text: str) -> None:
         self._secrets.update(passwords_in(text))
 
+    def remember(self, secret: str) -> None:
+        """A value known to be secret (a setting named like a password)."""
+        if secret:
+            self._secrets.add(secret)
+
     def scrub(self, text: str) -> str:
         text = redact_url(text)
         # Longest first, so a password containing another one is masked whole.
@@ -56,3 +66,8 @@ class SecretScrubber:
 
 
 scrubber = SecretScrubber()
+
+
+def is_secret_key(name: str) -> bool:
+    """True for a setting whose value must never be shown (by its name alone)."""
+    return bool(_SECRET_KEY.search(name))

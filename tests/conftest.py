@@ -1,17 +1,21 @@
 """Fixtures shared by the integration tests: a real PostgreSQL (private cluster with
-wal_level=logical, or RELAY_TEST_PG_DSN), one fresh database per test, and small helpers."""
+wal_level=logical, or RELAY_TEST_PG_DSN), one fresh database per test, a Kafka-protocol broker
+(private tansu, or KAFKA_BOOTSTRAP_SERVERS), and small helpers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
 from tests.harness.postgres import PostgresServer, start_postgres
 from tests.support import DEFAULT_TABLE_SQL
 
@@ -56,3 +60,28 @@ def run_cli(
         env=env,
         cwd=Path(__file__).resolve().parents[1],
     )
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[KafkaBroker]:
+    """A Kafka-protocol broker for the whole run: a private tansu, or KAFKA_BOOTSTRAP_SERVERS."""
+    pytest.importorskip("confluent_kafka")
+    broker = start_kafka()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+def kafka_message_as_line(message: ConsumedMessage) -> dict[str, Any]:
+    """A consumed Kafka message in the shape of a file-sink line (`tests.support.read_lines`):
+    the standard headers as fields, `position` as int, `headers` as str, `payload` parsed JSON."""
+    headers = {name: (value or b"").decode() for name, value in message["headers"]}
+    line: dict[str, Any] = {
+        name: headers[name]
+        for name in ("event_id", "event_type", "aggregate_type", "aggregate_id", "created_at")
+    }
+    line["position"] = int(headers["position"])
+    line["headers"] = headers
+    line["payload"] = json.loads(message["value"] or b"null")
+    return line

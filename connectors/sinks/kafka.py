@@ -28,6 +28,7 @@ from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
+from relay.secrets import is_secret_key
 from relay.templates import TEMPLATE_FIELDS, check_template
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ _OWNED_SETTINGS: dict[str, str] = {
     "logger": "callbacks cannot be configured",
 }
 
-_SECRET_KEY = re.compile(r"password|secret|(^|\.)ssl\.key\.pem$|^sasl\.oauthbearer\.config$", re.IGNORECASE)
 _MASK = "***"
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
@@ -95,7 +95,7 @@ def _truthy(value: ProducerValue) -> bool:
 
 
 def is_secret_setting(name: str) -> bool:
-    return bool(_SECRET_KEY.search(name))
+    return is_secret_key(name)
 
 
 class KafkaSinkConfig(ConnectorConfig):

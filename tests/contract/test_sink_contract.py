@@ -2,11 +2,14 @@
 
 One backend = one entry in `BACKENDS`: how to build a working sink, how to build one whose
 destination is broken, and how to read back what was delivered. Brokers join this list with their
-own real servers (Watermill's pub/sub test suite is the model)."""
+own real servers (Watermill's pub/sub test suite is the model): a backend's parameters name the
+fixtures it needs, like a test's, so only the backends that run start a server."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +18,12 @@ from typing import Any, BinaryIO
 import pytest
 
 from connectors.sinks.file import FileSink, FileSinkConfig
+from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
 from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
 from relay.events import OutboxEvent
 from relay.interfaces import Sink
+from tests.conftest import kafka_message_as_line
+from tests.harness.kafka import KafkaBroker
 from tests.support import read_lines
 
 
@@ -57,12 +63,47 @@ def _stdout_backend(tmp_path: Path) -> Iterator[Backend]:
         stream.close()
 
 
-BACKENDS = {"file": _file_backend, "stdout": _stdout_backend}
+def _kafka_backend(kafka: KafkaBroker) -> Iterator[Backend]:
+    topic = f"contract-{uuid.uuid4().hex}"  # one per test: nothing to clean up, nothing shared
+    kafka.create_topic(topic, partitions=3)  # several partitions, so per-key order is really tested
+
+    def sink(bootstrap_servers: str, delivery_timeout: float) -> Sink:
+        return KafkaSink(
+            KafkaSinkConfig(
+                type="kafka",
+                bootstrap_servers=bootstrap_servers,
+                topic=topic,
+                delivery_timeout=delivery_timeout,
+            )
+        )
+
+    def read_back() -> list[dict[str, Any]]:
+        # A topic has no end: read until one more message does not come within a second. Every
+        # message was acknowledged before read_back is called, so all of them are there already.
+        messages = kafka.consume_all(topic, 1, timeout=10)
+        while messages:
+            more = kafka.consume_all(topic, len(messages) + 1, timeout=1.0)
+            if len(more) <= len(messages):
+                break
+            messages = more
+        return [kafka_message_as_line(m) for m in messages]  # by partition then offset
+
+    # Port 1 on loopback refuses connections: start() cannot reach any broker.
+    yield Backend(sink(kafka.bootstrap_servers, 10.0), read_back, lambda: sink("127.0.0.1:1", 1.0))
+
+
+BACKENDS: dict[str, Callable[..., Iterator[Backend]]] = {
+    "file": _file_backend,
+    "stdout": _stdout_backend,
+    "kafka": _kafka_backend,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    yield from BACKENDS[request.param](tmp_path)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    make = BACKENDS[request.param]
+    fixtures = {name: request.getfixturevalue(name) for name in inspect.signature(make).parameters}
+    yield from make(**fixtures)
 
 
 def _events(count: int, aggregates: int, start: int = 1) -> list[OutboxEvent]:

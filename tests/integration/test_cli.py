@@ -282,3 +282,20 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_check_masks_broker_secrets_given_as_producer_settings(tmp_path: Path) -> None:
+    config = relay_config("postgresql://localhost/db", {"type": "stdout"})
+    config["outboxes"][0]["sink"] = {
+        "type": "kafka",
+        "bootstrap_servers": "127.0.0.1:9092",
+        "producer": {
+            "sasl.username": "relay",
+            "sasl.password": "s3cr3t-pass",
+            "security.protocol": "SASL_SSL",
+        },
+    }
+    result = run_cli("check", "-c", str(_write_config(tmp_path, config)))
+    assert result.returncode == 0, result.stderr
+    assert "s3cr3t-pass" not in result.stdout + result.stderr
+    assert '"sasl.password": "***"' in result.stdout

@@ -14,3 +14,12 @@ def test_scrubber_removes_remembered_passwords_from_any_text() -> None:
     scrubber.remember_from("postgresql://app:p%40ss-word@db/x")
     text = "FATAL: password authentication failed (tried p@ss-word)"
     assert "p@ss-word" not in scrubber.scrub(text)
+
+
+def test_settings_named_like_secrets_are_recognised() -> None:
+    from relay.secrets import is_secret_key
+
+    for name in ("sasl.password", "ssl.key.password", "ssl.key.pem", "api_token", "client_secret"):
+        assert is_secret_key(name), name
+    for name in ("acks", "linger.ms", "sasl.username", "bootstrap_servers"):
+        assert not is_secret_key(name), name
