@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
 from tests.harness.postgres import PostgresServer, start_postgres
+from tests.harness.rabbitmq import RabbitBroker, start_rabbitmq
 from tests.support import DEFAULT_TABLE_SQL
 
 
@@ -73,15 +74,33 @@ def kafka() -> Iterator[KafkaBroker]:
         broker.close()
 
 
-def kafka_message_as_line(message: ConsumedMessage) -> dict[str, Any]:
-    """A consumed Kafka message in the shape of a file-sink line (`tests.support.read_lines`):
-    the standard headers as fields, `position` as int, `headers` as str, `payload` parsed JSON."""
-    headers = {name: (value or b"").decode() for name, value in message["headers"]}
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitBroker]:
+    """RabbitMQ for the whole run: RELAY_TEST_AMQP_URL, the node on 127.0.0.1:5672, or a private node."""
+    pytest.importorskip("pika")
+    broker = start_rabbitmq()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+def _as_line(headers: dict[str, str], body: bytes | None) -> dict[str, Any]:
+    """A broker message in the shape of a file-sink line (`tests.support.read_lines`): the
+    standard headers as fields, `position` as int, `headers` as str, `payload` parsed JSON."""
     line: dict[str, Any] = {
         name: headers[name]
         for name in ("event_id", "event_type", "aggregate_type", "aggregate_id", "created_at")
     }
     line["position"] = int(headers["position"])
     line["headers"] = headers
-    line["payload"] = json.loads(message["value"] or b"null")
+    line["payload"] = json.loads(body or b"null")
     return line
+
+
+def rabbit_message_as_line(message: dict[str, Any]) -> dict[str, Any]:
+    return _as_line({k: str(v) for k, v in message["headers"].items()}, message["body"])
+
+
+def kafka_message_as_line(message: ConsumedMessage) -> dict[str, Any]:
+    return _as_line({name: (value or b"").decode() for name, value in message["headers"]}, message["value"])

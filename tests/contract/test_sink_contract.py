@@ -19,11 +19,13 @@ import pytest
 
 from connectors.sinks.file import FileSink, FileSinkConfig
 from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
+from connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
 from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
 from relay.events import OutboxEvent
 from relay.interfaces import Sink
-from tests.conftest import kafka_message_as_line
+from tests.conftest import kafka_message_as_line, rabbit_message_as_line
 from tests.harness.kafka import KafkaBroker
+from tests.harness.rabbitmq import RabbitBroker, declare_queue, delete, drain_queue, queue_depth
 from tests.support import read_lines
 
 
@@ -92,10 +94,32 @@ def _kafka_backend(kafka: KafkaBroker) -> Iterator[Backend]:
     yield Backend(sink(kafka.bootstrap_servers, 10.0), read_back, lambda: sink("127.0.0.1:1", 1.0))
 
 
+def _rabbitmq_backend(rabbitmq: RabbitBroker) -> Iterator[Backend]:
+    exchange, queue = f"contract-{uuid.uuid4().hex}", f"contract-{uuid.uuid4().hex}"
+
+    def sink(url: str) -> Sink:
+        return RabbitMQSink(
+            RabbitMQSinkConfig(type="rabbitmq", url=url, exchange=exchange, connect_timeout=2)
+        )
+
+    def read_back() -> list[dict[str, Any]]:
+        messages = drain_queue(rabbitmq.url, queue, queue_depth(rabbitmq.url, queue), timeout=10)
+        return [rabbit_message_as_line(m) for m in messages]
+
+    first = sink(rabbitmq.url)
+    declare_queue(rabbitmq.url, queue, exchange, "#", exchange_type="topic")
+    try:
+        # Port 1 on loopback refuses connections: start() cannot reach any broker.
+        yield Backend(first, read_back, lambda: sink("amqp://guest:guest@127.0.0.1:1/"))
+    finally:
+        delete(rabbitmq.url, queues=[queue], exchanges=[exchange])
+
+
 BACKENDS: dict[str, Callable[..., Iterator[Backend]]] = {
     "file": _file_backend,
     "stdout": _stdout_backend,
     "kafka": _kafka_backend,
+    "rabbitmq": _rabbitmq_backend,
 }
 
 
