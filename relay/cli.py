@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Coroutine
@@ -13,8 +14,11 @@ import click
 
 from relay import __version__
 from relay.config import ConfigError, RelayConfig, config_json_schema, load_config
+from relay.deadletters import DeadLetterStore
+from relay.deadletters import as_event as as_dead_letter_event
+from relay.deadletters import create_table_sql as create_dead_letter_table
 from relay.interfaces import ConnectorError
-from relay.logs import configure_logging
+from relay.logs import configure_logging, get_logger
 from relay.runner import Relay, SetupError, build_pipelines, build_sink, build_source
 from relay.secrets import is_secret_key, scrubber
 
@@ -131,6 +135,11 @@ def init_db(config_path: Path, print_sql: bool) -> None:
         except SetupError as exc:
             _fail(f"{config_path}: {exc}")
         statements = source.init_sql()
+        dead_letter_dsn = outbox.dead_letter_dsn()
+        parking = outbox.dead_letter.on_poison == "dead_letter" and dead_letter_dsn is not None
+        same_database = parking and outbox.dead_letter.dsn in (None, getattr(outbox.source, "dsn", None))
+        if same_database:
+            statements.append(create_dead_letter_table(outbox.dead_letter.table))
         if print_sql:
             click.echo(f"-- outbox {outbox.name}")
             click.echo(";\n\n".join(statements) + ";\n")
@@ -140,6 +149,9 @@ def init_db(config_path: Path, print_sql: bool) -> None:
             _fail(f"{config_path}: outboxes[{index}].source: this source has no database to set up")
         try:
             _execute_all(dsn, statements)
+            if parking and not same_database:
+                assert dead_letter_dsn is not None
+                _execute_all(dead_letter_dsn, [create_dead_letter_table(outbox.dead_letter.table)])
         except Exception as exc:
             _fail(f"{config_path}: outboxes[{index}]: init-db failed: {exc}", code=1)
         click.echo(f"outbox {outbox.name}: database ready ({len(statements)} statements)")
@@ -184,6 +196,152 @@ def status(config_path: Path) -> None:
         sys.exit(_run_async(main))
     except SetupError as exc:
         _fail(f"{config_path}: {exc}")
+
+
+@cli.group()
+def dlq() -> None:
+    """See, replay and purge dead-lettered events."""
+
+
+OUTBOX_OPTION = click.option("--outbox", "outbox_name", help="Only this outbox (default: all).")
+EVENT_OPTION = click.option("--event-id", "event_ids", multiple=True, help="Only these events (repeatable).")
+
+
+def _dead_letter_targets(config: RelayConfig, outbox_name: str | None) -> list[tuple[int, Any]]:
+    targets = [
+        (i, o)
+        for i, o in enumerate(config.outboxes)
+        if (outbox_name is None or o.name == outbox_name) and o.dead_letter_dsn() is not None
+    ]
+    if outbox_name is not None and not targets:
+        _fail(f"no outbox named {outbox_name} with a dead-letter table in this config")
+    return targets
+
+
+def _store(outbox: Any) -> DeadLetterStore:
+    return DeadLetterStore(outbox.dead_letter_dsn(), outbox.dead_letter.table)
+
+
+@dlq.command("list")
+@CONFIG_OPTION
+@OUTBOX_OPTION
+@click.option("--all", "include_replayed", is_flag=True, help="Include events replayed already.")
+def dlq_list(config_path: Path, outbox_name: str | None, include_replayed: bool) -> None:
+    """One line per dead-lettered event: outbox, event id, aggregate, attempts, error."""
+    config = _load(config_path)
+
+    async def main() -> None:
+        for _, outbox in _dead_letter_targets(config, outbox_name):
+            store = _store(outbox)
+            try:
+                for letter in await store.entries(outbox.name, include_replayed=include_replayed):
+                    replayed = (
+                        f" replayed={letter.replayed_at:%Y-%m-%dT%H:%M:%SZ}" if letter.replayed_at else ""
+                    )
+                    click.echo(
+                        f"{letter.outbox} {letter.event_id} {letter.aggregate_type}/{letter.aggregate_id}"
+                        f" {letter.event_type} attempts={letter.attempts}"
+                        f" last_failed={letter.last_failed_at:%Y-%m-%dT%H:%M:%SZ}{replayed}"
+                        f" error={letter.error}"
+                    )
+            finally:
+                await store.close()
+
+    _run_dlq(main)
+
+
+@dlq.command("show")
+@CONFIG_OPTION
+@OUTBOX_OPTION
+@EVENT_OPTION
+def dlq_show(config_path: Path, outbox_name: str | None, event_ids: tuple[str, ...]) -> None:
+    """Everything stored about dead-lettered events, payload included, as JSON lines."""
+    config = _load(config_path)
+
+    async def main() -> None:
+        for _, outbox in _dead_letter_targets(config, outbox_name):
+            store = _store(outbox)
+            try:
+                for letter in await store.entries(outbox.name, event_ids):
+                    shown = dataclasses.asdict(letter)
+                    shown["payload"] = letter.payload.decode("utf-8", "replace")
+                    click.echo(json.dumps(shown, default=str, sort_keys=True))
+            finally:
+                await store.close()
+
+    _run_dlq(main)
+
+
+@dlq.command("replay")
+@CONFIG_OPTION
+@OUTBOX_OPTION
+@EVENT_OPTION
+@click.option("--all", "replay_all", is_flag=True, help="Every event not replayed yet.")
+def dlq_replay(
+    config_path: Path, outbox_name: str | None, event_ids: tuple[str, ...], replay_all: bool
+) -> None:
+    """Put dead-lettered events back in front of the relay, once each."""
+    if not event_ids and not replay_all:
+        _fail("name the events with --event-id (repeatable), or pass --all")
+    config = _load(config_path)
+    configure_logging("console", "info")
+
+    async def main() -> None:
+        for index, outbox in _dead_letter_targets(config, outbox_name):
+            store, source = _store(outbox), build_source(outbox, index)
+            try:
+                for letter in await store.entries(outbox.name, event_ids, include_replayed=False):
+                    done = await source.replay(as_dead_letter_event(letter))
+                    await store.mark_replayed(outbox.name, letter.event_id)
+                    get_logger(outbox=outbox.name).info(
+                        "dead letter replayed", event_id=letter.event_id, how=done
+                    )
+                    click.echo(f"{outbox.name} {letter.event_id}: {done}")
+            finally:
+                await store.close()
+                await source.close()
+
+    _run_dlq(main)
+
+
+@dlq.command("purge")
+@CONFIG_OPTION
+@OUTBOX_OPTION
+@EVENT_OPTION
+@click.option("--replayed", "replayed_only", is_flag=True, help="Only events replayed already.")
+@click.option("--all", "purge_all", is_flag=True, help="Every dead-lettered event of the outbox(es).")
+def dlq_purge(
+    config_path: Path,
+    outbox_name: str | None,
+    event_ids: tuple[str, ...],
+    replayed_only: bool,
+    purge_all: bool,
+) -> None:
+    """Delete dead-lettered events for good."""
+    if not (event_ids or replayed_only or purge_all):
+        _fail("name the events with --event-id, or pass --replayed or --all")
+    config = _load(config_path)
+
+    async def main() -> None:
+        for _, outbox in _dead_letter_targets(config, outbox_name):
+            store = _store(outbox)
+            try:
+                removed = await store.purge(outbox.name, event_ids, replayed_only)
+                click.echo(f"{outbox.name}: {removed} dead letters purged")
+            finally:
+                await store.close()
+
+    _run_dlq(main)
+
+
+def _run_dlq(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    try:
+        _run_async(main)
+    except (ConnectorError, SetupError) as exc:
+        _fail(str(exc), code=1)
+    except Exception as exc:  # database unreachable, table missing: one line, no traceback
+        hint = " (run: outbox-relay init-db)" if "does not exist" in str(exc) else ""
+        _fail(f"dlq: {type(exc).__name__}: {exc}{hint}", code=1)
 
 
 @cli.command()

@@ -59,12 +59,37 @@ class PipelineConfig(StrictModel):
     stats_interval: Duration = Field(default=5.0, gt=0, description="How often pending and lag are measured.")
 
 
+class DeadLetterConfig(StrictModel):
+    """What happens to an event the broker keeps refusing (a poison event)."""
+
+    after_attempts: int = Field(
+        default=10,
+        ge=1,
+        description="Refusals by the broker before the event is parked; outages do not count.",
+    )
+    on_poison: Literal["dead_letter", "block"] = Field(
+        default="dead_letter",
+        description="dead_letter: park it and let its aggregate move on; block: keep retrying it, "
+        "holding back the rest of its aggregate (order over progress).",
+    )
+    table: str = Field(
+        default="outbox_relay_dead_letters",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$",
+        description="In the source's database; `init-db` creates it.",
+    )
+    dsn: str | None = Field(default=None, description="Another database for it; default: the source's.")
+
+
 class OutboxConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     source: ConnectorConfig
     sink: ConnectorConfig
     retry: RetryConfig = RetryConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
+
+    def dead_letter_dsn(self) -> str | None:
+        return self.dead_letter.dsn or getattr(self.source, "dsn", None)
 
 
 class HttpConfig(StrictModel):

@@ -36,6 +36,9 @@ class OutboxEvent:
     # NULL aggregate id in a mapped table): the pipeline retries and reports it instead of dropping it.
     defect: str | None = None
     attempts: int = field(default=0)
+    #: Failures that were the event's own (not transient), and when the first failure happened.
+    rejections: int = field(default=0)
+    first_failed_at: float | None = None
 
     @property
     def created_at_iso(self) -> str:
@@ -73,12 +76,16 @@ class OutboxEvent:
 class Failure:
     """Why one event was not acknowledged by the broker.
 
-    `permanent` says retrying the same event cannot help (too large, unauthorized, invalid); the
-    pipeline still retries with backoff until dead-lettering takes it, so nothing is dropped.
+    `permanent`: retrying the same event cannot help (too large, unauthorized, invalid); it is
+    dead-lettered at once (or, with `on_poison: block`, retried until an operator acts).
+    `transient`: the broker as a whole did not answer (timeout, lost connection); such failures
+    say nothing about the event, so they never count toward dead-lettering it: an outage must
+    not empty the outbox into the dead-letter table.
     """
 
     reason: str
     permanent: bool = False
+    transient: bool = False
 
 
 # A sink returns, per event and in the order given, None for "acknowledged by the broker" or a

@@ -106,6 +106,10 @@ class Source(ABC):
         """Verify the database side (reachable, table and columns present); return notes to print."""
         return []
 
+    async def replay(self, event: OutboxEvent) -> str:
+        """Put a dead-lettered event back in front of the relay, once; return what was done."""
+        raise ConnectorError(f"source type {self.kind} cannot replay events")
+
     def init_sql(self) -> list[str]:
         """Idempotent DDL that `init-db` runs (table, index, trigger)."""
         return []

@@ -47,3 +47,7 @@ SLOT_LAG = Gauge(
     "WAL the replication slot retains: pg_current_wal_lsn() - confirmed_flush_lsn.",
     ["outbox"],
 )
+DEAD_LETTERED = Counter("outbox_relay_dead_lettered", "Events moved to the dead-letter table.", ["outbox"])
+DEAD_LETTERS = Gauge(
+    "outbox_relay_dead_letters", "Events in the dead-letter table not replayed yet.", ["outbox"]
+)

@@ -18,7 +18,8 @@ from typing import Any
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.config import PipelineConfig, RetryConfig
+from relay.config import DeadLetterConfig, PipelineConfig, RetryConfig
+from relay.deadletters import DeadLetterStore
 from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import Sink, Source
 from relay.lanes import Lanes
@@ -43,11 +44,19 @@ class Pipeline:
         *,
         retry: RetryConfig,
         tuning: PipelineConfig,
+        dead_letter: DeadLetterConfig | None = None,
+        dead_letters: DeadLetterStore | None = None,
     ) -> None:
         self.name = name
         self.source = source
         self.sink = sink
         self._tuning = tuning
+        self._dead_letter = dead_letter or DeadLetterConfig()
+        # Without a store, poison events are retried like `on_poison: block`.
+        self._dead_letters = dead_letters if self._dead_letter.on_poison == "dead_letter" else None
+        self._park_queue: list[tuple[OutboxEvent, str, bool]] = []
+        self._park_wake = asyncio.Event()
+        self._park_done = asyncio.Event()
         self._backoff = Backoff(retry.initial, retry.max, retry.multiplier)
         self._log = get_logger(outbox=name)
         self._lanes = Lanes()
@@ -73,6 +82,7 @@ class Pipeline:
         self._m_ack = metrics.BATCH_SECONDS.labels(name, "ack")
         self._m_db_up = metrics.UP.labels(name, "database")
         self._m_sink_up = metrics.UP.labels(name, "sink")
+        self._m_dead_lettered = metrics.DEAD_LETTERED.labels(name)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -95,19 +105,24 @@ class Pipeline:
             return
         fetch = asyncio.create_task(self._fetch_loop(stop, drain), name=f"{self.name}:fetch")
         dispatch = asyncio.create_task(self._dispatch_loop(), name=f"{self.name}:dispatch")
+        park = asyncio.create_task(self._park_loop(), name=f"{self.name}:dead-letter")
         ack = asyncio.create_task(self._ack_loop(), name=f"{self.name}:ack")
         stats = asyncio.create_task(self._stats_loop(), name=f"{self.name}:stats")
+        loops = (fetch, dispatch, park, ack)
         try:
             await fetch
             self._closing = True
             self._dispatch_wake.set()
             await dispatch
+            await park
             await ack
         finally:
             stats.cancel()
-            for task in (fetch, dispatch, ack, *self._publishing):
+            for task in (*loops, *self._publishing):
                 task.cancel()
-            await asyncio.gather(fetch, dispatch, ack, stats, *self._publishing, return_exceptions=True)
+            await asyncio.gather(*loops, stats, *self._publishing, return_exceptions=True)
+            if self._dead_letters is not None:
+                await self._dead_letters.close()
             await self._close_connectors()
 
     # --- start and stop -----------------------------------------------------------------------
@@ -224,7 +239,7 @@ class Pipeline:
         if self._publishing:
             await asyncio.gather(*self._publishing, return_exceptions=True)
         self._dispatch_done.set()
-        self._ack_wake.set()
+        self._park_wake.set()
 
     async def _publish(self, batch: list[OutboxEvent]) -> None:
         sendable = [e for e in batch if e.defect is None]
@@ -239,21 +254,22 @@ class Pipeline:
             self._set_sink(False)
             reason = describe_error(exc)
             self._log.error("publish failed", error=reason, events=len(sendable))
-            results = [Failure(reason)] * len(sendable)
+            results = [Failure(reason, transient=True)] * len(sendable)
             whole_call_failed = True
         else:
             whole_call_failed = False
         self._m_publish.observe(time.perf_counter() - started)
         if len(sendable) != len(batch):
             by_event = dict(zip(map(id, sendable), results, strict=True))
-            results = [by_event.get(id(e), Failure(e.defect or "")) for e in batch]
+            results = [by_event.get(id(e), Failure(e.defect or "", permanent=True)) for e in batch]
         self._settle(batch, results, log_each=not whole_call_failed)
 
     def _settle(
         self, batch: list[OutboxEvent], results: Sequence[PublishResult], *, log_each: bool = True
     ) -> None:
-        """Advance acknowledged lanes, schedule retries for the rest. `log_each` is off when the
-        whole call failed: that was logged once, and a line per event would flood the log."""
+        """Advance acknowledged lanes; park poison events; schedule retries for the rest.
+        `log_each` is off when the whole call failed: that was logged once, and a line per event
+        would flood the log."""
         acked: list[OutboxEvent] = []
         lanes = self._lanes
         now_wall = time.time()
@@ -267,6 +283,18 @@ class Pipeline:
                 continue
             failed += 1
             event.attempts += 1
+            if event.first_failed_at is None:
+                event.first_failed_at = now_wall
+            if not result.transient:
+                event.rejections += 1
+            if self._dead_letters is not None and (
+                result.permanent or event.rejections >= self._dead_letter.after_attempts
+            ):
+                # The lane stays busy until the event is parked: nothing later of its aggregate
+                # overtakes it before it is safely in the dead-letter table.
+                self._park_queue.append((event, result.reason, result.permanent))
+                self._park_wake.set()
+                continue
             delay = self._backoff.delay(event.attempts)
             lanes.failed(event, time.monotonic() + delay)
             if not log_each and event.defect is None:
@@ -291,16 +319,65 @@ class Pipeline:
             self._m_retries.inc(failed)
         self._dispatch_wake.set()
 
+    # --- dead letters -------------------------------------------------------------------------
+
+    async def _park_loop(self) -> None:
+        """Store poison events in the dead-letter table, then acknowledge them to the source."""
+        attempt = 0
+        while True:
+            if not self._park_queue:
+                if self._dispatch_done.is_set():
+                    break
+                self._park_wake.clear()
+                if not self._park_queue and not self._dispatch_done.is_set():
+                    await self._park_wake.wait()
+                continue
+            batch, self._park_queue = self._park_queue, []
+            assert self._dead_letters is not None
+            while True:
+                try:
+                    await self._dead_letters.park(self.name, batch)
+                    break
+                except Exception as exc:
+                    attempt += 1
+                    delay = _CONNECT_BACKOFF.delay(attempt)
+                    self._log.error(
+                        "cannot store dead letters, retrying (does the table exist? run init-db)",
+                        error=describe_error(exc),
+                        events=len(batch),
+                        attempt=attempt,
+                        retry_in=round(delay, 2),
+                    )
+                    await asyncio.sleep(delay)
+            attempt = 0
+            for event, reason, permanent in batch:
+                self._lanes.succeeded(event)
+                self._log.warning(
+                    "event dead-lettered",
+                    event_id=event.event_id,
+                    aggregate_id=event.aggregate_id,
+                    position=event.position,
+                    reason=reason,
+                    permanent=permanent,
+                    attempts=event.attempts,
+                )
+            self._m_dead_lettered.inc(len(batch))
+            self._ack_queue.extend(event for event, _, _ in batch)
+            self._ack_wake.set()
+            self._dispatch_wake.set()
+        self._park_done.set()
+        self._ack_wake.set()
+
     # --- ack ----------------------------------------------------------------------------------
 
     async def _ack_loop(self) -> None:
         attempt = 0
         while True:
             if not self._ack_queue:
-                if self._dispatch_done.is_set():
+                if self._park_done.is_set():
                     return
                 self._ack_wake.clear()
-                if not self._ack_queue and not self._dispatch_done.is_set():
+                if not self._ack_queue and not self._park_done.is_set():
                     await self._ack_wake.wait()
                 continue
             batch, self._ack_queue = self._ack_queue, []
@@ -334,6 +411,7 @@ class Pipeline:
         lag = metrics.LAG.labels(self.name)
         in_flight = metrics.IN_FLIGHT.labels(self.name)
         blocked = metrics.BLOCKED_AGGREGATES.labels(self.name)
+        dead_letters = metrics.DEAD_LETTERS.labels(self.name)
         while True:
             in_flight.set(self._held)
             blocked.set(self._lanes.blocked_lanes)
@@ -343,6 +421,8 @@ class Pipeline:
                 lag.set(stats.oldest_age_seconds)
                 if stats.slot_lag_bytes is not None:
                     metrics.SLOT_LAG.labels(self.name).set(stats.slot_lag_bytes)
+                if self._dead_letters is not None:
+                    dead_letters.set(await self._dead_letters.count(self.name))
             except Exception as exc:
                 self._set_db(False)
                 self._log.warning("backlog query failed", error=describe_error(exc))

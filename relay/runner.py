@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import cast
 
 from relay.config import OutboxConfig, RelayConfig
+from relay.deadletters import DeadLetterStore
 from relay.http import HealthServer
 from relay.interfaces import ConnectorError, Sink, Source
 from relay.logs import get_logger
@@ -42,6 +43,18 @@ def _build(role: str, plugins: Mapping[str, object], config: ConnectorConfig, in
         raise SetupError(f"{where}: {exc}") from None
 
 
+def build_dead_letter_store(outbox: OutboxConfig, index: int) -> DeadLetterStore | None:
+    if outbox.dead_letter.on_poison == "block":
+        return None
+    dsn = outbox.dead_letter_dsn()
+    if dsn is None:
+        raise SetupError(
+            f"outboxes[{index}].dead_letter.dsn: this source has no database; name one for the "
+            "dead-letter table, or set dead_letter.on_poison: block"
+        )
+    return DeadLetterStore(dsn, outbox.dead_letter.table)
+
+
 def build_pipelines(config: RelayConfig) -> list[Pipeline]:
     return [
         Pipeline(
@@ -50,6 +63,8 @@ def build_pipelines(config: RelayConfig) -> list[Pipeline]:
             build_sink(outbox, i),
             retry=outbox.retry,
             tuning=outbox.pipeline,
+            dead_letter=outbox.dead_letter,
+            dead_letters=build_dead_letter_store(outbox, i),
         )
         for i, outbox in enumerate(config.outboxes)
     ]

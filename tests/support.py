@@ -11,10 +11,14 @@ from typing import Any
 import psycopg
 
 from connectors.sources.postgres_polling import PostgresPollingConfig, PostgresPollingSource
+from relay.deadletters import create_table_sql as create_dead_letter_table
 
-DEFAULT_TABLE_SQL = PostgresPollingSource(
-    PostgresPollingConfig(type="postgres-polling", dsn="unused")
-).init_sql()
+# What `init-db` runs for a default config: the outbox table, its index and trigger, and the
+# dead-letter table.
+DEFAULT_TABLE_SQL = [
+    *PostgresPollingSource(PostgresPollingConfig(type="postgres-polling", dsn="unused")).init_sql(),
+    create_dead_letter_table(),
+]
 
 
 def insert_events(dsn: str, count: int, aggregates: int = 10, *, table: str = "outbox") -> None:

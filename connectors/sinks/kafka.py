@@ -250,6 +250,25 @@ _HINTS = {
 }
 
 
+# The cluster did not answer in time or at all: nothing is wrong with the event itself.
+_TRANSIENT = frozenset(
+    {
+        "_MSG_TIMED_OUT",
+        "_TIMED_OUT",
+        "_TRANSPORT",
+        "_ALL_BROKERS_DOWN",
+        "REQUEST_TIMED_OUT",
+        "NETWORK_EXCEPTION",
+        "LEADER_NOT_AVAILABLE",
+        "NOT_LEADER_FOR_PARTITION",
+        "NOT_ENOUGH_REPLICAS",
+        "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+        "PRODUCER_FENCED",
+        "_FENCED",
+    }
+)
+
+
 def _outcome(topic: str, err: KafkaError) -> _Outcome:
     name = err.name()
     permanent = name not in _RETRIABLE_ANYWAY and (
@@ -258,7 +277,7 @@ def _outcome(topic: str, err: KafkaError) -> _Outcome:
     hint = _HINTS.get(name)
     detail = f"{err.str()} ({name})" + (f": {hint}" if hint else "")
     return _Outcome(
-        Failure(f"kafka topic {topic!r}: {detail}", permanent=permanent),
+        Failure(f"kafka topic {topic!r}: {detail}", permanent=permanent, transient=name in _TRANSIENT),
         producer_broken=name in _PRODUCER_BROKEN or err.fatal(),
     )
 
@@ -551,7 +570,8 @@ class KafkaSink(Sink):
                 future.cancel()
                 results[index] = Failure(
                     f"kafka topic {topics[index]!r}: no delivery report within "
-                    f"{self._wait_bound:.1f}s (delivery_timeout {self.config.delivery_timeout:g}s)"
+                    f"{self._wait_bound:.1f}s (delivery_timeout {self.config.delivery_timeout:g}s)",
+                    transient=True,
                 )
                 continue
             outcome = future.result()
@@ -591,7 +611,7 @@ class KafkaSink(Sink):
                 handle.broken = err.name()
             return outcome
         except ConnectorError as exc:  # a concurrent call retired this producer
-            return _Outcome(Failure(f"kafka topic {topic!r}: {exc}"), producer_broken=True)
+            return _Outcome(Failure(f"kafka topic {topic!r}: {exc}", transient=True), producer_broken=True)
 
     async def _produce_when_room(
         self,
@@ -609,7 +629,10 @@ class KafkaSink(Sink):
             # reports arrive, so yield to it instead of blocking the event loop.
             if loop.time() >= deadline:
                 return _Outcome(
-                    Failure(f"kafka topic {topic!r}: local producer queue stayed full until the deadline")
+                    Failure(
+                        f"kafka topic {topic!r}: local producer queue stayed full until the deadline",
+                        transient=True,
+                    )
                 )
             await asyncio.sleep(_QUEUE_FULL_PAUSE_S)
             with suppress(BufferError):

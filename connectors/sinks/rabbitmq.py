@@ -222,7 +222,9 @@ class _Link:
         """The connection or channel is gone: nothing still unconfirmed will ever be confirmed."""
         if self.lost_reason is None:
             self.lost_reason = reason
-        failure = Failure(f"RabbitMQ did not confirm the event before the connection was lost: {reason}")
+        failure = Failure(
+            f"RabbitMQ did not confirm the event before the connection was lost: {reason}", transient=True
+        )
         unconfirmed, self.unconfirmed = self.unconfirmed, {}
         for flight in unconfirmed.values():
             flight.call.settle(flight.index, failure)
@@ -389,7 +391,8 @@ class RabbitMQSink(Sink):
                 continue
             if not link.usable:
                 call.results[index] = Failure(
-                    f"not published: connection to RabbitMQ lost ({link.lost_reason or 'channel closed'})"
+                    f"not published: connection to RabbitMQ lost ({link.lost_reason or 'channel closed'})",
+                    transient=True,
                 )
                 continue
             tag = link.next_tag
@@ -589,7 +592,8 @@ class RabbitMQSink(Sink):
         """Fail what is still unconfirmed and drop the connection: a broker that lets confirms
         wait this long is blocked or stuck, and the next call starts over on a fresh one."""
         failure = Failure(
-            f"RabbitMQ did not confirm the event within {self.config.confirm_timeout:g}s (confirm_timeout)"
+            f"RabbitMQ did not confirm the event within {self.config.confirm_timeout:g}s (confirm_timeout)",
+            transient=True,
         )
         for tag in tags:
             flight = link.unconfirmed.pop(tag, None)
@@ -603,7 +607,7 @@ class RabbitMQSink(Sink):
 
 def _as_result(result: PublishResult | _Unconfirmed) -> PublishResult:
     if isinstance(result, _Unconfirmed):  # every slot is settled by now; kept safe rather than asserted
-        return Failure("RabbitMQ did not confirm the event")
+        return Failure("RabbitMQ did not confirm the event", transient=True)
     return result
 
 

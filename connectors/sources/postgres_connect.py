@@ -3,10 +3,15 @@ for turning a connection failure into a one-line error without the password."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import psycopg
+from psycopg import sql
 
+from relay.events import OutboxEvent
 from relay.interfaces import ConnectorError
 from relay.secrets import scrubber
 
@@ -25,3 +30,32 @@ async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psy
         )
     except psycopg.Error as exc:
         raise ConnectorError(scrubber.scrub(f"cannot connect to the database: {exc}")) from None
+
+
+def insert_event(
+    table: str,
+    columns: Mapping[str, str | None],
+    event: OutboxEvent,
+) -> tuple[sql.Composed, list[Any]]:
+    """An INSERT that writes `event` into an outbox table with the given column mapping (keys:
+    event_id, aggregate_type, aggregate_id, event_type, payload, and optionally headers,
+    created_at). Used to put a dead-lettered event back in front of the relay."""
+    values: dict[str, Any] = {
+        "event_id": event.event_id,
+        "aggregate_type": event.aggregate_type,
+        "aggregate_id": event.aggregate_id,
+        "event_type": event.event_type,
+        # Text goes as an untyped literal, so json, jsonb and text columns all accept it.
+        "payload": event.payload
+        if event.content_type == "application/octet-stream"
+        else event.payload.decode(),
+        "headers": orjson.dumps(event.headers).decode(),
+        "created_at": datetime.fromtimestamp(event.created_at, UTC),
+    }
+    names = [(columns[key], values[key]) for key in values if columns.get(key)]
+    query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        sql.Identifier(*table.split(".")),
+        sql.SQL(", ").join(sql.Identifier(str(name)) for name, _ in names),
+        sql.SQL(", ").join(sql.Placeholder() for _ in names),
+    )
+    return query, [value for _, value in names]

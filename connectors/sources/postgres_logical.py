@@ -29,10 +29,11 @@ from typing import Any, Literal
 import orjson
 import psycopg
 from psycopg import pq
+from psycopg import sql as psql
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sources import pgoutput
-from connectors.sources.postgres_connect import connect
+from connectors.sources.postgres_connect import connect, insert_event
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
@@ -419,6 +420,36 @@ class PostgresLogicalSource(Source):
                 await sql.execute("SELECT pg_logical_emit_message(true, %s, '')", (HEARTBEAT_PREFIX,))
             except Exception as exc:
                 self._log.warning("heartbeat failed", error=scrubber.scrub(str(exc)))
+
+    async def replay(self, event: OutboxEvent) -> str:
+        cfg = self.config
+        sql_conn = await self._sql_conn()
+        if cfg.mode == "message":
+            content = {
+                "event_id": event.event_id,
+                "aggregate_type": event.aggregate_type,
+                "aggregate_id": event.aggregate_id,
+                "event_type": event.event_type,
+                "payload": orjson.loads(event.payload) if event.payload else None,
+                "headers": event.headers,
+            }
+            await sql_conn.execute(
+                "SELECT pg_logical_emit_message(true, %s, %s)",
+                (cfg.message_prefix, orjson.dumps(content).decode()),
+            )
+            return f"emitted {event.event_id} as a WAL message again"
+        table = cfg.tables[0]
+        query, params = insert_event(table, cfg.columns.model_dump(), event)
+        async with sql_conn.transaction():
+            # A row with the same event_id may still be there (event ids are unique).
+            await sql_conn.execute(
+                psql.SQL("DELETE FROM {} WHERE {}::text = %s").format(
+                    psql.Identifier(*table.split(".")), psql.Identifier(cfg.columns.event_id)
+                ),
+                (event.event_id,),
+            )
+            await sql_conn.execute(query, params)
+        return f"inserted {event.event_id} into {table} again"
 
     # --- waiting ------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.sources.postgres_connect import connect
+from connectors.sources.postgres_connect import connect, insert_event
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
@@ -311,6 +311,23 @@ class PostgresPollingSource(Source):
         self._outstanding.difference_update(positions)
         if self._acked_during_sweep is not None:
             self._acked_during_sweep.update(positions)
+
+    async def replay(self, event: OutboxEvent) -> str:
+        cfg, cols = self.config, self.config.columns
+        conn = await self._conn("ack")
+        if cfg.after_publish == "mark" and cols.published_at:
+            # The row is still there: unmark it; the relay picks it up again at its position.
+            cur = await conn.execute(
+                sql.SQL("UPDATE {} SET {} = NULL WHERE {}::text = %s").format(
+                    cfg.table_ident(), sql.Identifier(cols.published_at), sql.Identifier(cols.event_id)
+                ),
+                (event.event_id,),
+            )
+            if cur.rowcount:
+                return f"unmarked row {event.event_id} in {cfg.table}"
+        query, params = insert_event(cfg.table, cols.model_dump(), event)
+        await conn.execute(query, params)
+        return f"inserted {event.event_id} into {cfg.table} again"
 
     # --- wake-ups -----------------------------------------------------------------------------
 

@@ -127,12 +127,12 @@ def _assert_one_partition_per_aggregate(lines: list[dict[str, Any]]) -> None:
     assert len({p for ps in partitions.values() for p in ps}) > 1, "one partition in all proves little"
 
 
-def test_every_event_arrives_with_key_headers_and_payload_in_order_and_only_delivered_events_are_marked(
+def test_every_event_arrives_in_order_and_only_delivered_or_dead_lettered_events_are_marked(
     dsn: str, kafka: KafkaBroker, tmp_path: Path, start_relay: StartRelay
 ) -> None:
     insert_events(dsn, 3_000, aggregates=30)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # Larger than the producer's message.max.bytes below: never delivered, retried for ever.
+        # Larger than the producer's message.max.bytes below: never delivered, dead-lettered.
         row = conn.execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
             " VALUES ('order', 'too-big', 'OrderUpdated', jsonb_build_object('blob', repeat('x', 200000)))"
@@ -146,7 +146,7 @@ def test_every_event_arrives_with_key_headers_and_payload_in_order_and_only_deli
     config, topic = _config(tmp_path, dsn, kafka, **{"message.max.bytes": 100_000})
 
     relay = start_relay(config)
-    _wait_for(lambda: _unpublished(dsn) == 1, 30, "every deliverable event to be marked")
+    _wait_for(lambda: _unpublished(dsn) == 0, 30, "every event to be delivered or dead-lettered")
     lines = _consume(kafka, topic, deliverable)
     _stop(relay)
 
@@ -159,7 +159,10 @@ def test_every_event_arrives_with_key_headers_and_payload_in_order_and_only_deli
         assert line["headers"]["traceparent"] == "00-abc-01"  # the row's own headers, passed through
         assert line["event_type"] == "OrderUpdated" and line["aggregate_type"] == "order"
     assert too_big not in {line["event_id"] for line in lines}
-    assert _marked_ids(dsn) == deliverable, "marked exactly what the broker acknowledged"
+    assert _marked_ids(dsn) == deliverable | {too_big}, "marked what was acknowledged or parked"
+    with psycopg.connect(dsn) as conn:
+        parked = conn.execute("SELECT event_id, permanent FROM outbox_relay_dead_letters").fetchall()
+    assert parked == [(too_big, True)]
 
 
 @pytest.mark.slow

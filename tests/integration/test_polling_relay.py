@@ -188,6 +188,7 @@ async def test_a_row_with_null_aggregate_id_blocks_only_itself_and_stays_visible
     }
     config = relay_config(dsn, _file_sink(tmp_path), table="public.loose", columns=columns, notify=False)
     config["outboxes"][0]["pipeline"] = {"stats_interval": "100ms"}
+    config["outboxes"][0]["dead_letter"] = {"on_poison": "block"}
 
     def two_delivered_and_retrying(relay: Any) -> bool:
         return len(read_lines(tmp_path / "out.jsonl")) == 2 and relay.pipelines[0]._lanes.blocked_lanes == 1

@@ -1,0 +1,218 @@
+"""The dead-letter store: events the broker would not take, parked in the outbox's own database
+where an operator can see (`dlq list/show`), replay (`dlq replay`) or purge them.
+
+An event is parked, then acknowledged to the source, so its aggregate moves on; parking is
+idempotent per (outbox, event_id), so a crash between the two parks it again, not twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from relay.events import OutboxEvent
+from relay.secrets import scrubber
+
+DEFAULT_TABLE = "outbox_relay_dead_letters"
+
+
+def create_table_sql(table: str = DEFAULT_TABLE) -> str:
+    quoted = ".".join(f'"{part}"' for part in table.split("."))
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quoted} (\n"
+        "  id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+        "  outbox           text        NOT NULL,\n"
+        "  event_id         text        NOT NULL,\n"
+        "  position         numeric     NOT NULL,\n"  # a WAL position can exceed bigint
+        "  aggregate_type   text        NOT NULL,\n"
+        "  aggregate_id     text,\n"
+        "  event_type       text        NOT NULL,\n"
+        "  payload          bytea       NOT NULL,\n"
+        "  content_type     text        NOT NULL,\n"
+        "  headers          jsonb       NOT NULL,\n"
+        "  created_at       timestamptz NOT NULL,\n"
+        "  error            text        NOT NULL,\n"
+        "  permanent        boolean     NOT NULL,\n"
+        "  attempts         integer     NOT NULL,\n"
+        "  first_failed_at  timestamptz NOT NULL,\n"
+        "  last_failed_at   timestamptz NOT NULL,\n"
+        "  dead_lettered_at timestamptz NOT NULL DEFAULT now(),\n"
+        "  replayed_at      timestamptz,\n"
+        "  UNIQUE (outbox, event_id)\n"
+        ")"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One parked event as stored."""
+
+    outbox: str
+    event_id: str
+    position: int
+    aggregate_type: str
+    aggregate_id: str | None
+    event_type: str
+    payload: bytes
+    content_type: str
+    headers: dict[str, str]
+    created_at: datetime
+    error: str
+    permanent: bool
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    dead_lettered_at: datetime
+    replayed_at: datetime | None
+
+
+_COLUMNS = (
+    "outbox, event_id, position, aggregate_type, aggregate_id, event_type, payload, content_type,"
+    " headers, created_at, error, permanent, attempts, first_failed_at, last_failed_at,"
+    " dead_lettered_at, replayed_at"
+)
+
+
+def _letter(values: list[Any]) -> DeadLetter:
+    values[2] = int(values[2])  # position: numeric
+    values[6] = bytes(values[6])  # payload: bytea
+    values[8] = dict(values[8])  # headers: jsonb
+    return DeadLetter(*values)
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+class DeadLetterStore:
+    """Reads and writes the dead-letter table over its own connection (reconnecting lazily)."""
+
+    def __init__(self, dsn: str, table: str = DEFAULT_TABLE) -> None:
+        self._dsn = dsn
+        self._table = sql.Identifier(*table.split("."))
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            try:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=10, application_name="outbox-relay"
+                )
+            except psycopg.Error as exc:
+                raise psycopg.OperationalError(scrubber.scrub(str(exc))) from None
+        return self._conn
+
+    async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool]]) -> None:
+        """Store (event, error, permanent) rows; a row already parked is updated, not duplicated."""
+        conn = await self._connection()
+        query = sql.SQL(
+            "INSERT INTO {} (" + _COLUMNS.rsplit(", dead_lettered_at", 1)[0] + ")"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (outbox, event_id) DO UPDATE SET error = excluded.error,"
+            " permanent = excluded.permanent, attempts = excluded.attempts,"
+            " last_failed_at = excluded.last_failed_at, dead_lettered_at = now(), replayed_at = NULL"
+        ).format(self._table)
+        rows = [
+            (
+                outbox,
+                e.event_id,
+                e.position,
+                e.aggregate_type,
+                e.aggregate_id,
+                e.event_type,
+                e.payload,
+                e.content_type,
+                orjson.dumps(e.headers).decode(),
+                _ts(e.created_at),
+                error,
+                permanent,
+                e.attempts,
+                _ts(e.first_failed_at or e.created_at),
+                datetime.now(UTC),
+            )
+            for e, error, permanent in events
+        ]
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.executemany(query, rows)
+
+    async def count(self, outbox: str) -> int:
+        """Parked events of this outbox not replayed yet."""
+        conn = await self._connection()
+        cur = await conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE outbox = %s AND replayed_at IS NULL").format(self._table),
+            (outbox,),
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def entries(
+        self, outbox: str | None = None, event_ids: Sequence[str] = (), include_replayed: bool = True
+    ) -> list[DeadLetter]:
+        conn = await self._connection()
+        conditions = [sql.SQL("true")]
+        params: list[Any] = []
+        if outbox is not None:
+            conditions.append(sql.SQL("outbox = %s"))
+            params.append(outbox)
+        if event_ids:
+            conditions.append(sql.SQL("event_id = ANY(%s)"))
+            params.append(list(event_ids))
+        if not include_replayed:
+            conditions.append(sql.SQL("replayed_at IS NULL"))
+        query = sql.SQL("SELECT " + _COLUMNS + " FROM {} WHERE {} ORDER BY outbox, position").format(
+            self._table, sql.SQL(" AND ").join(conditions)
+        )
+        cur = await conn.execute(query, params)
+        return [_letter(list(row)) for row in await cur.fetchall()]
+
+    async def mark_replayed(self, outbox: str, event_id: str) -> None:
+        conn = await self._connection()
+        await conn.execute(
+            sql.SQL("UPDATE {} SET replayed_at = now() WHERE outbox = %s AND event_id = %s").format(
+                self._table
+            ),
+            (outbox, event_id),
+        )
+
+    async def purge(self, outbox: str | None, event_ids: Sequence[str], replayed_only: bool) -> int:
+        conn = await self._connection()
+        conditions = [sql.SQL("true")]
+        params: list[Any] = []
+        if outbox is not None:
+            conditions.append(sql.SQL("outbox = %s"))
+            params.append(outbox)
+        if event_ids:
+            conditions.append(sql.SQL("event_id = ANY(%s)"))
+            params.append(list(event_ids))
+        if replayed_only:
+            conditions.append(sql.SQL("replayed_at IS NOT NULL"))
+        cur = await conn.execute(
+            sql.SQL("DELETE FROM {} WHERE {}").format(self._table, sql.SQL(" AND ").join(conditions)), params
+        )
+        return cur.rowcount
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+def as_event(letter: DeadLetter) -> OutboxEvent:
+    """The parked event again, as a source would have produced it (for replay)."""
+    return OutboxEvent(
+        letter.position,
+        letter.event_id,
+        letter.aggregate_type,
+        letter.aggregate_id,
+        letter.event_type,
+        letter.payload,
+        letter.headers,
+        letter.created_at.timestamp(),
+        content_type=letter.content_type,
+    )

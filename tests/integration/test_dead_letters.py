@@ -1,0 +1,185 @@
+"""Dead letters end to end: a real PostgreSQL, the pipeline, and sinks that refuse events the way
+a broker does (the Kafka case uses the real broker and an event larger than it accepts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+
+from relay.config import parse_config
+from relay.deadletters import DeadLetterStore
+from relay.events import Failure, OutboxEvent, PublishResult
+from relay.interfaces import Sink
+from relay.outbox import write_event
+from relay.pipeline import Pipeline
+from relay.runner import build_dead_letter_store, build_source
+from tests.conftest import run_cli
+from tests.harness.kafka import KafkaBroker
+from tests.support import insert_events, read_lines, relay_config, run_relay_until
+
+
+class _Refuses(Sink):
+    """Refuses every attempt at events whose payload carries `"poison": true`, the way a broker
+    refuses a message it will never take; delivers the rest (recording what it delivered)."""
+
+    kind = "test"
+
+    def __init__(self, *, permanent: bool = False, transient: bool = False) -> None:
+        self.permanent, self.transient = permanent, transient
+        self.delivered: list[OutboxEvent] = []
+        self.refusals = 0
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        results: list[PublishResult] = []
+        for event in events:
+            if b'"poison": true' in event.payload:
+                self.refusals += 1
+                results.append(Failure("refused: poison", permanent=self.permanent, transient=self.transient))
+            else:
+                self.delivered.append(event)
+                results.append(None)
+        return results
+
+
+def _pipeline(config: dict[str, Any], sink: Sink) -> Pipeline:
+    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+    return Pipeline(
+        outbox.name,
+        build_source(outbox, 0),
+        sink,
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letter=outbox.dead_letter,
+        dead_letters=build_dead_letter_store(outbox, 0),
+    )
+
+
+def _write_poison_between(dsn: str) -> str:
+    """order-1 gets: a normal event, the poison event, then three more; other aggregates flow."""
+    insert_events(dsn, 300, aggregates=3)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        poison = write_event(conn, "order", "order-1", "Poison", {"poison": True})
+        for i in range(3):
+            write_event(conn, "order", "order-1", "After", {"after": i})
+    return poison
+
+
+async def _letters(dsn: str) -> list[Any]:
+    store = DeadLetterStore(dsn)
+    try:
+        return await store.entries("orders")
+    finally:
+        await store.close()
+
+
+def _unpublished(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+        return int(row[0]) if row else -1
+
+
+async def test_poison_event_is_dead_lettered_after_n_refusals_while_other_aggregates_flow(dsn: str) -> None:
+    poison = _write_poison_between(dsn)
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 3}
+    sink = _Refuses()
+    await run_relay_until(config, lambda _: _unpublished(dsn) == 0, pipelines=[_pipeline(config, sink)])
+    assert sink.refusals == 3
+    (letter,) = await _letters(dsn)
+    assert (letter.event_id, letter.attempts, letter.error, letter.permanent) == (
+        poison,
+        3,
+        "refused: poison",
+        False,
+    )
+    assert letter.first_failed_at <= letter.last_failed_at
+    assert letter.payload == b'{"poison": true}'
+    order_1 = [e.event_type for e in sink.delivered if e.aggregate_id == "order-1"]
+    assert order_1[-3:] == ["After", "After", "After"], "its aggregate moved on after parking, in order"
+    assert len(sink.delivered) == 303
+
+
+async def test_block_keeps_the_poison_aggregate_stopped_while_the_others_flow(dsn: str) -> None:
+    poison = _write_poison_between(dsn)
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 2, "on_poison": "block"}
+    sink = _Refuses()
+
+    def others_done_and_poison_retried(_: Any) -> bool:
+        return len(sink.delivered) == 300 and sink.refusals >= 5
+
+    await run_relay_until(config, others_done_and_poison_retried, pipelines=[_pipeline(config, sink)])
+    assert await _letters(dsn) == []
+    assert "After" not in {e.event_type for e in sink.delivered}
+    with psycopg.connect(dsn) as conn:
+        waiting = conn.execute(
+            "SELECT event_id::text FROM outbox WHERE published_at IS NULL ORDER BY position"
+        )
+        assert next(r[0] for r in waiting) == poison
+
+
+async def test_an_outage_never_dead_letters_anything(dsn: str) -> None:
+    _write_poison_between(dsn)
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 2}
+    sink = _Refuses(transient=True)  # "the broker did not answer" for the poison event, many times
+    await run_relay_until(config, lambda _: sink.refusals >= 6, pipelines=[_pipeline(config, sink)])
+    assert await _letters(dsn) == []
+
+
+async def test_an_event_larger_than_kafka_accepts_is_dead_lettered_at_once(
+    dsn: str, kafka: KafkaBroker
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        huge = write_event(conn, "order", "big", "Huge", {"blob": "x" * 200_000})
+        small = write_event(conn, "order", "big", "Small", {"n": 1})
+    sink = {
+        "type": "kafka",
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "topic": "dlq-test.{aggregate_type}",
+        "producer": {"message.max.bytes": 100_000},
+    }
+    config = relay_config(dsn, sink)
+    await run_relay_until(config, lambda _: _unpublished(dsn) == 0, timeout=60)
+    (letter,) = await _letters(dsn)
+    assert letter.event_id == huge and letter.permanent and letter.attempts == 1
+    assert "dlq-test.order" in letter.error and "MSG_SIZE_TOO_LARGE" in letter.error
+    delivered = kafka.consume_all("dlq-test.order", 1, timeout=10)
+    assert [dict(m["headers"])["event_id"].decode() for m in delivered] == [small]
+
+
+async def test_replay_puts_a_dead_letter_back_once_and_the_cli_lists_shows_and_purges(
+    dsn: str, tmp_path: Path
+) -> None:
+    poison = _write_poison_between(dsn)
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 1}
+    await run_relay_until(config, lambda _: _unpublished(dsn) == 0, pipelines=[_pipeline(config, _Refuses())])
+    path = tmp_path / "relay.yaml"
+    out = tmp_path / "out.jsonl"
+    config["outboxes"][0]["sink"] = {"type": "file", "path": str(out)}
+    path.write_text(yaml.safe_dump(config))
+
+    listed = run_cli("dlq", "list", "-c", str(path))
+    assert listed.returncode == 0, listed.stderr
+    assert f"orders {poison} order/order-1 Poison attempts=1" in listed.stdout
+    shown = run_cli("dlq", "show", "-c", str(path), "--event-id", poison)
+    assert '"payload": "{\\"poison\\": true}"' in shown.stdout
+
+    replayed = run_cli("dlq", "replay", "-c", str(path), "--event-id", poison)
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"orders {poison}: unmarked row" in replayed.stdout
+    again = run_cli("dlq", "replay", "-c", str(path), "--event-id", poison)
+    assert again.stdout == "", "a replay happens once"
+    drained = run_cli("run", "-c", str(path), "--drain")
+    assert drained.returncode == 0, drained.stderr
+    assert [line["event_id"] for line in read_lines(out)] == [poison]
+
+    assert "replayed=" in run_cli("dlq", "list", "-c", str(path), "--all").stdout
+    assert run_cli("dlq", "list", "-c", str(path)).stdout == ""
+    purged = run_cli("dlq", "purge", "-c", str(path), "--replayed")
+    assert purged.stdout.strip() == "orders: 1 dead letters purged"
