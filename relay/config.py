@@ -80,6 +80,15 @@ class DeadLetterConfig(StrictModel):
     dsn: str | None = Field(default=None, description="Another database for it; default: the source's.")
 
 
+class LeaseConfig(StrictModel):
+    """One active relay per outbox among any number of replicas (a PostgreSQL advisory lock)."""
+
+    enabled: bool = Field(default=True, description="Off only when a single relay runs, ever.")
+    check_interval: Duration = Field(
+        default=1.0, gt=0, description="How often the active relay confirms it still holds the lease."
+    )
+
+
 class OutboxConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     source: ConnectorConfig
@@ -87,6 +96,7 @@ class OutboxConfig(StrictModel):
     retry: RetryConfig = RetryConfig()
     pipeline: PipelineConfig = PipelineConfig()
     dead_letter: DeadLetterConfig = DeadLetterConfig()
+    lease: LeaseConfig = LeaseConfig()
 
     def dead_letter_dsn(self) -> str | None:
         return self.dead_letter.dsn or getattr(self.source, "dsn", None)

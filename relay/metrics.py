@@ -51,3 +51,6 @@ DEAD_LETTERED = Counter("outbox_relay_dead_lettered", "Events moved to the dead-
 DEAD_LETTERS = Gauge(
     "outbox_relay_dead_letters", "Events in the dead-letter table not replayed yet.", ["outbox"]
 )
+LEADER = Gauge(
+    "outbox_relay_leader", "1 while this replica is the active relay of the outbox, else 0.", ["outbox"]
+)

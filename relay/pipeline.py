@@ -94,13 +94,33 @@ class Pipeline:
     def held(self) -> int:
         return self._held
 
-    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
+    async def run(
+        self, stop: asyncio.Event, *, drain: bool = False, abandon: asyncio.Event | None = None
+    ) -> bool:
         """Relay until `stop` is set (or, with `drain`, until the source is caught up and empty).
+        Returns True when it finished that way, False when `abandon` cut it short.
 
         On stop: fetch no more, let publishes already handed to the sink finish, acknowledge what
         the broker acknowledged, close the sink (flush). Events fetched but not yet published are
-        simply left in the outbox for the next run.
+        simply left in the outbox for the next run. On `abandon` (leadership lost): stop at once,
+        cancelling publishes in flight; another relay is taking over and re-sends what this one
+        did not acknowledge.
         """
+        if abandon is None:
+            await self._run(stop, drain)
+            return True
+        work = asyncio.create_task(self._run(stop, drain))
+        lost = asyncio.create_task(abandon.wait())
+        await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
+        lost.cancel()
+        if work.done():
+            work.result()
+            return True
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return False
+
+    async def _run(self, stop: asyncio.Event, drain: bool) -> None:
         if not await self._start_connectors(stop):
             return
         fetch = asyncio.create_task(self._fetch_loop(stop, drain), name=f"{self.name}:fetch")

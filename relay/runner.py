@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
+from relay import metrics
 from relay.config import OutboxConfig, RelayConfig
 from relay.deadletters import DeadLetterStore
 from relay.http import HealthServer
 from relay.interfaces import ConnectorError, Sink, Source
+from relay.leadership import Lease, LeaseLost
 from relay.logs import get_logger
 from relay.pipeline import Pipeline
 from relay.registry import ConnectorConfig, sink_plugins, source_plugins
@@ -55,19 +57,20 @@ def build_dead_letter_store(outbox: OutboxConfig, index: int) -> DeadLetterStore
     return DeadLetterStore(dsn, outbox.dead_letter.table)
 
 
+def build_pipeline(outbox: OutboxConfig, index: int) -> Pipeline:
+    return Pipeline(
+        outbox.name,
+        build_source(outbox, index),
+        build_sink(outbox, index),
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letter=outbox.dead_letter,
+        dead_letters=build_dead_letter_store(outbox, index),
+    )
+
+
 def build_pipelines(config: RelayConfig) -> list[Pipeline]:
-    return [
-        Pipeline(
-            outbox.name,
-            build_source(outbox, i),
-            build_sink(outbox, i),
-            retry=outbox.retry,
-            tuning=outbox.pipeline,
-            dead_letter=outbox.dead_letter,
-            dead_letters=build_dead_letter_store(outbox, i),
-        )
-        for i, outbox in enumerate(config.outboxes)
-    ]
+    return [build_pipeline(outbox, i) for i, outbox in enumerate(config.outboxes)]
 
 
 class Relay:
@@ -79,12 +82,70 @@ class Relay:
         self.stop = asyncio.Event()
         self._log = get_logger()
         self.http: HealthServer | None = None
+        #: "active" while this process relays an outbox, "standby" while another replica does.
+        self.roles = ["active" if not self._lease_dsn(o) else "standby" for o in config.outboxes]
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        detail = {
-            p.name: {"started": p.started, "database": p.db_ok, "sink": p.sink_ok} for p in self.pipelines
-        }
-        return all(p.ready for p in self.pipelines), {"outboxes": detail}
+        """Ready when every outbox this replica is active for can reach its database and broker.
+        A standby is ready too (healthy, waiting to take over); `role` tells which it is."""
+        detail: dict[str, object] = {}
+        ready = True
+        for pipeline, role in zip(self.pipelines, self.roles, strict=True):
+            entry: dict[str, object] = {"role": role}
+            if role == "active":
+                entry |= {"started": pipeline.started, "database": pipeline.db_ok, "sink": pipeline.sink_ok}
+                ready = ready and pipeline.ready
+            detail[pipeline.name] = entry
+        return ready, {"outboxes": detail}
+
+    @staticmethod
+    def _lease_dsn(outbox: OutboxConfig) -> str | None:
+        return getattr(outbox.source, "dsn", None) if outbox.lease.enabled else None
+
+    async def _supervise(self, index: int, drain: bool) -> None:
+        """Run one outbox: wait for its lease (if any), relay while holding it, and go back to
+        standby with a fresh pipeline whenever the lease is lost."""
+        outbox = self.config.outboxes[index]
+        dsn = self._lease_dsn(outbox)
+        if dsn is None:
+            await self.pipelines[index].run(self.stop, drain=drain)
+            return
+        lease = Lease(dsn, outbox.name, check_interval=outbox.lease.check_interval)
+        leader = metrics.LEADER.labels(outbox.name)
+        log = self._log.bind(outbox=outbox.name)
+        first_term = True
+        try:
+            while not self.stop.is_set():
+                leader.set(0)
+                self.roles[index] = "standby"
+                if not await lease.acquire(self.stop):
+                    return
+                if not first_term:
+                    self.pipelines[index] = build_pipeline(outbox, index)
+                first_term = False
+                leader.set(1)
+                self.roles[index] = "active"
+                log.info("active: this relay holds the lease")
+                lost = asyncio.Event()
+                watcher = asyncio.create_task(self._watch(lease, lost, log))
+                try:
+                    finished = await self.pipelines[index].run(self.stop, drain=drain, abandon=lost)
+                finally:
+                    watcher.cancel()
+                if finished:
+                    return
+                log.error("lease lost: abandoned in-flight work, back to standby")
+        finally:
+            leader.set(0)
+            await lease.release()
+
+    @staticmethod
+    async def _watch(lease: Lease, lost: asyncio.Event, log: Any) -> None:
+        try:
+            await lease.watch()
+        except LeaseLost as exc:
+            log.error("lease lost", reason=str(exc))
+            lost.set()
 
     def _on_signal(self, signum: int) -> None:
         if self.stop.is_set():
@@ -105,7 +166,7 @@ class Relay:
                 self._log.error("cannot open the HTTP port", port=self.config.http.port, error=str(exc))
                 return 2
             self._log.info("http listening", port=self.http.port)
-        runs = [asyncio.create_task(p.run(self.stop, drain=drain)) for p in self.pipelines]
+        runs = [asyncio.create_task(self._supervise(i, drain)) for i in range(len(self.pipelines))]
         try:
             stopper = asyncio.create_task(self.stop.wait())
             done, _ = await asyncio.wait({stopper, *runs}, return_when=asyncio.FIRST_COMPLETED)

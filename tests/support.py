@@ -113,3 +113,64 @@ async def run_relay_until(
         code = await asyncio.wait_for(task, 30)
     assert code == 0
     return relay
+
+
+def unpublished(dsn: str, table: str = "outbox") -> int:
+    """Rows of the outbox not marked published yet."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE published_at IS NULL").fetchone()
+        return int(row[0]) if row else -1
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `condition()` until true; fail the test naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(directory: Path, config: dict[str, Any], name: str = "relay.yaml") -> Path:
+    import yaml
+
+    path = directory / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_relay(config_path: Path, *extra: str, log: Path | None = None) -> Any:
+    """`outbox-relay run` as a child process; its logs go to `log` (a file, so a chatty relay can
+    never block on a full pipe) or are discarded."""
+    import subprocess
+    import sys
+
+    stderr = log.open("ab") if log is not None else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "run", "-c", str(config_path), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str) -> str:
+    """The body of a GET (also of an error status); raises OSError when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+    except urllib.error.HTTPError as error:
+        return str(error.read().decode())

@@ -1,0 +1,135 @@
+"""Leadership: exactly one active relay per outbox, however many replicas run.
+
+The lease is a session-level PostgreSQL advisory lock held on a dedicated connection. Standbys
+try to take it every second. The lock is released the moment the holder's session ends: a
+SIGKILLed process's socket closes at once, `pg_terminate_backend` ends the session at once, and
+a cut network is noticed by the server's TCP keepalives, tightened on this session to a few
+seconds. The holder checks its session every `check_interval`; when the check fails it abandons
+its work before a standby could have taken over (the standby needs the server to let go first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from typing import Any
+
+import psycopg
+
+from relay.backoff import Backoff
+from relay.logs import get_logger
+from relay.secrets import scrubber
+
+# First half of the two-int advisory lock key: "outbox-relay" (so other users of advisory locks
+# with single bigint keys or other namespaces never collide with ours).
+_NAMESPACE = 0x6F72
+_RECONNECT = Backoff(initial=0.5, maximum=5.0)
+
+
+def lock_key(outbox: str) -> tuple[int, int]:
+    """The advisory lock key of an outbox: stable across processes and versions."""
+    return _NAMESPACE, zlib.crc32(outbox.encode()) - 2**31
+
+
+class LeaseLost(Exception):
+    """The lease's session failed: another replica may be active now."""
+
+
+class Lease:
+    def __init__(
+        self, dsn: str, outbox: str, check_interval: float = 1.0, acquire_interval: float = 1.0
+    ) -> None:
+        self._dsn = dsn
+        self._key = lock_key(outbox)
+        self._check_interval = check_interval
+        self._acquire_interval = acquire_interval
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._log = get_logger(outbox=outbox)
+        self.held = False
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(
+            self._dsn,
+            autocommit=True,
+            connect_timeout=5,
+            application_name="outbox-relay lease",
+            # Client side: notice a dead server within seconds too.
+            keepalives=1,
+            keepalives_idle=2,
+            keepalives_interval=1,
+            keepalives_count=3,
+        )
+        # Server side: end this session (and free the lock) soon after the network to us is cut.
+        for setting in ("tcp_keepalives_idle = 2", "tcp_keepalives_interval = 1", "tcp_keepalives_count = 2"):
+            await conn.execute(f"SET {setting}")
+        return conn
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Wait until this process holds the lease (True) or `stop` is set (False)."""
+        attempt = 0
+        waiting_logged = False
+        while not stop.is_set():
+            try:
+                if self._conn is None or self._conn.closed or self._conn.broken:
+                    self._conn = await self._connect()
+                cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self._key)
+                row = await cur.fetchone()
+                attempt = 0
+                if row and row[0]:
+                    self.held = True
+                    return True
+                if not waiting_logged:
+                    self._log.info("standby: another relay holds the lease for this outbox")
+                    waiting_logged = True
+                delay = self._acquire_interval
+            except psycopg.Error as exc:
+                attempt += 1
+                delay = _RECONNECT.delay(attempt)
+                self._log.warning("lease: database not reachable", error=scrubber.scrub(str(exc)))
+                await self._drop()
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+        return False
+
+    async def watch(self) -> None:
+        """Return never while the lease is healthy; raise LeaseLost as soon as it is not."""
+        assert self._conn is not None
+        while True:
+            await asyncio.sleep(self._check_interval)
+            try:
+                # Bounded: a cut network makes the query hang rather than fail.
+                cur = await asyncio.wait_for(
+                    self._conn.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                        " AND pid = pg_backend_pid() AND classid::int8 = %s AND objid::int8 = %s",
+                        (self._key[0], self._key[1] & 0xFFFFFFFF),
+                    ),
+                    timeout=max(self._check_interval * 2, 1.0),
+                )
+                row = await cur.fetchone()
+            except (psycopg.Error, TimeoutError) as exc:
+                self.held = False
+                await self._drop()
+                raise LeaseLost(scrubber.scrub(f"{type(exc).__name__}: {exc}")) from None
+            if not row or not row[0]:
+                self.held = False
+                raise LeaseLost("the advisory lock is no longer held by this session")
+
+    async def release(self) -> None:
+        if self._conn is not None and not self._conn.closed and self.held:
+            try:
+                await asyncio.wait_for(self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", self._key), 5)
+            except (psycopg.Error, TimeoutError):
+                pass  # closing the session below releases it anyway
+        self.held = False
+        await self._drop()
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                await asyncio.wait_for(self._conn.close(), 5)
+            except (psycopg.Error, TimeoutError):
+                pass
+            self._conn = None

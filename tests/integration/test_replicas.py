@@ -1,0 +1,190 @@
+"""Replicas: several relay processes on one outbox, exactly one active (a PostgreSQL advisory
+lock), failover when the active one dies. A real PostgreSQL, a real Kafka-protocol broker: all
+replicas publish to one topic, so two active at once would show up as reordered events."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import kafka_message_as_line
+from tests.harness.kafka import KafkaBroker
+from tests.support import (
+    assert_complete_and_ordered,
+    event_ids,
+    free_port,
+    http_get,
+    relay_config,
+    start_relay,
+    unpublished,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+class Replicas:
+    """Relay processes on one config, each with its own HTTP port to ask for its role."""
+
+    def __init__(self, tmp_path: Path, dsn: str, sink: dict[str, Any]) -> None:
+        self.tmp_path, self.dsn, self.sink = tmp_path, dsn, sink
+        self.procs: dict[int, Any] = {}  # http port -> process
+
+    def add(self) -> int:
+        port = free_port()
+        config = relay_config(self.dsn, self.sink, batch_size=100)
+        config["http"] = {"port": port, "host": "127.0.0.1"}
+        config["outboxes"][0]["pipeline"] = {"publish_batch_size": 100, "max_in_flight": 500}
+        path = write_config(self.tmp_path, config, f"relay-{port}.yaml")
+        self.procs[port] = start_relay(path, log=self.tmp_path / f"relay-{port}.log")
+        return port
+
+    def role(self, port: int) -> str | None:
+        try:
+            return str(json.loads(http_get(f"http://127.0.0.1:{port}/readyz"))["outboxes"]["orders"]["role"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def active(self) -> list[int]:
+        return [port for port in self.procs if self.role(port) == "active"]
+
+    def remove(self, port: int, sig: int) -> None:
+        proc = self.procs.pop(port)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def close(self) -> None:
+        for port in list(self.procs):
+            self.remove(port, signal.SIGKILL)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, dsn: str, kafka: KafkaBroker) -> Iterator[tuple[Replicas, str]]:
+    topic_prefix = f"replicas-{uuid.uuid4().hex[:10]}"
+    kafka.create_topic(f"{topic_prefix}.order", partitions=4)
+    sink = {
+        "type": "kafka",
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "topic": topic_prefix + ".{aggregate_type}",
+    }
+    group = Replicas(tmp_path, dsn, sink)
+    try:
+        yield group, f"{topic_prefix}.order"
+    finally:
+        group.close()
+
+
+class Writer(threading.Thread):
+    """Writes events like an application: one transaction each, a steady rate, 20 aggregates."""
+
+    def __init__(self, dsn: str, rate: float = 300) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.rate = dsn, rate
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            i = 0
+            while not self.stop.is_set():
+                conn.execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+                    " VALUES ('order', %s, 'OrderUpdated', %s)",
+                    (f"order-{i % 20}", json.dumps({"seq": i})),
+                )
+                i += 1
+                time.sleep(1 / self.rate)
+
+
+def _only_one_active(group: Replicas) -> int:
+    wait_for(lambda: len(group.active()) == 1, 20, "exactly one active replica")
+    return group.active()[0]
+
+
+def _all_delivered_in_order(dsn: str, kafka: KafkaBroker, topic: str) -> int:
+    wait_for(lambda: unpublished(dsn) == 0, 60, "the backlog to drain")
+    expected = event_ids(dsn)
+    messages = kafka.consume_all(topic, len(expected), timeout=30)
+    lines = [kafka_message_as_line(m) for m in messages]  # by partition, then offset
+    return assert_complete_and_ordered(lines, expected)
+
+
+def test_three_replicas_have_one_active_and_a_standby_takes_over_within_5s_of_each_sigkill(
+    replicas: tuple[Replicas, str], dsn: str, kafka: KafkaBroker
+) -> None:
+    group, topic = replicas
+    for _ in range(3):
+        group.add()
+    writer = Writer(dsn)
+    writer.start()
+    takeovers: list[float] = []
+    try:
+        for _ in range(3):
+            active = _only_one_active(group)
+            time.sleep(1.0)  # let it publish for a while
+            killed_at = time.monotonic()
+            group.remove(active, signal.SIGKILL)
+            wait_for(lambda: len(group.active()) == 1, 10, "a standby to take over", interval=0.05)
+            takeovers.append(time.monotonic() - killed_at)
+            group.add()  # the orchestrator restarts the killed pod
+    finally:
+        writer.stop.set()
+        writer.join()
+    assert max(takeovers) < 5.0, f"takeover times {takeovers}"
+    _all_delivered_in_order(dsn, kafka, topic)
+
+
+def test_terminating_the_lease_session_moves_leadership_without_two_active_relays(
+    replicas: tuple[Replicas, str], dsn: str, kafka: KafkaBroker
+) -> None:
+    group, topic = replicas
+    group.add()
+    group.add()
+    writer = Writer(dsn)
+    writer.start()
+    try:
+        for _ in range(2):
+            _only_one_active(group)
+            time.sleep(1.0)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                ended = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'outbox-relay lease' AND datname = current_database()"
+                    " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+                ).fetchall()
+            assert len(ended) == 1
+            started = time.monotonic()
+            wait_for(lambda: len(group.active()) == 1, 10, "leadership to be taken again")
+            assert time.monotonic() - started < 5.0
+    finally:
+        writer.stop.set()
+        writer.join()
+    _all_delivered_in_order(dsn, kafka, topic)
+
+
+def test_sigterm_releases_the_lease_and_a_standby_takes_over_at_once(
+    replicas: tuple[Replicas, str], dsn: str, kafka: KafkaBroker
+) -> None:
+    group, _topic = replicas
+    group.add()
+    group.add()
+    active = _only_one_active(group)
+    proc = group.procs[active]
+    started = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    group.procs.pop(active)
+    wait_for(lambda: len(group.active()) == 1, 10, "the standby to take over")
+    assert time.monotonic() - started < 5.0
+    metrics = http_get(f"http://127.0.0.1:{group.active()[0]}/metrics")
+    assert 'outbox_relay_leader{outbox="orders"} 1.0' in metrics
