@@ -345,6 +345,86 @@ def _run_dlq(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 @cli.command()
+@CONFIG_OPTION
+@OUTBOX_OPTION
+@click.option("--events", default=100_000, show_default=True, help="Events to write.")
+@click.option("--aggregates", default=1_000, show_default=True, help="Aggregates they belong to.")
+@click.option("--rate", default=2_000.0, show_default=True, help="Events written per second.")
+@click.option("--kill-every", default="2s", show_default=True, help="SIGKILL a relay this often (0: never).")
+@click.option("--replicas", default=1, show_default=True, help="Relay processes at once.")
+@click.option("--broker-outage", default=None, help="Pause the broker this long (needs --broker-pid).")
+@click.option("--broker-pid", type=int, default=None, help="PID of a local broker to pause with SIGSTOP.")
+@click.option("--broker-stop-command", default=None, help="Or: shell command that stops the broker.")
+@click.option("--broker-start-command", default=None, help="And the one that starts it again.")
+@click.option("--db-restart", is_flag=True, help="Restart the database mid-run (needs --db-restart-command).")
+@click.option("--db-restart-command", default=None, help="Shell command that restarts the database.")
+@click.option("--drain-timeout", default="5m", show_default=True, help="How long to wait for the backlog.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def drill(
+    config_path: Path,
+    outbox_name: str | None,
+    events: int,
+    aggregates: int,
+    rate: float,
+    kill_every: str,
+    replicas: int,
+    broker_outage: str | None,
+    broker_pid: int | None,
+    broker_stop_command: str | None,
+    broker_start_command: str | None,
+    db_restart: bool,
+    db_restart_command: str | None,
+    drain_timeout: str,
+    as_json: bool,
+) -> None:
+    """Write events, kill relays at random, read everything back: lost and reordered must be 0.
+
+    Run it against a staging setup: it writes `drill` events into the outbox. Exit 1 when an
+    event was lost or reordered.
+    """
+    from relay.drill import DrillPlan, run_drill
+    from relay.durations import parse_duration
+
+    config = _load(config_path)
+    configure_logging("json" if as_json else "console", "warning")
+    names = [o.name for o in config.outboxes]
+    if outbox_name is not None and outbox_name not in names:
+        _fail(f"{config_path}: no outbox named {outbox_name} (outboxes: {', '.join(names)})")
+    index = names.index(outbox_name) if outbox_name else 0
+    if broker_outage and broker_pid is None and not (broker_stop_command and broker_start_command):
+        _fail(
+            "--broker-outage needs --broker-pid (a local broker process to pause) or both"
+            " --broker-stop-command and --broker-start-command"
+        )
+    if db_restart and not db_restart_command:
+        _fail("--db-restart needs --db-restart-command, e.g. 'pg_ctlcluster 16 main restart'")
+    if events < 1 or aggregates < 1 or replicas < 1 or rate <= 0:
+        _fail("--events, --aggregates, --replicas and --rate must be positive")
+    try:
+        plan = DrillPlan(
+            events=events,
+            aggregates=aggregates,
+            rate=rate,
+            kill_every=parse_duration(kill_every) or None,
+            replicas=replicas,
+            broker_outage=parse_duration(broker_outage) if broker_outage else None,
+            broker_pid=broker_pid,
+            broker_stop_command=broker_stop_command,
+            broker_start_command=broker_start_command,
+            db_restart_command=db_restart_command if db_restart else None,
+            drain_timeout=parse_duration(drain_timeout),
+        )
+    except ValueError as exc:
+        _fail(f"drill: {exc}")
+    try:
+        report = _run_async(lambda: run_drill(config, index, plan))
+    except (ConnectorError, SetupError) as exc:
+        _fail(f"drill: {exc}", code=1)
+    click.echo(json.dumps(report.as_dict()) if as_json else report.as_text())
+    sys.exit(0 if report.passed else 1)
+
+
+@cli.command()
 def schema() -> None:
     """Print the JSON schema of the config file."""
     click.echo(json.dumps(config_json_schema(), indent=2, sort_keys=True))

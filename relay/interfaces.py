@@ -106,6 +106,10 @@ class Source(ABC):
         """Verify the database side (reachable, table and columns present); return notes to print."""
         return []
 
+    async def write(self, events: Sequence[OutboxEvent]) -> None:
+        """Write events into the outbox in one transaction, as an application would (for drills)."""
+        raise ConnectorError(f"source type {self.kind} cannot write events")
+
     async def replay(self, event: OutboxEvent) -> str:
         """Put a dead-lettered event back in front of the relay, once; return what was done."""
         raise ConnectorError(f"source type {self.kind} cannot replay events")
@@ -118,3 +122,31 @@ class Source(ABC):
         """Human-readable lines for `outbox-relay status`."""
         stats = await self.backlog()
         return [f"pending={stats.pending} oldest={stats.oldest_age_seconds:.1f}s"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """One message as an independent consumer saw it: its headers and when it was received."""
+
+    headers: dict[str, str]
+    received_at: float
+
+
+class DeliveryReader(ABC):
+    """Reads back, independently of the relay, what a sink delivered (used by `drill`).
+
+    Contract: `start(fields)` prepares to read every destination the sink renders for these
+    template fields (topics, queues, files), from now on or from the beginning, whichever the
+    broker allows; messages that were not written by the caller may be returned too (the caller
+    filters). `poll()` returns what arrived since the last call, each destination in delivery
+    order (a Kafka partition's offsets, a queue's order, a file's lines).
+    """
+
+    @abstractmethod
+    async def start(self, fields: Sequence[dict[str, str]]) -> None: ...
+
+    @abstractmethod
+    async def poll(self) -> list[Delivered]: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and anything `start` created (a temporary queue)."""

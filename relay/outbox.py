@@ -111,16 +111,28 @@ def emit_event(
     event_id = event_id or str(uuid.uuid4())
     if isinstance(payload, bytes | str):
         payload = json.loads(payload)
-    content = json.dumps(
+    content = message_content(event_id, aggregate_type, str(aggregate_id), event_type, payload, headers)
+    conn_or_cursor.execute("SELECT pg_logical_emit_message(true, %s, %s)", (prefix, content))
+    return event_id
+
+
+def message_content(
+    event_id: str,
+    aggregate_type: str,
+    aggregate_id: str | None,
+    event_type: str,
+    payload: Any,
+    headers: Mapping[str, str] | None,
+) -> str:
+    """The JSON a message-mode event carries (what `postgres-logical` in message mode decodes)."""
+    return json.dumps(
         {
             "event_id": event_id,
             "aggregate_type": aggregate_type,
-            "aggregate_id": str(aggregate_id),
+            "aggregate_id": aggregate_id,
             "event_type": event_type,
             "payload": payload,
             "headers": dict(headers or {}),
         },
         separators=(",", ":"),
     )
-    conn_or_cursor.execute("SELECT pg_logical_emit_message(true, %s, %s)", (prefix, content))
-    return event_id

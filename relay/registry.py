@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from relay.interfaces import Sink, Source
+from relay.interfaces import DeliveryReader, Sink, Source
 
 SINK_GROUP = "outbox_relay.sinks"
 SOURCE_GROUP = "outbox_relay.sources"
@@ -43,6 +43,8 @@ class Plugin(Generic[C]):
     #: Importable module names the connector needs, and the extra that installs them.
     requires: tuple[str, ...] = field(default=())
     extra: str | None = None
+    #: For sinks: how `drill` reads back what was delivered (None: the sink cannot be drilled).
+    reader: Callable[..., DeliveryReader] | None = None
 
     def missing_requirement(self) -> str | None:
         """The `pip install` hint when a required client library is not importable."""

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
 from typing import BinaryIO, Literal
 
+import orjson
 from pydantic import Field
 
 from connectors.sinks.jsonlines import encode_lines
 from relay.events import OutboxEvent, PublishResult
-from relay.interfaces import ConnectorError, Sink
+from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
 from relay.registry import ConnectorConfig, SinkPlugin
 
 
@@ -64,4 +66,28 @@ class FileSink(Sink):
         return {"path": self.config.path, "fsync": self.config.fsync}
 
 
-plugin = SinkPlugin(type="file", config=FileSinkConfig, factory=FileSink)
+class FileReader(DeliveryReader):
+    """Tails the sink's file from its current end."""
+
+    def __init__(self, config: FileSinkConfig) -> None:
+        self._path = config.path
+        self._offset = 0
+        self._partial = b""
+
+    async def start(self, fields: Sequence[dict[str, str]]) -> None:
+        self._offset = os.path.getsize(self._path) if os.path.exists(self._path) else 0
+
+    async def poll(self) -> list[Delivered]:
+        if not os.path.exists(self._path):
+            return []
+        with open(self._path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        self._offset += len(chunk)
+        now = time.time()
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        return [Delivered(orjson.loads(line)["headers"], now) for line in lines if line.strip()]
+
+
+plugin = SinkPlugin(type="file", config=FileSinkConfig, factory=FileSink, reader=FileReader)

@@ -39,6 +39,7 @@ from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
+from relay.outbox import message_content
 from relay.registry import ConnectorConfig, SourcePlugin
 from relay.secrets import scrubber
 
@@ -422,34 +423,40 @@ class PostgresLogicalSource(Source):
                 self._log.warning("heartbeat failed", error=scrubber.scrub(str(exc)))
 
     async def replay(self, event: OutboxEvent) -> str:
-        cfg = self.config
-        sql_conn = await self._sql_conn()
-        if cfg.mode == "message":
-            content = {
-                "event_id": event.event_id,
-                "aggregate_type": event.aggregate_type,
-                "aggregate_id": event.aggregate_id,
-                "event_type": event.event_type,
-                "payload": orjson.loads(event.payload) if event.payload else None,
-                "headers": event.headers,
-            }
-            await sql_conn.execute(
-                "SELECT pg_logical_emit_message(true, %s, %s)",
-                (cfg.message_prefix, orjson.dumps(content).decode()),
-            )
+        if self.config.mode == "message":
+            await self.write([event])
             return f"emitted {event.event_id} as a WAL message again"
+        # A row with the same event_id may still be there (event ids are unique): replace it.
+        await self.write([event], replace=True)
+        return f"inserted {event.event_id} into {self.config.tables[0]} again"
+
+    async def write(self, events: Sequence[OutboxEvent], replace: bool = False) -> None:
+        cfg = self.config
+        conn = await self._sql_conn()
         table = cfg.tables[0]
-        query, params = insert_event(table, cfg.columns.model_dump(), event)
-        async with sql_conn.transaction():
-            # A row with the same event_id may still be there (event ids are unique).
-            await sql_conn.execute(
-                psql.SQL("DELETE FROM {} WHERE {}::text = %s").format(
-                    psql.Identifier(*table.split(".")), psql.Identifier(cfg.columns.event_id)
-                ),
-                (event.event_id,),
-            )
-            await sql_conn.execute(query, params)
-        return f"inserted {event.event_id} into {table} again"
+        async with conn.transaction():
+            for event in events:
+                if cfg.mode == "message":
+                    content = message_content(
+                        event.event_id,
+                        event.aggregate_type,
+                        event.aggregate_id,
+                        event.event_type,
+                        orjson.loads(event.payload) if event.payload else None,
+                        event.headers,
+                    )
+                    await conn.execute(
+                        "SELECT pg_logical_emit_message(true, %s, %s)", (cfg.message_prefix, content)
+                    )
+                    continue
+                if replace:
+                    await conn.execute(
+                        psql.SQL("DELETE FROM {} WHERE {}::text = %s").format(
+                            psql.Identifier(*table.split(".")), psql.Identifier(cfg.columns.event_id)
+                        ),
+                        (event.event_id,),
+                    )
+                await conn.execute(*insert_event(table, cfg.columns.model_dump(), event))
 
     # --- waiting ------------------------------------------------------------------------------
 

@@ -325,9 +325,14 @@ class PostgresPollingSource(Source):
             )
             if cur.rowcount:
                 return f"unmarked row {event.event_id} in {cfg.table}"
-        query, params = insert_event(cfg.table, cols.model_dump(), event)
-        await conn.execute(query, params)
+        await self.write([event])
         return f"inserted {event.event_id} into {cfg.table} again"
+
+    async def write(self, events: Sequence[OutboxEvent]) -> None:
+        conn = await self._conn("ack")
+        async with conn.transaction():
+            for event in events:
+                await conn.execute(*insert_event(self.config.table, self.config.columns.model_dump(), event))
 
     # --- wake-ups -----------------------------------------------------------------------------
 

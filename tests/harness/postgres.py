@@ -27,6 +27,7 @@ import os
 import pwd
 import random
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -232,6 +233,13 @@ class PostgresServer:
         self._require_owned("restart")
         self.stop("fast")
         self.start()
+
+    def restart_command(self) -> str:
+        """A shell command that restarts the owned server (for `outbox-relay drill --db-restart`)."""
+        self._require_owned("restart")
+        assert self.data_dir is not None and self.log_path is not None
+        args = ["-D", str(self.data_dir), "-l", str(self.log_path), "-w", "-t", "60", "-m", "fast", "restart"]
+        return shlex.join([*self._pg_ctl_prefix, *args])
 
     def pid(self) -> int | None:
         """Return the postmaster's pid when owned and running, else None."""

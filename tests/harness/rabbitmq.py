@@ -35,6 +35,7 @@ import contextlib
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -387,6 +388,19 @@ class RabbitBroker:
         if found is None:
             raise BrokerControlUnavailable(f"{name} not found (Debian package rabbitmq-server)")
         return found
+
+    def control_command(self, action: str) -> str:
+        """A shell command running `rabbitmqctl ACTION` against this broker (e.g. stop_app,
+        start_app), for tools that take a command line such as `outbox-relay drill`."""
+        self._require_control(action)
+        command = [self._script("rabbitmqctl"), *self._node_args(), action]
+        if self.owned:
+            command = [
+                "env",
+                *(f"{k}={v}" for k, v in self._env().items() if k.startswith(("RABBITMQ", "HOME"))),
+                *command,
+            ]
+        return shlex.join(command)
 
     def _node_args(self) -> list[str]:
         return ["-n", self.node] if self.owned and self.node else []
