@@ -283,3 +283,39 @@ async def test_a_broker_outage_marks_nothing_and_the_backlog_drains_in_order_whe
     for aggregate, position in sink.delivered:
         per_aggregate.setdefault(aggregate, []).append(position)
     assert all(p == sorted(p) for p in per_aggregate.values())
+
+
+class _Hangs(Sink):
+    """A broker that accepts the connection and then never answers."""
+
+    kind = "test"
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        self.called.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_the_end_of_the_shutdown_grace_period_exits_even_when_the_broker_hangs(dsn: str) -> None:
+    from relay.runner import Relay
+
+    insert_events(dsn, 10)
+    config = relay_config(dsn, {"type": "stdout"})
+    config["shutdown_grace"] = "1s"
+    parsed = parse_config(config, "t.yaml", {})
+    outbox = parsed.outboxes[0]
+    sink = _Hangs()
+    pipeline = Pipeline(
+        outbox.name, build_source(outbox, 0), sink, retry=outbox.retry, tuning=outbox.pipeline
+    )
+    relay = Relay(parsed, [pipeline])
+    run = asyncio.create_task(relay.run())
+    await asyncio.wait_for(sink.called.wait(), 10)
+    stopped_at = time.monotonic()
+    relay.stop.set()
+    assert await asyncio.wait_for(run, 10) == 1, "exit code 1: the grace period ran out"
+    assert time.monotonic() - stopped_at < 3.0
+    assert _unpublished(dsn) == 10, "nothing was marked that the broker did not acknowledge"
