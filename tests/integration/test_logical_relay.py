@@ -18,7 +18,8 @@ import yaml
 from relay.config import parse_config
 from relay.outbox import emit_event, write_event
 from relay.runner import build_source
-from tests.conftest import run_cli
+from tests.conftest import kafka_message_as_line, run_cli
+from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer
 from tests.support import assert_complete_and_ordered, read_lines, run_relay_until
 
@@ -276,3 +277,37 @@ def test_check_names_missing_replication_privilege_and_a_slot_in_use(dsn: str, t
     check = run_cli("check", "-c", str(path), "--connect")
     assert check.returncode == 1
     assert "lacks the REPLICATION attribute" in check.stdout
+
+
+@pytest.mark.parametrize("mode", ["table", "message"])
+async def test_both_modes_relay_into_kafka_in_commit_order_per_aggregate(
+    dsn: str, tmp_path: Path, kafka: KafkaBroker, mode: str
+) -> None:
+    topic_prefix = f"logical-{mode}-{tmp_path.name[-8:]}"
+    kafka.create_topic(f"{topic_prefix}.order", partitions=3)
+    config = _config(dsn, tmp_path / "unused.jsonl", mode=mode)
+    config["outboxes"][0]["sink"] = {
+        "type": "kafka",
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "topic": topic_prefix + ".{aggregate_type}",
+    }
+    _init_db(config)
+    expected: set[str] = set()
+    with psycopg.connect(dsn) as conn:
+        for i in range(600):
+            write = write_event if mode == "table" else emit_event
+            expected.add(write(conn, "order", f"o{i % 11}", "Updated", {"i": i}))
+            if i % 40 == 39:
+                conn.commit()
+        conn.commit()
+        (write_event if mode == "table" else emit_event)(conn, "order", "o1", "Doomed", {})
+        conn.rollback()
+
+    def all_acknowledged(relay: Any) -> bool:
+        return bool(relay.pipelines[0].published >= 600)
+
+    await run_relay_until(config, all_acknowledged, timeout=60)
+    messages = kafka.consume_all(f"{topic_prefix}.order", 600, timeout=20)
+    lines = [kafka_message_as_line(m) for m in messages]
+    assert "Doomed" not in {line["event_type"] for line in lines}
+    assert assert_complete_and_ordered(lines, expected) == 0
