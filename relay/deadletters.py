@@ -79,6 +79,23 @@ _COLUMNS = (
 )
 
 
+def _where(
+    outbox: str | None, event_ids: Sequence[str], condition: str | None
+) -> tuple[sql.Composed, list[Any]]:
+    """The WHERE clause selecting dead letters of an outbox, some events, and one more condition."""
+    conditions: list[sql.Composable] = [sql.SQL("true")]
+    params: list[Any] = []
+    if outbox is not None:
+        conditions.append(sql.SQL("outbox = %s"))
+        params.append(outbox)
+    if event_ids:
+        conditions.append(sql.SQL("event_id = ANY(%s)"))
+        params.append(list(event_ids))
+    if condition is not None:
+        conditions.append(sql.SQL(condition))  # one of two constants of this module
+    return sql.SQL(" AND ").join(conditions), params
+
+
 def _letter(values: list[Any]) -> DeadLetter:
     values[2] = int(values[2])  # position: numeric
     values[6] = bytes(values[6])  # payload: bytea
@@ -155,18 +172,9 @@ class DeadLetterStore:
         self, outbox: str | None = None, event_ids: Sequence[str] = (), include_replayed: bool = True
     ) -> list[DeadLetter]:
         conn = await self._connection()
-        conditions = [sql.SQL("true")]
-        params: list[Any] = []
-        if outbox is not None:
-            conditions.append(sql.SQL("outbox = %s"))
-            params.append(outbox)
-        if event_ids:
-            conditions.append(sql.SQL("event_id = ANY(%s)"))
-            params.append(list(event_ids))
-        if not include_replayed:
-            conditions.append(sql.SQL("replayed_at IS NULL"))
+        where, params = _where(outbox, event_ids, None if include_replayed else "replayed_at IS NULL")
         query = sql.SQL("SELECT " + _COLUMNS + " FROM {} WHERE {} ORDER BY outbox, position").format(
-            self._table, sql.SQL(" AND ").join(conditions)
+            self._table, where
         )
         cur = await conn.execute(query, params)
         return [_letter(list(row)) for row in await cur.fetchall()]
@@ -182,19 +190,8 @@ class DeadLetterStore:
 
     async def purge(self, outbox: str | None, event_ids: Sequence[str], replayed_only: bool) -> int:
         conn = await self._connection()
-        conditions = [sql.SQL("true")]
-        params: list[Any] = []
-        if outbox is not None:
-            conditions.append(sql.SQL("outbox = %s"))
-            params.append(outbox)
-        if event_ids:
-            conditions.append(sql.SQL("event_id = ANY(%s)"))
-            params.append(list(event_ids))
-        if replayed_only:
-            conditions.append(sql.SQL("replayed_at IS NOT NULL"))
-        cur = await conn.execute(
-            sql.SQL("DELETE FROM {} WHERE {}").format(self._table, sql.SQL(" AND ").join(conditions)), params
-        )
+        where, params = _where(outbox, event_ids, "replayed_at IS NOT NULL" if replayed_only else None)
+        cur = await conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(self._table, where), params)
         return cur.rowcount
 
     async def close(self) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 from relay import metrics
@@ -339,37 +340,57 @@ class Pipeline:
             self._m_retries.inc(failed)
         self._dispatch_wake.set()
 
-    # --- dead letters -------------------------------------------------------------------------
+    # --- dead letters and acks ---------------------------------------------------------------
+
+    async def _batches(
+        self, queue: list[Any], wake: asyncio.Event, upstream_done: asyncio.Event
+    ) -> AsyncIterator[list[Any]]:
+        """Whatever piled up in `queue` (a list the producer side appends to), batch by batch,
+        until the producer side is done and the queue is empty."""
+        while True:
+            if not queue:
+                if upstream_done.is_set():
+                    return
+                wake.clear()
+                if not queue and not upstream_done.is_set():
+                    await wake.wait()
+                continue
+            batch = queue[:]
+            queue.clear()
+            yield batch
+
+    async def _until_done(self, action: Callable[[], Awaitable[None]], failing: str, events: int) -> None:
+        """Run a database write until it succeeds, backing off: the database may be restarting,
+        and giving up would lose an acknowledgement (or a dead letter)."""
+        attempt = 0
+        while True:
+            try:
+                await action()
+                self._set_db(True)
+                return
+            except Exception as exc:
+                attempt += 1
+                self._set_db(False)
+                delay = _CONNECT_BACKOFF.delay(attempt)
+                self._log.error(
+                    failing,
+                    error=describe_error(exc),
+                    events=events,
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
 
     async def _park_loop(self) -> None:
         """Store poison events in the dead-letter table, then acknowledge them to the source."""
-        attempt = 0
-        while True:
-            if not self._park_queue:
-                if self._dispatch_done.is_set():
-                    break
-                self._park_wake.clear()
-                if not self._park_queue and not self._dispatch_done.is_set():
-                    await self._park_wake.wait()
-                continue
-            batch, self._park_queue = self._park_queue, []
-            assert self._dead_letters is not None
-            while True:
-                try:
-                    await self._dead_letters.park(self.name, batch)
-                    break
-                except Exception as exc:
-                    attempt += 1
-                    delay = _CONNECT_BACKOFF.delay(attempt)
-                    self._log.error(
-                        "cannot store dead letters, retrying (does the table exist? run init-db)",
-                        error=describe_error(exc),
-                        events=len(batch),
-                        attempt=attempt,
-                        retry_in=round(delay, 2),
-                    )
-                    await asyncio.sleep(delay)
-            attempt = 0
+        async for batch in self._batches(self._park_queue, self._park_wake, self._dispatch_done):
+            store = self._dead_letters
+            assert store is not None
+            await self._until_done(
+                partial(store.park, self.name, batch),
+                "cannot store dead letters, retrying (does the table exist? run init-db)",
+                len(batch),
+            )
             for event, reason, permanent in batch:
                 self._lanes.succeeded(event)
                 self._log.warning(
@@ -388,38 +409,14 @@ class Pipeline:
         self._park_done.set()
         self._ack_wake.set()
 
-    # --- ack ----------------------------------------------------------------------------------
-
     async def _ack_loop(self) -> None:
-        attempt = 0
-        while True:
-            if not self._ack_queue:
-                if self._park_done.is_set():
-                    return
-                self._ack_wake.clear()
-                if not self._ack_queue and not self._park_done.is_set():
-                    await self._ack_wake.wait()
-                continue
-            batch, self._ack_queue = self._ack_queue, []
-            while True:
-                started = time.perf_counter()
-                try:
-                    await self.source.ack(batch)
-                    break
-                except Exception as exc:
-                    attempt += 1
-                    self._set_db(False)
-                    delay = _CONNECT_BACKOFF.delay(attempt)
-                    self._log.error(
-                        "ack failed, retrying (the broker already has these events)",
-                        error=describe_error(exc),
-                        events=len(batch),
-                        attempt=attempt,
-                        retry_in=round(delay, 2),
-                    )
-                    await asyncio.sleep(delay)
-            attempt = 0
-            self._set_db(True)
+        async for batch in self._batches(self._ack_queue, self._ack_wake, self._park_done):
+            started = time.perf_counter()
+            await self._until_done(
+                partial(self.source.ack, batch),
+                "ack failed, retrying (the broker already has these events)",
+                len(batch),
+            )
             self._m_ack.observe(time.perf_counter() - started)
             self._held -= len(batch)
             self._space_freed.set()

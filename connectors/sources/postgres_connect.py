@@ -10,10 +10,25 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
+from pydantic import BaseModel, ConfigDict
 
 from relay.events import OutboxEvent
 from relay.interfaces import ConnectorError
 from relay.secrets import scrubber
+
+
+class EventColumns(BaseModel):
+    """Where an outbox table keeps each field of an event. `headers` and `created_at` may be
+    null when the table has no such column."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    event_id: str = "event_id"
+    aggregate_type: str = "aggregate_type"
+    aggregate_id: str = "aggregate_id"
+    event_type: str = "event_type"
+    payload: str = "payload"
+    headers: str | None = "headers"
+    created_at: str | None = "created_at"
 
 
 async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psycopg.AsyncConnection[Any]:

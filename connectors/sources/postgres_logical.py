@@ -30,10 +30,10 @@ import orjson
 import psycopg
 from psycopg import pq
 from psycopg import sql as psql
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from connectors.sources import pgoutput
-from connectors.sources.postgres_connect import connect, insert_event
+from connectors.sources.postgres_connect import EventColumns, connect, insert_event
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
@@ -49,19 +49,10 @@ _BYTEA_OID = 17
 _IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
 
 
-class LogicalColumns(BaseModel):
+class LogicalColumns(EventColumns):
     """Column names in `table` mode. A Debezium-style table maps as {event_id: id,
     aggregate_type: aggregatetype, aggregate_id: aggregateid, event_type: type, headers: null,
     created_at: null}."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    event_id: str = "event_id"
-    aggregate_type: str = "aggregate_type"
-    aggregate_id: str = "aggregate_id"
-    event_type: str = "event_type"
-    payload: str = "payload"
-    headers: str | None = "headers"
-    created_at: str | None = "created_at"
 
 
 class PostgresLogicalConfig(ConnectorConfig):

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from connectors.sources.postgres_connect import connect, insert_event
+from connectors.sources.postgres_connect import EventColumns, connect, insert_event
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
@@ -34,22 +34,12 @@ from relay.secrets import scrubber
 _MIN_POSITION = -(2**63)
 
 
-class ColumnMapping(BaseModel):
-    """Column names of the outbox table, for schemas other than the default one.
+class ColumnMapping(EventColumns):
+    """Column names of the outbox table, for schemas other than the default one. Polling also
+    needs the `position` column, and `published_at` with `after_publish: mark` (it may be null
+    with `after_publish: delete`)."""
 
-    `headers` and `created_at` may be null when the table has no such column; `published_at` may
-    be null with `after_publish: delete`.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
     position: str = "position"
-    event_id: str = "event_id"
-    aggregate_type: str = "aggregate_type"
-    aggregate_id: str = "aggregate_id"
-    event_type: str = "event_type"
-    payload: str = "payload"
-    headers: str | None = "headers"
-    created_at: str | None = "created_at"
     published_at: str | None = "published_at"
 
 
