@@ -656,14 +656,20 @@ class RabbitMQReader(DeliveryReader):
         if self._connection is None or not self._connection.is_open:
             self._open()  # the broker restarted: the durable queue kept what arrived meanwhile
         delivered: list[Delivered] = []
+        last_tag = None
         while len(delivered) < 10_000:
-            method, properties, _body = self._channel.basic_get(self._queue, auto_ack=True)
+            # Acknowledged only once recorded: a connection lost mid-drain redelivers (a
+            # duplicate in the report) instead of losing the message (a false "lost").
+            method, properties, _body = self._channel.basic_get(self._queue, auto_ack=False)
             if method is None:
                 break
+            last_tag = method.delivery_tag
             raw = properties.headers or {}
             headers = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in raw.items()}
             delivered.append(Delivered(headers, time.time()))
-        if not delivered:
+        if last_tag is not None:
+            self._channel.basic_ack(last_tag, multiple=True)
+        else:
             self._connection.sleep(0.05)  # serves heartbeats while idle
         return delivered
 
