@@ -16,8 +16,12 @@ import psycopg
 import pytest
 
 from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
+from tests.harness.nats import NatsServer, start_nats
 from tests.harness.postgres import PostgresServer, start_postgres
 from tests.harness.rabbitmq import RabbitBroker, start_rabbitmq
+from tests.harness.redis import RedisServer, start_redis
+from tests.harness.webhook import Request as WebhookRequest
+from tests.harness.webhook import WebhookReceiver
 from tests.support import DEFAULT_TABLE_SQL
 
 
@@ -104,3 +108,73 @@ def rabbit_message_as_line(message: dict[str, Any]) -> dict[str, Any]:
 
 def kafka_message_as_line(message: ConsumedMessage) -> dict[str, Any]:
     return _as_line({name: (value or b"").decode() for name, value in message["headers"]}, message["value"])
+
+
+# --- NATS, Redis, webhook (issue 8) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """NATS with JetStream for the whole run: RELAY_TEST_NATS_URL, the server on 127.0.0.1:4222,
+    or a private nats-server. Tests use streams of their own and delete them."""
+    pytest.importorskip("nats")
+    server = start_nats()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """Redis for the whole run: RELAY_TEST_REDIS_URL, the server on 127.0.0.1:6379, or a private
+    redis-server. Tests use keys of their own (tests.harness.redis.unique_prefix) and delete them."""
+    pytest.importorskip("redis")
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """A local HTTP receiver of the test's own (records requests; scripted 500s, 429s, delays)."""
+    pytest.importorskip("httpx")
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+def nats_message_as_line(headers: dict[str, str], data: bytes) -> dict[str, Any]:
+    return _as_line(headers, data)
+
+
+def redis_entry_as_line(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """A stream entry in the shape of a file-sink line; `headers` is the entry's JSON object."""
+    headers = json.loads(fields[b"headers"])
+    for name in ("event_id", "event_type", "aggregate_type", "aggregate_id", "position", "created_at"):
+        assert headers[name] == fields[name.encode()].decode(), f"field {name} differs from its header"
+    return _as_line(headers, fields[b"payload"])
+
+
+def webhook_request_as_lines(request: WebhookRequest) -> list[dict[str, Any]]:
+    """The events one webhook request carried, each in the shape of a file-sink line."""
+    if request.headers.get("x-outbox-batch-size") is not None:
+        lines = json.loads(request.body)
+        for line in lines:
+            assert line["idempotency_key"] == line["event_id"]
+        return [_as_line(line["headers"], json.dumps(line["payload"]).encode()) for line in lines]
+    headers = {
+        name.removeprefix("x-outbox-").replace("-", "_"): value
+        for name, value in request.headers.items()
+        if name.startswith("x-outbox-") and not name.startswith("x-outbox-header-")
+    }
+    headers.update(
+        {
+            name.removeprefix("x-outbox-header-"): value
+            for name, value in request.headers.items()
+            if name.startswith("x-outbox-header-")
+        }
+    )
+    assert request.headers["idempotency-key"] == headers["event_id"]
+    return [_as_line(headers, request.body)]

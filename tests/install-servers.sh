@@ -25,3 +25,25 @@ if [ -z "${RELAY_TEST_AMQP_URL:-}" ] && ! have_rabbitmq; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
 fi
+
+# NATS with JetStream: the tests use RELAY_TEST_NATS_URL, else a server answering on 127.0.0.1:4222
+# with JetStream, else a private `nats-server -js` they start themselves (Debian package nats-server).
+# The tests that pause or restart the server always start a private one, so the binary is needed.
+have_nats() {
+  command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]
+}
+
+if ! have_nats; then
+  echo "installing NATS (Debian package nats-server) for the tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
+
+# Redis: the tests use RELAY_TEST_REDIS_URL, else a server answering on 127.0.0.1:6379, else a
+# private redis-server they start themselves (Debian package redis-server). The outage tests always
+# start a private one, so the binary is needed even when a shared server answers.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing Redis (Debian package redis-server) for the tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi

@@ -13,19 +13,31 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import pytest
 
 from connectors.sinks.file import FileSink, FileSinkConfig
 from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
+from connectors.sinks.nats import NatsSink, NatsSinkConfig
 from connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
+from connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
 from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
+from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
 from relay.events import OutboxEvent
 from relay.interfaces import Sink
-from tests.conftest import kafka_message_as_line, rabbit_message_as_line
+from tests.conftest import (
+    kafka_message_as_line,
+    nats_message_as_line,
+    rabbit_message_as_line,
+    redis_entry_as_line,
+    webhook_request_as_lines,
+)
 from tests.harness.kafka import KafkaBroker
+from tests.harness.nats import NatsServer, read_stream
 from tests.harness.rabbitmq import RabbitBroker, declare_queue, delete, drain_queue, queue_depth
+from tests.harness.redis import RedisServer, unique_prefix
+from tests.harness.webhook import WebhookReceiver
 from tests.support import read_lines
 
 
@@ -115,11 +127,85 @@ def _rabbitmq_backend(rabbitmq: RabbitBroker) -> Iterator[Backend]:
         delete(rabbitmq.url, queues=[queue], exchanges=[exchange])
 
 
+def _nats_backend(nats_server: NatsServer) -> Iterator[Backend]:
+    # A stream and subjects of this test's own: the server may be shared.
+    stream, prefix = f"CONTRACT_{uuid.uuid4().hex}", f"contract-{uuid.uuid4().hex}"
+
+    def sink(url: str) -> Sink:
+        return NatsSink(
+            NatsSinkConfig(
+                type="nats",
+                servers=url,
+                stream=stream,
+                subject=prefix + ".{aggregate_type}.{event_type}",
+                connect_timeout=2,
+                ack_timeout=5,
+            )
+        )
+
+    def read_back() -> list[dict[str, Any]]:
+        return [
+            nats_message_as_line(headers, data) for _, headers, data in read_stream(nats_server.url, stream)
+        ]
+
+    try:
+        # Port 1 on loopback refuses connections: start() cannot reach any server.
+        yield Backend(sink(nats_server.url), read_back, lambda: sink("nats://127.0.0.1:1"))
+    finally:
+        nats_server.delete_stream(stream)
+
+
+def _redis_backend(redis_server: RedisServer) -> Iterator[Backend]:
+    prefix = unique_prefix("contract")  # the server may be shared: keys of this test's own
+
+    def sink(url: str) -> Sink:
+        return RedisStreamsSink(
+            RedisSinkConfig(type="redis", url=url, stream=prefix + ".{aggregate_type}", connect_timeout=2)
+        )
+
+    def read_back() -> list[dict[str, Any]]:
+        import redis
+
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            return [redis_entry_as_line(fields) for _, fields in client.xrange(f"{prefix}.order")]
+        finally:
+            client.close()
+
+    try:
+        # Port 1 on loopback refuses connections: start() cannot reach any server.
+        yield Backend(sink(redis_server.url), read_back, lambda: sink("redis://127.0.0.1:1/0"))
+    finally:
+        redis_server.delete_matching(f"{prefix}*")
+
+
+def _webhook_backends(mode: Literal["event", "batch"]) -> Callable[..., Iterator[Backend]]:
+    def backend(webhook_receiver: WebhookReceiver) -> Iterator[Backend]:
+        def sink(url: str) -> Sink:
+            return WebhookSink(WebhookSinkConfig(type="webhook", url=url, mode=mode, timeout=5))
+
+        def read_back() -> list[dict[str, Any]]:
+            # In arrival order: an aggregate's next event is sent only after the previous one was
+            # answered, so each aggregate's events arrive in order.
+            return [
+                line for request in webhook_receiver.received() for line in webhook_request_as_lines(request)
+            ]
+
+        # Port 1 on loopback refuses connections: every request fails to connect.
+        yield Backend(sink(webhook_receiver.url), read_back, lambda: sink("http://127.0.0.1:1/hook"))
+
+    return backend
+
+
 BACKENDS: dict[str, Callable[..., Iterator[Backend]]] = {
     "file": _file_backend,
     "stdout": _stdout_backend,
     "kafka": _kafka_backend,
     "rabbitmq": _rabbitmq_backend,
+    "nats": _nats_backend,
+    "redis": _redis_backend,
+    "webhook": _webhook_backends("event"),
+    "webhook-batch": _webhook_backends("batch"),
 }
 
 

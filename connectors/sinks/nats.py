@@ -1,0 +1,546 @@
+"""Sink `nats`: publishes every event to a NATS JetStream stream (nats-py) and waits for its PubAck.
+
+An acknowledgement is a JetStream PubAck for that message: the stream stored it (on disk with the
+default file storage, on a quorum of replicas for a replicated stream). A PubAck that does not
+arrive within `ack_timeout`, and a connection lost before it, are transient failures; the
+pipeline retries them, so an event without a PubAck is never marked published.
+
+Every message carries `Nats-Msg-Id: <event_id>`. JetStream drops a message whose id it already
+stored within the stream's `duplicate_window` (default 2 minutes) and answers with a PubAck marked
+`duplicate`: a re-send after a timeout or a relay restart within that window does not reach
+consumers twice. Older repeats still can (at-least-once); consumers dedupe by `event_id`.
+
+PubAcks are pipelined: one call publishes all of its events on the connection with a reply
+subject each, then waits once for all the PubAcks. (nats-py's `publish_async` does the same, but
+in 2.16 a JetStream error reply raises inside its callback and leaves the future unresolved, so a
+refused message would look like a timeout; the sink therefore reads the replies itself.)
+
+Reconnecting is nats-py's job (it retries forever, `reconnect_wait` apart); while it reconnects,
+publish reports transient failures at once instead of buffering blindly.
+
+`nats` is imported inside methods only, so that a config naming this sink validates (and `check`
+can say which extra to install) on an installation without the `nats` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from pydantic import Field, field_validator, model_validator
+
+from relay.durations import Duration
+from relay.events import Failure, OutboxEvent, PublishResult
+from relay.interfaces import ConnectorError, Sink
+from relay.logs import get_logger
+from relay.registry import ConnectorConfig, SinkPlugin
+from relay.secrets import redact_url, scrubber
+from relay.templates import TEMPLATE_FIELDS, check_template
+
+_SCHEMES = ("nats", "tls", "ws", "wss")
+# NATS stream names: no whitespace, no '.', '*', '>' and no path separators (they name files).
+_STREAM_NAME = re.compile(r"^[^\s.*>/\\]{1,255}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # what nats-py accepts as a header key
+_FIELD = re.compile(r"\{[^{}]*\}")
+_CLOSE_TIMEOUT_S = 5.0
+# Publishing writes into nats-py's buffer without a round trip; a break every this many messages
+# lets PubAcks be read (and /healthz answered) while a large call is still being written.
+_YIELD_EVERY = 256
+
+# JetStream error codes (`err_code` of an error reply) that say the stream or server as a whole
+# cannot take messages right now: retrying later may work, and they are not the event's fault.
+_TRANSIENT_ERR_CODES = frozenset(
+    {
+        10008,  # JetStream temporarily unavailable
+        10023,  # insufficient resources
+        10077,  # storing the message failed (stream limits with discard: new, disk full)
+    }
+)
+_STREAM_HINTS = {
+    10065: " (another stream already takes some of these subjects: set subjects: to ones of this stream's "
+    "own, or point stream: at that stream)",
+    10058: " (a stream with this name exists with other settings)",
+}
+_HINTS = {
+    10054: "the message is larger than the stream's max_msg_size",
+    10060: "the subject belongs to another stream than the configured one",
+}
+
+
+def _split_servers(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _with_scheme(server: str) -> str:
+    return server if "://" in server else f"nats://{server}"
+
+
+def redact_server(url: str) -> str:
+    """A server URL for display: a password, or a token given as the user part, is masked."""
+    url = redact_url(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.username and parts.password is None:  # nats://TOKEN@host
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    return url
+
+
+def default_subjects(template: str) -> list[str]:
+    """The stream subjects that cover every subject the template renders: each token with a field
+    becomes `*`, and a last token with a field becomes `>` (a field value may contain dots)."""
+    tokens = ["*" if _FIELD.search(token) else token for token in template.split(".")]
+    if tokens[-1] == "*":
+        tokens[-1] = ">"
+    return [".".join(tokens)]
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why a rendered subject cannot be published to, or None."""
+    if not subject:
+        return "the subject is empty"
+    if any(c.isspace() for c in subject):
+        return f"subject {subject!r} contains whitespace"
+    tokens = subject.split(".")
+    if any(token == "" for token in tokens):
+        return f"subject {subject!r} has an empty token (an empty field value, or '..')"
+    if any(token in ("*", ">") for token in tokens):
+        return f"subject {subject!r} contains a wildcard token"
+    return None
+
+
+class NatsSinkConfig(ConnectorConfig):
+    type: Literal["nats"]
+    servers: list[str] = Field(
+        min_length=1,
+        description="NATS server URLs (a list or a comma-separated string): "
+        "nats://[user:password@]host:4222, tls://..., or host:port. Credentials are never shown.",
+    )
+    subject: str = Field(
+        default="outbox.{aggregate_type}.{event_type}",
+        min_length=1,
+        description=f"Subject template; fields: {', '.join(TEMPLATE_FIELDS)}.",
+    )
+    stream: str = Field(default="OUTBOX", description="JetStream stream the subjects belong to.")
+    declare: bool = Field(
+        default=True,
+        description="Create the stream (file storage) when it is missing; false only checks that it exists.",
+    )
+    subjects: list[str] | None = Field(
+        default=None,
+        description="Subjects the stream is created with (declare: true); default derived from the subject "
+        "template, e.g. outbox.*.> for outbox.{aggregate_type}.{event_type}.",
+    )
+    duplicate_window: Duration = Field(
+        default=120.0,
+        gt=0,
+        description="Deduplication window of a stream the relay creates: a repeat of a Nats-Msg-Id within "
+        "it is dropped by JetStream. An existing stream keeps its own.",
+    )
+    ack_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="How long a call waits for PubAcks before its unacknowledged events count as failed.",
+    )
+    connect_timeout: Duration = Field(default=5.0, gt=0, description="Bound on connecting to a server.")
+    reconnect_wait: Duration = Field(
+        default=1.0, gt=0, description="Pause between reconnect attempts after a connection was lost."
+    )
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _server_list(cls, value: object) -> object:
+        return _split_servers(value)
+
+    @field_validator("servers")
+    @classmethod
+    def _valid_servers(cls, value: list[str]) -> list[str]:
+        checked: list[str] = []
+        for server in value:
+            scrubber.remember_from(server)
+            url = _with_scheme(server.strip())
+            shown = redact_server(url)
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+            except ValueError as exc:
+                raise ValueError(
+                    f"server {shown!r} is not a valid URL ({scrubber.scrub(str(exc))})"
+                ) from None
+            if parts.username and parts.password is None:
+                scrubber.remember(parts.username)  # a token
+            if parts.scheme not in _SCHEMES:
+                raise ValueError(f"server {shown!r} must start with one of {', '.join(_SCHEMES)}://")
+            if not parts.hostname:
+                raise ValueError(f"server {shown!r} has no host")
+            checked.append(url)
+        return checked
+
+    @field_validator("subject")
+    @classmethod
+    def _valid_subject(cls, value: str) -> str:
+        for literal in check_template(value, "subject"):
+            if any(c.isspace() for c in literal) or "*" in literal or ">" in literal:
+                raise ValueError(
+                    f"subject template {value!r} has whitespace or a wildcard ('*', '>'); "
+                    "messages are published to concrete subjects"
+                )
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _valid_stream(cls, value: str) -> str:
+        if not _STREAM_NAME.match(value):
+            raise ValueError(
+                f"stream {value!r} is not a valid JetStream stream name "
+                "(no whitespace, '.', '*', '>', '/' or '\\')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _stream_subjects(self) -> NatsSinkConfig:
+        if self.subjects is not None and not self.subjects:
+            raise ValueError("subjects must name at least one subject (or be left out)")
+        return self
+
+    def stream_subjects(self) -> list[str]:
+        return self.subjects if self.subjects is not None else default_subjects(self.subject)
+
+
+# --- the sink ------------------------------------------------------------------------------------
+
+
+class _Unsettled:
+    """Marks a slot still waiting for its PubAck."""
+
+
+_UNSETTLED = _Unsettled()
+
+
+@dataclass(slots=True)
+class _Call:
+    """The events of one publish call still waiting for their PubAck."""
+
+    results: list[PublishResult | _Unsettled]
+    done: asyncio.Future[None]
+    remaining: int = 0
+
+    def settle(self, index: int, result: PublishResult) -> None:
+        self.results[index] = result
+        self.remaining -= 1
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass(slots=True)
+class _Link:
+    """One connection with the reply subscription its PubAcks come back on."""
+
+    client: Any
+    reply_prefix: str
+    waiting: dict[str, tuple[_Call, int, str]] = field(default_factory=dict)
+    tokens: itertools.count[int] = field(default_factory=itertools.count)
+    #: Connection errors since the last successful (re)connect: only the first one is a warning.
+    errors: int = 0
+
+    def fail_waiting(self, reason: str) -> None:
+        """Settle every event still waiting for a PubAck as a transient failure."""
+        waiting, self.waiting = self.waiting, {}
+        failure = Failure(reason, transient=True)
+        for call, index, _subject in waiting.values():
+            call.settle(index, failure)
+
+
+def _reply_result(data: bytes, headers: dict[str, str] | None, subject: str, stream: str) -> PublishResult:
+    """The outcome a JetStream reply to a publish stands for."""
+    status = (headers or {}).get("Status", "")
+    if status == "503":
+        return Failure(
+            f"no JetStream stream matches subject {subject!r} (no responders); "
+            f"the stream {stream!r} must list it in its subjects",
+            permanent=True,
+        )
+    try:
+        reply = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return Failure(f"unexpected reply to a publish on {subject!r}: {data[:200]!r}")
+    if not isinstance(reply, dict):
+        return Failure(f"unexpected reply to a publish on {subject!r}: {data[:200]!r}")
+    error = reply.get("error")
+    if isinstance(error, dict):
+        code, err_code = error.get("code"), error.get("err_code")
+        description = str(error.get("description", "")).strip()
+        hint = _HINTS.get(err_code) if isinstance(err_code, int) else None
+        reason = (
+            f"JetStream refused the message on {subject!r}: {description} (code {code}, err_code {err_code})"
+        )
+        if hint:
+            reason += f": {hint}"
+        transient = err_code in _TRANSIENT_ERR_CODES or code == 503
+        return Failure(reason, permanent=code == 400 and not transient, transient=transient)
+    if "seq" not in reply:
+        return Failure(f"unexpected reply to a publish on {subject!r}: {data[:200]!r}")
+    return None
+
+
+def _explain(exc: BaseException) -> str:
+    text = str(exc).strip()
+    message = f"{type(exc).__name__}: {text}" if text and text != type(exc).__name__ else type(exc).__name__
+    return scrubber.scrub(message)
+
+
+class NatsSink(Sink):
+    kind = "nats"
+
+    def __init__(self, config: NatsSinkConfig) -> None:
+        self.config = config
+        for server in config.servers:
+            scrubber.remember_from(server)
+        self._display_servers = [redact_server(server) for server in config.servers]
+        self._link: _Link | None = None
+        self._connect_lock = asyncio.Lock()
+        self._log = get_logger(sink="nats", servers=",".join(self._display_servers), stream=config.stream)
+
+    # --- Sink ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._ensure_link()
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        """Publish every event with a reply subject, then wait once for all their PubAcks.
+
+        Returns None for an event only when JetStream answered with a PubAck (a `duplicate` one
+        included: the stream has the message). Raises ConnectorError when no connection can be
+        opened; while nats-py is reconnecting, every event is a transient failure."""
+        if not events:
+            return []
+        link = await self._ensure_link()
+        client = link.client
+        loop = asyncio.get_running_loop()
+        call = _Call([_UNSETTLED] * len(events), loop.create_future())
+        if not client.is_connected:
+            failure = Failure("not published: not connected to NATS (reconnecting)", transient=True)
+            return [failure] * len(events)
+        config = self.config
+        template, stream = config.subject, config.stream
+        tokens: list[str] = []
+        from nats import errors as nats_errors
+
+        for index, event in enumerate(events):
+            if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+            subject = template.format_map(event.template_fields())
+            problem = subject_problem(subject)
+            if problem is not None:
+                call.results[index] = Failure(f"not published: {problem}", permanent=True)
+                continue
+            headers = event.standard_headers()
+            bad = next((name for name in headers if not _HEADER_NAME.match(name)), None)
+            if bad is not None:
+                call.results[index] = Failure(
+                    f"not published: header name {bad!r} cannot be carried by NATS "
+                    "(letters, digits and !#$%&'*+-.^_`|~ only)",
+                    permanent=True,
+                )
+                continue
+            headers["Nats-Msg-Id"] = event.event_id
+            headers["Nats-Expected-Stream"] = stream
+            headers["Content-Type"] = event.content_type
+            token = str(next(link.tokens))
+            try:
+                await client.publish(subject, event.payload, reply=link.reply_prefix + token, headers=headers)
+            except (
+                nats_errors.MaxPayloadError,
+                nats_errors.BadSubjectError,
+                nats_errors.BadHeaderError,
+            ) as exc:
+                call.results[index] = Failure(
+                    f"not published on {subject!r}: {_explain(exc)}", permanent=True
+                )
+                continue
+            except Exception as exc:
+                call.results[index] = Failure(
+                    f"not published on {subject!r}: {_explain(exc)}", transient=True
+                )
+                continue
+            link.waiting[token] = (call, index, subject)
+            call.remaining += 1
+            tokens.append(token)
+        if call.remaining:
+            await asyncio.wait((call.done,), timeout=config.ack_timeout)
+        if call.remaining:
+            connected = "" if client.is_connected else " (connection to NATS lost)"
+            failure = Failure(
+                f"no PubAck from JetStream within {config.ack_timeout:g}s (ack_timeout){connected}",
+                transient=True,
+            )
+            for token in tokens:
+                waiting = link.waiting.pop(token, None)
+                if waiting is not None:
+                    call.settle(waiting[1], failure)
+        # Every slot is settled by now; an unsettled one is never reported as acknowledged.
+        unsettled = Failure("no PubAck from JetStream", transient=True)
+        return [unsettled if isinstance(r, _Unsettled) else r for r in call.results]
+
+    async def check(self) -> None:
+        """Connect, check (or create, with `declare: true`) the stream, and disconnect."""
+        link = await self._connect()
+        await self._close_link(link)
+
+    async def close(self) -> None:
+        """Every publish call already waited for its PubAcks; close flushes and disconnects."""
+        link, self._link = self._link, None
+        if link is not None:
+            await self._close_link(link)
+
+    def describe(self) -> dict[str, object]:
+        config = self.config
+        return {
+            "servers": self._display_servers,
+            "subject": config.subject,
+            "stream": config.stream,
+            "declare": config.declare,
+            "stream_subjects": config.stream_subjects(),
+            "duplicate_window": config.duplicate_window,
+            "ack_timeout": config.ack_timeout,
+            "connect_timeout": config.connect_timeout,
+            "dedupe_header": "Nats-Msg-Id = event_id",
+        }
+
+    # --- connection ---------------------------------------------------------------------------
+
+    async def _ensure_link(self) -> _Link:
+        link = self._link
+        if link is not None and not link.client.is_closed:
+            return link
+        async with self._connect_lock:
+            link = self._link
+            if link is not None and not link.client.is_closed:
+                return link
+            self._link = await self._connect()
+            self._log.info("connected to NATS")
+            return self._link
+
+    async def _connect(self) -> _Link:
+        from nats.aio.client import Client
+        from nats.errors import NoRespondersError
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+        config = self.config
+        log = self._log
+        link = _Link(Client(), f"_INBOX.relay.{uuid.uuid4().hex}.")
+        client = link.client
+
+        async def on_error(exc: Exception) -> None:
+            # nats-py reports every failed reconnect attempt; one warning per outage is enough.
+            link.errors += 1
+            if link.errors == 1:
+                log.warning("NATS connection error", error=_explain(exc))
+            else:
+                log.debug("NATS connection error", error=_explain(exc), errors=link.errors)
+
+        async def on_disconnected() -> None:
+            # Replies to what was published on the lost connection will not come: fail those
+            # events now rather than after ack_timeout (a re-send is deduplicated by Nats-Msg-Id).
+            link.fail_waiting("connection to NATS lost before the PubAck")
+            if not client.is_closed:
+                log.warning("disconnected from NATS, reconnecting")
+
+        async def on_reconnected() -> None:
+            log.info("reconnected to NATS", failed_attempts=link.errors)
+            link.errors = 0
+
+        where = ",".join(self._display_servers)
+        try:
+            # nats-py retries the initial connect too (max_reconnect_attempts=-1); the bound is ours.
+            await asyncio.wait_for(
+                client.connect(
+                    servers=config.servers,
+                    name="outbox-relay",
+                    connect_timeout=config.connect_timeout,
+                    reconnect_time_wait=config.reconnect_wait,
+                    max_reconnect_attempts=-1,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                ),
+                config.connect_timeout,
+            )
+        except TimeoutError:
+            await self._abandon(client)
+            raise ConnectorError(
+                f"NATS at {where}: no connection within {config.connect_timeout:g}s (connect_timeout)"
+            ) from None
+        except Exception as exc:
+            await self._abandon(client)
+            raise ConnectorError(f"NATS at {where}: {_explain(exc)}") from None
+        try:
+            js = client.jetstream(timeout=config.connect_timeout)
+            try:
+                await js.stream_info(config.stream)
+            except NotFoundError:
+                if not config.declare:
+                    raise ConnectorError(
+                        f"JetStream stream {config.stream!r} does not exist "
+                        "(declare: false needs it to exist already; create it or set declare: true)"
+                    ) from None
+                await js.add_stream(
+                    StreamConfig(
+                        name=config.stream,
+                        subjects=config.stream_subjects(),
+                        duplicate_window=config.duplicate_window,
+                        storage=StorageType.FILE,
+                    )
+                )
+                log.info("created JetStream stream", subjects=config.stream_subjects())
+            except (NoRespondersError, ServiceUnavailableError):
+                raise ConnectorError(
+                    "JetStream is not enabled on the server (start nats-server with -js)"
+                ) from None
+
+            async def on_reply(msg: Any) -> None:
+                waiting = link.waiting.pop(msg.subject[len(link.reply_prefix) :], None)
+                if waiting is not None:
+                    call, index, subject = waiting
+                    call.settle(index, _reply_result(msg.data, msg.headers, subject, config.stream))
+
+            await client.subscribe(link.reply_prefix + "*", cb=on_reply)
+        except ConnectorError as exc:
+            await self._close_link(link)
+            raise ConnectorError(f"NATS at {where}: {exc}") from None
+        except Exception as exc:
+            await self._close_link(link)
+            err_code = getattr(exc, "err_code", None)
+            hint = _STREAM_HINTS.get(err_code, "") if isinstance(err_code, int) else ""
+            raise ConnectorError(f"NATS at {where}: {_explain(exc)}{hint}") from None
+        return link
+
+    async def _abandon(self, client: Any) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), _CLOSE_TIMEOUT_S)
+
+    async def _close_link(self, link: _Link) -> None:
+        client = link.client
+        try:
+            if client.is_connected:
+                await asyncio.wait_for(client.flush(), _CLOSE_TIMEOUT_S)
+        except Exception as exc:
+            self._log.warning("flushing the NATS connection failed", error=_explain(exc))
+        await self._abandon(client)
+        link.fail_waiting("connection to NATS closed by the relay")
+
+
+plugin = SinkPlugin(type="nats", config=NatsSinkConfig, factory=NatsSink, requires=("nats",), extra="nats")

@@ -1,0 +1,317 @@
+"""Polling -> RabbitMQ benchmark. Prints figures and ratios; asserts nothing about timing.
+
+In one run, against one private PostgreSQL and one RabbitMQ broker (RELAY_TEST_AMQP_URL, else a
+private node, or with --system-node the system node on 127.0.0.1:5672), with a backlog of N events
+over 1,000 aggregates:
+  (a) raw pika publishing the very messages the relay would send for that backlog (same body,
+      properties, headers, routing key, persistent, mandatory) to a topic exchange bound to one
+      durable queue, with publisher confirms pipelined: up to --window messages outstanding, on
+      pika's asyncio adapter (as the sink uses it). What the client and the broker can do without
+      a database and without per-aggregate ordering;
+  (b) the relay draining the same backlog to the same exchange and queue (`run --drain`, its own
+      process, timed from its "outbox started" to its "drained" log line), and the ratio b/a;
+  (c) for context, the relay draining the same backlog to the file sink (/dev/null): the relay's
+      ceiling with a sink that costs nothing.
+The queue is deleted and declared again between runs. With --rounds N, (a) and (b) alternate N
+times; the medians are reported, and b/a is the median of the rounds' own ratios (broker
+throughput varies from run to run). A private node is the default because integration tests
+restart the shared system node, which would spoil the figures. With --profile FILE, one more
+in-process drain to RabbitMQ runs under cProfile; the stats go to FILE and the top entries are
+printed.
+
+    python -m tests.bench.bench_polling_rabbitmq [--events 100000] [--window 2000] [--rounds 1]
+                                                 [--profile FILE] [--system-node]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from relay.events import OutboxEvent
+from tests.bench.bench_logical import drain
+from tests.bench.bench_polling_file import AGGREGATES, _reset
+from tests.harness.postgres import start_postgres
+from tests.harness.rabbitmq import declare_queue, delete, queue_depth, start_rabbitmq
+from tests.support import DEFAULT_TABLE_SQL
+
+ROUTING_KEY = "{aggregate_type}.{event_type}"  # the sink's default
+YIELD_EVERY = 128  # as the sink: let the loop write frames and read confirms while publishing
+
+Message = tuple[str, bytes, Any]  # routing key, body, pika.BasicProperties
+
+
+def outbox_messages(dsn: str) -> list[Message]:
+    """The messages the relay publishes for the rows now in the outbox: the payload as the polling
+    source reads it, the sink's properties and standard headers, the default routing key."""
+    import pika
+
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT position, event_id::text, aggregate_type, aggregate_id, event_type, payload::text,"
+            " headers::text, extract(epoch from created_at)::float8 FROM outbox ORDER BY position"
+        ).fetchall()
+    messages: list[Message] = []
+    for position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created in rows:
+        event = OutboxEvent(
+            position=position,
+            event_id=event_id,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            event_type=event_type,
+            payload=payload.encode(),
+            headers=json.loads(headers),
+            created_at=created,
+        )
+        properties = pika.BasicProperties(
+            content_type=event.content_type,
+            delivery_mode=2,
+            message_id=event.event_id,
+            type=event.event_type,
+            timestamp=int(event.created_at),
+            headers=event.standard_headers(),
+        )
+        messages.append((ROUTING_KEY.format_map(event.template_fields()), event.payload, properties))
+    return messages
+
+
+async def raw_publish(url: str, exchange: str, messages: list[Message], window: int) -> tuple[int, float]:
+    """Publish every message with confirms, at most `window` unconfirmed at a time; returns
+    (confirmed with basic.ack and not returned, seconds from the first publish to the last confirm)."""
+    import pika
+    from pika.adapters.asyncio_connection import AsyncioConnection
+
+    loop = asyncio.get_running_loop()
+    lost: list[str] = []
+    room = asyncio.Event()
+    all_confirmed = asyncio.Event()
+    opened: asyncio.Future[Any] = loop.create_future()
+    closed: asyncio.Future[None] = loop.create_future()
+
+    def on_open_error(_connection: Any, exc: BaseException) -> None:
+        if not opened.done():
+            opened.set_exception(RuntimeError(f"cannot connect: {exc!r}"))
+
+    def on_closed(_connection: Any, exc: BaseException) -> None:
+        lost.append(repr(exc))
+        room.set()  # wake the publisher, which then sees `lost`
+        all_confirmed.set()
+        if not closed.done():
+            closed.set_result(None)
+        if not opened.done():
+            opened.set_exception(RuntimeError(f"connection closed: {exc!r}"))
+
+    connection = AsyncioConnection(
+        pika.URLParameters(url),
+        on_open_callback=opened.set_result,
+        on_open_error_callback=on_open_error,
+        on_close_callback=on_closed,
+        custom_ioloop=loop,
+    )
+    await asyncio.wait_for(opened, 15)
+
+    async def rpc(start: Any) -> Any:
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def done(result: Any) -> None:
+            if not future.done():
+                future.set_result(result)
+
+        start(done)
+        return await asyncio.wait_for(future, 15)
+
+    unconfirmed: dict[int, None] = {}  # insertion order is delivery-tag order
+    counts = {"acked": 0, "nacked": 0, "returned": 0}
+
+    def on_confirm(frame: Any) -> None:
+        method = frame.method
+        outcome = "nacked" if method.NAME == "Basic.Nack" else "acked"
+        if method.multiple:
+            while unconfirmed:
+                first = next(iter(unconfirmed))
+                if first > method.delivery_tag:
+                    break
+                del unconfirmed[first]
+                counts[outcome] += 1
+        elif method.delivery_tag in unconfirmed:
+            del unconfirmed[method.delivery_tag]
+            counts[outcome] += 1
+        if len(unconfirmed) < window:
+            room.set()
+        if not unconfirmed:
+            all_confirmed.set()
+
+    def on_return(*_: Any) -> None:
+        counts["returned"] += 1
+
+    try:
+        channel = await rpc(lambda done: connection.channel(on_open_callback=done))
+        channel.add_on_return_callback(on_return)
+        await rpc(lambda done: channel.confirm_delivery(on_confirm, callback=done))
+        publish = channel.basic_publish
+        started = time.perf_counter()
+        for tag, (routing_key, body, properties) in enumerate(messages, start=1):
+            if len(unconfirmed) >= window:
+                room.clear()
+                await room.wait()
+                if lost:
+                    raise SystemExit(f"raw publishing: connection lost: {lost[0]}")
+            elif tag % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            publish(exchange, routing_key, body, properties, mandatory=True)
+            unconfirmed[tag] = None
+            all_confirmed.clear()
+        await asyncio.wait_for(all_confirmed.wait(), 120)
+        seconds = time.perf_counter() - started
+        if lost:
+            raise SystemExit(f"raw publishing: connection lost: {lost[0]}")
+    finally:
+        if connection.is_open:
+            connection.close()
+        await asyncio.wait_for(closed, 10)
+    if counts["nacked"] or counts["returned"]:
+        raise SystemExit(f"raw publishing: {counts['nacked']} nacked, {counts['returned']} returned")
+    return counts["acked"], seconds
+
+
+def _fresh_queue(url: str, queue: str, exchange: str) -> None:
+    delete(url, queues=[queue])
+    declare_queue(url, queue, exchange, "order.*", exchange_type="topic")
+
+
+def _expect_depth(url: str, queue: str, count: int) -> None:
+    depth = queue_depth(url, queue)
+    if depth != count:
+        raise SystemExit(f"queue {queue} holds {depth} messages, expected {count}")
+
+
+def profile_drain(dsn: str, sink: dict[str, Any], out: Path, top: int = 30) -> float:
+    """An in-process `run --drain` under cProfile; returns events/s (slower than unprofiled)."""
+    import cProfile
+    import pstats
+
+    from relay.config import parse_config
+    from relay.runner import Relay
+
+    config = {
+        "outboxes": [{"name": "bench", "source": {"type": "postgres-polling", "dsn": dsn}, "sink": sink}],
+        "http": {"port": 0},
+        "log": {"format": "json", "level": "warning"},
+    }
+
+    async def main() -> tuple[int, float]:
+        relay = Relay(parse_config(config, "bench.yaml", {}))
+        started = time.perf_counter()
+        assert await relay.run(drain=True) == 0
+        return relay.pipelines[0].published, time.perf_counter() - started
+
+    profiler = cProfile.Profile()
+    published, seconds = profiler.runcall(asyncio.run, main())
+    profiler.dump_stats(out)
+    stats = pstats.Stats(str(out))
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return published / seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--window", type=int, default=2_000, help="unconfirmed messages at most in (a)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate (a) and (b) this often; medians are reported"
+    )
+    parser.add_argument("--profile", type=Path, help="also profile an in-process drain; stats to this file")
+    parser.add_argument(
+        "--system-node",
+        action="store_true",
+        help="use the system node on 127.0.0.1:5672 when it answers (shared: tests that restart it "
+        "disturb the figures); by default a private node is booted",
+    )
+    args = parser.parse_args(argv)
+    n = args.events
+
+    report: dict[str, Any] = {"load_average_1m_at_start": round(os.getloadavg()[0], 2)}
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    exchange, queue = f"{prefix}.x", f"{prefix}.q"
+    with (
+        start_postgres() as pg,
+        start_rabbitmq(prefer_existing=args.system_node) as rabbit,
+        tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+    ):
+        directory = Path(tmp)
+        report["broker"] = repr(rabbit)
+        report["events"] = f"{n} over {AGGREGATES} aggregates"
+        report["a_raw_pika_window"] = args.window
+        dsn = pg.create_database()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for statement in DEFAULT_TABLE_SQL:
+                conn.execute(statement)
+        sink = {"type": "rabbitmq", "url": rabbit.url, "exchange": exchange}
+        source = {"type": "postgres-polling", "dsn": dsn}
+        raw_rates: list[float] = []
+        relay_rates: list[float] = []
+        try:
+            for round_ in range(1, args.rounds + 1):
+                _reset(dsn, n)  # the backlog; (a) only reads it, so (b) drains the very same rows
+                messages = outbox_messages(dsn)
+                _fresh_queue(rabbit.url, queue, exchange)
+                confirmed, seconds = asyncio.run(raw_publish(rabbit.url, exchange, messages, args.window))
+                _expect_depth(rabbit.url, queue, n)
+                raw_rates.append(confirmed / seconds)
+                del messages
+
+                _fresh_queue(rabbit.url, queue, exchange)
+                figures = drain(directory, source, sink, n)
+                _expect_depth(rabbit.url, queue, n)
+                relay_rates.append(figures["events_per_s"])
+                report["b_relay_rabbitmq_rss_mb"] = round(figures["rss_mb"], 1)
+                if args.rounds > 1:
+                    report[f"round_{round_}_a_b_ratio"] = (
+                        f"{raw_rates[-1]:.0f} {relay_rates[-1]:.0f} {relay_rates[-1] / raw_rates[-1]:.3f}"
+                    )
+            report["a_raw_pika_msgs_per_s"] = round(statistics.median(raw_rates))
+            report["b_relay_rabbitmq_events_per_s"] = round(statistics.median(relay_rates))
+            # Each round's b/a compares runs made moments apart; their median resists a busy machine.
+            report["ratio_b_over_a"] = round(
+                statistics.median(b / a for a, b in zip(raw_rates, relay_rates, strict=True)), 3
+            )
+
+            _reset(dsn, n)
+            figures = drain(directory, source, _file_sink(), n)
+            report["c_relay_file_events_per_s"] = round(figures["events_per_s"])
+            report["c_relay_file_rss_mb"] = round(figures["rss_mb"], 1)
+            report["ratio_b_over_c"] = round(
+                report["b_relay_rabbitmq_events_per_s"] / report["c_relay_file_events_per_s"], 3
+            )
+
+            if args.profile:
+                _reset(dsn, n)
+                _fresh_queue(rabbit.url, queue, exchange)
+                rate = profile_drain(dsn, sink, args.profile)
+                report["profiled_relay_rabbitmq_events_per_s"] = round(rate)
+        finally:
+            delete(rabbit.url, queues=[queue], exchanges=[exchange])
+    report["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    for key, value in report.items():
+        print(f"{key:38} {value}")
+
+
+def _file_sink() -> dict[str, Any]:
+    return {"type": "file", "path": "/dev/null"}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""The webhook sink against a real local HTTP receiver (tests/harness/webhook.py) that each test
+starts itself, records every request and answers as told: 500s, 429 with Retry-After, 400, slow
+answers, and an outage (stopped, then listening again on the same port). No mocks: every
+acknowledgement is a real 2xx over a real connection."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from pydantic import ValidationError
+
+pytest.importorskip("httpx")
+
+from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig, batch_key, retry_after_seconds
+from relay.deadletters import DeadLetterStore
+from relay.events import Failure
+from relay.outbox import write_event
+from relay.registry import sink_plugins
+from tests.conftest import webhook_request_as_lines
+from tests.harness.webhook import Reply, Request, WebhookReceiver
+from tests.sink_support import make_events, missing_extra_message, relay_events
+from tests.support import (
+    assert_complete_and_ordered,
+    insert_events,
+    relay_config,
+    run_relay_until,
+    unpublished,
+)
+
+TIMEOUT = 2.0
+
+
+def _config(url: str, **settings: Any) -> WebhookSinkConfig:
+    return WebhookSinkConfig(**{"type": "webhook", "url": url, "timeout": TIMEOUT, **settings})
+
+
+@asynccontextmanager
+async def _started(url: str, **settings: Any) -> AsyncIterator[WebhookSink]:
+    sink = WebhookSink(_config(url, **settings))
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
+def _lines(receiver: WebhookReceiver) -> list[dict[str, Any]]:
+    return [line for request in receiver.received() for line in webhook_request_as_lines(request)]
+
+
+# --- what a request carries ---------------------------------------------------------------------
+
+
+async def test_each_event_is_posted_with_its_payload_idempotency_key_content_type_and_outbox_headers(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    events = make_events(10, aggregates=10)
+    events[0].headers["tracestate"] = "vendor=1"
+    events[1].headers["note"] = "naïve café"  # not ASCII: sent as UTF-8 bytes
+    events[2].payload, events[2].content_type = b"plain text", "text/plain"
+    token = f"tok-{uuid.uuid4().hex}"
+    async with _started(webhook_receiver.url, headers={"Authorization": f"Bearer {token}"}) as sink:
+        assert await sink.publish(events) == [None] * 10
+    by_key = {r.headers["idempotency-key"]: r for r in webhook_receiver.received()}
+    assert set(by_key) == {e.event_id for e in events}
+    for event in events:
+        request = by_key[event.event_id]
+        assert request.method == "POST" and request.path == "/hook"
+        assert request.body == event.payload
+        assert request.headers["content-type"] == event.content_type
+        assert request.headers["authorization"] == f"Bearer {token}"
+        assert request.headers["x-outbox-event-id"] == event.event_id
+        assert request.headers["x-outbox-event-type"] == "OrderUpdated"
+        assert request.headers["x-outbox-aggregate-type"] == "order"
+        assert request.headers["x-outbox-aggregate-id"] == event.aggregate_id
+        assert request.headers["x-outbox-position"] == str(event.position)
+        assert request.headers["x-outbox-created-at"] == event.created_at_iso
+        assert request.headers["x-outbox-header-correlation_id"] == "c-1"
+        assert request.headers["traceparent"] == event.headers["traceparent"]  # W3C, under its own name
+    assert by_key[events[0].event_id].headers["tracestate"] == "vendor=1"
+    assert by_key[events[1].event_id].headers["x-outbox-header-note"] == "naïve café"
+
+
+async def test_batch_mode_posts_one_json_array_per_call_with_per_event_keys_and_a_stable_batch_key(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    events = make_events(25, aggregates=25)
+    events[4].payload, events[4].content_type = b"\x00\x01", "application/octet-stream"
+    async with _started(webhook_receiver.url, mode="batch") as sink:
+        assert await sink.publish(events) == [None] * 25
+        assert await sink.publish(events) == [None] * 25  # the same batch again: the same key
+    first, second = webhook_receiver.received()
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["x-outbox-batch-size"] == "25"
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"] == batch_key(events)
+    body = json.loads(first.body)
+    assert [item["idempotency_key"] for item in body] == [e.event_id for e in events]
+    assert body[0]["payload"] == {"seq": 1, "text": "café"}
+    assert body[0]["headers"]["traceparent"] == events[0].headers["traceparent"]
+    assert body[4]["payload_base64"] == "AAE="
+    assert batch_key(events[:24]) != batch_key(events)
+
+
+async def test_a_batch_refused_for_one_event_is_narrowed_down_so_only_that_event_fails_permanently(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    events = make_events(100, aggregates=100)
+    poison = events[37].event_id
+    webhook_receiver.respond_with(
+        lambda request: Reply(422, b"invalid element") if poison.encode() in request.body else None
+    )
+    async with _started(webhook_receiver.url, mode="batch") as sink:
+        results = await sink.publish(events)
+    assert [i for i, r in enumerate(results) if r is not None] == [37]
+    assert isinstance(results[37], Failure) and results[37].permanent and "422" in results[37].reason
+    requests = webhook_receiver.received()
+    assert len(requests) <= 1 + 2 * 7  # the batch, then two halves per level of a 100-event bisection
+    accepted = [line["event_id"] for r in requests[1:] for line in webhook_request_as_lines(r)]
+    assert set(accepted) >= {e.event_id for e in events} - {poison}
+
+
+async def test_a_batch_the_receiver_refuses_as_such_fails_whole_after_one_split(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    webhook_receiver.respond_with(lambda _: Reply(401, b"bad token"))
+    async with _started(webhook_receiver.url, mode="batch") as sink:
+        results = await sink.publish(make_events(100, aggregates=100))
+    assert all(isinstance(r, Failure) and r.permanent and "401" in r.reason for r in results)
+    assert len(webhook_receiver.received()) == 3  # the batch and its two halves, nothing more
+
+
+async def test_a_batch_too_large_for_the_receiver_is_split_until_the_parts_are_accepted(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    webhook_receiver.respond_with(lambda request: Reply(413) if len(request.body) > 3000 else None)
+    events = make_events(64, aggregates=64)
+    async with _started(webhook_receiver.url, mode="batch") as sink:
+        assert await sink.publish(events) == [None] * 64
+    accepted = [r for r in webhook_receiver.received() if len(r.body) <= 3000]
+    assert sorted(line["event_id"] for r in accepted for line in webhook_request_as_lines(r)) == sorted(
+        e.event_id for e in events
+    )
+
+
+# --- what counts as an acknowledgement ----------------------------------------------------------
+
+
+async def test_a_429_with_retry_after_is_transient_and_nothing_is_sent_before_the_wait_is_over(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    webhook_receiver.script(Reply(429, retry_after="1"))
+    events = make_events(1, aggregates=1)
+    async with _started(webhook_receiver.url) as sink:
+        [first] = await sink.publish(events)
+        refused_at = time.monotonic()
+        assert isinstance(first, Failure) and first.transient and not first.permanent
+        assert "429 Too Many Requests" in first.reason and "Retry-After: 1, waiting 1s" in first.reason
+        [early] = await sink.publish(events)  # the pipeline retries sooner than asked
+        assert isinstance(early, Failure) and early.transient and "asked to wait" in early.reason
+        assert await relay_events(sink, events, batch=1, deadline_s=10, pause_s=0.1) > 0
+    requests = webhook_receiver.received()
+    assert len(requests) == 2, "a request went out while the receiver asked to wait"
+    assert requests[1].received_at - refused_at >= 0.9
+    assert requests[1].headers["idempotency-key"] == events[0].event_id
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
+    assert retry_after_seconds("120") == 120.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+async def test_500_and_503_are_transient_and_the_events_are_acked_once_the_receiver_recovers(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    webhook_receiver.script(Reply(500, b"database down"), Reply(503), Reply(502))
+    events = make_events(6, aggregates=6)
+    async with _started(webhook_receiver.url, max_concurrency=1) as sink:
+        results = await sink.publish(events)
+        failures = [r for r in results if r is not None]
+        assert len(failures) == 3 and all(f.transient and not f.permanent for f in failures)
+        assert "answered 500 Internal Server Error: database down" in failures[0].reason
+        refused = [e for e, r in zip(events, results, strict=True) if r is not None]
+        assert await relay_events(sink, refused, batch=6, deadline_s=10, pause_s=0.05) == 0
+    delivered = {line["event_id"] for line in _lines(webhook_receiver)}
+    assert delivered == {e.event_id for e in events}
+
+
+async def test_a_400_fails_only_its_own_event_permanently_and_the_others_are_acked(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    events = make_events(8, aggregates=8)
+    poison = events[3].event_id
+
+    def refuse_poison(request: Request) -> Reply | None:
+        if request.headers["idempotency-key"] == poison:
+            return Reply(400, b'{"error": "schema violation"}')
+        return None
+
+    webhook_receiver.respond_with(refuse_poison)
+    async with _started(webhook_receiver.url) as sink:
+        results = await sink.publish(events)
+    assert [i for i, r in enumerate(results) if r is not None] == [3]
+    failure = results[3]
+    assert isinstance(failure, Failure) and failure.permanent and not failure.transient
+    assert "answered 400 Bad Request" in failure.reason and "schema violation" in failure.reason
+
+
+async def test_a_slow_receiver_times_out_as_a_transient_failure_within_the_timeout(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    webhook_receiver.script(Reply(200, delay=TIMEOUT + 3))
+    async with _started(webhook_receiver.url) as sink:
+        started = time.monotonic()
+        [result] = await sink.publish(make_events(1, aggregates=1))
+        took = time.monotonic() - started
+    assert isinstance(result, Failure) and result.transient and not result.permanent
+    assert "no response within 2s (timeout)" in result.reason
+    assert TIMEOUT - 0.1 <= took < TIMEOUT + 1.5
+
+
+async def test_requests_in_flight_never_exceed_max_concurrency(webhook_receiver: WebhookReceiver) -> None:
+    webhook_receiver.respond_with(lambda _: Reply(200, delay=0.05))
+    async with _started(webhook_receiver.url, max_concurrency=4) as sink:
+        started = time.monotonic()
+        assert await sink.publish(make_events(40, aggregates=40)) == [None] * 40
+        took = time.monotonic() - started
+    assert webhook_receiver.max_in_flight == 4
+    assert took >= 10 * 0.05  # 40 requests, 4 at a time
+
+
+# --- outages ------------------------------------------------------------------------------------
+
+
+async def test_a_receiver_outage_gives_transient_failures_and_after_it_returns_nothing_is_lost(
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    first, second, third = (make_events(50, aggregates=50, start=s) for s in (1, 51, 101))
+    async with _started(webhook_receiver.url) as sink:
+        assert await sink.publish(first) == [None] * 50
+        webhook_receiver.stop()
+        try:
+            results = await sink.publish(second)
+            assert all(isinstance(r, Failure) and r.transient and not r.permanent for r in results)
+            assert "ConnectError" in str(results[0])
+        finally:
+            webhook_receiver.start()
+        await relay_events(sink, second + third, batch=50, deadline_s=20, pause_s=0.05)
+    delivered = _lines(webhook_receiver)
+    assert assert_complete_and_ordered(delivered, {e.event_id for e in first + second + third}) == 0
+
+
+# --- the relay end to end -----------------------------------------------------------------------
+
+
+async def test_the_relay_dead_letters_an_event_the_receiver_refuses_with_400_and_delivers_the_rest(
+    dsn: str, webhook_receiver: WebhookReceiver
+) -> None:
+    insert_events(dsn, 200, aggregates=10)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        poison = write_event(conn, "order", "order-1", "Poison", {"poison": True})
+        after = write_event(conn, "order", "order-1", "After", {"n": 1})
+    webhook_receiver.respond_with(
+        lambda request: Reply(422, b"invalid") if request.headers["idempotency-key"] == poison else None
+    )
+    webhook_receiver.script(*[Reply(503, retry_after="0")] * 5)  # a short outage first: never parks
+    config = relay_config(dsn, {"type": "webhook", "url": webhook_receiver.url})
+    await run_relay_until(config, lambda _: unpublished(dsn) == 0, timeout=60)
+    store = DeadLetterStore(dsn)
+    try:
+        (letter,) = await store.entries("orders")
+    finally:
+        await store.close()
+    assert letter.event_id == poison and letter.permanent and letter.attempts == 1
+    assert "answered 422" in letter.error
+    delivered = [line for line in _lines(webhook_receiver) if line["event_id"] != poison]
+    with psycopg.connect(dsn) as conn:
+        ids = {row[0] for row in conn.execute("SELECT event_id::text FROM outbox")} - {poison}
+    assert_complete_and_ordered(delivered, ids)
+    assert after in {line["event_id"] for line in delivered}, "its aggregate moved on after parking"
+
+
+# --- secrets and config -------------------------------------------------------------------------
+
+
+async def test_a_secret_header_is_sent_but_masked_in_describe_and_never_logged(
+    webhook_receiver: WebhookReceiver, capfd: pytest.CaptureFixture[str]
+) -> None:
+    token = f"tok-{uuid.uuid4().hex}"
+    key = f"key-{uuid.uuid4().hex}"
+    webhook_receiver.script(Reply(401, f"bad token {token}".encode()))
+    settings = {"headers": {"Authorization": f"Bearer {token}", "X-Api-Key": key, "X-Tenant": "t1"}}
+    async with _started(webhook_receiver.url + f"?sig={key}", **settings) as sink:
+        described = sink.describe()
+        [result] = await sink.publish(make_events(1, aggregates=1))
+    assert described["headers"] == {"Authorization": "***", "X-Api-Key": "***", "X-Tenant": "t1"}
+    assert "sig=***" in str(described["url"])
+    assert isinstance(result, Failure) and result.permanent and "401" in result.reason
+    captured = capfd.readouterr()
+    for text in (repr(described), result.reason, captured.out, captured.err):
+        assert token not in text and key not in text
+    assert webhook_receiver.received()[0].headers["authorization"] == f"Bearer {token}"
+
+
+def test_the_sink_is_registered_and_its_config_refuses_bad_settings_with_clear_reasons() -> None:
+    assert sink_plugins()["webhook"].config is WebhookSinkConfig
+    config = WebhookSinkConfig(type="webhook", url="https://hooks.example.com/outbox")
+    assert (config.mode, config.timeout, config.max_concurrency) == ("event", 10.0, 16)
+    base = {"type": "webhook", "url": "https://hooks.example.com/outbox"}
+    bad = {
+        "url": ("ftp://hooks.example.com/", "must be an http:// or https:// URL"),
+        "mode": ("stream", "'event' or 'batch'"),
+        "headers": ({"Idempotency-Key": "x"}, "cannot be set here: it is the event id"),
+        "max_concurrency": (0, "greater than or equal to 1"),
+        "timeout": ("soon", "is not a duration"),
+    }
+    for key, (value, reason) in bad.items():
+        with pytest.raises(ValidationError, match=reason):
+            WebhookSinkConfig(**{**base, key: value})
+    with pytest.raises(ValidationError, match="line break"):
+        WebhookSinkConfig(**{**base, "headers": {"X-Evil": "a\r\nInjected: 1"}})
+
+
+def test_a_missing_webhook_extra_is_reported_with_the_pip_install_line() -> None:
+    message = missing_extra_message({"type": "webhook", "url": "http://127.0.0.1:9/hook"}, "httpx")
+    assert message == (
+        "outboxes[0].sink.type: sink type 'webhook' needs: "
+        "pip install 'outbox-relay[webhook]' (missing httpx)"
+    )
