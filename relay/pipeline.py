@@ -70,6 +70,9 @@ class Pipeline:
         self._fetch_done = asyncio.Event()
         self._dispatch_done = asyncio.Event()
         self._closing = False  # no new publishes once set
+        self._closing_event = asyncio.Event()
+        self._sink_failures = 0  # consecutive publish calls that raised
+        self._sink_paused_until = 0.0
         self.started = False
         self.db_ok = False
         self.sink_ok = False
@@ -133,6 +136,7 @@ class Pipeline:
         try:
             await fetch
             self._closing = True
+            self._closing_event.set()
             self._dispatch_wake.set()
             await dispatch
             await park
@@ -242,6 +246,13 @@ class Pipeline:
             if self._closing:
                 slots.release()
                 break
+            pause = self._sink_paused_until - time.monotonic()
+            if pause > 0:
+                # The broker did not answer the last call: give it a breather as a whole rather
+                # than hammering it (and the log) as each event's own retry comes due.
+                slots.release()
+                await _wait_either(self._closing_event, None, pause)
+                continue
             batch = self._lanes.take(batch_size, time.monotonic())
             if not batch:
                 slots.release()
@@ -271,10 +282,20 @@ class Pipeline:
             if len(results) != len(sendable):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
             self._set_sink(True)
+            self._sink_failures = 0
         except Exception as exc:
             self._set_sink(False)
             reason = describe_error(exc)
-            self._log.error("publish failed", error=reason, events=len(sendable))
+            self._sink_failures += 1
+            pause = _CONNECT_BACKOFF.delay(self._sink_failures)
+            self._sink_paused_until = max(self._sink_paused_until, time.monotonic() + pause)
+            self._log.error(
+                "publish failed",
+                error=reason,
+                events=len(sendable),
+                attempt=self._sink_failures,
+                retry_in=round(pause, 2),
+            )
             results = [Failure(reason, transient=True)] * len(sendable)
             whole_call_failed = True
         else:
