@@ -1,49 +1,42 @@
 #!/usr/bin/env bash
-# Installs what the integration tests need and is missing: PostgreSQL's server binaries (the tests
-# start their own cluster with wal_level=logical on a free port). Skipped when RELAY_TEST_PG_DSN
-# points the tests at an existing server. Idempotent and quiet when everything is present.
+# Installs the server binaries the integration tests need and are missing, from Debian's
+# packages. The tests start their own servers on free loopback ports (or use the ones named by
+# RELAY_TEST_PG_DSN, RELAY_TEST_AMQP_URL, ...), so the packages' own services are not started
+# here. Idempotent, and quiet when everything is present.
 set -euo pipefail
+
+missing=()
 
 have_postgres() {
   command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
+# A private PostgreSQL cluster with wal_level=logical (unless RELAY_TEST_PG_DSN names a server).
+if [ -z "${RELAY_TEST_PG_DSN:-}" ] && ! have_postgres; then missing+=(postgresql); fi
 
-if [ -z "${RELAY_TEST_PG_DSN:-}" ] && ! have_postgres; then
-  echo "installing PostgreSQL (Debian package postgresql) for the tests"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-fi
-
-# RabbitMQ: the tests use RELAY_TEST_AMQP_URL, else a node answering on 127.0.0.1:5672, else a
-# private node they start themselves from Debian's rabbitmq-server package.
 have_rabbitmq() {
   command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]
 }
+# RabbitMQ: RELAY_TEST_AMQP_URL, else a node on 127.0.0.1:5672, else a private node.
+if [ -z "${RELAY_TEST_AMQP_URL:-}" ] && ! have_rabbitmq; then missing+=(rabbitmq-server); fi
 
-if [ -z "${RELAY_TEST_AMQP_URL:-}" ] && ! have_rabbitmq; then
-  echo "installing RabbitMQ (Debian package rabbitmq-server) for the tests"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+# NATS and Redis: the tests that pause or restart a server always start a private one.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then missing+=(nats-server); fi
+if ! command -v redis-server >/dev/null 2>&1; then missing+=(redis-server); fi
+
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing for the tests (Debian packages): ${missing[*]}"
+# Keep the packages from starting their services: on a machine without an init system that step
+# fails and would fail the install; the tests start what they need themselves.
+policy=/usr/sbin/policy-rc.d
+created_policy=no
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=yes
 fi
+cleanup() { [ "$created_policy" = yes ] && rm -f "$policy"; return 0; }
+trap cleanup EXIT
 
-# NATS with JetStream: the tests use RELAY_TEST_NATS_URL, else a server answering on 127.0.0.1:4222
-# with JetStream, else a private `nats-server -js` they start themselves (Debian package nats-server).
-# The tests that pause or restart the server always start a private one, so the binary is needed.
-have_nats() {
-  command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]
-}
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 
-if ! have_nats; then
-  echo "installing NATS (Debian package nats-server) for the tests"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
-fi
-
-# Redis: the tests use RELAY_TEST_REDIS_URL, else a server answering on 127.0.0.1:6379, else a
-# private redis-server they start themselves (Debian package redis-server). The outage tests always
-# start a private one, so the binary is needed even when a shared server answers.
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "installing Redis (Debian package redis-server) for the tests"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-fi
+have_postgres || [ -n "${RELAY_TEST_PG_DSN:-}" ] || { echo "PostgreSQL's initdb is still missing" >&2; exit 1; }
