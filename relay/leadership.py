@@ -46,6 +46,9 @@ class Lease:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._log = get_logger(outbox=outbox)
         self.held = False
+        #: Whether the last attempt reached the database: a standby that cannot is not ready
+        #: to take over.
+        self.database_ok = False
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
@@ -75,6 +78,7 @@ class Lease:
                 cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self._key)
                 row = await cur.fetchone()
                 attempt = 0
+                self.database_ok = True
                 if row and row[0]:
                     self.held = True
                     return True
@@ -84,6 +88,7 @@ class Lease:
                 delay = self._acquire_interval
             except psycopg.Error as exc:
                 attempt += 1
+                self.database_ok = False
                 delay = _RECONNECT.delay(attempt)
                 self._log.warning("lease: database not reachable", error=scrubber.scrub(str(exc)))
                 await self._drop()

@@ -84,17 +84,24 @@ class Relay:
         self.http: HealthServer | None = None
         #: "active" while this process relays an outbox, "standby" while another replica does.
         self.roles = ["active" if not self._lease_dsn(o) else "standby" for o in config.outboxes]
+        self._leases: dict[int, Lease] = {}
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Ready when every outbox this replica is active for can reach its database and broker.
-        A standby is ready too (healthy, waiting to take over); `role` tells which it is."""
+        """Ready when every outbox this replica is active for can reach its database and broker,
+        and, for those it is a standby for, its database (so that it could take over); `role`
+        tells which it is."""
         detail: dict[str, object] = {}
         ready = True
-        for pipeline, role in zip(self.pipelines, self.roles, strict=True):
+        for index, (pipeline, role) in enumerate(zip(self.pipelines, self.roles, strict=True)):
             entry: dict[str, object] = {"role": role}
             if role == "active":
                 entry |= {"started": pipeline.started, "database": pipeline.db_ok, "sink": pipeline.sink_ok}
                 ready = ready and pipeline.ready
+            else:
+                lease = self._leases.get(index)
+                database_ok = lease is not None and lease.database_ok
+                entry["database"] = database_ok
+                ready = ready and database_ok
             detail[pipeline.name] = entry
         return ready, {"outboxes": detail}
 
@@ -110,7 +117,7 @@ class Relay:
         if dsn is None:
             await self.pipelines[index].run(self.stop, drain=drain)
             return
-        lease = Lease(dsn, outbox.name, check_interval=outbox.lease.check_interval)
+        lease = self._leases[index] = Lease(dsn, outbox.name, check_interval=outbox.lease.check_interval)
         leader = metrics.LEADER.labels(outbox.name)
         log = self._log.bind(outbox=outbox.name)
         first_term = True

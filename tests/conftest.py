@@ -8,7 +8,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +21,19 @@ import pytest
 from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
 from tests.harness.nats import NatsServer, start_nats
 from tests.harness.postgres import PostgresServer, start_postgres
-from tests.harness.rabbitmq import RabbitBroker, start_rabbitmq
+from tests.harness.rabbitmq import RabbitBroker, delete, start_rabbitmq
 from tests.harness.redis import RedisServer, start_redis
 from tests.harness.webhook import Request as WebhookRequest
 from tests.harness.webhook import WebhookReceiver
-from tests.support import DEFAULT_TABLE_SQL
+from tests.support import DEFAULT_TABLE_SQL, REPO, start_relay
+
+StartRelay = Callable[..., subprocess.Popen[bytes]]
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    try:
+    with start_postgres() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -63,30 +65,44 @@ def run_cli(
         text=True,
         timeout=timeout,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
     )
+
+
+@pytest.fixture(name="start_relay")
+def start_relay_fixture(tmp_path: Path) -> Iterator[StartRelay]:
+    """Starts `python -m relay run -c CONFIG [extra...]`, logging to tmp_path/relay-N.log (a broker
+    outage logs a lot, and a full stderr pipe would stall the relay); kills what is left at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(config: Path, *extra: str) -> subprocess.Popen[bytes]:
+        process: subprocess.Popen[bytes] = start_relay(
+            config, *extra, log=tmp_path / f"relay-{len(started)}.log"
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[KafkaBroker]:
     """A Kafka-protocol broker for the whole run: a private tansu, or KAFKA_BOOTSTRAP_SERVERS."""
     pytest.importorskip("confluent_kafka")
-    broker = start_kafka()
-    try:
+    with start_kafka() as broker:
         yield broker
-    finally:
-        broker.close()
 
 
 @pytest.fixture(scope="session")
 def rabbitmq() -> Iterator[RabbitBroker]:
     """RabbitMQ for the whole run: RELAY_TEST_AMQP_URL, the node on 127.0.0.1:5672, or a private node."""
     pytest.importorskip("pika")
-    broker = start_rabbitmq()
-    try:
+    with start_rabbitmq() as broker:
         yield broker
-    finally:
-        broker.close()
 
 
 def _as_line(headers: dict[str, str], body: bytes | None) -> dict[str, Any]:
@@ -106,8 +122,71 @@ def rabbit_message_as_line(message: dict[str, Any]) -> dict[str, Any]:
     return _as_line({k: str(v) for k, v in message["headers"].items()}, message["body"])
 
 
+def rabbit_delivered(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drained messages in the shape tests.support.assert_complete_and_ordered reads."""
+    return [
+        {
+            "event_id": m["headers"]["event_id"],
+            "aggregate_id": m["headers"]["aggregate_id"],
+            "position": int(m["headers"]["position"]),
+        }
+        for m in messages
+    ]
+
+
+@dataclass
+class RabbitNames:
+    """Unique exchange and queue names for one test; everything is deleted afterwards."""
+
+    prefix: str = field(default_factory=lambda: f"relaytest-{uuid.uuid4().hex[:10]}")
+    queues: list[str] = field(default_factory=list)
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.prefix}.x"
+
+    def queue(self, suffix: str = "q") -> str:
+        name = f"{self.prefix}.{suffix}"
+        self.queues.append(name)
+        return name
+
+
+def rabbit_names(url: str) -> Iterator[RabbitNames]:
+    """For a `names` fixture: fresh names, and their queues and exchange deleted afterwards."""
+    created = RabbitNames()
+    try:
+        yield created
+    finally:
+        delete(url, queues=created.queues, exchanges=[created.exchange])
+
+
+def require_control(rabbit: RabbitBroker) -> None:
+    """Skip the test unless it may stop and start this broker."""
+    if not rabbit.controllable:
+        pytest.skip(f"{rabbit!r} cannot be stopped and started from here")
+
+
 def kafka_message_as_line(message: ConsumedMessage) -> dict[str, Any]:
-    return _as_line({name: (value or b"").decode() for name, value in message["headers"]}, message["value"])
+    return _as_line(kafka_headers(message), message["value"])
+
+
+def kafka_headers(message: ConsumedMessage) -> dict[str, str]:
+    return {name: (value or b"").decode() for name, value in message["headers"]}
+
+
+def consume_event_ids(
+    kafka: KafkaBroker, topic: str, wanted: set[str], timeout: float, *, least_wait: float = 0.5
+) -> list[ConsumedMessage]:
+    """Every message on the topic, by (partition, offset), read until the `wanted` event ids are
+    all there (duplicates included) or `timeout` passes; each read waits `least_wait` at least."""
+    deadline = time.monotonic() + timeout
+    expected = len(wanted)
+    while True:
+        messages = kafka.consume_all(topic, expected, max(deadline - time.monotonic(), least_wait))
+        missing = wanted - {kafka_headers(m)["event_id"] for m in messages}
+        if not missing or time.monotonic() >= deadline:
+            return messages
+        expected = len(messages) + len(missing)
 
 
 # --- NATS, Redis, webhook (issue 8) --------------------------------------------------------------
@@ -118,11 +197,8 @@ def nats_server() -> Iterator[NatsServer]:
     """NATS with JetStream for the whole run: RELAY_TEST_NATS_URL, the server on 127.0.0.1:4222,
     or a private nats-server. Tests use streams of their own and delete them."""
     pytest.importorskip("nats")
-    server = start_nats()
-    try:
+    with start_nats() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="session")
@@ -130,11 +206,8 @@ def redis_server() -> Iterator[RedisServer]:
     """Redis for the whole run: RELAY_TEST_REDIS_URL, the server on 127.0.0.1:6379, or a private
     redis-server. Tests use keys of their own (tests.harness.redis.unique_prefix) and delete them."""
     pytest.importorskip("redis")
-    server = start_redis()
-    try:
+    with start_redis() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

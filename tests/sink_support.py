@@ -8,37 +8,72 @@ import sys
 import time
 import uuid
 from collections import deque
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from relay.events import OutboxEvent
 from relay.interfaces import ConnectorError, Sink
+from tests.harness.process import Server
+from tests.support import REPO
+
+S = TypeVar("S", bound=Sink)
+
+
+def random_event_id(_position: int) -> str:
+    return str(uuid.uuid4())
 
 
 def make_events(
-    count: int, aggregates: int, start: int = 1, *, aggregate_type: str = "order"
+    count: int,
+    aggregates: int,
+    start: int = 1,
+    *,
+    aggregate_type: str = "order",
+    event_id: Callable[[int], str] = random_event_id,
+    epoch: float = 1_700_000_000.25,
 ) -> list[OutboxEvent]:
+    """Events at positions start.. over `aggregates` aggregates, with a JSON payload that is not
+    ASCII and two headers of their own; `event_id(position)` names each, `epoch` + position is
+    its creation time."""
     return [
         OutboxEvent(
             position=i,
-            event_id=str(uuid.uuid4()),
+            event_id=event_id(i),
             aggregate_type=aggregate_type,
             aggregate_id=f"order-{i % aggregates}",
             event_type="OrderUpdated",
             payload=b'{"seq": %d, "text": "caf\xc3\xa9"}' % i,
             headers={"traceparent": f"00-trace-{i}-01", "correlation_id": "c-1"},
-            created_at=1_700_000_000.25 + i,
+            created_at=epoch + i,
         )
         for i in range(start, start + count)
     ]
 
 
+@asynccontextmanager
+async def started_sink(sink: S) -> AsyncIterator[S]:
+    """The sink, started; closed when the block ends."""
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
 async def relay_events(
-    sink: Sink, events: list[OutboxEvent], *, batch: int, deadline_s: float = 30.0, pause_s: float = 0.2
+    sink: Sink,
+    events: list[OutboxEvent],
+    *,
+    batch: int,
+    deadline_s: float = 30.0,
+    pause_s: float = 0.2,
+    allow_permanent: bool = False,
 ) -> int:
     """Publish the way the pipeline does: at most one event per aggregate per call, the next
     event of an aggregate only after the previous one was acknowledged, failures retried after a
-    pause. Returns how many event publications failed (a raising call counts all its events)."""
+    pause. Returns how many event publications failed (a raising call counts all its events).
+    A permanent failure fails the test unless `allow_permanent` (then it is retried too)."""
     lanes: dict[str | None, deque[OutboxEvent]] = {}
     for event in events:
         lanes.setdefault(event.aggregate_id, deque()).append(event)
@@ -58,11 +93,60 @@ async def relay_events(
             if result is None:
                 lanes[event.aggregate_id].popleft()
             else:
-                assert not result.permanent, f"a permanent failure during an outage: {result.reason}"
+                assert allow_permanent or not result.permanent, (
+                    f"a permanent failure during an outage: {result.reason}"
+                )
                 failed += 1
         if any(result is not None for result in results):
             await asyncio.sleep(pause_s)
     return failed
+
+
+async def relay_rounds_during(
+    sink: Sink,
+    disturbance: Callable[[], None],
+    *,
+    aggregates: int,
+    pause_s: float = 0.2,
+    between_s: float = 0.01,
+    allow_permanent: bool = False,
+) -> tuple[list[OutboxEvent], int]:
+    """Round after round, the next event of every aggregate (each round relayed as by
+    `relay_events`), while `disturbance` runs in a thread, until it returned and three more rounds
+    went through. Returns the events of all rounds and how many publications failed."""
+    events: list[OutboxEvent] = []
+    failed = 0
+    disturbing = asyncio.create_task(asyncio.to_thread(disturbance))
+    rounds_after = 0
+    while rounds_after < 3:
+        if disturbing.done():
+            disturbing.result()
+            rounds_after += 1
+        round_events = make_events(aggregates, aggregates, start=len(events) + 1)
+        events += round_events
+        failed += await relay_events(
+            sink,
+            round_events,
+            batch=aggregates,
+            deadline_s=30,
+            pause_s=pause_s,
+            allow_permanent=allow_permanent,
+        )
+        await asyncio.sleep(between_s)
+    return events, failed
+
+
+def stop_and_start(server: Server, *, after_s: float, down_s: float) -> Callable[[], None]:
+    """A disturbance for `relay_rounds_during`: stop the (owned) server after `after_s` seconds and
+    start it again `down_s` seconds later."""
+
+    def disturb() -> None:
+        time.sleep(after_s)
+        server.stop()
+        time.sleep(down_s)
+        server.start()
+
+    return disturb
 
 
 def missing_extra_message(sink_config: dict[str, Any], module: str) -> str:
@@ -87,7 +171,7 @@ else:
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()

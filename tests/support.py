@@ -13,6 +13,8 @@ import psycopg
 from connectors.sources.postgres_polling import PostgresPollingConfig, PostgresPollingSource
 from relay.deadletters import create_table_sql as create_dead_letter_table
 
+REPO = Path(__file__).resolve().parents[1]
+
 # What `init-db` runs for a default config: the outbox table, its index and trigger, and the
 # dead-letter table.
 DEFAULT_TABLE_SQL = [
@@ -115,11 +117,19 @@ async def run_relay_until(
     return relay
 
 
-def unpublished(dsn: str, table: str = "outbox") -> int:
-    """Rows of the outbox not marked published yet."""
+def unpublished(dsn: str, table: str = "outbox", *, where: str = "true") -> int:
+    """Rows of the outbox (those matching the SQL condition `where`) not marked published yet."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table} WHERE published_at IS NULL").fetchone()
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE published_at IS NULL AND {where}").fetchone()
         return int(row[0]) if row else -1
+
+
+def marked_ids(dsn: str, table: str = "outbox") -> set[str]:
+    """The event ids of the rows marked published."""
+    with psycopg.connect(dsn) as conn:
+        return {
+            r[0] for r in conn.execute(f"SELECT event_id::text FROM {table} WHERE published_at IS NOT NULL")
+        }
 
 
 def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -133,6 +143,17 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) 
         time.sleep(interval)
 
 
+async def dead_letters(dsn: str, outbox: str = "orders") -> list[Any]:
+    """The dead letters parked for `outbox`, as the relay's own store reads them."""
+    from relay.deadletters import DeadLetterStore
+
+    store = DeadLetterStore(dsn)
+    try:
+        return await store.entries(outbox)
+    finally:
+        await store.close()
+
+
 def write_config(directory: Path, config: dict[str, Any], name: str = "relay.yaml") -> Path:
     import yaml
 
@@ -141,19 +162,27 @@ def write_config(directory: Path, config: dict[str, Any], name: str = "relay.yam
     return path
 
 
-def start_relay(config_path: Path, *extra: str, log: Path | None = None) -> Any:
+def start_relay(config_path: Path, *extra: str, log: Path | None = None, capture: bool = False) -> Any:
     """`outbox-relay run` as a child process; its logs go to `log` (a file, so a chatty relay can
-    never block on a full pipe) or are discarded."""
+    never block on a full pipe) or are discarded. With `capture`, its stdout and stderr are pipes
+    of text instead, for `communicate()`."""
+    import contextlib
     import subprocess
     import sys
 
-    stderr = log.open("ab") if log is not None else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "-c", str(config_path), *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    command = [sys.executable, "-m", "relay", "run", "-c", str(config_path), *extra]
+    if capture:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    with log.open("ab") if log is not None else contextlib.nullcontext(subprocess.DEVNULL) as stderr:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
+
+
+def stop_relay(relay: Any) -> None:
+    """SIGTERM a relay started by `start_relay` and check that it exits 0 within 30 s."""
+    import signal
+
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(timeout=30) == 0
 
 
 def free_port() -> int:

@@ -36,6 +36,7 @@ class FileSink(Sink):
 
     async def start(self) -> None:
         try:
+            _drop_torn_last_line(self.config.path)
             self._file = open(self.config.path, "ab")  # noqa: SIM115 - held open for the sink's life
         except OSError as exc:
             raise ConnectorError(f"cannot open {self.config.path}: {exc.strerror}") from None
@@ -64,6 +65,28 @@ class FileSink(Sink):
 
     def describe(self) -> dict[str, object]:
         return {"path": self.config.path, "fsync": self.config.fsync}
+
+
+def _drop_torn_last_line(path: str) -> None:
+    """A relay killed in the middle of a write leaves a partial last line. Its events were never
+    acknowledged (the write had not returned), so they will be written again: cut the fragment
+    off instead of leaving a corrupt line in front of them."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            handle.seek(start)
+            chunk = handle.read(end - start)
+            newline = chunk.rfind(b"\n")
+            if newline != -1:
+                end = start + newline + 1
+                break
+            end = start
+        if end != size:
+            handle.truncate(end)
 
 
 class FileReader(DeliveryReader):

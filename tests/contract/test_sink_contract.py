@@ -38,6 +38,7 @@ from tests.harness.nats import NatsServer, read_stream
 from tests.harness.rabbitmq import RabbitBroker, declare_queue, delete, drain_queue, queue_depth
 from tests.harness.redis import RedisServer, unique_prefix
 from tests.harness.webhook import WebhookReceiver
+from tests.sink_support import make_events
 from tests.support import read_lines
 
 
@@ -217,19 +218,11 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 
 
 def _events(count: int, aggregates: int, start: int = 1) -> list[OutboxEvent]:
-    return [
-        OutboxEvent(
-            position=i,
-            event_id=f"00000000-0000-0000-0000-{i:012d}",
-            aggregate_type="order",
-            aggregate_id=f"order-{i % aggregates}",
-            event_type="OrderUpdated",
-            payload=b'{"seq": %d, "text": "caf\xc3\xa9"}' % i,
-            headers={"traceparent": f"00-trace-{i}-01", "correlation_id": "c-1"},
-            created_at=1_700_000_000.0 + i,
-        )
-        for i in range(start, start + count)
-    ]
+    return make_events(count, aggregates, start, event_id=_positional_id, epoch=1_700_000_000.0)
+
+
+def _positional_id(position: int) -> str:
+    return f"00000000-0000-0000-0000-{position:012d}"
 
 
 async def test_every_event_is_delivered_with_body_and_all_headers(backend: Backend) -> None:

@@ -21,60 +21,27 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from tests.harness.process import HOST, OwnedProcess, StartError, exchange, pick_port
+from tests.harness.process import HOST, Server, exchange, start_owned
 
 __all__ = ["NATS_URL_ENV_VAR", "SYSTEM_URL", "NatsServer", "read_stream", "run_async", "start_nats"]
 
 NATS_URL_ENV_VAR = "RELAY_TEST_NATS_URL"
 SYSTEM_URL = "nats://127.0.0.1:4222"
-_START_ATTEMPTS = 5
 
 T = TypeVar("T")
 
 
-class NatsServer:
-    """A NATS server for tests. ``url`` for clients; ``owned`` True when this object started it
-    (only then do :meth:`pause`, :meth:`resume`, :meth:`stop` and :meth:`start` work)."""
+class NatsServer(Server):
+    """A NATS server with JetStream for tests (see :class:`tests.harness.process.Server`)."""
 
-    def __init__(self, url: str, *, owned: bool, process: OwnedProcess | None = None) -> None:
-        self.url = url
-        self.owned = owned
-        self._process = process
-
-    def __repr__(self) -> str:
-        return f"<NatsServer {'private' if self.owned else 'shared'} {self.url}>"
-
-    def __enter__(self) -> NatsServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def pause(self) -> None:
-        self._owned("pause").pause()
-
-    def resume(self) -> None:
-        self._owned("resume").resume()
-
-    def stop(self) -> None:
-        self._owned("stop").stop()
-
-    def start(self) -> None:
-        self._owned("start").spawn()
-
-    def close(self) -> None:
-        if self._process is not None:
-            self._process.close()
+    shared_kind = "a shared NATS server"
+    private_hint = "use start_nats(private=True)"
 
     def delete_stream(self, name: str) -> None:
         async def delete() -> None:
@@ -91,13 +58,6 @@ class NatsServer:
                 await client.close()
 
         run_async(delete)
-
-    def _owned(self, action: str) -> OwnedProcess:
-        if self._process is None:
-            raise RuntimeError(
-                f"cannot {action} a shared NATS server ({self.url}); use start_nats(private=True)"
-            )
-        return self._process
 
 
 def run_async(make: Callable[[], Awaitable[T]]) -> T:
@@ -198,24 +158,10 @@ def start_nats(*, private: bool = False, tmp_root: str | None = None) -> NatsSer
         if _answers(SYSTEM_URL) and _jetstream_enabled(SYSTEM_URL):
             return NatsServer(SYSTEM_URL, owned=False)
     binary = _binary()
-    last: StartError | None = None
-    for _attempt in range(_START_ATTEMPTS):
-        root = Path(tempfile.mkdtemp(prefix="relay-nats-", dir=tmp_root)).resolve()
-        port = pick_port()
+
+    def command(port: int, root: Path) -> list[str]:
         store = root / "jetstream"
+        return [binary, "-a", HOST, "-p", str(port), "-js", "-sd", str(store), "-n", f"relay-test-{port}"]
 
-        def command(port: int, store: Path = store) -> list[str]:
-            return [binary, "-a", HOST, "-p", str(port), "-js", "-sd", str(store), "-n", f"relay-test-{port}"]
-
-        process = OwnedProcess("nats-server", command, lambda p: _answers(f"nats://{HOST}:{p}"), root, port)
-        try:
-            process.spawn()
-        except StartError as exc:
-            process.close()
-            last = exc
-            if exc.address_in_use:
-                continue
-            raise
-        return NatsServer(f"nats://{HOST}:{port}", owned=True, process=process)
-    assert last is not None
-    raise last
+    process = start_owned("nats", command, lambda p: _answers(f"nats://{HOST}:{p}"), tmp_root=tmp_root)
+    return NatsServer(f"nats://{HOST}:{process.port}", owned=True, process=process)

@@ -10,9 +10,8 @@
   always on the same port with the same data.
 
 An owned cluster never outlives the process that started it: ``close()`` stops it and
-deletes its directory, an ``atexit`` hook does the same if the caller forgot, and a
-small watchdog process does it if the caller is killed outright (SIGKILL), because
-neither ``finally`` blocks nor ``atexit`` run then.
+deletes its directory, an exit hook does the same if the caller forgot, and a watchdog
+process does it if the caller is killed outright (see ``tests/harness/process.py``).
 
 Every subprocess call is bounded by a timeout, so a wedged server fails a test
 instead of hanging it.
@@ -20,28 +19,34 @@ instead of hanging it.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import pwd
-import random
 import re
 import shlex
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from types import TracebackType
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tests.harness.process import (
+    HOST,
+    ClosesOnExit,
+    ExitHook,
+    StartError,
+    Watchdog,
+    address_in_use,
+    log_tail,
+    pick_port,
+)
 
 __all__ = ["DSN_ENV_VAR", "PostgresServer", "start_postgres"]
 
@@ -52,7 +57,6 @@ DSN_ENV_VAR = "RELAY_TEST_PG_DSN"
 
 _SUPERUSER = "postgres"
 _OS_USER = "postgres"
-_HOST = "127.0.0.1"
 _STOP_MODES = ("smart", "fast", "immediate")
 
 # pg_ctl waits up to this long itself; the subprocess timeout adds slack on top so
@@ -67,7 +71,7 @@ _DROP_DATABASE_TIMEOUT_S = 30.0
 _MAX_SOCKET_DIR_LEN = 107 - len("/.s.PGSQL.65535")
 
 _SERVER_SETTINGS: dict[str, str] = {
-    "listen_addresses": f"'{_HOST}'",
+    "listen_addresses": f"'{HOST}'",
     "wal_level": "logical",
     "max_replication_slots": "20",
     "max_wal_senders": "20",
@@ -87,24 +91,8 @@ host    all           all     127.0.0.1/32   trust
 host    replication   all     127.0.0.1/32   trust
 """
 
-# Runs in its own session so a Ctrl-C aimed at the test run does not kill it before it
-# has cleaned up.  It blocks reading stdin; the only writer is the process that started
-# the cluster, so EOF means that process is gone.  "disarm" means close() already
-# cleaned up.
-_WATCHDOG_SOURCE = """\
-import shutil, subprocess, sys
-if "disarm" in sys.stdin.read():
-    sys.exit(0)
-try:
-    subprocess.run(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=60, check=False)
-except Exception:
-    pass
-shutil.rmtree(sys.argv[1], ignore_errors=True)
-"""
 
-
-class PostgresServer:
+class PostgresServer(ClosesOnExit):
     """A PostgreSQL server for tests: a private cluster this object started, or an external one.
 
     Attributes:
@@ -140,25 +128,12 @@ class PostgresServer:
         self.log_path = root / "postgres.log" if root is not None else None
         self._pg_ctl_prefix = pg_ctl_prefix or []
         self._closed = False
-        # A child created by os.fork() inherits the atexit hook; only the creator may
-        # act on it, or a forked helper exiting would stop everybody's server.
-        self._creator_pid = os.getpid()
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog = Watchdog()
+        self._exit_hook = ExitHook(self)
 
     def __repr__(self) -> str:
         kind = "owned" if self.owned else "external"
         return f"<PostgresServer {kind} {_redact(self.dsn)}>"
-
-    def __enter__(self) -> PostgresServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- lifecycle (owned clusters only) ---------------------------------------------
 
@@ -218,9 +193,9 @@ class PostgresServer:
                 break
             tail = self._log_tail()
             if "pre-existing shared memory block" not in tail or time.monotonic() > deadline:
-                raise _StartError(
+                raise StartError(
                     f"pg_ctl start failed (exit {result.returncode}): {result.stdout.strip()}\n{tail}",
-                    address_in_use=_address_in_use(tail),
+                    address_in_use=address_in_use(tail),
                 )
             time.sleep(0.5)
         # pg_ctl -w only waits for the postmaster to report "ready"; a real login
@@ -287,9 +262,9 @@ class PostgresServer:
             # failed we never get here, and the atexit hook and watchdog stay armed.
             if self.root is not None:
                 shutil.rmtree(self.root, ignore_errors=True)
-            self._disarm_watchdog()
+            self._watchdog.disarm()
         self._closed = True
-        atexit.unregister(self._at_exit)
+        self._exit_hook.disarm()
 
     # -- databases -------------------------------------------------------------------
 
@@ -358,57 +333,8 @@ class PostgresServer:
         assert self.data_dir is not None
         return _run([*self._pg_ctl_prefix, "-D", str(self.data_dir), *args], _PG_CTL_TIMEOUT_S)
 
-    def _log_tail(self, max_chars: int = 4000) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no server log: {exc})"
-        return f"--- tail of {self.log_path} ---\n{text[-max_chars:]}"
-
-    def _start_watchdog(self, stop_cmd: list[str]) -> None:
-        assert self.root is not None
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG_SOURCE, str(self.root), *stop_cmd],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd="/",
-            env=_child_env(),
-            start_new_session=True,
-        )
-
-    def _disarm_watchdog(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(b"disarm\n")
-        with contextlib.suppress(OSError):
-            watchdog.stdin.close()
-        try:
-            watchdog.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait(timeout=10)
-
-    def _at_exit(self) -> None:
-        if os.getpid() != self._creator_pid:
-            return
-        try:
-            self.close()
-        except Exception as exc:
-            # Interpreter shutdown: nobody can catch this; the watchdog is the fallback.
-            print(f"outbox-relay test harness: could not stop {self!r}: {exc}", file=sys.stderr)
-
-
-class _StartError(RuntimeError):
-    """pg_ctl start failed; ``address_in_use`` tells whether another port may help."""
-
-    def __init__(self, message: str, *, address_in_use: bool) -> None:
-        super().__init__(message)
-        self.address_in_use = address_in_use
+    def _log_tail(self) -> str:
+        return log_tail(self.log_path)
 
 
 def start_postgres(tmp_root: str | None = None) -> PostgresServer:
@@ -473,35 +399,37 @@ def _start_private_cluster(tmp_root: str | None) -> PostgresServer:
         raise
 
     pg_ctl_prefix = [*prefix, str(bin_dir / "pg_ctl")]
-    last_error: _StartError | None = None
+    last_error: StartError | None = None
     # The port is free when picked but another process may take it before the
     # postmaster binds it (e.g. parallel test workers), so try a few.
     for _attempt in range(5):
-        port = _pick_port()
+        port = pick_port()
         _write_harness_conf(data_dir, root, port, chown=bool(prefix))
         server = PostgresServer(
-            f"postgresql://{_SUPERUSER}@{_HOST}:{port}/postgres",
+            f"postgresql://{_SUPERUSER}@{HOST}:{port}/postgres",
             owned=True,
             port=port,
             root=root,
             pg_ctl_prefix=pg_ctl_prefix,
         )
         # Armed before the start so that even a crash of ours during start is covered.
-        server._start_watchdog(
-            [*pg_ctl_prefix, "-D", str(data_dir), "stop", "-w", "-t", "30", "-m", "immediate"]
+        server._watchdog.arm(
+            commands=[[*pg_ctl_prefix, "-D", str(data_dir), "stop", "-w", "-t", "30", "-m", "immediate"]],
+            remove=root,
+            env=_child_env(),
         )
-        atexit.register(server._at_exit)
+        server._exit_hook.arm()
         try:
             server.start()
             return server
-        except _StartError as exc:
+        except StartError as exc:
             last_error = exc
             if not exc.address_in_use:
                 server.close()
                 raise
             # Keep the directory for the next attempt; only drop this attempt's helpers.
-            atexit.unregister(server._at_exit)
-            server._disarm_watchdog()
+            server._exit_hook.disarm()
+            server._watchdog.disarm()
         except BaseException:
             server.close()
             raise
@@ -586,41 +514,9 @@ def _hand_over_to_postgres_user(root: Path, prefix: list[str]) -> None:
         )
 
 
-def _pick_port() -> int:
-    """A free loopback port, preferably outside the kernel's ephemeral range.
-
-    Ports in the ephemeral range can be taken by any outgoing connection while the
-    server is down for a restart, which would make the restart fail.
-    """
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    if low > 16000:
-        for _ in range(50):
-            port = random.randint(15000, low - 1)
-            if _port_is_free(port):
-                return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((_HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _address_in_use(log_text: str) -> bool:
-    return "Address already in use" in log_text or "could not bind" in log_text
-
-
 def _child_env() -> dict[str, str]:
     # PGDATA, PGPORT etc. from the caller's shell must not redirect our tools, and
-    # English messages are what _address_in_use() looks for.
+    # English messages are what address_in_use() looks for.
     env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
     env["LC_ALL"] = "C"
     return env

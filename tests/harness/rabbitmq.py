@@ -23,31 +23,37 @@ Facts seen on Debian 12 (RabbitMQ 3.10.8, Erlang 25): a private node boots in ~4
 so it is retried; ``stop_app`` takes ~0.5 s and ``start_app`` ~1 s on the system node; the plugin
 ``rabbitmq_consistent_hash_exchange`` ships with the package but is not enabled on the system node.
 
-An owned node never outlives the process that started it: ``close()`` stops it, an ``atexit`` hook
+An owned node never outlives the process that started it: ``close()`` stops it, an exit hook
 does the same if the caller forgot, and a watchdog process kills it if the caller is killed
-outright (SIGKILL).
+outright (see ``tests/harness/process.py``).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
-import random
 import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.harness.process import (
+    HOST,
+    ClosesOnExit,
+    ExitHook,
+    Watchdog,
+    log_tail,
+    pick_ports,
+    port_accepts,
+    wait_until_ready,
+)
 
 __all__ = [
     "AMQP_URL_ENV_VAR",
@@ -71,31 +77,17 @@ of our own instead of the shared node's app)."""
 SYSTEM_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 CONSISTENT_HASH_PLUGIN = "rabbitmq_consistent_hash_exchange"
 
-_HOST = "127.0.0.1"
 _LIB_BIN = Path("/usr/lib/rabbitmq/bin")  # Debian's real scripts; /usr/sbin holds wrappers that `su`
 _BOOT_TIMEOUT_S = 90.0
 _CTL_TIMEOUT_S = 60.0
 _AMQP_READY_TIMEOUT_S = 30.0
-
-_WATCHDOG_SOURCE = """\
-import os, shutil, signal, subprocess, sys
-if "disarm" in sys.stdin.read():
-    sys.exit(0)
-try:
-    os.killpg(int(sys.argv[1]), signal.SIGKILL)
-except OSError:
-    pass
-if sys.argv[3]:
-    subprocess.run([sys.argv[3], "-port", sys.argv[4], "-kill"], capture_output=True, timeout=10)
-shutil.rmtree(sys.argv[2], ignore_errors=True)
-"""
 
 
 class BrokerControlUnavailable(RuntimeError):
     """This broker cannot be stopped or started from here (tests needing that should skip)."""
 
 
-class RabbitBroker:
+class RabbitBroker(ClosesOnExit):
     """A RabbitMQ broker for tests: an external one, the system node, or a private node.
 
     Attributes:
@@ -123,24 +115,16 @@ class RabbitBroker:
         self.log_path = root / "server.out" if root is not None else None
         self._ports = ports  # (amqp, distribution, epmd) of a private node
         self._process: subprocess.Popen[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog = Watchdog()
         self._control_checked: str | None = None  # None: unchecked; "" ok; else why not
         self._app_stopped = False
         self._closed = False
-        self._creator_pid = os.getpid()
-        atexit.register(self._at_exit)
+        self._exit_hook = ExitHook(self)
+        self._exit_hook.arm()
 
     def __repr__(self) -> str:
         kind = "private node" if self.owned else ("system node" if self.url == SYSTEM_URL else "external")
         return f"<RabbitBroker {kind} {_redact(self.url)}>"
-
-    def __enter__(self) -> RabbitBroker:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # -- control -------------------------------------------------------------------------------
 
@@ -219,13 +203,13 @@ class RabbitBroker:
         if self._closed:
             return
         self._closed = True
-        atexit.unregister(self._at_exit)
+        self._exit_hook.disarm()
         if self.owned:
             try:
                 self._stop_node()
             finally:
                 self._kill_epmd()
-                self._disarm_watchdog()
+                self._watchdog.disarm()
                 if self.root is not None:
                     shutil.rmtree(self.root, ignore_errors=True)
         elif self._app_stopped:
@@ -242,11 +226,11 @@ class RabbitBroker:
         env.update(
             HOME=root,  # the Erlang cookie lives here, shared by the node and our rabbitmqctl calls
             RABBITMQ_NODENAME=self.node,
-            RABBITMQ_NODE_IP_ADDRESS=_HOST,
+            RABBITMQ_NODE_IP_ADDRESS=HOST,
             RABBITMQ_NODE_PORT=str(amqp),
             RABBITMQ_DIST_PORT=str(dist),
             ERL_EPMD_PORT=str(epmd),
-            ERL_EPMD_ADDRESS=_HOST,
+            ERL_EPMD_ADDRESS=HOST,
             RABBITMQ_MNESIA_BASE=f"{root}/mnesia",
             RABBITMQ_LOG_BASE=f"{root}/log",
             # Our own (empty) files, so /etc/rabbitmq (the system node's NODENAME, listeners) is not read.
@@ -260,7 +244,7 @@ class RabbitBroker:
         return env
 
     def _spawn(self) -> None:
-        assert self.root is not None and self.log_path is not None
+        assert self.root is not None and self.log_path is not None and self._ports is not None
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [self._script("rabbitmq-server")],
@@ -271,36 +255,37 @@ class RabbitBroker:
                 env=self._env(),
                 start_new_session=True,  # its own process group, so the watchdog can kill all of it
             )
-        self._start_watchdog(self._process.pid)
+        epmd = shutil.which("epmd")
+        self._watchdog.arm(
+            pid=self._process.pid,
+            group=True,
+            commands=[[epmd, "-port", str(self._ports[2]), "-kill"]] if epmd else [],
+            remove=self.root,
+        )
         try:
-            self._await_startup()
+            wait_until_ready(
+                self._process,
+                f"RabbitMQ node {self.node}",
+                self._booted,
+                _BOOT_TIMEOUT_S,
+                self._log_tail,
+                interval=0.3,
+            )
+            wait_for_amqp(self.url, _AMQP_READY_TIMEOUT_S)
         except BaseException:
             self._kill_node()
             raise
 
-    def _await_startup(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + _BOOT_TIMEOUT_S
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"rabbitmq-server exited with status {self._process.returncode}\n{self._log_tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"RabbitMQ node {self.node} did not boot within {_BOOT_TIMEOUT_S:g}s")
-            # Fails at once (status 69) until the node has registered with epmd; then it waits.
-            done = subprocess.run(
-                [self._script("rabbitmqctl"), *self._node_args(), "await_startup", "--timeout", "30"],
-                capture_output=True,
-                env=self._env(),
-                cwd=self.root,
-                timeout=_CTL_TIMEOUT_S,
-            )
-            if done.returncode == 0:
-                break
-            time.sleep(0.3)
-        wait_for_amqp(self.url, _AMQP_READY_TIMEOUT_S)
+    def _booted(self) -> bool:
+        # Fails at once (status 69) until the node has registered with epmd; then it waits.
+        done = subprocess.run(
+            [self._script("rabbitmqctl"), *self._node_args(), "await_startup", "--timeout", "30"],
+            capture_output=True,
+            env=self._env(),
+            cwd=self.root,
+            timeout=_CTL_TIMEOUT_S,
+        )
+        return done.returncode == 0
 
     def _stop_node(self) -> None:
         process = self._process
@@ -330,48 +315,11 @@ class RabbitBroker:
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run([epmd, "-port", str(self._ports[2]), "-kill"], capture_output=True, timeout=10)
 
-    def _start_watchdog(self, pid: int) -> None:
-        assert self.root is not None and self._ports is not None
-        self._disarm_watchdog()
-        self._watchdog = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _WATCHDOG_SOURCE,
-                str(pid),
-                str(self.root),
-                shutil.which("epmd") or "",
-                str(self._ports[2]),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd="/",
-            start_new_session=True,
-        )
-
-    def _disarm_watchdog(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(b"disarm\n")
-        with contextlib.suppress(OSError):
-            watchdog.stdin.close()
-        try:
-            watchdog.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait(timeout=10)
-
-    def _log_tail(self, max_chars: int = 4000) -> str:
+    def _log_tail(self) -> str:
         if self.log_path is None:
             return ""
-        texts = []
-        for path in [self.log_path, *sorted((self.log_path.parent / "log").glob("*.log"))]:
-            with contextlib.suppress(OSError):
-                texts.append(f"--- {path} ---\n{path.read_text(errors='replace')[-max_chars:]}")
-        return "\n".join(texts)
+        paths = [self.log_path, *sorted((self.log_path.parent / "log").glob("*.log"))]
+        return "\n".join(log_tail(path) for path in paths)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -448,15 +396,7 @@ class RabbitBroker:
 
     def _amqp_address(self) -> tuple[str, int]:
         parts = urlsplit(self.url)
-        return parts.hostname or _HOST, parts.port or 5672
-
-    def _at_exit(self) -> None:
-        if os.getpid() != self._creator_pid:
-            return
-        try:
-            self.close()
-        except Exception as exc:
-            print(f"outbox-relay test harness: could not clean up {self!r}: {exc}", file=sys.stderr)
+        return parts.hostname or HOST, parts.port or 5672
 
 
 def start_rabbitmq(*, prefer_existing: bool | None = None, tmp_root: str | None = None) -> RabbitBroker:
@@ -485,17 +425,17 @@ def start_rabbitmq(*, prefer_existing: bool | None = None, tmp_root: str | None 
             f"or set {AMQP_URL_ENV_VAR}"
         )
     root = Path(tempfile.mkdtemp(prefix="relay-rabbitmq-", dir=tmp_root)).resolve()
-    amqp, dist, epmd = _pick_ports(3)
+    amqp, dist, epmd = pick_ports(3)
     (root / "mnesia").mkdir()
     (root / "log").mkdir()
     (root / "rabbitmq-env.conf").write_text("")
-    (root / "rabbitmq.conf").write_text(f"listeners.tcp.1 = {_HOST}:{amqp}\n")
+    (root / "rabbitmq.conf").write_text(f"listeners.tcp.1 = {HOST}:{amqp}\n")
     (root / "enabled_plugins").write_text(f"[{CONSISTENT_HASH_PLUGIN}].\n")
     cookie = root / ".erlang.cookie"
     cookie.write_text(secrets.token_hex(16).upper())
     cookie.chmod(0o400)
     node = f"relaytest-{uuid.uuid4().hex[:8]}@localhost"
-    url = f"amqp://guest:guest@{_HOST}:{amqp}/%2F"
+    url = f"amqp://guest:guest@{HOST}:{amqp}/%2F"
     broker = RabbitBroker(url, owned=True, node=node, root=root, ports=(amqp, dist, epmd))
     try:
         broker._spawn()
@@ -672,43 +612,7 @@ def _redact(url: str) -> str:
 def _wait_port_closed(address: tuple[str, int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(address, timeout=0.5):
-                pass
-        except OSError:
+        if not port_accepts(*address):
             return
         time.sleep(0.05)
     raise RuntimeError(f"{address[0]}:{address[1]} still accepts connections {timeout:g}s after the stop")
-
-
-def _pick_ports(count: int) -> tuple[int, ...]:
-    """Free loopback ports below the kernel's ephemeral range, so an outgoing connection cannot
-    take one while the node is down for a restart."""
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    chosen: list[int] = []
-    for _ in range(500):
-        if len(chosen) == count:
-            break
-        port = random.randint(15000, max(low - 1, 15001)) if low > 16000 else _any_free_port()
-        if port not in chosen and _port_is_free(port):
-            chosen.append(port)
-    if len(chosen) < count:
-        raise RuntimeError("no free loopback ports for a private RabbitMQ node")
-    return tuple(chosen)
-
-
-def _any_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((_HOST, port))
-        except OSError:
-            return False
-    return True

@@ -17,44 +17,27 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import urlsplit
 
-from tests.harness.process import HOST, OwnedProcess, StartError, exchange, pick_port
+from tests.harness.process import HOST, Server, exchange, start_owned
 
 __all__ = ["REDIS_URL_ENV_VAR", "SYSTEM_URL", "RedisServer", "start_redis", "unique_prefix"]
 
 REDIS_URL_ENV_VAR = "RELAY_TEST_REDIS_URL"
 SYSTEM_URL = "redis://127.0.0.1:6379/0"
-_START_ATTEMPTS = 5
 
 
 def unique_prefix(name: str = "test") -> str:
     return f"relay-{name}-{uuid.uuid4().hex[:12]}"
 
 
-class RedisServer:
-    """A Redis server for tests. ``url`` for clients; ``owned`` True when this object started it
-    (only then do :meth:`pause`, :meth:`resume`, :meth:`stop` and :meth:`start` work)."""
+class RedisServer(Server):
+    """A Redis server for tests (see :class:`tests.harness.process.Server`)."""
 
-    def __init__(self, url: str, *, owned: bool, process: OwnedProcess | None = None) -> None:
-        self.url = url
-        self.owned = owned
-        self._process = process
-
-    def __repr__(self) -> str:
-        return f"<RedisServer {'private' if self.owned else 'shared'} {self.url}>"
-
-    def __enter__(self) -> RedisServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    shared_kind = "a shared Redis"
+    private_hint = "use start_redis(private=True)"
 
     def client(self) -> object:
         """A synchronous redis-py client (the caller closes it)."""
@@ -72,27 +55,6 @@ class RedisServer:
                 client.delete(*keys)
         finally:
             client.close()
-
-    def pause(self) -> None:
-        self._owned("pause").pause()
-
-    def resume(self) -> None:
-        self._owned("resume").resume()
-
-    def stop(self) -> None:
-        self._owned("stop").stop()
-
-    def start(self) -> None:
-        self._owned("start").spawn()
-
-    def close(self) -> None:
-        if self._process is not None:
-            self._process.close()
-
-    def _owned(self, action: str) -> OwnedProcess:
-        if self._process is None:
-            raise RuntimeError(f"cannot {action} a shared Redis ({self.url}); use start_redis(private=True)")
-        return self._process
 
 
 def _answers(url: str) -> bool:
@@ -135,36 +97,22 @@ def start_redis(
         if persistent
         else ["--save", "", "--appendonly", "no"]
     )
-    last: StartError | None = None
-    for _attempt in range(_START_ATTEMPTS):
-        root = Path(tempfile.mkdtemp(prefix="relay-redis-", dir=tmp_root)).resolve()
-        port = pick_port()
 
-        def command(port: int, root: Path = root) -> list[str]:
-            return [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                HOST,
-                "--dir",
-                str(root),
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "no",
-                *persistence,
-            ]
+    def command(port: int, root: Path) -> list[str]:
+        return [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--dir",
+            str(root),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            *persistence,
+        ]
 
-        process = OwnedProcess("redis-server", command, lambda p: _answers(f"redis://{HOST}:{p}"), root, port)
-        try:
-            process.spawn()
-        except StartError as exc:
-            process.close()
-            last = exc
-            if exc.address_in_use:
-                continue
-            raise
-        return RedisServer(f"redis://{HOST}:{port}/0", owned=True, process=process)
-    assert last is not None
-    raise last
+    process = start_owned("redis", command, lambda p: _answers(f"redis://{HOST}:{p}"), tmp_root=tmp_root)
+    return RedisServer(f"redis://{HOST}:{process.port}/0", owned=True, process=process)

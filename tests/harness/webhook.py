@@ -28,10 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
-from tests.harness.process import HOST
+from tests.harness.process import HOST, ClosesOnExit
 
 __all__ = ["Reply", "Request", "WebhookReceiver"]
 
@@ -71,7 +70,7 @@ class Reply:
     delay: float = 0.0
 
 
-class WebhookReceiver:
+class WebhookReceiver(ClosesOnExit):
     """See the module docstring. Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, *, port: int = 0, record: bool = True, path: str = "/hook") -> None:
@@ -97,14 +96,6 @@ class WebhookReceiver:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}{self._path}"
-
-    def __enter__(self) -> WebhookReceiver:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # --- behaviour ------------------------------------------------------------------------------
 

@@ -5,53 +5,27 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
-import yaml
 
 from tests.conftest import run_cli
 from tests.harness.postgres import PostgresServer
-from tests.support import assert_complete_and_ordered, event_ids, insert_events, read_lines, relay_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _unpublished(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-def _start_relay(config_path: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "-c", str(config_path), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-
-
-def _wait_for(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.support import (
+    assert_complete_and_ordered,
+    event_ids,
+    free_port,
+    http_get,
+    insert_events,
+    marked_ids,
+    read_lines,
+    relay_config,
+    start_relay,
+    unpublished,
+    wait_for,
+    write_config,
+)
 
 
 @pytest.mark.parametrize(
@@ -106,11 +80,11 @@ def test_password_never_appears_in_logs_errors_or_check_output(
 ) -> None:
     secret = "hunter2-Very-Secret"
     dead_dsn = f"postgresql://app:{secret}@127.0.0.1:1/nowhere?connect_timeout=1"
-    path = _write_config(tmp_path, relay_config(dead_dsn, {"type": "stdout"}))
+    path = write_config(tmp_path, relay_config(dead_dsn, {"type": "stdout"}))
     check = run_cli("check", "-c", str(path), "--connect", env=cli_env)
     assert check.returncode == 1
     assert "FAILED" in check.stdout
-    relay = _start_relay(path)
+    relay = start_relay(path, capture=True)
     time.sleep(2.5)  # long enough for several reconnect attempts to be logged
     relay.send_signal(signal.SIGTERM)
     stdout, stderr = relay.communicate(timeout=20)
@@ -124,7 +98,7 @@ def test_password_never_appears_in_logs_errors_or_check_output(
 def test_init_db_is_idempotent_and_can_print_its_sql(pg: PostgresServer, tmp_path: Path) -> None:
     database = pg.create_database()
     try:
-        path = _write_config(tmp_path, relay_config(database, {"type": "stdout"}))
+        path = write_config(tmp_path, relay_config(database, {"type": "stdout"}))
         printed = run_cli("init-db", "-c", str(path), "--print-sql")
         assert printed.returncode == 0
         assert "CREATE TABLE IF NOT EXISTS" in printed.stdout and "CREATE TRIGGER" in printed.stdout
@@ -140,7 +114,7 @@ def test_init_db_is_idempotent_and_can_print_its_sql(pg: PostgresServer, tmp_pat
 
 def test_status_reports_pending_events_and_age_of_the_oldest(dsn: str, tmp_path: Path) -> None:
     insert_events(dsn, 42)
-    path = _write_config(tmp_path, relay_config(dsn, {"type": "stdout"}))
+    path = write_config(tmp_path, relay_config(dsn, {"type": "stdout"}))
     result = run_cli("status", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("orders: pending=42 oldest_age=")
@@ -150,25 +124,25 @@ def test_status_reports_pending_events_and_age_of_the_oldest(dsn: str, tmp_path:
 def test_run_drain_exits_0_once_the_outbox_is_empty(dsn: str, tmp_path: Path) -> None:
     insert_events(dsn, 2000, aggregates=20)
     out = tmp_path / "out.jsonl"
-    path = _write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(out)}))
+    path = write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(out)}))
     result = run_cli("run", "-c", str(path), "--drain")
     assert result.returncode == 0, result.stderr
     assert assert_complete_and_ordered(read_lines(out), event_ids(dsn)) == 0
-    assert _unpublished(dsn) == 0
+    assert unpublished(dsn) == 0
 
 
 def test_http_serves_metrics_health_and_readiness(dsn: str, tmp_path: Path) -> None:
     insert_events(dsn, 300, aggregates=3)
     config = relay_config(dsn, {"type": "file", "path": str(tmp_path / "out.jsonl")})
-    port = _free_port()
+    port = free_port()
     config["http"] = {"port": port, "host": "127.0.0.1"}
     config["outboxes"][0]["pipeline"] = {"stats_interval": "100ms"}
-    relay = _start_relay(_write_config(tmp_path, config))
+    relay = start_relay(write_config(tmp_path, config), capture=True)
     try:
-        _wait_for(lambda: _unpublished(dsn) == 0, 30, "the backlog to drain")
+        wait_for(lambda: unpublished(dsn) == 0, 30, "the backlog to drain")
         base = f"http://127.0.0.1:{port}"
-        assert json.loads(_get(base + "/healthz")) == {"status": "alive"}
-        ready = json.loads(_get(base + "/readyz"))
+        assert json.loads(http_get(base + "/healthz")) == {"status": "alive"}
+        ready = json.loads(http_get(base + "/readyz"))
         assert ready["ready"] is True
         assert ready["outboxes"]["orders"] == {
             "role": "active",
@@ -176,9 +150,9 @@ def test_http_serves_metrics_health_and_readiness(dsn: str, tmp_path: Path) -> N
             "database": True,
             "sink": True,
         }
-        assert 'outbox_relay_leader{outbox="orders"} 1.0' in _get(base + "/metrics")
+        assert 'outbox_relay_leader{outbox="orders"} 1.0' in http_get(base + "/metrics")
         time.sleep(0.3)  # one stats interval, so pending is measured after the drain
-        metrics = _get(base + "/metrics")
+        metrics = http_get(base + "/metrics")
         assert 'outbox_relay_events_published_total{outbox="orders",sink="file"} 300.0' in metrics
         assert 'outbox_relay_pending_events{outbox="orders"} 0.0' in metrics
         assert 'outbox_relay_lag_seconds{outbox="orders"} 0.0' in metrics
@@ -194,19 +168,19 @@ def test_readiness_is_false_while_the_database_is_down(pg: PostgresServer, dsn: 
     if not pg.owned:
         pytest.skip("needs a PostgreSQL this test run started")
     config = relay_config(dsn, {"type": "stdout"})
-    port = _free_port()
+    port = free_port()
     config["http"] = {"port": port, "host": "127.0.0.1"}
     config["outboxes"][0]["pipeline"] = {"stats_interval": "100ms"}
-    relay = _start_relay(_write_config(tmp_path, config))
+    relay = start_relay(write_config(tmp_path, config), capture=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: _ready(base) is True, 20, "readiness")
+        wait_for(lambda: _ready(base) is True, 20, "readiness")
         pg.stop()
         try:
-            _wait_for(lambda: _ready(base) is False, 20, "readiness to turn false")
+            wait_for(lambda: _ready(base) is False, 20, "readiness to turn false")
         finally:
             pg.start()
-        _wait_for(lambda: _ready(base) is True, 30, "readiness after the database returned")
+        wait_for(lambda: _ready(base) is True, 30, "readiness after the database returned")
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.communicate(timeout=20)
@@ -221,38 +195,37 @@ def test_sigkill_mid_batch_then_restart_publishes_every_event_in_order_per_aggre
     out = tmp_path / "out.jsonl"
     config = relay_config(dsn, {"type": "file", "path": str(out)}, batch_size=200)
     config["outboxes"][0]["pipeline"] = {"publish_batch_size": 100}
-    path = _write_config(tmp_path, config)
+    path = write_config(tmp_path, config)
     kills = 0
     for threshold in (3_000, 12_000):
-        relay = _start_relay(path)
-        _wait_for(lambda t=threshold: out.exists() and out.stat().st_size > t * 300, 60, "progress")
+        relay = start_relay(path, capture=True)
+        wait_for(lambda t=threshold: out.exists() and out.stat().st_size > t * 300, 60, "progress")
         os.kill(relay.pid, signal.SIGKILL)
         relay.communicate(timeout=10)
         assert relay.returncode == -signal.SIGKILL
         kills += 1
-    assert 0 < _unpublished(dsn) < 30_000, "the kills happened mid-run"
+    assert 0 < unpublished(dsn) < 30_000, "the kills happened mid-run"
     result = run_cli("run", "-c", str(path), "--drain", timeout=120)
     assert result.returncode == 0, result.stderr
     duplicates = assert_complete_and_ordered(read_lines(out), event_ids(dsn))
     # At-least-once: repeats are bounded by what was in flight at each kill.
     assert duplicates <= kills * 10_000
-    assert _unpublished(dsn) == 0
+    assert unpublished(dsn) == 0
 
 
 def test_sigterm_finishes_in_flight_events_and_exits_0(dsn: str, tmp_path: Path) -> None:
     insert_events(dsn, 20_000, aggregates=50)
     out = tmp_path / "out.jsonl"
-    relay = _start_relay(_write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(out)})))
-    _wait_for(lambda: out.exists() and out.stat().st_size > 0, 30, "the first events")
+    relay = start_relay(
+        write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(out)})), capture=True
+    )
+    wait_for(lambda: out.exists() and out.stat().st_size > 0, 30, "the first events")
     relay.send_signal(signal.SIGTERM)
     _, stderr = relay.communicate(timeout=30)
     assert relay.returncode == 0, stderr
     assert "stopping: finishing in-flight events" in stderr
     delivered = read_lines(out)
-    with psycopg.connect(dsn) as conn:
-        marked = {
-            r[0] for r in conn.execute("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL")
-        }
+    marked = marked_ids(dsn)
     # Everything marked was delivered, and everything delivered was marked before exit: no duplicates later.
     assert marked == {line["event_id"] for line in delivered}
 
@@ -269,25 +242,9 @@ def test_demo_writes_and_relays_sample_orders(dsn: str) -> None:
 
 def _ready(base: str) -> bool | None:
     try:
-        return bool(json.loads(_get(base + "/readyz"))["ready"])
+        return bool(json.loads(http_get(base + "/readyz"))["ready"])
     except OSError:
         return None
-
-
-def _get(url: str) -> str:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return str(response.read().decode())
-    except urllib.error.HTTPError as error:
-        return str(error.read().decode())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_check_masks_broker_secrets_given_as_producer_settings(tmp_path: Path) -> None:
@@ -301,7 +258,7 @@ def test_check_masks_broker_secrets_given_as_producer_settings(tmp_path: Path) -
             "security.protocol": "SASL_SSL",
         },
     }
-    result = run_cli("check", "-c", str(_write_config(tmp_path, config)))
+    result = run_cli("check", "-c", str(write_config(tmp_path, config)))
     assert result.returncode == 0, result.stderr
     assert "s3cr3t-pass" not in result.stdout + result.stderr
     assert '"sasl.password": "***"' in result.stdout

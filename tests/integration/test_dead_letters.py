@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import yaml
 
 from relay.config import parse_config
-from relay.deadletters import DeadLetterStore
 from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import Sink
 from relay.outbox import write_event
@@ -19,7 +17,15 @@ from relay.pipeline import Pipeline
 from relay.runner import build_dead_letter_store, build_source
 from tests.conftest import run_cli
 from tests.harness.kafka import KafkaBroker
-from tests.support import insert_events, read_lines, relay_config, run_relay_until
+from tests.support import (
+    dead_letters,
+    insert_events,
+    read_lines,
+    relay_config,
+    run_relay_until,
+    unpublished,
+    write_config,
+)
 
 
 class _Refuses(Sink):
@@ -68,28 +74,14 @@ def _write_poison_between(dsn: str) -> str:
     return poison
 
 
-async def _letters(dsn: str) -> list[Any]:
-    store = DeadLetterStore(dsn)
-    try:
-        return await store.entries("orders")
-    finally:
-        await store.close()
-
-
-def _unpublished(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
-        return int(row[0]) if row else -1
-
-
 async def test_poison_event_is_dead_lettered_after_n_refusals_while_other_aggregates_flow(dsn: str) -> None:
     poison = _write_poison_between(dsn)
     config = relay_config(dsn, {"type": "stdout"})
     config["outboxes"][0]["dead_letter"] = {"after_attempts": 3}
     sink = _Refuses()
-    await run_relay_until(config, lambda _: _unpublished(dsn) == 0, pipelines=[_pipeline(config, sink)])
+    await run_relay_until(config, lambda _: unpublished(dsn) == 0, pipelines=[_pipeline(config, sink)])
     assert sink.refusals == 3
-    (letter,) = await _letters(dsn)
+    (letter,) = await dead_letters(dsn)
     assert (letter.event_id, letter.attempts, letter.error, letter.permanent) == (
         poison,
         3,
@@ -113,7 +105,7 @@ async def test_block_keeps_the_poison_aggregate_stopped_while_the_others_flow(ds
         return len(sink.delivered) == 300 and sink.refusals >= 5
 
     await run_relay_until(config, others_done_and_poison_retried, pipelines=[_pipeline(config, sink)])
-    assert await _letters(dsn) == []
+    assert await dead_letters(dsn) == []
     assert "After" not in {e.event_type for e in sink.delivered}
     with psycopg.connect(dsn) as conn:
         waiting = conn.execute(
@@ -128,7 +120,7 @@ async def test_an_outage_never_dead_letters_anything(dsn: str) -> None:
     config["outboxes"][0]["dead_letter"] = {"after_attempts": 2}
     sink = _Refuses(transient=True)  # "the broker did not answer" for the poison event, many times
     await run_relay_until(config, lambda _: sink.refusals >= 6, pipelines=[_pipeline(config, sink)])
-    assert await _letters(dsn) == []
+    assert await dead_letters(dsn) == []
 
 
 async def test_an_event_larger_than_kafka_accepts_is_dead_lettered_at_once(
@@ -144,8 +136,8 @@ async def test_an_event_larger_than_kafka_accepts_is_dead_lettered_at_once(
         "producer": {"message.max.bytes": 100_000},
     }
     config = relay_config(dsn, sink)
-    await run_relay_until(config, lambda _: _unpublished(dsn) == 0, timeout=60)
-    (letter,) = await _letters(dsn)
+    await run_relay_until(config, lambda _: unpublished(dsn) == 0, timeout=60)
+    (letter,) = await dead_letters(dsn)
     assert letter.event_id == huge and letter.permanent and letter.attempts == 1
     assert "dlq-test.order" in letter.error and "MSG_SIZE_TOO_LARGE" in letter.error
     delivered = kafka.consume_all("dlq-test.order", 1, timeout=10)
@@ -158,11 +150,10 @@ async def test_replay_puts_a_dead_letter_back_once_and_the_cli_lists_shows_and_p
     poison = _write_poison_between(dsn)
     config = relay_config(dsn, {"type": "stdout"})
     config["outboxes"][0]["dead_letter"] = {"after_attempts": 1}
-    await run_relay_until(config, lambda _: _unpublished(dsn) == 0, pipelines=[_pipeline(config, _Refuses())])
-    path = tmp_path / "relay.yaml"
+    await run_relay_until(config, lambda _: unpublished(dsn) == 0, pipelines=[_pipeline(config, _Refuses())])
     out = tmp_path / "out.jsonl"
     config["outboxes"][0]["sink"] = {"type": "file", "path": str(out)}
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(tmp_path, config)
 
     listed = run_cli("dlq", "list", "-c", str(path))
     assert listed.returncode == 0, listed.stderr

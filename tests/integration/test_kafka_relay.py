@@ -9,52 +9,31 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
-from tests.conftest import kafka_message_as_line, run_cli
+from tests.conftest import StartRelay, consume_event_ids, kafka_message_as_line, run_cli
 from tests.harness.kafka import KafkaBroker
-from tests.support import assert_complete_and_ordered, event_ids, insert_events, relay_config
+from tests.support import (
+    assert_complete_and_ordered,
+    event_ids,
+    insert_events,
+    marked_ids,
+    relay_config,
+    stop_relay,
+    unpublished,
+    wait_for,
+    write_config,
+)
 
 pytest.importorskip("confluent_kafka")
 
-REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
-
-StartRelay = Callable[..., subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-def start_relay(tmp_path: Path) -> Iterator[StartRelay]:
-    """Starts `python -m relay run -c CONFIG [extra...]`, logs to a file (a broker outage logs a
-    lot, and a full stderr pipe would stall the relay); kills what is left at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(config: Path, *extra: str) -> subprocess.Popen[bytes]:
-        with (tmp_path / f"relay-{len(started)}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "relay", "run", "-c", str(config), *extra],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                cwd=REPO,
-            )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def _config(tmp_path: Path, dsn: str, kafka: KafkaBroker, **producer: Any) -> tuple[Path, str]:
@@ -72,50 +51,14 @@ def _config(tmp_path: Path, dsn: str, kafka: KafkaBroker, **producer: Any) -> tu
     }
     config = relay_config(dsn, sink, batch_size=200)
     config["outboxes"][0]["pipeline"] = {"publish_batch_size": 100}
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path, f"{prefix}.order"
-
-
-def _unpublished(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-def _marked_ids(dsn: str) -> set[str]:
-    with psycopg.connect(dsn) as conn:
-        return {
-            r[0] for r in conn.execute("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL")
-        }
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _stop(relay: subprocess.Popen[bytes]) -> None:
-    relay.send_signal(signal.SIGTERM)
-    assert relay.wait(timeout=30) == 0
+    return write_config(tmp_path, config), f"{prefix}.order"
 
 
 def _consume(kafka: KafkaBroker, topic: str, wanted: set[str], timeout: float = 20.0) -> list[dict[str, Any]]:
     """Every message on the topic as a file-sink-like dict, by (partition, offset), read until all
     `wanted` event ids are there (duplicates included) or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    expected = len(wanted)
-    while True:
-        messages = kafka.consume_all(topic, expected, max(deadline - time.monotonic(), 1.0))
-        lines = [kafka_message_as_line(m) | {"key": m["key"], "partition": m["partition"]} for m in messages]
-        missing = wanted - {line["event_id"] for line in lines}
-        if not missing or time.monotonic() >= deadline:
-            return lines
-        expected = len(lines) + len(missing)
+    messages = consume_event_ids(kafka, topic, wanted, timeout, least_wait=1.0)
+    return [kafka_message_as_line(m) | {"key": m["key"], "partition": m["partition"]} for m in messages]
 
 
 def _assert_one_partition_per_aggregate(lines: list[dict[str, Any]]) -> None:
@@ -146,9 +89,9 @@ def test_every_event_arrives_in_order_and_only_delivered_or_dead_lettered_events
     config, topic = _config(tmp_path, dsn, kafka, **{"message.max.bytes": 100_000})
 
     relay = start_relay(config)
-    _wait_for(lambda: _unpublished(dsn) == 0, 30, "every event to be delivered or dead-lettered")
+    wait_for(lambda: unpublished(dsn) == 0, 30, "every event to be delivered or dead-lettered")
     lines = _consume(kafka, topic, deliverable)
-    _stop(relay)
+    stop_relay(relay)
 
     assert assert_complete_and_ordered(lines, deliverable) == 0
     _assert_one_partition_per_aggregate(lines)
@@ -159,7 +102,7 @@ def test_every_event_arrives_in_order_and_only_delivered_or_dead_lettered_events
         assert line["headers"]["traceparent"] == "00-abc-01"  # the row's own headers, passed through
         assert line["event_type"] == "OrderUpdated" and line["aggregate_type"] == "order"
     assert too_big not in {line["event_id"] for line in lines}
-    assert _marked_ids(dsn) == deliverable | {too_big}, "marked what was acknowledged or parked"
+    assert marked_ids(dsn) == deliverable | {too_big}, "marked what was acknowledged or parked"
     with psycopg.connect(dsn) as conn:
         parked = conn.execute("SELECT event_id, permanent FROM outbox_relay_dead_letters").fetchall()
     assert parked == [(too_big, True)]
@@ -177,21 +120,21 @@ def test_a_broker_hung_mid_run_loses_nothing_keeps_per_aggregate_order_and_every
     config, topic = _config(tmp_path, dsn, kafka)
 
     relay = start_relay(config)
-    _wait_for(lambda: _unpublished(dsn) < total - 2_000, 30, "the first events to be marked")
+    wait_for(lambda: unpublished(dsn) < total - 2_000, 30, "the first events to be marked")
     kafka.pause()
     try:
         # A publish call under way when the broker stopped returns once all of its events are
         # settled: it may still mark events acknowledged just before the pause, but only within
         # the sink's wait bound (delivery_timeout 2s + margin). After that nothing may be marked.
         time.sleep(5.0)
-        during_pause = _unpublished(dsn)
+        during_pause = unpublished(dsn)
         time.sleep(2.0)  # meanwhile publishes fail, are retried and fail again
-        assert _unpublished(dsn) == during_pause, "events were marked while the broker answered nothing"
+        assert unpublished(dsn) == during_pause, "events were marked while the broker answered nothing"
     finally:
         kafka.resume()
     assert during_pause > 0, "the pause happened mid-run"
-    _wait_for(lambda: _unpublished(dsn) == 0, 40, "every event to be marked after the broker resumed")
-    _stop(relay)
+    wait_for(lambda: unpublished(dsn) == 0, 40, "every event to be marked after the broker resumed")
+    stop_relay(relay)
 
     lines = _consume(kafka, topic, expected)
     duplicates = assert_complete_and_ordered(lines, expected)
@@ -209,14 +152,14 @@ def test_a_relay_killed_mid_run_then_drained_loses_nothing_and_keeps_per_aggrega
     config, topic = _config(tmp_path, dsn, kafka)
 
     relay = start_relay(config)
-    _wait_for(lambda: _unpublished(dsn) < total - 5_000, 30, "the first events to be marked")
+    wait_for(lambda: unpublished(dsn) < total - 5_000, 30, "the first events to be marked")
     os.kill(relay.pid, signal.SIGKILL)
     assert relay.wait(timeout=10) == -signal.SIGKILL
-    assert 0 < _unpublished(dsn) < total, "the kill happened mid-run"
+    assert 0 < unpublished(dsn) < total, "the kill happened mid-run"
 
     result = run_cli("run", "-c", str(config), "--drain", timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _unpublished(dsn) == 0
+    assert unpublished(dsn) == 0
 
     lines = _consume(kafka, topic, expected)
     duplicates = assert_complete_and_ordered(lines, expected)

@@ -8,8 +8,8 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any
 
 import pytest
@@ -19,7 +19,9 @@ pytest.importorskip("confluent_kafka")
 from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
 from relay.events import Failure, OutboxEvent
 from relay.interfaces import ConnectorError
-from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
+from tests.conftest import consume_event_ids, kafka_headers
+from tests.harness.kafka import KafkaBroker, start_kafka
+from tests.sink_support import make_events, started_sink
 
 # Short, so that a hung broker costs a few seconds of test time, not the default 30.
 DELIVERY_TIMEOUT = 2.0
@@ -27,11 +29,8 @@ DELIVERY_TIMEOUT = 2.0
 
 @pytest.fixture(scope="module")
 def kafka() -> Iterator[KafkaBroker]:
-    broker = start_kafka()
-    try:
+    with start_kafka() as broker:
         yield broker
-    finally:
-        broker.close()
 
 
 def _topic_events(count: int, aggregates: int, start: int = 1) -> tuple[str, list[OutboxEvent]]:
@@ -41,30 +40,14 @@ def _topic_events(count: int, aggregates: int, start: int = 1) -> tuple[str, lis
 
 
 def _events(aggregate_type: str, count: int, aggregates: int, start: int = 1) -> list[OutboxEvent]:
-    return [
-        OutboxEvent(
-            position=i,
-            event_id=str(uuid.uuid4()),
-            aggregate_type=aggregate_type,
-            aggregate_id=f"order-{i % aggregates}",
-            event_type="OrderUpdated",
-            payload=b'{"seq": %d, "text": "caf\xc3\xa9"}' % i,
-            headers={"traceparent": f"00-trace-{i}-01", "correlation_id": "c-1"},
-            created_at=1_700_000_000.0 + i,
-        )
-        for i in range(start, start + count)
-    ]
+    return make_events(count, aggregates, start, aggregate_type=aggregate_type, epoch=1_700_000_000.0)
 
 
-@asynccontextmanager
-async def _started_sink(kafka: KafkaBroker, **settings: Any) -> AsyncIterator[KafkaSink]:
+def _started_sink(kafka: KafkaBroker, **settings: Any) -> AbstractAsyncContextManager[KafkaSink]:
     config: dict[str, Any] = {"delivery_timeout": DELIVERY_TIMEOUT, **settings}
-    sink = KafkaSink(KafkaSinkConfig(type="kafka", bootstrap_servers=kafka.bootstrap_servers, **config))
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.close()
+    return started_sink(
+        KafkaSink(KafkaSinkConfig(type="kafka", bootstrap_servers=kafka.bootstrap_servers, **config))
+    )
 
 
 @contextmanager
@@ -75,20 +58,9 @@ def _refusing_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def _headers(message: ConsumedMessage) -> dict[str, str]:
-    return {name: (value or b"").decode() for name, value in message["headers"]}
-
-
 def _read_event_ids(kafka: KafkaBroker, topic: str, wanted: set[str], timeout: float = 10.0) -> list[str]:
     """Every event_id on the topic, once `wanted` are all there (duplicates included)."""
-    deadline = time.monotonic() + timeout
-    expected = len(wanted)
-    while True:
-        messages = kafka.consume_all(topic, expected, max(deadline - time.monotonic(), 0.5))
-        ids = [_headers(m)["event_id"] for m in messages]
-        if wanted <= set(ids) or time.monotonic() >= deadline:
-            return ids
-        expected = len(ids) + len(wanted - set(ids))
+    return [kafka_headers(m)["event_id"] for m in consume_event_ids(kafka, topic, wanted, timeout)]
 
 
 async def test_every_event_is_delivered_with_its_key_headers_and_unchanged_payload(
@@ -98,13 +70,13 @@ async def test_every_event_is_delivered_with_its_key_headers_and_unchanged_paylo
     events[0].payload = b"\x00\xffnot json at all"
     async with _started_sink(kafka) as sink:
         assert await sink.publish(events) == [None] * 30
-    delivered = {_headers(m)["event_id"]: m for m in kafka.consume_all(topic, 30)}
+    delivered = {kafka_headers(m)["event_id"]: m for m in kafka.consume_all(topic, 30)}
     assert set(delivered) == {e.event_id for e in events}
     for event in events:
         message = delivered[event.event_id]
         assert message["value"] == event.payload
         assert message["key"] == (event.aggregate_id or "").encode()
-        assert _headers(message) == {
+        assert kafka_headers(message) == {
             "traceparent": event.headers["traceparent"],
             "correlation_id": "c-1",
             "event_id": event.event_id,
@@ -123,10 +95,10 @@ async def test_cloudevents_format_adds_binary_mode_headers_and_keeps_the_body(ka
         kafka, format="cloudevents", topic="{aggregate_type}.ce", key="{event_id}"
     ) as sink:
         assert await sink.publish(events) == [None] * 3
-    delivered = {_headers(m)["event_id"]: m for m in kafka.consume_all(f"{aggregate_type}.ce", 3)}
+    delivered = {kafka_headers(m)["event_id"]: m for m in kafka.consume_all(f"{aggregate_type}.ce", 3)}
     for event in events:
         message = delivered[event.event_id]
-        headers = _headers(message)
+        headers = kafka_headers(message)
         assert message["value"] == event.payload
         assert message["key"] == event.event_id.encode()
         assert headers["ce_specversion"] == "1.0"
@@ -154,7 +126,7 @@ async def test_events_of_one_aggregate_stay_in_publish_order_within_one_partitio
     positions: dict[bytes | None, list[int]] = {}
     for message in messages:  # ordered by (partition, offset)
         partitions.setdefault(message["key"], set()).add(message["partition"])
-        positions.setdefault(message["key"], []).append(int(_headers(message)["position"]))
+        positions.setdefault(message["key"], []).append(int(kafka_headers(message)["position"]))
     assert len(positions) == 20
     assert all(len(p) == 1 for p in partitions.values()), partitions
     assert len({p for ps in partitions.values() for p in ps}) > 1, "all keys on one partition proves little"
@@ -176,7 +148,7 @@ async def test_an_oversized_event_fails_permanently_naming_its_topic_while_the_o
     assert "MSG_SIZE_TOO_LARGE" in failure.reason
     assert results[:4] + results[5:] == [None] * 9
     delivered = kafka.consume_all(topic, 9)
-    assert sorted(_headers(m)["event_id"] for m in delivered) == sorted(
+    assert sorted(kafka_headers(m)["event_id"] for m in delivered) == sorted(
         e.event_id for i, e in enumerate(events) if i != 4
     )
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +11,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
 from relay.config import parse_config
 from relay.outbox import emit_event, write_event
@@ -21,9 +18,7 @@ from relay.runner import build_source
 from tests.conftest import kafka_message_as_line, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer
-from tests.support import assert_complete_and_ordered, read_lines, run_relay_until
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import assert_complete_and_ordered, read_lines, run_relay_until, start_relay, write_config
 
 
 def _config(dsn: str, out: Path, mode: str = "table", **source: Any) -> dict[str, Any]:
@@ -195,10 +190,8 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_stay_bounded(dsn: str, 
     config = _config(dsn, out, batch_size=500, pipeline={"max_in_flight": 2000})
     _init_db(config)
     expected = _bulk_insert(dsn, 40_000, aggregates=200, transactions=40)
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(path)], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    path = write_config(tmp_path, config)
+    relay = start_relay(path)
     deadline = time.monotonic() + 60
     while not (out.exists() and out.stat().st_size > 2_000_000):
         assert time.monotonic() < deadline, "no progress"
@@ -255,10 +248,8 @@ def test_check_names_missing_replication_privilege_and_a_slot_in_use(dsn: str, t
     out = tmp_path / "out.jsonl"
     config = _config(dsn, out)
     _init_db(config)
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(path)], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    path = write_config(tmp_path, config)
+    relay = start_relay(path)
     try:
         deadline = time.monotonic() + 20
         while "in use by pid" not in (check := run_cli("check", "-c", str(path), "--connect")).stdout:
@@ -273,7 +264,7 @@ def test_check_names_missing_replication_privilege_and_a_slot_in_use(dsn: str, t
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE ROLE plain_user LOGIN")
     plain = psycopg.conninfo.make_conninfo(dsn, user="plain_user")
-    path.write_text(yaml.safe_dump(_config(plain, out)))
+    write_config(tmp_path, _config(plain, out))
     check = run_cli("check", "-c", str(path), "--connect")
     assert check.returncode == 1
     assert "lacks the REPLICATION attribute" in check.stdout

@@ -5,15 +5,13 @@ private server of this module; every test uses streams and subjects of its own."
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from pydantic import ValidationError
 
@@ -25,9 +23,17 @@ from relay.interfaces import ConnectorError
 from relay.registry import sink_plugins
 from tests.conftest import nats_message_as_line
 from tests.harness.nats import NatsServer, read_stream, run_async, start_nats
-from tests.sink_support import make_events, missing_extra_message, relay_events
+from tests.sink_support import (
+    make_events,
+    missing_extra_message,
+    relay_events,
+    relay_rounds_during,
+    started_sink,
+    stop_and_start,
+)
 from tests.support import (
     assert_complete_and_ordered,
+    event_ids,
     insert_events,
     relay_config,
     run_relay_until,
@@ -41,11 +47,8 @@ CONNECT_TIMEOUT = 2.0
 @pytest.fixture(scope="module")
 def private_nats() -> Iterator[NatsServer]:
     """A server of this module's own, to pause and restart."""
-    server = start_nats(private=True)
-    try:
+    with start_nats(private=True) as server:
         yield server
-    finally:
-        server.close()
 
 
 class Names:
@@ -83,14 +86,8 @@ def _config(url: str, names: Names, **settings: Any) -> NatsSinkConfig:
     return NatsSinkConfig(**values)
 
 
-@asynccontextmanager
-async def _started(url: str, names: Names, **settings: Any) -> AsyncIterator[NatsSink]:
-    sink = NatsSink(_config(url, names, **settings))
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.close()
+def _started(url: str, names: Names, **settings: Any) -> AbstractAsyncContextManager[NatsSink]:
+    return started_sink(NatsSink(_config(url, names, **settings)))
 
 
 def _delivered(url: str, names: Names) -> list[dict[str, Any]]:
@@ -207,27 +204,9 @@ async def test_without_a_puback_nothing_is_acked_a_hung_server_gives_transient_f
 async def test_a_server_restart_during_publishing_loses_nothing_and_jetstream_drops_every_resent_duplicate(
     private_nats: NatsServer, names: Names
 ) -> None:
-    aggregates = 100
-    events = []
-    failed = 0
+    restart = stop_and_start(private_nats, after_s=0.3, down_s=1.0)
     async with _started(private_nats.url, names) as sink:
-
-        def restart() -> None:
-            time.sleep(0.3)
-            private_nats.stop()
-            time.sleep(1.0)
-            private_nats.start()
-
-        restarting = asyncio.create_task(asyncio.to_thread(restart))
-        rounds_after = 0
-        while rounds_after < 3:
-            if restarting.done():
-                restarting.result()
-                rounds_after += 1
-            round_events = make_events(aggregates, aggregates, start=len(events) + 1)
-            events += round_events
-            failed += await relay_events(sink, round_events, batch=aggregates, deadline_s=30)
-            await asyncio.sleep(0.02)
+        events, failed = await relay_rounds_during(sink, restart, aggregates=100, between_s=0.02)
     assert failed > 0, "the restart went unnoticed"
     delivered = _delivered(private_nats.url, names)
     # At-least-once from the relay, but every re-send carried the same Nats-Msg-Id within the
@@ -315,9 +294,7 @@ async def test_the_relay_drains_an_outbox_into_jetstream_each_aggregate_in_order
     await run_relay_until(config, lambda relay: relay.pipelines[0].published >= 500)
     assert unpublished(dsn) == 0
     delivered = _delivered(nats_server.url, names)
-    with psycopg.connect(dsn) as conn:
-        ids = {row[0] for row in conn.execute("SELECT event_id::text FROM outbox")}
-    assert assert_complete_and_ordered(delivered, ids) == 0
+    assert assert_complete_and_ordered(delivered, event_ids(dsn)) == 0
 
 
 # --- config -------------------------------------------------------------------------------------

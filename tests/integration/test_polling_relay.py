@@ -25,6 +25,7 @@ from tests.support import (
     read_lines,
     relay_config,
     run_relay_until,
+    unpublished,
 )
 
 
@@ -32,19 +33,12 @@ def _file_sink(tmp_path: Path) -> dict[str, Any]:
     return {"type": "file", "path": str(tmp_path / "out.jsonl")}
 
 
-def _unpublished(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
-        assert row is not None
-        return int(row[0])
-
-
 async def test_every_event_reaches_the_file_sink_with_headers_and_in_order_per_aggregate(
     dsn: str, tmp_path: Path
 ) -> None:
     insert_events(dsn, 3000, aggregates=37)
     out = tmp_path / "out.jsonl"
-    await run_relay_until(relay_config(dsn, _file_sink(tmp_path)), lambda r: _unpublished(dsn) == 0)
+    await run_relay_until(relay_config(dsn, _file_sink(tmp_path)), lambda r: unpublished(dsn) == 0)
     lines = read_lines(out)
     assert assert_complete_and_ordered(lines, event_ids(dsn)) == 0
     first = lines[0]
@@ -80,7 +74,7 @@ async def test_a_row_that_commits_after_a_higher_position_is_not_skipped(dsn: st
         slow.close()
     positions = [line["position"] for line in read_lines(out)]
     assert positions == sorted(positions, reverse=True), "the late row came after the higher one"
-    assert _unpublished(dsn) == 0
+    assert unpublished(dsn) == 0
 
 
 async def test_after_publish_delete_removes_exactly_the_relayed_rows(dsn: str, tmp_path: Path) -> None:
@@ -150,7 +144,7 @@ async def test_failing_aggregate_is_retried_in_order_while_other_aggregates_flow
         outbox.name, build_source(outbox, 0), sink, retry=outbox.retry, tuning=outbox.pipeline
     )
     relay = await run_relay_until(
-        relay_config(dsn, {"type": "stdout"}), lambda _: _unpublished(dsn) == 0, pipelines=[pipeline]
+        relay_config(dsn, {"type": "stdout"}), lambda _: unpublished(dsn) == 0, pipelines=[pipeline]
     )
     assert relay.pipelines[0].published == 400
     per_aggregate: dict[str, list[int]] = {}
@@ -209,7 +203,7 @@ async def test_memory_stays_bounded_by_the_in_flight_window(dsn: str, tmp_path: 
     def track(relay: Any) -> bool:
         nonlocal peak
         peak = max(peak, relay.pipelines[0].held)
-        return _unpublished(dsn) == 0
+        return unpublished(dsn) == 0
 
     await run_relay_until(config, track)
     assert 0 < peak <= 150
@@ -229,7 +223,7 @@ async def test_database_restart_mid_run_loses_nothing(pg: PostgresServer, dsn: s
         if not restarted and len(read_lines(out)) > 2000:
             pg.restart()
             restarted = True
-        return restarted and _unpublished(dsn) == 0
+        return restarted and unpublished(dsn) == 0
 
     config = relay_config(dsn, _file_sink(tmp_path), batch_size=200)
     await run_relay_until(config, restart_once_then_finish, timeout=90)
@@ -270,8 +264,8 @@ async def test_a_broker_outage_marks_nothing_and_the_backlog_drains_in_order_whe
 
     def drained(relay: Any) -> bool:
         if not relay.pipelines[0].sink_ok:
-            assert _unpublished(dsn) == 1000 - len(sink.delivered), "only delivered events are marked"
-        return _unpublished(dsn) == 0
+            assert unpublished(dsn) == 1000 - len(sink.delivered), "only delivered events are marked"
+        return unpublished(dsn) == 0
 
     await run_relay_until(config, drained, pipelines=[pipeline])
     # Ready before the outage, not ready while the broker refused, ready again after it returned.
@@ -318,4 +312,4 @@ async def test_the_end_of_the_shutdown_grace_period_exits_even_when_the_broker_h
     relay.stop.set()
     assert await asyncio.wait_for(run, 10) == 1, "exit code 1: the grace period ran out"
     assert time.monotonic() - stopped_at < 3.0
-    assert _unpublished(dsn) == 10, "nothing was marked that the broker did not acknowledge"
+    assert unpublished(dsn) == 10, "nothing was marked that the broker did not acknowledge"

@@ -14,12 +14,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -27,26 +24,38 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
 pytest.importorskip("pika")
 
-from tests.conftest import run_cli
+from tests.conftest import (
+    RabbitNames,
+    StartRelay,
+    rabbit_delivered,
+    rabbit_names,
+    require_control,
+    run_cli,
+)
 from tests.harness.rabbitmq import (
     BrokerControlUnavailable,
     RabbitBroker,
     declare_queue,
-    delete,
     drain_queue,
     queue_depth,
     start_rabbitmq,
 )
-from tests.support import assert_complete_and_ordered, event_ids, insert_events, relay_config
+from tests.support import (
+    assert_complete_and_ordered,
+    event_ids,
+    insert_events,
+    marked_ids,
+    relay_config,
+    stop_relay,
+    unpublished,
+    wait_for,
+    write_config,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_IN_FLIGHT = 10_000  # pipeline.max_in_flight default: the bound on repeats after a failure
-
-StartRelay = Callable[..., subprocess.Popen[bytes]]
 
 
 @pytest.fixture(scope="module")
@@ -61,58 +70,19 @@ def rabbit() -> Iterator[RabbitBroker]:
         broker.close()
 
 
-@dataclass
-class Names:
-    """Unique exchange and queue names for one test; everything is deleted afterwards."""
-
-    prefix: str = field(default_factory=lambda: f"relaytest-{uuid.uuid4().hex[:10]}")
-    queues: list[str] = field(default_factory=list)
-
-    @property
-    def exchange(self) -> str:
-        return f"{self.prefix}.x"
-
-    def queue(self, suffix: str = "q") -> str:
-        name = f"{self.prefix}.{suffix}"
-        self.queues.append(name)
-        return name
-
-
 @pytest.fixture
-def names(rabbit: RabbitBroker) -> Iterator[Names]:
-    created = Names()
-    try:
-        yield created
-    finally:
-        delete(rabbit.url, queues=created.queues, exchanges=[created.exchange])
-
-
-@pytest.fixture
-def start_relay(tmp_path: Path) -> Iterator[StartRelay]:
-    """Starts `python -m relay run -c CONFIG [extra...]`, logs to a file (a broker outage logs a
-    lot, and a full stderr pipe would stall the relay); kills what is left at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(config: Path, *extra: str) -> subprocess.Popen[bytes]:
-        with (tmp_path / f"relay-{len(started)}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "relay", "run", "-c", str(config), *extra],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                cwd=REPO,
-            )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+def names(rabbit: RabbitBroker) -> Iterator[RabbitNames]:
+    yield from rabbit_names(rabbit.url)
 
 
 def _config(
-    tmp_path: Path, dsn: str, rabbit: RabbitBroker, names: Names, *, on_poison: str | None = None, **sink: Any
+    tmp_path: Path,
+    dsn: str,
+    rabbit: RabbitBroker,
+    names: RabbitNames,
+    *,
+    on_poison: str | None = None,
+    **sink: Any,
 ) -> Path:
     """A relay.yaml relaying to the test's exchange. `on_poison: block` keeps retrying an event the
     broker refuses instead of parking it in the dead-letter table after a few attempts."""
@@ -128,31 +98,15 @@ def _config(
     config = relay_config(dsn, settings)
     if on_poison is not None:
         config["outboxes"][0]["dead_letter"] = {"on_poison": on_poison}
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(tmp_path, config)
 
 
 def _logs(tmp_path: Path) -> str:
     return "\n".join(path.read_text(errors="replace") for path in sorted(tmp_path.glob("relay-*.log")))
 
 
-def _unpublished(dsn: str, where: str = "true") -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(f"SELECT count(*) FROM outbox WHERE published_at IS NULL AND {where}").fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-def _marked_ids(dsn: str) -> set[str]:
-    with psycopg.connect(dsn) as conn:
-        return {
-            r[0] for r in conn.execute("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL")
-        }
-
-
 def _progressed(dsn: str, below: int) -> bool:
-    return _unpublished(dsn) < below
+    return unpublished(dsn) < below
 
 
 def _dead_letters(dsn: str) -> int:
@@ -168,37 +122,12 @@ def _ids_of(dsn: str, aggregate_type: str) -> set[str]:
         return {r[0] for r in conn.execute(query, (aggregate_type,))}
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _stop(relay: subprocess.Popen[bytes]) -> None:
-    relay.send_signal(signal.SIGTERM)
-    assert relay.wait(timeout=30) == 0
-
-
 def _drain(relay: subprocess.Popen[bytes], tmp_path: Path) -> None:
     try:
         code = relay.wait(timeout=30)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"the relay did not drain in time:\n{_logs(tmp_path)[-3000:]}") from None
     assert code == 0, _logs(tmp_path)[-3000:]
-
-
-def _as_delivered(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drained messages in the shape tests.support.assert_complete_and_ordered reads."""
-    return [
-        {
-            "event_id": m["headers"]["event_id"],
-            "aggregate_id": m["headers"]["aggregate_id"],
-            "position": int(m["headers"]["position"]),
-        }
-        for m in messages
-    ]
 
 
 def _insert(dsn: str, rows: list[tuple[str, str]]) -> None:
@@ -245,16 +174,11 @@ class _Writer:
             self.error = exc
 
 
-def _require_control(rabbit: RabbitBroker) -> None:
-    if not rabbit.controllable:
-        pytest.skip(f"{rabbit!r} cannot be stopped and started from here")
-
-
 # --- delivery -----------------------------------------------------------------------------------
 
 
 def test_every_event_arrives_with_body_properties_and_headers_in_order_and_only_confirmed_events_are_marked(
-    dsn: str, rabbit: RabbitBroker, names: Names, tmp_path: Path, start_relay: StartRelay
+    dsn: str, rabbit: RabbitBroker, names: RabbitNames, tmp_path: Path, start_relay: StartRelay
 ) -> None:
     insert_events(dsn, 2_000, aggregates=20)
     # The "audit" events go to a queue that refuses every message (length 0, reject-publish):
@@ -274,12 +198,12 @@ def test_every_event_arrives_with_body_properties_and_headers_in_order_and_only_
     stored = {row[0]: row[1:] for row in rows}
 
     relay = start_relay(_config(tmp_path, dsn, rabbit, names, on_poison="block"))
-    _wait_for(lambda: _unpublished(dsn) == 3, 30, "every order event to be marked")
+    wait_for(lambda: unpublished(dsn) == 3, 30, "every order event to be marked")
     messages = drain_queue(rabbit.url, queue, 2_000)
-    _wait_for(lambda: "basic.nack" in _logs(tmp_path), 10, "the refused events to be reported")
-    _stop(relay)
+    wait_for(lambda: "basic.nack" in _logs(tmp_path), 10, "the refused events to be reported")
+    stop_relay(relay)
 
-    assert assert_complete_and_ordered(_as_delivered(messages), set(stored)) == 0
+    assert assert_complete_and_ordered(rabbit_delivered(messages), set(stored)) == 0
     assert len(messages) == 2_000
     for message in messages:
         event_id = message["properties"]["message_id"]
@@ -304,11 +228,11 @@ def test_every_event_arrives_with_body_properties_and_headers_in_order_and_only_
             "created_at": datetime.fromtimestamp(created, UTC).isoformat(),
         }
     assert queue_depth(rabbit.url, refusing) == 0
-    assert _marked_ids(dsn) == set(stored), "marked exactly what the broker confirmed"
+    assert marked_ids(dsn) == set(stored), "marked exactly what the broker confirmed"
 
 
 def test_through_a_consistent_hash_exchange_each_aggregate_lands_in_one_of_four_queues_in_order(
-    dsn: str, rabbit: RabbitBroker, names: Names, tmp_path: Path, start_relay: StartRelay
+    dsn: str, rabbit: RabbitBroker, names: RabbitNames, tmp_path: Path, start_relay: StartRelay
 ) -> None:
     try:
         rabbit.ensure_consistent_hash()
@@ -324,13 +248,13 @@ def test_through_a_consistent_hash_exchange_each_aggregate_lands_in_one_of_four_
     # No routing_key: the x-consistent-hash default hashes the aggregate id.
     relay = start_relay(_config(tmp_path, dsn, rabbit, names, exchange_type="x-consistent-hash"), "--drain")
     _drain(relay, tmp_path)
-    assert _unpublished(dsn) == 0
+    assert unpublished(dsn) == 0
 
     queue_of: dict[str, str] = {}
     everything: list[dict[str, Any]] = []
     for queue in queues:
         messages = drain_queue(rabbit.url, queue, queue_depth(rabbit.url, queue), timeout=10)
-        delivered = _as_delivered(messages)
+        delivered = rabbit_delivered(messages)
         assert all(m["routing_key"] == d["aggregate_id"] for m, d in zip(messages, delivered, strict=True))
         for message in delivered:
             assert queue_of.setdefault(message["aggregate_id"], queue) == queue, "an aggregate was split"
@@ -343,7 +267,7 @@ def test_through_a_consistent_hash_exchange_each_aggregate_lands_in_one_of_four_
 
 
 def test_unroutable_events_are_reported_and_not_marked_while_other_aggregates_flow_then_relayed_once_bound(
-    dsn: str, rabbit: RabbitBroker, names: Names, tmp_path: Path, start_relay: StartRelay
+    dsn: str, rabbit: RabbitBroker, names: RabbitNames, tmp_path: Path, start_relay: StartRelay
 ) -> None:
     # Interleaved, so that unroutable events sit before, between and after the routable ones.
     _insert(dsn, [("invoice" if i % 4 == 0 else "order", f"agg-{i % 40}") for i in range(2_000)])
@@ -354,11 +278,11 @@ def test_unroutable_events_are_reported_and_not_marked_while_other_aggregates_fl
 
     # on_poison block: an unroutable event is retried until a queue is bound for it, never parked.
     relay = start_relay(_config(tmp_path, dsn, rabbit, names, on_poison="block"))
-    _wait_for(lambda: _unpublished(dsn, "aggregate_type = 'order'") == 0, 30, "the routable events")
-    _wait_for(lambda: "unroutable" in _logs(tmp_path), 10, "the unroutable events to be reported")
+    wait_for(lambda: unpublished(dsn, where="aggregate_type = 'order'") == 0, 30, "the routable events")
+    wait_for(lambda: "unroutable" in _logs(tmp_path), 10, "the unroutable events to be reported")
     time.sleep(0.5)  # several retry rounds (retry.max is 200ms): still nothing of them may be marked
-    assert _unpublished(dsn, "aggregate_type = 'invoice'") == 500
-    delivered = _as_delivered(drain_queue(rabbit.url, orders, 1_500))
+    assert unpublished(dsn, where="aggregate_type = 'invoice'") == 500
+    delivered = rabbit_delivered(drain_queue(rabbit.url, orders, 1_500))
     assert assert_complete_and_ordered(delivered, ids["order"]) == 0
     assert len(delivered) == 1_500
     log = _logs(tmp_path)
@@ -367,9 +291,9 @@ def test_unroutable_events_are_reported_and_not_marked_while_other_aggregates_fl
     # They were retried, not dropped: once a queue is bound for them they arrive, in order.
     invoices = names.queue("invoices")
     declare_queue(rabbit.url, invoices, names.exchange, "invoice.*")
-    _wait_for(lambda: _unpublished(dsn) == 0, 20, "the formerly unroutable events to be marked")
-    delivered = _as_delivered(drain_queue(rabbit.url, invoices, 500))
-    _stop(relay)
+    wait_for(lambda: unpublished(dsn) == 0, 20, "the formerly unroutable events to be marked")
+    delivered = rabbit_delivered(drain_queue(rabbit.url, invoices, 500))
+    stop_relay(relay)
     assert assert_complete_and_ordered(delivered, ids["invoice"]) == 0
 
 
@@ -378,32 +302,32 @@ def test_unroutable_events_are_reported_and_not_marked_while_other_aggregates_fl
 
 @pytest.mark.slow
 def test_a_broker_restart_mid_run_loses_nothing_keeps_per_aggregate_order_and_everything_gets_marked(
-    dsn: str, rabbit: RabbitBroker, names: Names, tmp_path: Path, start_relay: StartRelay
+    dsn: str, rabbit: RabbitBroker, names: RabbitNames, tmp_path: Path, start_relay: StartRelay
 ) -> None:
-    _require_control(rabbit)
+    require_control(rabbit)
     queue = names.queue()
     declare_queue(rabbit.url, queue, names.exchange, "order.*", exchange_type="topic")
     relay = start_relay(_config(tmp_path, dsn, rabbit, names))
     with _Writer(dsn, batch=50, aggregates=100, pause=0.02) as writer:
-        _wait_for(lambda: len(_marked_ids(dsn)) >= 1_000, 30, "the first events to be marked")
+        wait_for(lambda: len(marked_ids(dsn)) >= 1_000, 30, "the first events to be marked")
         rabbit.stop()
         try:
             # Whatever the broker confirmed before it went down is marked within moments; after
             # that nothing can be confirmed, so nothing more may be marked.
             time.sleep(1.0)
-            while_down = len(_marked_ids(dsn))
+            while_down = len(marked_ids(dsn))
             time.sleep(1.0)
-            assert len(_marked_ids(dsn)) == while_down, "events were marked while the broker was down"
+            assert len(marked_ids(dsn)) == while_down, "events were marked while the broker was down"
         finally:
             rabbit.start()
-        _wait_for(lambda: len(_marked_ids(dsn)) > while_down + 1_000, 30, "publishing to resume")
+        wait_for(lambda: len(marked_ids(dsn)) > while_down + 1_000, 30, "publishing to resume")
         writer.stop()
-    _wait_for(lambda: _unpublished(dsn) == 0, 30, "every event to be marked after the restart")
-    _stop(relay)
+    wait_for(lambda: unpublished(dsn) == 0, 30, "every event to be marked after the restart")
+    stop_relay(relay)
 
     expected = event_ids(dsn)
     messages = drain_queue(rabbit.url, queue, len(expected), timeout=20)
-    duplicates = assert_complete_and_ordered(_as_delivered(messages), expected)
+    duplicates = assert_complete_and_ordered(rabbit_delivered(messages), expected)
     assert duplicates <= MAX_IN_FLIGHT, "repeats are bounded by pipeline.max_in_flight"
     log = _logs(tmp_path)
     assert "connection to RabbitMQ lost" in log and "broker reachable again" in log
@@ -412,7 +336,7 @@ def test_a_broker_restart_mid_run_loses_nothing_keeps_per_aggregate_order_and_ev
 
 @pytest.mark.slow
 def test_a_relay_killed_mid_run_then_drained_loses_nothing_and_keeps_per_aggregate_order(
-    dsn: str, rabbit: RabbitBroker, names: Names, tmp_path: Path, start_relay: StartRelay
+    dsn: str, rabbit: RabbitBroker, names: RabbitNames, tmp_path: Path, start_relay: StartRelay
 ) -> None:
     total = 30_000
     insert_events(dsn, total, aggregates=200)
@@ -424,16 +348,16 @@ def test_a_relay_killed_mid_run_then_drained_loses_nothing_and_keeps_per_aggrega
     kills = 0
     for marked in (3_000, 12_000):
         relay = start_relay(config)
-        _wait_for(partial(_progressed, dsn, total - marked), 30, f"{marked} events to be marked")
+        wait_for(partial(_progressed, dsn, total - marked), 30, f"{marked} events to be marked")
         os.kill(relay.pid, signal.SIGKILL)
         assert relay.wait(timeout=10) == -signal.SIGKILL
         kills += 1
-    assert 0 < _unpublished(dsn) < total, "the kills happened mid-run"
+    assert 0 < unpublished(dsn) < total, "the kills happened mid-run"
 
     result = run_cli("run", "-c", str(config), "--drain", timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _unpublished(dsn) == 0
+    assert unpublished(dsn) == 0
 
     messages = drain_queue(rabbit.url, queue, total, timeout=20)
-    duplicates = assert_complete_and_ordered(_as_delivered(messages), expected)
+    duplicates = assert_complete_and_ordered(rabbit_delivered(messages), expected)
     assert duplicates <= kills * MAX_IN_FLIGHT, "repeats are bounded by pipeline.max_in_flight"

@@ -6,14 +6,12 @@ file fsynced on every write, so that what Redis acknowledged survives its restar
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import psycopg
 import pytest
 from pydantic import ValidationError
 
@@ -27,9 +25,17 @@ from relay.interfaces import ConnectorError
 from relay.registry import sink_plugins
 from tests.conftest import redis_entry_as_line
 from tests.harness.redis import RedisServer, start_redis, unique_prefix
-from tests.sink_support import make_events, missing_extra_message, relay_events
+from tests.sink_support import (
+    make_events,
+    missing_extra_message,
+    relay_events,
+    relay_rounds_during,
+    started_sink,
+    stop_and_start,
+)
 from tests.support import (
     assert_complete_and_ordered,
+    event_ids,
     insert_events,
     relay_config,
     run_relay_until,
@@ -42,11 +48,8 @@ TIMEOUT = 2.0
 @pytest.fixture(scope="module")
 def durable_redis() -> Iterator[RedisServer]:
     """A private server (appendonly yes, appendfsync always) to stop, start and pause."""
-    server = start_redis(private=True, persistent=True)
-    try:
+    with start_redis(private=True, persistent=True) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -71,14 +74,8 @@ def _config(url: str, prefix: str, **settings: Any) -> RedisSinkConfig:
     return RedisSinkConfig(**values)
 
 
-@asynccontextmanager
-async def _started(url: str, prefix: str, **settings: Any) -> AsyncIterator[RedisStreamsSink]:
-    sink = RedisStreamsSink(_config(url, prefix, **settings))
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.close()
+def _started(url: str, prefix: str, **settings: Any) -> AbstractAsyncContextManager[RedisStreamsSink]:
+    return started_sink(RedisStreamsSink(_config(url, prefix, **settings)))
 
 
 def _entries(url: str, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -183,27 +180,9 @@ async def test_a_stopped_server_gives_transient_failures_and_nothing_acknowledge
 async def test_a_server_restart_during_publishing_loses_no_acknowledged_event(
     durable_redis: RedisServer, prefix: str
 ) -> None:
-    aggregates = 200
-    events = []
-    failed = 0
+    restart = stop_and_start(durable_redis, after_s=0.2, down_s=0.5)
     async with _started(durable_redis.url, prefix) as sink:
-
-        def restart() -> None:
-            time.sleep(0.2)
-            durable_redis.stop()
-            time.sleep(0.5)
-            durable_redis.start()
-
-        restarting = asyncio.create_task(asyncio.to_thread(restart))
-        rounds_after = 0
-        while rounds_after < 3:
-            if restarting.done():
-                restarting.result()
-                rounds_after += 1
-            round_events = make_events(aggregates, aggregates, start=len(events) + 1)
-            events += round_events
-            failed += await relay_events(sink, round_events, batch=aggregates, deadline_s=30, pause_s=0.05)
-            await asyncio.sleep(0.01)
+        events, failed = await relay_rounds_during(sink, restart, aggregates=200, pause_s=0.05)
     assert failed > 0, "the restart went unnoticed"
     delivered = [redis_entry_as_line(f) for _, f in _entries(durable_redis.url, f"{prefix}.order")]
     # A call cut off by the stop may have been applied before the connection dropped and is then
@@ -265,9 +244,7 @@ async def test_the_relay_drains_an_outbox_into_redis_streams_each_aggregate_in_o
     await run_relay_until(config, lambda relay: relay.pipelines[0].published >= 500)
     assert unpublished(dsn) == 0
     delivered = [redis_entry_as_line(f) for _, f in _entries(redis_server.url, f"{prefix}.order")]
-    with psycopg.connect(dsn) as conn:
-        ids = {row[0] for row in conn.execute("SELECT event_id::text FROM outbox")}
-    assert assert_complete_and_ordered(delivered, ids) == 0
+    assert assert_complete_and_ordered(delivered, event_ids(dsn)) == 0
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import psycopg
@@ -19,15 +18,16 @@ from pydantic import ValidationError
 pytest.importorskip("httpx")
 
 from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig, batch_key, retry_after_seconds
-from relay.deadletters import DeadLetterStore
 from relay.events import Failure
 from relay.outbox import write_event
 from relay.registry import sink_plugins
 from tests.conftest import webhook_request_as_lines
 from tests.harness.webhook import Reply, Request, WebhookReceiver
-from tests.sink_support import make_events, missing_extra_message, relay_events
+from tests.sink_support import make_events, missing_extra_message, relay_events, started_sink
 from tests.support import (
     assert_complete_and_ordered,
+    dead_letters,
+    event_ids,
     insert_events,
     relay_config,
     run_relay_until,
@@ -41,14 +41,8 @@ def _config(url: str, **settings: Any) -> WebhookSinkConfig:
     return WebhookSinkConfig(**{"type": "webhook", "url": url, "timeout": TIMEOUT, **settings})
 
 
-@asynccontextmanager
-async def _started(url: str, **settings: Any) -> AsyncIterator[WebhookSink]:
-    sink = WebhookSink(_config(url, **settings))
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.close()
+def _started(url: str, **settings: Any) -> AbstractAsyncContextManager[WebhookSink]:
+    return started_sink(WebhookSink(_config(url, **settings)))
 
 
 def _lines(receiver: WebhookReceiver) -> list[dict[str, Any]]:
@@ -274,17 +268,11 @@ async def test_the_relay_dead_letters_an_event_the_receiver_refuses_with_400_and
     webhook_receiver.script(*[Reply(503, retry_after="0")] * 5)  # a short outage first: never parks
     config = relay_config(dsn, {"type": "webhook", "url": webhook_receiver.url})
     await run_relay_until(config, lambda _: unpublished(dsn) == 0, timeout=60)
-    store = DeadLetterStore(dsn)
-    try:
-        (letter,) = await store.entries("orders")
-    finally:
-        await store.close()
+    (letter,) = await dead_letters(dsn)
     assert letter.event_id == poison and letter.permanent and letter.attempts == 1
     assert "answered 422" in letter.error
     delivered = [line for line in _lines(webhook_receiver) if line["event_id"] != poison]
-    with psycopg.connect(dsn) as conn:
-        ids = {row[0] for row in conn.execute("SELECT event_id::text FROM outbox")} - {poison}
-    assert_complete_and_ordered(delivered, ids)
+    assert_complete_and_ordered(delivered, event_ids(dsn) - {poison})
     assert after in {line["event_id"] for line in delivered}, "its aggregate moved on after parking"
 
 
