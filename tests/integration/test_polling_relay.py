@@ -108,7 +108,8 @@ async def test_notify_wakes_the_relay_long_before_the_poll_interval(dsn: str, tm
     await run_relay_until(config, lambda _: writer.done(), timeout=20)
     await writer
     assert len(latencies) == 5
-    assert max(latencies) < 5.0, f"NOTIFY did not wake the relay: {latencies}"
+    # The poll interval is 30 s: anything well below it was a NOTIFY wake-up (liveness, not speed).
+    assert max(latencies) < 15.0, f"NOTIFY did not wake the relay: {latencies}"
 
 
 class _RejectsOneAggregate(Sink):
@@ -311,5 +312,5 @@ async def test_the_end_of_the_shutdown_grace_period_exits_even_when_the_broker_h
     stopped_at = time.monotonic()
     relay.stop.set()
     assert await asyncio.wait_for(run, 10) == 1, "exit code 1: the grace period ran out"
-    assert time.monotonic() - stopped_at < 3.0
+    assert time.monotonic() - stopped_at < 20.0  # the hang would be forever
     assert unpublished(dsn) == 10, "nothing was marked that the broker did not acknowledge"
