@@ -189,7 +189,7 @@ async def test_close_delivers_what_still_lingers_in_the_producer_queue(kafka: Ka
     config = KafkaSinkConfig(
         type="kafka",
         bootstrap_servers=kafka.bootstrap_servers,
-        delivery_timeout=15,
+        delivery_timeout=120,  # librdkafka requires message.timeout.ms > linger.ms
         producer={"linger.ms": 60_000},
     )
     sink = KafkaSink(config)
