@@ -15,7 +15,7 @@ import pytest
 from relay.config import parse_config
 from relay.outbox import emit_event, write_event
 from relay.runner import build_source
-from tests.conftest import kafka_message_as_line, run_cli
+from tests.conftest import consume_event_ids, kafka_message_as_line, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer
 from tests.support import assert_complete_and_ordered, read_lines, run_relay_until, start_relay, write_config
@@ -298,7 +298,7 @@ async def test_both_modes_relay_into_kafka_in_commit_order_per_aggregate(
         return bool(relay.pipelines[0].published >= 600)
 
     await run_relay_until(config, all_acknowledged, timeout=60)
-    messages = kafka.consume_all(f"{topic_prefix}.order", 600, timeout=20)
+    messages = consume_event_ids(kafka, f"{topic_prefix}.order", expected, timeout=20)
     lines = [kafka_message_as_line(m) for m in messages]
     assert "Doomed" not in {line["event_type"] for line in lines}
     assert assert_complete_and_ordered(lines, expected) == 0
