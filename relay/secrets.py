@@ -8,7 +8,7 @@ a log field) can be scrubbed even when the library echoed the password in a form
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 _MASK = "***"
 # Settings whose value is a secret by their name: librdkafka's sasl.password, ssl.key.password,
@@ -71,3 +71,20 @@ scrubber = SecretScrubber()
 def is_secret_key(name: str) -> bool:
     """True for a setting whose value must never be shown (by its name alone)."""
     return bool(_SECRET_KEY.search(name))
+
+
+def parse_url_setting(value: str, schemes: tuple[str, ...], shown: str | None = None) -> SplitResult:
+    """Check a broker URL from the config without ever echoing its password: remember its
+    secrets for scrubbing, then parse it. Raises ValueError with the URL redacted (`shown`)."""
+    scrubber.remember_from(value)
+    shown = shown or redact_url(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"url {shown!r} is not a valid URL ({scrubber.scrub(str(exc))})") from None
+    if parts.scheme not in schemes:
+        names = [f"{scheme}://" for scheme in schemes]
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise ValueError(f"url {shown!r} must start with {listed}")
+    return parts

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from pydantic import Field, field_validator, model_validator
 
@@ -39,7 +39,7 @@ from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import redact_url, scrubber
+from relay.secrets import parse_url_setting, redact_url, scrubber
 from relay.templates import TEMPLATE_FIELDS, check_template
 
 ExchangeType = Literal["topic", "direct", "fanout", "headers", "x-consistent-hash"]
@@ -130,15 +130,8 @@ class RabbitMQSinkConfig(ConnectorConfig):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
-        scrubber.remember_from(value)
+        parts = parse_url_setting(value, ("amqp", "amqps"))
         shown = redact_url(value)
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError as exc:
-            raise ValueError(f"url {shown!r} is not a valid URL ({scrubber.scrub(str(exc))})") from None
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError(f"url {shown!r} must start with amqp:// or amqps://")
         if not parts.hostname:
             raise ValueError(f"url {shown!r} names no host")
         for name, _ in parse_qsl(parts.query):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import orjson
 from pydantic import Field, field_validator
@@ -40,7 +39,7 @@ from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import redact_url, scrubber
+from relay.secrets import parse_url_setting, redact_url, scrubber
 from relay.templates import TEMPLATE_FIELDS, check_template
 
 _SCHEMES = ("redis", "rediss", "unix")
@@ -88,15 +87,7 @@ class RedisSinkConfig(ConnectorConfig):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
-        scrubber.remember_from(value)
-        shown = redact_url(value)
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError as exc:
-            raise ValueError(f"url {shown!r} is not a valid URL ({scrubber.scrub(str(exc))})") from None
-        if parts.scheme not in _SCHEMES:
-            raise ValueError(f"url {shown!r} must start with redis://, rediss:// or unix://")
+        parse_url_setting(value, _SCHEMES)
         return value
 
     @field_validator("stream")

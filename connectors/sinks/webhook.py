@@ -55,7 +55,7 @@ from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import is_secret_key, redact_url, scrubber
+from relay.secrets import is_secret_key, parse_url_setting, redact_url, scrubber
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name (RFC 9110 token)
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
@@ -184,12 +184,8 @@ class WebhookSinkConfig(ConnectorConfig):
     def _valid_url(cls, value: str) -> str:
         remember_url_secrets(value)
         shown = redact_webhook_url(value)
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError as exc:
-            raise ValueError(f"url {shown!r} is not a valid URL ({scrubber.scrub(str(exc))})") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        parts = parse_url_setting(value, ("http", "https"), shown)
+        if not parts.hostname:
             raise ValueError(f"url {shown!r} must be an http:// or https:// URL with a host")
         return value
 
