@@ -12,6 +12,7 @@ import psycopg
 
 from connectors.sources.postgres_polling import PostgresPollingConfig, PostgresPollingSource
 from relay.deadletters import create_table_sql as create_dead_letter_table
+from relay.events import OutboxEvent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,3 +204,25 @@ def http_get(url: str) -> str:
             return str(response.read().decode())
     except urllib.error.HTTPError as error:
         return str(error.read().decode())
+
+
+def outbox_events(dsn: str) -> list[OutboxEvent]:
+    """The rows now in the outbox as the polling source reads them."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT position, event_id::text, aggregate_type, aggregate_id, event_type, payload::text,"
+            " headers::text, extract(epoch from created_at)::float8 FROM outbox ORDER BY position"
+        ).fetchall()
+    return [
+        OutboxEvent(
+            position=position,
+            event_id=event_id,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            event_type=event_type,
+            payload=payload.encode(),
+            headers=json.loads(headers),
+            created_at=created,
+        )
+        for position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created in rows
+    ]

@@ -45,33 +45,11 @@ from tests.bench.bench_polling_file import _reset
 from tests.harness.nats import run_async, start_nats
 from tests.harness.postgres import start_postgres
 from tests.harness.redis import start_redis
-from tests.support import DEFAULT_TABLE_SQL
+from tests.support import DEFAULT_TABLE_SQL, outbox_events
 
 CHUNK = 1000
 CONCURRENCY = 16
 RUNS = ("nats", "redis", "webhook-batch", "webhook-event")
-
-
-def outbox_events(dsn: str) -> list[OutboxEvent]:
-    """The rows now in the outbox as the polling source reads them."""
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT position, event_id::text, aggregate_type, aggregate_id, event_type, payload::text,"
-            " headers::text, extract(epoch from created_at)::float8 FROM outbox ORDER BY position"
-        ).fetchall()
-    return [
-        OutboxEvent(
-            position=position,
-            event_id=event_id,
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            event_type=event_type,
-            payload=payload.encode(),
-            headers=json.loads(headers),
-            created_at=created,
-        )
-        for position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created in rows
-    ]
 
 
 def _chunks(events: list[OutboxEvent]) -> list[list[OutboxEvent]]:

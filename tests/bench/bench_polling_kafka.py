@@ -37,12 +37,11 @@ import yaml
 
 from connectors.sinks.kafka import KafkaSinkConfig
 from relay.config import parse_config
-from relay.events import OutboxEvent
 from relay.runner import Relay
 from tests.bench.bench_polling_file import AGGREGATES, _epoch, _pct, _reset, relay_drain
 from tests.harness.kafka import create_topic, start_kafka
 from tests.harness.postgres import start_postgres
-from tests.support import DEFAULT_TABLE_SQL, relay_config
+from tests.support import DEFAULT_TABLE_SQL, outbox_events, relay_config
 
 Message = tuple[bytes, bytes, list[tuple[str, str | bytes | None]]]  # value, key, headers
 
@@ -54,27 +53,12 @@ def _kafka_sink(bootstrap_servers: str, topic: str) -> dict[str, Any]:
 def outbox_messages(dsn: str) -> list[Message]:
     """The messages the relay produces for the rows now in the outbox: payload as the polling source
     reads it, the sink's standard headers, the aggregate id as key."""
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT position, event_id::text, aggregate_type, aggregate_id, event_type, payload::text,"
-            " headers::text, extract(epoch from created_at)::float8 FROM outbox ORDER BY position"
-        ).fetchall()
     messages: list[Message] = []
-    for position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created in rows:
-        event = OutboxEvent(
-            position=position,
-            event_id=event_id,
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            event_type=event_type,
-            payload=payload.encode(),
-            headers=json.loads(headers),
-            created_at=created,
-        )
+    for event in outbox_events(dsn):
         standard: list[tuple[str, str | bytes | None]] = [
             (name, value.encode()) for name, value in event.standard_headers().items()
         ]
-        messages.append((event.payload, aggregate_id.encode(), standard))
+        messages.append((event.payload, (event.aggregate_id or "").encode(), standard))
     return messages
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -38,12 +37,11 @@ from typing import Any
 
 import psycopg
 
-from relay.events import OutboxEvent
 from tests.bench.bench_logical import drain
 from tests.bench.bench_polling_file import AGGREGATES, _reset
 from tests.harness.postgres import start_postgres
 from tests.harness.rabbitmq import declare_queue, delete, queue_depth, start_rabbitmq
-from tests.support import DEFAULT_TABLE_SQL
+from tests.support import DEFAULT_TABLE_SQL, outbox_events
 
 ROUTING_KEY = "{aggregate_type}.{event_type}"  # the sink's default
 YIELD_EVERY = 128  # as the sink: let the loop write frames and read confirms while publishing
@@ -56,23 +54,8 @@ def outbox_messages(dsn: str) -> list[Message]:
     source reads it, the sink's properties and standard headers, the default routing key."""
     import pika
 
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT position, event_id::text, aggregate_type, aggregate_id, event_type, payload::text,"
-            " headers::text, extract(epoch from created_at)::float8 FROM outbox ORDER BY position"
-        ).fetchall()
     messages: list[Message] = []
-    for position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created in rows:
-        event = OutboxEvent(
-            position=position,
-            event_id=event_id,
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            event_type=event_type,
-            payload=payload.encode(),
-            headers=json.loads(headers),
-            created_at=created,
-        )
+    for event in outbox_events(dsn):
         properties = pika.BasicProperties(
             content_type=event.content_type,
             delivery_mode=2,
