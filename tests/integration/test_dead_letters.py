@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from prometheus_client import REGISTRY
 
 from relay.config import parse_config
 from relay.events import Failure, OutboxEvent, PublishResult
@@ -51,6 +52,11 @@ class _Refuses(Sink):
         return results
 
 
+def _sample(name: str) -> float | None:
+    """A metric of this process's registry, for the outbox the tests use."""
+    return REGISTRY.get_sample_value(name, {"outbox": "orders"})
+
+
 def _pipeline(config: dict[str, Any], sink: Sink) -> Pipeline:
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
     return Pipeline(
@@ -78,8 +84,15 @@ async def test_poison_event_is_dead_lettered_after_n_refusals_while_other_aggreg
     poison = _write_poison_between(dsn)
     config = relay_config(dsn, {"type": "stdout"})
     config["outboxes"][0]["dead_letter"] = {"after_attempts": 3}
+    config["outboxes"][0]["pipeline"] = {"stats_interval": "100ms"}
     sink = _Refuses()
-    await run_relay_until(config, lambda _: unpublished(dsn) == 0, pipelines=[_pipeline(config, sink)])
+    parked_before = _sample("outbox_relay_dead_lettered_total") or 0.0
+
+    def drained_and_counted(_: Any) -> bool:
+        return unpublished(dsn) == 0 and _sample("outbox_relay_dead_letters") == 1.0
+
+    await run_relay_until(config, drained_and_counted, pipelines=[_pipeline(config, sink)])
+    assert _sample("outbox_relay_dead_lettered_total") == parked_before + 1
     assert sink.refusals == 3
     (letter,) = await dead_letters(dsn)
     assert (letter.event_id, letter.attempts, letter.error, letter.permanent) == (
