@@ -56,6 +56,12 @@ class PipelineConfig(StrictModel):
     )
     publish_batch_size: int = Field(default=1_000, ge=1, description="Events per sink call.")
     publish_concurrency: int = Field(default=2, ge=1, le=64, description="Sink calls at once.")
+    per_aggregate_in_flight: int = Field(
+        default=100,
+        ge=1,
+        description="Consecutive events of one aggregate in one sink call, for sinks that keep a "
+        "call's order (1 with on_poison: block): what a hot aggregate moves per broker round trip.",
+    )
     stats_interval: Duration = Field(default=5.0, gt=0, description="How often pending and lag are measured.")
 
 

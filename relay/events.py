@@ -8,6 +8,24 @@ from typing import Any
 
 import orjson
 
+# The formatted second of the last call: every event of a batch (or a burst) shares it, and
+# formatting a datetime costs as much as the rest of building a message's headers.
+_second_formatted: tuple[int, str] = (-1, "")
+
+
+def iso_utc(timestamp: float) -> str:
+    """`datetime.fromtimestamp(timestamp, UTC).isoformat()`, at half the cost."""
+    global _second_formatted
+    whole = int(timestamp // 1)
+    micro = round((timestamp - whole) * 1e6)
+    if micro == 1_000_000:
+        whole, micro = whole + 1, 0
+    second, prefix = _second_formatted
+    if second != whole:
+        prefix = datetime.fromtimestamp(whole, UTC).isoformat()[:-6]  # without "+00:00"
+        _second_formatted = (whole, prefix)
+    return f"{prefix}.{micro:06d}+00:00" if micro else f"{prefix}+00:00"
+
 
 @dataclass(slots=True, eq=False)
 class OutboxEvent:
@@ -42,7 +60,7 @@ class OutboxEvent:
 
     @property
     def created_at_iso(self) -> str:
-        return datetime.fromtimestamp(self.created_at, UTC).isoformat()
+        return iso_utc(self.created_at)
 
     @property
     def lane_key(self) -> tuple[str, str | None]:

@@ -34,9 +34,14 @@ class Sink(ABC):
     - `publish(events)` returns exactly one result per event, in the given order: None means the
       broker acknowledged the event durably (Kafka delivery report with acks=all, RabbitMQ
       publisher confirm, JetStream PubAck, file written and flushed); a `Failure` means it did not.
-    - The pipeline never hands a sink two events of the same aggregate in one call, and never the
-      next event of an aggregate before the previous one was acknowledged; a sink may therefore
-      publish the events of one call concurrently and in any interleaving.
+    - The pipeline never hands out the next events of an aggregate before the previous ones were
+      acknowledged. Unless the sink sets `keeps_order`, a call holds at most one event per
+      aggregate, so the sink may publish a call's events concurrently and in any interleaving.
+    - A sink with `keeps_order = True` may get several consecutive events of one aggregate in one
+      call, in order, and must hand them to the broker in that order over one ordered path (one
+      channel, one connection, one partition through an idempotent producer), so that the broker
+      stores them in that order. Results stay per event: when an earlier one fails, the pipeline
+      re-sends the later ones of its aggregate after it, whatever their results.
     - Raising from `publish` means the whole call failed (for example the broker is unreachable);
       the pipeline treats every event of the call as failed and retries them.
     - `close()` flushes whatever was accepted and releases the connection.
@@ -44,6 +49,8 @@ class Sink(ABC):
 
     #: Label for metrics and logs, normally the connector type.
     kind: str = "sink"
+    #: Whether a call's events reach the broker in the order given (see the contract above).
+    keeps_order: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect. May raise ConnectorError; the pipeline retries with backoff."""

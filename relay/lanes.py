@@ -1,8 +1,9 @@
 """Per-aggregate lanes: the ordering rule of the pipeline, as pure logic.
 
-An event is handed out only when it is the head of its lane (every earlier event of its aggregate
-was acknowledged) and its lane is neither busy (head being published) nor waiting for a retry.
-Lanes of other aggregates are independent, so one failing aggregate never holds back the rest.
+A lane hands out its first events (up to `depth` consecutive ones, in order) only when nothing of
+it is out already and it is not waiting for a retry: the next events of an aggregate go out once
+the previous ones were all acknowledged. Lanes of other aggregates are independent, so one
+failing aggregate never holds back the rest.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Hashable, Iterable
+from itertools import islice
 
 from relay.events import OutboxEvent
 
 
 class _Lane:
-    __slots__ = ("busy", "events", "retry_at")
+    __slots__ = ("events", "out", "retry_at")
 
     def __init__(self) -> None:
         self.events: deque[OutboxEvent] = deque()
-        self.busy = False
+        self.out = 0  # events at the front of `events` handed out and not yet settled
         self.retry_at = 0.0
 
 
@@ -58,39 +60,58 @@ class Lanes:
             lane.events.append(event)
             self._count += 1
 
-    def take(self, limit: int, now: float) -> list[OutboxEvent]:
-        """Heads of up to `limit` ready lanes; those lanes are busy until `succeeded`/`failed`."""
+    def take(self, limit: int, now: float, depth: int = 1) -> list[OutboxEvent]:
+        """The first events, up to `depth` of each, of ready lanes, at most `limit` in all; a
+        lane's events are consecutive and in order. Those lanes stay out until every event
+        handed out was settled: `succeeded` (in order), or `failed`/`hold` of the first one
+        not acknowledged, which takes the rest of them back."""
         self._release_due(now)
         batch: list[OutboxEvent] = []
         ready, lanes = self._ready, self._lanes
         while ready and len(batch) < limit:
             lane = lanes[ready.popleft()]
-            lane.busy = True
-            batch.append(lane.events[0])
+            if depth == 1:
+                lane.out = 1
+                batch.append(lane.events[0])
+                continue
+            lane.out = min(depth, len(lane.events), limit - len(batch))
+            batch.extend(islice(lane.events, lane.out))
         return batch
 
     def succeeded(self, event: OutboxEvent) -> None:
-        """The head was acknowledged: drop it; the lane's next event becomes ready."""
+        """The lane's first event was acknowledged: drop it. Once nothing of the lane is out, its
+        next event becomes ready."""
         key = event.lane_key
         lane = self._lanes[key]
         head = lane.events.popleft()
-        assert head is event, "only a lane's head can be acknowledged"
+        assert head is event, "events of a lane are acknowledged in order"
         self._count -= 1
-        lane.busy = False
+        lane.out = max(lane.out - 1, 0)
+        if lane.out:
+            return
         if lane.events:
             self._ready.append(key)
         else:
             del self._lanes[key]
 
     def failed(self, event: OutboxEvent, retry_at: float) -> None:
-        """The head failed: the lane waits until `retry_at`, then offers the same event again."""
+        """The lane's first event failed: the lane waits until `retry_at`, then offers the same
+        event again, followed by the events handed out after it (taken back, whatever their own
+        results were: they must not be acknowledged ahead of it)."""
         key = event.lane_key
         lane = self._lanes[key]
-        assert lane.events[0] is event, "only a lane's head can fail"
-        lane.busy = False
+        assert lane.events[0] is event, "only a lane's first event can fail"
+        lane.out = 0
         lane.retry_at = retry_at
         self._tiebreak += 1
         heapq.heappush(self._waiting, (retry_at, self._tiebreak, key))
+
+    def hold(self, event: OutboxEvent) -> None:
+        """The lane's first event stays out on its own (it is being dead-lettered); the events
+        handed out after it are taken back. `succeeded(event)` then frees the lane."""
+        lane = self._lanes[event.lane_key]
+        assert lane.events[0] is event, "only a lane's first event can be held"
+        lane.out = 1
 
     def next_retry_at(self) -> float | None:
         return self._waiting[0][0] if self._waiting else None

@@ -98,6 +98,18 @@ class Pipeline:
     def held(self) -> int:
         return self._held
 
+    @property
+    def per_aggregate_depth(self) -> int:
+        """How many consecutive events of one aggregate may go out in one sink call.
+
+        More than one only when the sink keeps the order of a call's events and a poison event
+        is dead-lettered: with `on_poison: block` an event refused by the broker must hold back
+        every later event of its aggregate, and a later one sent in the same call might already
+        have been accepted."""
+        if self.sink.keeps_order and self._dead_letters is not None:
+            return self._tuning.per_aggregate_in_flight
+        return 1
+
     async def run(
         self, stop: asyncio.Event, *, drain: bool = False, abandon: asyncio.Event | None = None
     ) -> bool:
@@ -241,6 +253,7 @@ class Pipeline:
     async def _dispatch_loop(self) -> None:
         slots = asyncio.Semaphore(self._tuning.publish_concurrency)
         batch_size = self._tuning.publish_batch_size
+        depth = self.per_aggregate_depth
         while True:
             await slots.acquire()
             if self._closing:
@@ -253,7 +266,7 @@ class Pipeline:
                 slots.release()
                 await _wait_either(self._closing_event, None, pause)
                 continue
-            batch = self._lanes.take(batch_size, time.monotonic())
+            batch = self._lanes.take(batch_size, time.monotonic(), depth)
             if not batch:
                 slots.release()
                 self._dispatch_wake.clear()
@@ -317,12 +330,20 @@ class Pipeline:
         now_wall = time.time()
         e2e = self._m_e2e
         failed = 0
+        # Aggregates with a failure earlier in this call: their later events in the call go back
+        # into the lane behind the failed one, acknowledged by the broker or not.
+        stopped: set[tuple[str, str | None]] = set()
+        ahead = 0
         for event, result in zip(batch, results, strict=True):
+            if stopped and event.lane_key in stopped:
+                ahead += result is None
+                continue
             if result is None:
                 lanes.succeeded(event)
                 acked.append(event)
                 e2e.observe(now_wall - event.created_at)
                 continue
+            stopped.add(event.lane_key)
             failed += 1
             event.attempts += 1
             if event.first_failed_at is None:
@@ -332,8 +353,9 @@ class Pipeline:
             if self._dead_letters is not None and (
                 result.permanent or event.rejections >= self._dead_letter.after_attempts
             ):
-                # The lane stays busy until the event is parked: nothing later of its aggregate
+                # The lane stays out until the event is parked: nothing later of its aggregate
                 # overtakes it before it is safely in the dead-letter table.
+                lanes.hold(event)
                 self._park_queue.append((event, result.reason, result.permanent))
                 self._park_wake.set()
                 continue
@@ -350,6 +372,12 @@ class Pipeline:
                 permanent=result.permanent,
                 attempt=event.attempts,
                 retry_in=round(delay, 3),
+            )
+        if ahead:
+            self._log.warning(
+                "events acknowledged after an earlier event of their aggregate failed in the same "
+                "call; they will be published again after it",
+                events=ahead,
             )
         if acked:
             self.published += len(acked)

@@ -5,6 +5,12 @@ a config error naming the key, not a failure on every event."""
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
+from operator import attrgetter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.events import OutboxEvent
 
 #: The names a template may use (see OutboxEvent.template_fields).
 TEMPLATE_FIELDS: tuple[str, ...] = ("event_id", "event_type", "aggregate_type", "aggregate_id", "position")
@@ -31,3 +37,51 @@ def check_template(template: str, what: str) -> list[str]:
         if spec or conversion:
             raise ValueError(f"{where}: field {{{name}}} takes no format spec or conversion")
     return literals
+
+
+def _aggregate_id(event: OutboxEvent) -> str:
+    return "" if event.aggregate_id is None else event.aggregate_id
+
+
+def _position(event: OutboxEvent) -> str:
+    return str(event.position)
+
+
+_FIELD_VALUES: dict[str, Callable[[OutboxEvent], str]] = {
+    "event_id": attrgetter("event_id"),
+    "event_type": attrgetter("event_type"),
+    "aggregate_type": attrgetter("aggregate_type"),
+    "aggregate_id": _aggregate_id,
+    "position": _position,
+}
+
+
+class Template:
+    """A checked template, compiled once into a positional format over the fields it names, so
+    rendering reads only those fields and builds no dict per event."""
+
+    __slots__ = ("_format", "_getters", "fields", "literals", "text")
+
+    def __init__(self, text: str, what: str) -> None:
+        self.text = text
+        #: The literal parts, for a sink to check against its own naming rules.
+        self.literals = check_template(text, what)
+        positional: list[str] = []
+        getters: list[Callable[[OutboxEvent], str]] = []
+        fields: list[str] = []
+        for literal, name, _, _ in string.Formatter().parse(text):
+            positional.append(literal.replace("{", "{{").replace("}", "}}"))
+            if name is not None:
+                positional.append("{}")
+                getters.append(_FIELD_VALUES[name])
+                fields.append(name)
+        #: The names of the fields it uses.
+        self.fields = frozenset(fields)
+        self._format = "".join(positional).format
+        self._getters = tuple(getters)
+
+    def render(self, event: OutboxEvent) -> str:
+        getters = self._getters
+        if len(getters) == 1:  # the common shapes: `{aggregate_id}`, `outbox.{aggregate_type}`
+            return self._format(getters[0](event))
+        return self._format(*[value(event) for value in getters])

@@ -29,6 +29,7 @@ class FileSinkConfig(ConnectorConfig):
 
 class FileSink(Sink):
     kind = "file"
+    keeps_order = True
 
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config

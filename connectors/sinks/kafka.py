@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,7 +29,7 @@ from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
 from relay.secrets import is_secret_key
-from relay.templates import TEMPLATE_FIELDS, check_template
+from relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message, Producer
@@ -75,8 +75,17 @@ _TOPIC_LITERAL = re.compile(r"^[A-Za-z0-9._-]*$")
 # message.timeout.ms; the margin keeps our own bound from firing before librdkafka's.
 _WAIT_MARGIN_S = 2.0
 _PROBE_TIMEOUT_MAX_S = 10.0
-_POLL_INTERVAL_S = 0.1
+# How long the poll thread waits per round while it polls (no publish call is waiting).
+_IDLE_POLL_S = 0.05
 _QUEUE_FULL_PAUSE_S = 0.01
+# A publish call serves its reports after 1 ms, then every 2 ms: the reports of a batch arrive
+# together (one produce request per partition), and a shorter pause only burns CPU.
+_SERVE_PAUSE_MIN_S = 0.001
+_SERVE_PAUSE_MAX_S = 0.002
+# Template fields with one value for all events of an aggregate.
+_AGGREGATE_FIELDS = frozenset({"aggregate_type", "aggregate_id"})
+# Rendered topic names already checked against Kafka's naming rule; bounded for per-aggregate topics.
+_VALID_TOPICS_KEPT = 10_000
 
 
 def _check_template(template: str, what: str) -> None:
@@ -300,16 +309,30 @@ class _LibrdkafkaLog:
             self._log.debug("librdkafka", detail=text)
 
 
-_Resolved = tuple["asyncio.Future[_Outcome]", _Outcome]
+class _Deliveries:
+    """The delivery reports of one publish call, as (index of the event, error or None).
+
+    Whichever thread polls the producer runs the callbacks; list.append is atomic under the GIL,
+    so reports served by the event loop and by the idle poll thread never lose one another."""
+
+    __slots__ = ("reports",)
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, KafkaError | None]] = []
+
+    def report(self, index: int, err: KafkaError | None, _message: Message) -> None:
+        self.reports.append((index, err))
 
 
 class _ProducerHandle:
-    """One librdkafka producer plus the one thread that polls it.
+    """One librdkafka producer plus a thread that polls it while no publish call does.
 
-    Only that thread calls poll(), so delivery reports run there; they are handed to the event
-    loop of each waiting future in one call_soon_threadsafe per poll round, not one per message.
-    `retire()` turns the loop into a bounded flush; the thread then purges what is left (whose
-    futures resolve as failures) and drops the producer.
+    Publish calls serve their own delivery reports from the event loop (`serve`): a report
+    served by another thread has to take the GIL from the busy event loop once per message, and
+    that hand-over costs more than the report itself. The thread polls only while no call is
+    waiting (for error and log callbacks, and reports of calls that gave up), and on `retire()`
+    turns into a bounded flush; it then purges what is left (reported as failures) and drops
+    the producer.
     """
 
     def __init__(self, settings: Mapping[str, ProducerValue], log: Any, mask: Callable[[str], str]) -> None:
@@ -319,6 +342,10 @@ class _ProducerHandle:
         self._mask = mask
         #: Why this producer cannot deliver any more; None while it can.
         self.broken: str | None = None
+        #: Publish calls now serving their own reports; only the event loop changes it.
+        self.waiting = 0
+        #: What produce() raises when librdkafka refuses a message (imported once, not per message).
+        self.refusal: type[KafkaException] = KafkaException
         conf: dict[str, Any] = dict(settings)
         conf["error_cb"] = self._on_error
         conf["logger"] = _LibrdkafkaLog(log, mask)
@@ -326,7 +353,6 @@ class _ProducerHandle:
             self._producer: Producer | None = Producer(conf)
         except (KafkaException, ValueError, TypeError) as exc:
             raise ConnectorError(f"kafka producer settings refused: {mask(_kafka_text(exc))}") from None
-        self._resolved: list[_Resolved] = []
         self._retire_at: float | None = None
         self._thread = threading.Thread(target=self._run, name="kafka-sink-poll", daemon=True)
         self._thread.start()
@@ -337,23 +363,11 @@ class _ProducerHandle:
             raise ConnectorError("kafka producer is closed")
         return self._producer
 
-    def produce(
-        self,
-        topic: str,
-        value: bytes,
-        key: bytes,
-        headers: list[tuple[str, str | bytes | None]],
-        future: asyncio.Future[_Outcome],
-    ) -> None:
-        """Queue one message; raises BufferError when librdkafka's queue is full, KafkaException
-        when the message can never be sent (too large, ...)."""
-        self.producer.produce(
-            topic,
-            value=value,
-            key=key,
-            headers=headers,
-            on_delivery=partial(self._on_delivery, future, topic),
-        )
+    def serve(self) -> None:
+        """Run the delivery reports that have arrived, without waiting (from the event loop)."""
+        producer = self._producer
+        if producer is not None and self._retire_at is None:
+            producer.poll(0)
 
     def retire(self, within: float) -> None:
         """Stop taking messages; deliver what is queued for at most `within` seconds, then purge."""
@@ -364,17 +378,6 @@ class _ProducerHandle:
         self._thread.join(timeout)
 
     # --- poll thread ---------------------------------------------------------------------------
-
-    def _on_delivery(
-        self, future: asyncio.Future[_Outcome], topic: str, err: KafkaError | None, _: Message
-    ) -> None:
-        if err is None:
-            self._resolved.append((future, _DELIVERED))
-            return
-        outcome = _outcome(topic, err)
-        if outcome.producer_broken and self.broken is None:
-            self.broken = outcome.result.reason if outcome.result else err.name()
-        self._resolved.append((future, outcome))
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -390,43 +393,22 @@ class _ProducerHandle:
         assert producer is not None
         try:
             while self._retire_at is None:
-                producer.poll(_POLL_INTERVAL_S)
-                self._hand_over()
+                if self.waiting:
+                    time.sleep(_IDLE_POLL_S)
+                else:
+                    producer.poll(_IDLE_POLL_S)
             remaining = self._retire_at - time.monotonic()
             if remaining > 0 and len(producer) > 0:
                 # flush() sends at once, without waiting out linger.ms, and serves the reports.
                 producer.flush(remaining)
-                self._hand_over()
             # What is still queued will not be delivered in time: fail it now rather than never.
             producer.purge()
             producer.poll(0)
-            self._hand_over()
-        except Exception as exc:  # a bug here must not leave futures waiting silently
+        except Exception as exc:  # a bug here must not leave callers waiting silently
             self._log.error("kafka poll thread failed", error=self._mask(f"{type(exc).__name__}: {exc}"))
             self.broken = f"poll thread failed: {exc}"
         finally:
             self._producer = None
-
-    def _hand_over(self) -> None:
-        if not self._resolved:
-            return
-        resolved, self._resolved = self._resolved, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Resolved]] = {}
-        for future, outcome in resolved:
-            by_loop.setdefault(future.get_loop(), []).append((future, outcome))
-        for loop, items in by_loop.items():
-            # The loop may be closed already (its publish gave up and the run ended).
-            with suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, items)
-
-
-_DELIVERED = _Outcome(None)
-
-
-def _settle(items: list[_Resolved]) -> None:
-    for future, outcome in items:
-        if not future.done():
-            future.set_result(outcome)
 
 
 def _kafka_error_of(exc: BaseException) -> KafkaError | None:
@@ -459,8 +441,27 @@ class KafkaSink(Sink):
         self._secrets = sorted(config.secrets(), key=len, reverse=True)
         self._log = get_logger(sink="kafka")
         self._handle: _ProducerHandle | None = None
+        self._topic = Template(config.topic, "topic")
+        self._key = Template(config.key, "key")
+        self._valid_topics: set[str] = set()
         self._wait_bound = config.delivery_timeout + _WAIT_MARGIN_S + 0.1 * config.delivery_timeout
         self._probe_timeout = min(max(config.delivery_timeout, 1.0), _PROBE_TIMEOUT_MAX_S)
+
+    @property
+    def keeps_order(self) -> bool:  # type: ignore[override]
+        """Messages of one partition keep their order across librdkafka's retries only with
+        idempotence (or one request in flight), and the events of an aggregate share a partition
+        only when topic and key are the same for all of them."""
+        settings = self._settings
+        ordered_retries = (
+            _truthy(settings["enable.idempotence"])
+            or str(
+                settings.get("max.in.flight.requests.per.connection", settings.get("max.in.flight", ""))
+            ).strip()
+            == "1"
+        )
+        per_aggregate = (self._topic.fields | self._key.fields) <= _AGGREGATE_FIELDS
+        return ordered_retries and per_aggregate
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -536,48 +537,56 @@ class KafkaSink(Sink):
         deadline: float,
     ) -> list[int]:
         """Produce `indexes`, fill in their results; return those to retry on a new producer."""
-        loop = asyncio.get_running_loop()
         handle = self._usable_handle()
-        waiting: dict[int, asyncio.Future[_Outcome]] = {}
-        topics: dict[int, str] = {}
+        deliveries = _Deliveries()
+        queued: dict[int, str] = {}  # event index -> topic, of the messages librdkafka took
         retry: list[int] = []
-        for index in indexes:
-            event = events[index]
-            message = self._message(event)
-            if isinstance(message, Failure):
-                results[index] = message
-                continue
-            topic, key, headers = message
-            topics[index] = topic
-            future: asyncio.Future[_Outcome] = loop.create_future()
-            try:
-                outcome = self._try_produce(handle, topic, event.payload, key, headers, future)
-            except BufferError:
-                outcome = await self._produce_when_room(
-                    handle, topic, event.payload, key, headers, future, deadline
-                )
-            if outcome is None:
-                waiting[index] = future
-            elif outcome.producer_broken:
-                retry.append(index)
+        # The loop runs once per event: what it needs is looked up once per call.
+        render_topic, render_key, report = self._topic.render, self._key.render, deliveries.report
+        valid_topics, cloudevents = self._valid_topics, self.config.format == "cloudevents"
+        handle.waiting += 1
+        try:
+            for index in indexes:
+                event = events[index]
+                topic = render_topic(event)
+                if topic not in valid_topics and (invalid := self._check_topic(topic)) is not None:
+                    results[index] = invalid
+                    continue
+                # librdkafka takes str keys and header values (as UTF-8), and headers as a dict.
+                headers = self._cloudevents_headers(event) if cloudevents else event.standard_headers()
+                key, on_delivery = render_key(event), partial(report, index)
+                try:
+                    outcome = self._try_produce(handle, topic, event.payload, key, headers, on_delivery)
+                except BufferError:
+                    outcome = await self._produce_when_room(
+                        handle, topic, event.payload, key, headers, on_delivery, deadline
+                    )
+                if outcome is None:
+                    queued[index] = topic
+                    continue
                 results[index] = outcome.result
-            else:
-                results[index] = outcome.result
-        if waiting:
-            await asyncio.wait(waiting.values(), timeout=max(deadline - loop.time(), 0.0))
-        for index, future in waiting.items():
-            if not future.done():
-                future.cancel()
-                results[index] = Failure(
-                    f"kafka topic {topics[index]!r}: no delivery report within "
-                    f"{self._wait_bound:.1f}s (delivery_timeout {self.config.delivery_timeout:g}s)",
-                    transient=True,
-                )
+                if outcome.producer_broken:
+                    retry.append(index)
+            await self._serve_reports(handle, deliveries, len(queued), deadline)
+        finally:
+            handle.waiting -= 1
+        for index, err in list(deliveries.reports):
+            topic = queued.pop(index)
+            if err is None:
+                results[index] = None  # (it may hold the failure of an earlier round)
                 continue
-            outcome = future.result()
+            outcome = _outcome(topic, err)
             results[index] = outcome.result
             if outcome.producer_broken:
+                if handle.broken is None:
+                    handle.broken = outcome.result.reason if outcome.result else err.name()
                 retry.append(index)
+        for index, topic in queued.items():  # no report in time
+            results[index] = Failure(
+                f"kafka topic {topic!r}: no delivery report within "
+                f"{self._wait_bound:.1f}s (delivery_timeout {self.config.delivery_timeout:g}s)",
+                transient=True,
+            )
         if retry:
             self._log.warning(
                 "kafka producer can no longer deliver, replacing it",
@@ -586,23 +595,38 @@ class KafkaSink(Sink):
             )
         return sorted(retry)
 
+    @staticmethod
+    async def _serve_reports(
+        handle: _ProducerHandle, deliveries: _Deliveries, expected: int, deadline: float
+    ) -> None:
+        """Serve delivery reports from the event loop until `expected` of them are in (or the
+        deadline passes), pausing briefly between rounds so librdkafka's threads get the CPU."""
+        loop = asyncio.get_running_loop()
+        pause = _SERVE_PAUSE_MIN_S
+        while True:
+            handle.serve()
+            if len(deliveries.reports) >= expected or loop.time() >= deadline:
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _SERVE_PAUSE_MAX_S)
+
     def _try_produce(
         self,
         handle: _ProducerHandle,
         topic: str,
         value: bytes,
-        key: bytes,
-        headers: list[tuple[str, str | bytes | None]],
-        future: asyncio.Future[_Outcome],
+        key: str,
+        headers: dict[str, str],
+        on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> _Outcome | None:
         """Queue one message; None when queued, else why it was not. Raises BufferError when
         librdkafka's queue is full."""
-        from confluent_kafka import KafkaException
-
         try:
-            handle.produce(topic, value, key, headers, future)
+            # (A dict of str is what produce() takes; its stub wants the wider value type.)
+            wide = cast("dict[str, str | bytes | None]", headers)
+            handle.producer.produce(topic, value=value, key=key, headers=wide, on_delivery=on_delivery)
             return None
-        except KafkaException as exc:
+        except handle.refusal as exc:
             err = _kafka_error_of(exc)
             if err is None:
                 return _Outcome(Failure(f"kafka topic {topic!r}: {self._mask(_kafka_text(exc))}"))
@@ -618,15 +642,15 @@ class KafkaSink(Sink):
         handle: _ProducerHandle,
         topic: str,
         value: bytes,
-        key: bytes,
-        headers: list[tuple[str, str | bytes | None]],
-        future: asyncio.Future[_Outcome],
+        key: str,
+        headers: dict[str, str],
+        on_delivery: Callable[[KafkaError | None, Message], None],
         deadline: float,
     ) -> _Outcome | None:
         loop = asyncio.get_running_loop()
         while True:
-            # The queue (queue.buffering.max.*) is full; the poll thread drains it as delivery
-            # reports arrive, so yield to it instead of blocking the event loop.
+            # The queue (queue.buffering.max.*) is full; it drains as delivery reports are
+            # served, so serve them and yield instead of blocking the event loop.
             if loop.time() >= deadline:
                 return _Outcome(
                     Failure(
@@ -634,37 +658,41 @@ class KafkaSink(Sink):
                         transient=True,
                     )
                 )
+            handle.serve()
             await asyncio.sleep(_QUEUE_FULL_PAUSE_S)
             with suppress(BufferError):
-                return self._try_produce(handle, topic, value, key, headers, future)
+                return self._try_produce(handle, topic, value, key, headers, on_delivery)
 
-    def _message(
-        self, event: OutboxEvent
-    ) -> tuple[str, bytes, list[tuple[str, str | bytes | None]]] | Failure:
-        fields = event.template_fields()
-        topic = self.config.topic.format_map(fields)
+    def _check_topic(self, topic: str) -> Failure | None:
+        """None when `topic` is a valid Kafka topic name (and remember it), else why not."""
         if not _TOPIC_NAME.match(topic) or topic in (".", ".."):
             return Failure(
-                f"kafka topic {topic!r} (from template {self.config.topic!r}) is not a valid topic name: "
-                "1-249 letters, digits, '.', '_', '-'",
+                f"kafka topic {topic!r} (from template {self.config.topic!r}) is not a valid topic "
+                "name: 1-249 letters, digits, '.', '_', '-'",
                 permanent=True,
             )
-        key = self.config.key.format_map(fields).encode()
-        headers = event.standard_headers()
-        if self.config.format == "cloudevents":
-            # CloudEvents Kafka protocol binding, binary mode: the payload stays the body.
-            headers.update(
-                {
-                    "ce_specversion": "1.0",
-                    "ce_id": event.event_id,
-                    "ce_source": f"/outbox-relay/{event.aggregate_type}",
-                    "ce_type": event.event_type,
-                    "ce_time": event.created_at_iso,
-                    "ce_subject": "" if event.aggregate_id is None else event.aggregate_id,
-                    "content-type": event.content_type,
-                }
-            )
-        return topic, key, [(name, value.encode()) for name, value in headers.items()]
+        if len(self._valid_topics) >= _VALID_TOPICS_KEPT:
+            self._valid_topics.clear()
+        self._valid_topics.add(topic)
+        return None
+
+    @staticmethod
+    def _cloudevents_headers(event: OutboxEvent) -> dict[str, str]:
+        """CloudEvents Kafka protocol binding, binary mode: `ce_` headers; the payload stays the body."""
+        created_at = event.created_at_iso
+        headers = event.standard_headers(created_at)
+        headers.update(
+            {
+                "ce_specversion": "1.0",
+                "ce_id": event.event_id,
+                "ce_source": f"/outbox-relay/{event.aggregate_type}",
+                "ce_type": event.event_type,
+                "ce_time": created_at,
+                "ce_subject": "" if event.aggregate_id is None else event.aggregate_id,
+                "content-type": event.content_type,
+            }
+        )
+        return headers
 
     # --- helpers -------------------------------------------------------------------------------
 

@@ -338,6 +338,7 @@ def _explain(exc: BaseException, exchange: str) -> str:
 
 class RabbitMQSink(Sink):
     kind = "rabbitmq"
+    keeps_order = True
 
     def __init__(self, config: RabbitMQSinkConfig) -> None:
         self.config = config

@@ -130,6 +130,7 @@ def entry_fields(event: OutboxEvent) -> dict[str, str | bytes]:
 
 class RedisStreamsSink(Sink):
     kind = "redis"
+    keeps_order = True
 
     def __init__(self, config: RedisSinkConfig) -> None:
         self.config = config

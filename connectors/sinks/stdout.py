@@ -22,6 +22,7 @@ class StdoutSinkConfig(ConnectorConfig):
 
 class StdoutSink(Sink):
     kind = "stdout"
+    keeps_order = True
 
     def __init__(self, config: StdoutSinkConfig, stream: BinaryIO | None = None) -> None:
         self.config = config

@@ -138,7 +138,10 @@ async def test_a_debezium_style_table_works_with_insert_then_delete_in_one_trans
             conn.commit()
     await run_relay_until(config, lambda _: len(read_lines(out)) >= 20)
     lines = read_lines(out)
-    assert [line["payload"]["i"] for line in lines] == list(range(20))
+    assert sorted(line["payload"]["i"] for line in lines) == list(range(20))
+    for aggregate in ("0", "1", "2"):  # in commit order per aggregate
+        seen = [line["payload"]["i"] for line in lines if line["aggregate_id"] == aggregate]
+        assert seen == [i for i in range(20) if f"{i % 3}" == aggregate]
     assert {line["aggregate_type"] for line in lines} == {"Order"}
 
 

@@ -50,3 +50,46 @@ def test_backoff_grows_exponentially_to_its_cap_with_full_jitter() -> None:
     delays = [backoff.delay(3) for _ in range(200)]
     assert all(0 <= d <= 0.4 for d in delays)
     assert max(delays) - min(delays) > 0.1  # jittered, not a constant
+
+
+def test_with_depth_a_lane_hands_out_its_next_events_in_order_and_only_once_all_are_settled() -> None:
+    lanes = Lanes()
+    a = [_event(i, "a") for i in range(1, 6)]
+    b1 = _event(6, "b")
+    lanes.add([*a, b1])
+    assert lanes.take(10, now=0, depth=3) == [a[0], a[1], a[2], b1]
+    lanes.succeeded(a[0])
+    lanes.succeeded(a[1])
+    assert lanes.take(10, now=0, depth=3) == [], "a[3] waits until a[2] is settled too"
+    lanes.succeeded(a[2])
+    assert lanes.take(10, now=0, depth=3) == [a[3], a[4]]
+
+
+def test_a_failure_takes_back_the_later_events_of_its_lane_and_retries_from_the_failed_one() -> None:
+    lanes = Lanes()
+    a = [_event(i, "a") for i in range(1, 5)]
+    lanes.add(a)
+    assert lanes.take(10, now=0, depth=4) == a
+    lanes.succeeded(a[0])
+    lanes.failed(a[1], retry_at=5)  # a[2] and a[3] go back behind it, whatever they returned
+    assert lanes.take(10, now=1, depth=4) == []
+    assert lanes.take(10, now=5, depth=4) == [a[1], a[2], a[3]]
+    assert len(lanes) == 3
+
+
+def test_a_held_event_keeps_its_lane_out_until_it_is_settled_alone() -> None:
+    lanes = Lanes()
+    a = [_event(i, "a") for i in range(1, 4)]
+    lanes.add(a)
+    lanes.take(10, now=0, depth=3)
+    lanes.hold(a[0])  # being dead-lettered
+    assert lanes.take(10, now=0, depth=3) == []
+    lanes.succeeded(a[0])
+    assert lanes.take(10, now=0, depth=3) == [a[1], a[2]]
+
+
+def test_depth_never_exceeds_the_batch_limit() -> None:
+    lanes = Lanes()
+    a = [_event(i, "a") for i in range(1, 6)]
+    lanes.add(a)
+    assert lanes.take(2, now=0, depth=10) == a[:2]

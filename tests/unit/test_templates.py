@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from relay.events import OutboxEvent
-from relay.templates import TEMPLATE_FIELDS, check_template
+from relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 
 def test_template_fields_are_exactly_the_fields_an_event_offers() -> None:
@@ -28,3 +28,26 @@ def test_bad_templates_are_refused_with_the_reason(template: str, problem: str) 
 
 def test_good_templates_return_their_literal_parts() -> None:
     assert check_template("outbox.{aggregate_type}.v1", "topic") == ["outbox.", ".v1"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{aggregate_id}",
+        "outbox.{aggregate_type}",
+        "{aggregate_type}.{event_type}.{aggregate_type}",
+        "fixed-topic",
+        "literal.{{braces}}",
+        "{position}",
+        "{event_id}",
+    ],
+)
+def test_compiled_templates_render_like_format_map(template: str) -> None:
+    for aggregate_id in ("42", None):
+        event = OutboxEvent(7, "e-1", "order", aggregate_id, "Created", b"{}", {}, 0.0)
+        assert Template(template, "topic").render(event) == template.format_map(event.template_fields())
+
+
+def test_compiled_templates_are_checked_like_plain_ones() -> None:
+    with pytest.raises(ValueError, match="uses unknown field"):
+        Template("outbox.{aggregate_typ}", "topic")
