@@ -444,6 +444,7 @@ class KafkaSink(Sink):
         self._topic = Template(config.topic, "topic")
         self._key = Template(config.key, "key")
         self._valid_topics: set[str] = set()
+        self._per_aggregate = (self._topic.fields | self._key.fields) <= _AGGREGATE_FIELDS
         self._wait_bound = config.delivery_timeout + _WAIT_MARGIN_S + 0.1 * config.delivery_timeout
         self._probe_timeout = min(max(config.delivery_timeout, 1.0), _PROBE_TIMEOUT_MAX_S)
 
@@ -460,8 +461,7 @@ class KafkaSink(Sink):
             ).strip()
             == "1"
         )
-        per_aggregate = (self._topic.fields | self._key.fields) <= _AGGREGATE_FIELDS
-        return ordered_retries and per_aggregate
+        return ordered_retries and self._per_aggregate
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -544,17 +544,27 @@ class KafkaSink(Sink):
         # The loop runs once per event: what it needs is looked up once per call.
         render_topic, render_key, report = self._topic.render, self._key.render, deliveries.report
         valid_topics, cloudevents = self._valid_topics, self.config.format == "cloudevents"
+        # A call carries runs of events of one aggregate; when topic and key depend only on the
+        # aggregate, a run renders them once.
+        per_aggregate = self._per_aggregate
+        run: tuple[str, str | None, str, str] | None = None  # aggregate type and id, topic, key
         handle.waiting += 1
         try:
             for index in indexes:
                 event = events[index]
-                topic = render_topic(event)
-                if topic not in valid_topics and (invalid := self._check_topic(topic)) is not None:
-                    results[index] = invalid
-                    continue
+                if run is not None and run[1] == event.aggregate_id and run[0] == event.aggregate_type:
+                    topic, key = run[2], run[3]
+                else:
+                    topic = render_topic(event)
+                    if topic not in valid_topics and (invalid := self._check_topic(topic)) is not None:
+                        results[index] = invalid
+                        continue
+                    key = render_key(event)
+                    if per_aggregate:
+                        run = (event.aggregate_type, event.aggregate_id, topic, key)
                 # librdkafka takes str keys and header values (as UTF-8), and headers as a dict.
                 headers = self._cloudevents_headers(event) if cloudevents else event.standard_headers()
-                key, on_delivery = render_key(event), partial(report, index)
+                on_delivery = partial(report, index)
                 try:
                     outcome = self._try_produce(handle, topic, event.payload, key, headers, on_delivery)
                 except BufferError:

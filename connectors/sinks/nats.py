@@ -43,7 +43,7 @@ from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
 from relay.secrets import redact_url, scrubber
-from relay.templates import TEMPLATE_FIELDS, check_template
+from relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 _SCHEMES = ("nats", "tls", "ws", "wss")
 # NATS stream names: no whitespace, no '.', '*', '>' and no path separators (they name files).
@@ -307,6 +307,7 @@ class NatsSink(Sink):
 
     def __init__(self, config: NatsSinkConfig) -> None:
         self.config = config
+        self._subject = Template(config.subject, "subject")
         for server in config.servers:
             scrubber.remember_from(server)
         self._display_servers = [redact_server(server) for server in config.servers]
@@ -335,14 +336,14 @@ class NatsSink(Sink):
             failure = Failure("not published: not connected to NATS (reconnecting)", transient=True)
             return [failure] * len(events)
         config = self.config
-        template, stream = config.subject, config.stream
+        render, stream = self._subject.render, config.stream
         tokens: list[str] = []
         from nats import errors as nats_errors
 
         for index, event in enumerate(events):
             if index % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)
-            subject = template.format_map(event.template_fields())
+            subject = render(event)
             problem = subject_problem(subject)
             if problem is not None:
                 call.results[index] = Failure(f"not published: {problem}", permanent=True)

@@ -40,7 +40,7 @@ from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
 from relay.secrets import parse_url_setting, redact_url, scrubber
-from relay.templates import TEMPLATE_FIELDS, check_template
+from relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 _SCHEMES = ("redis", "rediss", "unix")
 _CLOSE_TIMEOUT_S = 5.0
@@ -134,6 +134,7 @@ class RedisStreamsSink(Sink):
 
     def __init__(self, config: RedisSinkConfig) -> None:
         self.config = config
+        self._stream = Template(config.stream, "stream")
         scrubber.remember_from(config.url)
         self._display_url = redact_url(config.url)
         self._client: Any = None
@@ -163,8 +164,8 @@ class RedisStreamsSink(Sink):
         if self._client is None:
             await self.start()
         config = self.config
-        template, maxlen = config.stream, config.maxlen
-        streams = [template.format_map(event.template_fields()) for event in events]
+        render, maxlen = self._stream.render, config.maxlen
+        streams = [render(event) for event in events]
         pipe = self._client.pipeline(transaction=False)
         for stream, event in zip(streams, events, strict=True):
             pipe.xadd(stream, entry_fields(event), maxlen=maxlen, approximate=True)
