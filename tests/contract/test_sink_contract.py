@@ -259,6 +259,25 @@ async def test_events_of_one_aggregate_arrive_in_publish_order_across_calls(back
     assert all(positions == sorted(positions) for positions in per_aggregate.values())
 
 
+async def test_an_order_keeping_sink_stores_runs_of_one_aggregate_in_one_call_in_order(
+    backend: Backend,
+) -> None:
+    if not backend.sink.keeps_order:
+        pytest.skip("gets at most one event per aggregate per call")
+    events = _events(400, aggregates=8)
+    # What the pipeline hands such a sink: each aggregate's events as a run, in source order.
+    runs = sorted(events, key=lambda e: (e.aggregate_id or "", e.position))
+    await backend.sink.start()
+    for start in range(0, 400, 200):
+        assert await backend.sink.publish(runs[start : start + 200]) == [None] * 200
+    await backend.sink.close()
+    per_aggregate: dict[str, list[int]] = {}
+    for message in backend.read_back():
+        per_aggregate.setdefault(message["aggregate_id"], []).append(message["position"])
+    assert sum(len(p) for p in per_aggregate.values()) == 400
+    assert all(positions == sorted(positions) for positions in per_aggregate.values())
+
+
 async def test_a_broken_destination_never_reports_an_acknowledgement(backend: Backend) -> None:
     sink = backend.broken()
     events = _events(10, aggregates=3)
