@@ -19,7 +19,14 @@ from relay.deadletters import as_event as as_dead_letter_event
 from relay.deadletters import create_table_sql as create_dead_letter_table
 from relay.interfaces import ConnectorError
 from relay.logs import configure_logging, get_logger
-from relay.runner import Relay, SetupError, build_pipelines, build_sink, build_source
+from relay.runner import (
+    Relay,
+    SetupError,
+    build_pipelines,
+    build_sink,
+    build_source,
+    tune_garbage_collector,
+)
 from relay.secrets import is_secret_key, scrubber
 
 T = TypeVar("T")
@@ -72,6 +79,7 @@ def run(config_path: Path, drain: bool) -> None:
     async def main() -> int:
         return await Relay(config, pipelines).run(drain=drain)
 
+    tune_garbage_collector()
     sys.exit(_run_async(main))
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 import psycopg
 import yaml
 
+from tests.bench.child_process import run_relay_watching_memory
 from tests.harness.postgres import start_postgres
 from tests.support import DEFAULT_TABLE_SQL, insert_events
 
@@ -57,11 +55,8 @@ def drain(directory: Path, source: dict[str, Any], sink: dict[str, Any], events:
     path.write_text(yaml.safe_dump(config))
     log = directory / "relay.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "run", "-c", str(path), "--drain"], stderr=stderr
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+        code, peak_mb, _ = run_relay_watching_memory(path, stderr)
+    if code != 0:
         raise SystemExit(f"relay failed:\n{log.read_text()[-2000:]}")
     stamps: dict[str, float] = {}
     published = 0
@@ -73,7 +68,7 @@ def drain(directory: Path, source: dict[str, Any], sink: dict[str, Any], events:
     seconds = stamps["drained: the outbox is empty"] - stamps["outbox started"]
     if published != events:
         raise SystemExit(f"published {published}, expected {events}")
-    return {"events_per_s": events / seconds, "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
+    return {"events_per_s": events / seconds, "seconds": seconds, "rss_mb": peak_mb}
 
 
 def _prepare(dsn: str, kind: str, events: int, transactions: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ import psycopg
 import yaml
 
 from relay.config import parse_config
-from relay.runner import Relay
+from relay.runner import Relay, tune_garbage_collector
+from tests.bench.child_process import run_relay_watching_memory
 from tests.harness.postgres import start_postgres
 from tests.support import DEFAULT_TABLE_SQL, insert_events, relay_config
 
@@ -62,8 +62,10 @@ def bare_loop(dsn: str) -> tuple[int, float]:
         return moved, time.perf_counter() - started
 
 
-def relay_drain(dsn: str, out: Path) -> tuple[int, float]:
-    config = relay_config(dsn, {"type": "file", "path": str(out)})
+def drain_in_process(dsn: str, sink: dict[str, Any]) -> tuple[int, float]:
+    """(events published, seconds) of the relay draining the outbox to `sink` in this process,
+    set up as `outbox-relay run --drain` sets itself up."""
+    config = relay_config(dsn, sink)
     config["log"] = {"format": "json", "level": "warning"}
 
     async def main() -> tuple[int, float]:
@@ -73,7 +75,12 @@ def relay_drain(dsn: str, out: Path) -> tuple[int, float]:
         assert code == 0
         return relay.pipelines[0].published, time.perf_counter() - started
 
+    tune_garbage_collector()
     return asyncio.run(main())
+
+
+def relay_drain(dsn: str, out: Path) -> tuple[int, float]:
+    return drain_in_process(dsn, {"type": "file", "path": str(out)})
 
 
 def _config_file(directory: Path, dsn: str, sink_path: str) -> Path:
@@ -87,13 +94,9 @@ def _config_file(directory: Path, dsn: str, sink_path: str) -> Path:
 def peak_rss(dsn: str, directory: Path, events: int) -> tuple[float, float, float]:
     """(peak RSS MB, seconds, events/s) of `outbox-relay run --drain` as its own process."""
     config = _config_file(directory, dsn, "/dev/null")
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(config), "--drain"])
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, f"relay exited {proc.returncode}"
-    return usage.ru_maxrss / 1024, elapsed, events / elapsed
+    code, peak_mb, elapsed = run_relay_watching_memory(config)
+    assert code == 0, f"relay exited {code}"
+    return peak_mb, elapsed, events / elapsed
 
 
 def steady_latency(dsn: str, directory: Path, rate: int, seconds: float) -> list[float]:

@@ -19,7 +19,6 @@ cluster named by KAFKA_BOOTSTRAP_SERVERS):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import subprocess
 import sys
@@ -36,9 +35,7 @@ import psycopg
 import yaml
 
 from connectors.sinks.kafka import KafkaSinkConfig
-from relay.config import parse_config
-from relay.runner import Relay
-from tests.bench.bench_polling_file import AGGREGATES, _epoch, _pct, _reset, relay_drain
+from tests.bench.bench_polling_file import AGGREGATES, _epoch, _pct, _reset, drain_in_process, relay_drain
 from tests.harness.kafka import create_topic, start_kafka
 from tests.harness.postgres import start_postgres
 from tests.support import DEFAULT_TABLE_SQL, outbox_events, relay_config
@@ -88,17 +85,7 @@ def bare_producer(bootstrap_servers: str, topic: str, messages: list[Message]) -
 
 
 def relay_drain_kafka(dsn: str, bootstrap_servers: str, topic: str) -> tuple[int, float]:
-    config = relay_config(dsn, _kafka_sink(bootstrap_servers, topic))
-    config["log"] = {"format": "json", "level": "warning"}
-
-    async def main() -> tuple[int, float]:
-        relay = Relay(parse_config(config, "bench.yaml", {}))
-        started = time.perf_counter()
-        code = await relay.run(drain=True)
-        assert code == 0
-        return relay.pipelines[0].published, time.perf_counter() - started
-
-    return asyncio.run(main())
+    return drain_in_process(dsn, _kafka_sink(bootstrap_servers, topic))
 
 
 class LatencyReader:
