@@ -3,7 +3,7 @@
 Four tasks share one event loop:
 - fetch:    pulls events while the in-flight window has room (memory stays bounded by
             `max_in_flight`, whatever the backlog), so the next fetch overlaps the current publish;
-- dispatch: hands the heads of ready lanes to the sink, up to `publish_concurrency` calls at once;
+- dispatch: hands the first events of ready lanes to the sink, up to `publish_concurrency` calls at once;
 - ack:      records broker-acknowledged events in the source, coalescing whatever piled up;
 - stats:    measures pending events and lag for the metrics.
 Nothing is acknowledged to the source unless the sink reported it acknowledged by the broker.

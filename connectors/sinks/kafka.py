@@ -581,6 +581,8 @@ class KafkaSink(Sink):
         finally:
             handle.waiting -= 1
         for index, err in list(deliveries.reports):
+            if index not in queued:  # (librdkafka reports a message once; settle nothing twice)
+                continue
             topic = queued.pop(index)
             if err is None:
                 results[index] = None  # (it may hold the failure of an earlier round)
