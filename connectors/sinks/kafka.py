@@ -565,12 +565,12 @@ class KafkaSink(Sink):
                 # librdkafka takes str keys and header values (as UTF-8), and headers as a dict.
                 headers = self._cloudevents_headers(event) if cloudevents else event.standard_headers()
                 on_delivery = partial(report, index)
+                message = (handle, topic, event.payload, key, headers, on_delivery)
                 try:
-                    outcome = self._try_produce(handle, topic, event.payload, key, headers, on_delivery)
+                    outcome = self._try_produce(*message)
                 except BufferError:
-                    outcome = await self._produce_when_room(
-                        handle, topic, event.payload, key, headers, on_delivery, deadline
-                    )
+                    attempt = partial(self._try_produce, *message)
+                    outcome = await self._produce_when_room(handle, attempt, topic, deadline)
                 if outcome is None:
                     queued[index] = topic
                     continue
@@ -581,8 +581,6 @@ class KafkaSink(Sink):
         finally:
             handle.waiting -= 1
         for index, err in list(deliveries.reports):
-            if index not in queued:  # (librdkafka reports a message once; settle nothing twice)
-                continue
             topic = queued.pop(index)
             if err is None:
                 results[index] = None  # (it may hold the failure of an earlier round)
@@ -649,16 +647,11 @@ class KafkaSink(Sink):
         except ConnectorError as exc:  # a concurrent call retired this producer
             return _Outcome(Failure(f"kafka topic {topic!r}: {exc}", transient=True), producer_broken=True)
 
+    @staticmethod
     async def _produce_when_room(
-        self,
-        handle: _ProducerHandle,
-        topic: str,
-        value: bytes,
-        key: str,
-        headers: dict[str, str],
-        on_delivery: Callable[[KafkaError | None, Message], None],
-        deadline: float,
+        handle: _ProducerHandle, attempt: Callable[[], _Outcome | None], topic: str, deadline: float
     ) -> _Outcome | None:
+        """Repeat `attempt` (a `_try_produce`) until librdkafka's queue takes the message."""
         loop = asyncio.get_running_loop()
         while True:
             # The queue (queue.buffering.max.*) is full; it drains as delivery reports are
@@ -673,7 +666,7 @@ class KafkaSink(Sink):
             handle.serve()
             await asyncio.sleep(_QUEUE_FULL_PAUSE_S)
             with suppress(BufferError):
-                return self._try_produce(handle, topic, value, key, headers, on_delivery)
+                return attempt()
 
     def _check_topic(self, topic: str) -> Failure | None:
         """None when `topic` is a valid Kafka topic name (and remember it), else why not."""

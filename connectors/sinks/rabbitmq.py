@@ -338,6 +338,19 @@ def _explain(exc: BaseException, exchange: str) -> str:
     return scrubber.scrub(message)
 
 
+def message_properties(properties: Callable[..., Any], event: OutboxEvent) -> Any:
+    """The AMQP properties of an event's message, built with `properties` (pika.BasicProperties):
+    persistent, `message_id` = event id, `type` = event type, the standard headers."""
+    return properties(
+        content_type=event.content_type,
+        delivery_mode=2,
+        message_id=event.event_id,
+        type=event.event_type,
+        timestamp=int(event.created_at),
+        headers=event.standard_headers(),
+    )
+
+
 @cache
 def _coalescing_connection_class() -> type[Any]:
     """pika's asyncio connection, writing the frames of a burst of publishes at once.
@@ -446,14 +459,7 @@ class RabbitMQSink(Sink):
                     exchange,
                     routing_key,
                     event.payload,
-                    properties(
-                        content_type=event.content_type,
-                        delivery_mode=2,
-                        message_id=event.event_id,
-                        type=event.event_type,
-                        timestamp=int(event.created_at),
-                        headers=event.standard_headers(),
-                    ),
+                    message_properties(properties, event),
                     mandatory=mandatory,
                 )
             except Exception as exc:

@@ -37,6 +37,7 @@ from typing import Any
 
 import psycopg
 
+from connectors.sinks.rabbitmq import message_properties
 from tests.bench.bench_logical import drain
 from tests.bench.bench_polling_file import AGGREGATES, _reset
 from tests.harness.postgres import start_postgres
@@ -56,14 +57,7 @@ def outbox_messages(dsn: str) -> list[Message]:
 
     messages: list[Message] = []
     for event in outbox_events(dsn):
-        properties = pika.BasicProperties(
-            content_type=event.content_type,
-            delivery_mode=2,
-            message_id=event.event_id,
-            type=event.event_type,
-            timestamp=int(event.created_at),
-            headers=event.standard_headers(),
-        )
+        properties = message_properties(pika.BasicProperties, event)
         messages.append((ROUTING_KEY.format_map(event.template_fields()), event.payload, properties))
     return messages
 

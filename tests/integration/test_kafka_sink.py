@@ -255,3 +255,21 @@ def test_describe_shows_acks_all_and_idempotence_and_masks_the_sasl_password() -
 def test_a_template_naming_an_unknown_field_is_refused_at_config_time() -> None:
     with pytest.raises(ValueError, match=r"unknown field \{aggregate\}; available: event_id"):
         KafkaSinkConfig(type="kafka", bootstrap_servers="broker:9092", topic="{aggregate}.events")
+
+
+@pytest.mark.parametrize(
+    ("settings", "keeps_order"),
+    [
+        ({}, True),
+        ({"topic": "outbox.{aggregate_type}", "key": "{aggregate_type}-{aggregate_id}"}, True),
+        ({"key": "{event_id}"}, False),  # an aggregate's events would spread over partitions
+        ({"topic": "outbox.{event_type}"}, False),  # ... or over topics
+        ({"producer": {"enable.idempotence": False, "acks": 1}}, False),  # retries may reorder
+        ({"producer": {"enable.idempotence": False, "max.in.flight.requests.per.connection": 1}}, True),
+    ],
+)
+def test_the_sink_takes_runs_of_an_aggregate_only_when_one_partition_keeps_their_order(
+    settings: dict[str, Any], keeps_order: bool
+) -> None:
+    config = KafkaSinkConfig.model_validate({"type": "kafka", "bootstrap_servers": "broker:9092", **settings})
+    assert KafkaSink(config).keeps_order is keeps_order
