@@ -17,12 +17,14 @@ from relay.events import OutboxEvent
 
 
 class _Lane:
-    __slots__ = ("events", "out", "retry_at")
+    __slots__ = ("events", "out", "retrying")
 
     def __init__(self) -> None:
         self.events: deque[OutboxEvent] = deque()
         self.out = 0  # events at the front of `events` handed out and not yet settled
-        self.retry_at = 0.0
+        # Its first event failed and is being retried: that event goes out alone, so that each
+        # retry does not send the events behind it again as well.
+        self.retrying = False
 
 
 class Lanes:
@@ -70,7 +72,7 @@ class Lanes:
         ready, lanes = self._ready, self._lanes
         while ready and len(batch) < limit:
             lane = lanes[ready.popleft()]
-            if depth == 1:
+            if depth == 1 or lane.retrying:
                 lane.out = 1
                 batch.append(lane.events[0])
                 continue
@@ -86,6 +88,7 @@ class Lanes:
         head = lane.events.popleft()
         assert head is event, "events of a lane are acknowledged in order"
         self._count -= 1
+        lane.retrying = False
         lane.out = max(lane.out - 1, 0)
         if lane.out:
             return
@@ -96,13 +99,13 @@ class Lanes:
 
     def failed(self, event: OutboxEvent, retry_at: float) -> None:
         """The lane's first event failed: the lane waits until `retry_at`, then offers the same
-        event again, followed by the events handed out after it (taken back, whatever their own
-        results were: they must not be acknowledged ahead of it)."""
+        event again, alone; the events handed out after it are taken back, whatever their own
+        results were (they must not be acknowledged ahead of it), and follow once it is settled."""
         key = event.lane_key
         lane = self._lanes[key]
         assert lane.events[0] is event, "only a lane's first event can fail"
         lane.out = 0
-        lane.retry_at = retry_at
+        lane.retrying = True
         self._tiebreak += 1
         heapq.heappush(self._waiting, (retry_at, self._tiebreak, key))
 

@@ -67,9 +67,7 @@ class Pipeline:
         self._dispatch_wake = asyncio.Event()
         self._ack_wake = asyncio.Event()
         self._space_freed = asyncio.Event()
-        self._fetch_done = asyncio.Event()
         self._dispatch_done = asyncio.Event()
-        self._closing = False  # no new publishes once set
         self._closing_event = asyncio.Event()
         self._sink_failures = 0  # consecutive publish calls that raised
         self._sink_paused_until = 0.0
@@ -147,7 +145,6 @@ class Pipeline:
         loops = (fetch, dispatch, park, ack)
         try:
             await fetch
-            self._closing = True
             self._closing_event.set()
             self._dispatch_wake.set()
             await dispatch
@@ -246,7 +243,6 @@ class Pipeline:
                 await _wait_either(self._space_freed, stop, 0.1)
                 continue
             await _first_of(self.source.wait_for_events(), stop)
-        self._fetch_done.set()
 
     # --- dispatch and publish -----------------------------------------------------------------
 
@@ -256,7 +252,7 @@ class Pipeline:
         depth = self.per_aggregate_depth
         while True:
             await slots.acquire()
-            if self._closing:
+            if self._closing_event.is_set():
                 slots.release()
                 break
             pause = self._sink_paused_until - time.monotonic()
@@ -329,7 +325,7 @@ class Pipeline:
         lanes = self._lanes
         now_wall = time.time()
         e2e = self._m_e2e
-        failed = 0
+        failed = retried = 0
         # Aggregates with a failure earlier in this call: their later events in the call go back
         # into the lane behind the failed one, acknowledged by the broker or not.
         stopped: set[tuple[str, str | None]] = set()
@@ -361,6 +357,7 @@ class Pipeline:
                 continue
             delay = self._backoff.delay(event.attempts)
             lanes.failed(event, time.monotonic() + delay)
+            retried += 1
             if not log_each and event.defect is None:
                 continue
             self._log.warning(
@@ -386,7 +383,8 @@ class Pipeline:
             self._ack_wake.set()
         if failed:
             self._m_failures.inc(failed)
-            self._m_retries.inc(failed)
+        if retried:
+            self._m_retries.inc(retried)
         self._dispatch_wake.set()
 
     # --- dead letters and acks ---------------------------------------------------------------

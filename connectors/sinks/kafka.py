@@ -426,6 +426,14 @@ def _kafka_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _partition_order_survives_retries(settings: Mapping[str, ProducerValue]) -> bool:
+    """Messages of one partition keep their order across librdkafka's retries only with
+    idempotence or one request in flight. (The events of an aggregate share a partition only
+    when topic and key are the same for all of them: `keeps_order` needs both.)"""
+    in_flight = settings.get("max.in.flight.requests.per.connection", settings.get("max.in.flight", ""))
+    return _truthy(settings["enable.idempotence"]) or str(in_flight).strip() == "1"
+
+
 class KafkaSink(Sink):
     """Contract (on top of `Sink`): `publish` hands every event of the call to librdkafka at once
     and waits, without blocking the event loop, for every delivery report, at most
@@ -445,23 +453,9 @@ class KafkaSink(Sink):
         self._key = Template(config.key, "key")
         self._valid_topics: set[str] = set()
         self._per_aggregate = (self._topic.fields | self._key.fields) <= _AGGREGATE_FIELDS
+        self.keeps_order = _partition_order_survives_retries(self._settings) and self._per_aggregate
         self._wait_bound = config.delivery_timeout + _WAIT_MARGIN_S + 0.1 * config.delivery_timeout
         self._probe_timeout = min(max(config.delivery_timeout, 1.0), _PROBE_TIMEOUT_MAX_S)
-
-    @property
-    def keeps_order(self) -> bool:  # type: ignore[override]
-        """Messages of one partition keep their order across librdkafka's retries only with
-        idempotence (or one request in flight), and the events of an aggregate share a partition
-        only when topic and key are the same for all of them."""
-        settings = self._settings
-        ordered_retries = (
-            _truthy(settings["enable.idempotence"])
-            or str(
-                settings.get("max.in.flight.requests.per.connection", settings.get("max.in.flight", ""))
-            ).strip()
-            == "1"
-        )
-        return ordered_retries and self._per_aggregate
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -303,7 +303,6 @@ def _explain(exc: BaseException) -> str:
 
 class NatsSink(Sink):
     kind = "nats"
-    keeps_order = True
 
     def __init__(self, config: NatsSinkConfig) -> None:
         self.config = config

@@ -73,8 +73,12 @@ def test_a_failure_takes_back_the_later_events_of_its_lane_and_retries_from_the_
     lanes.succeeded(a[0])
     lanes.failed(a[1], retry_at=5)  # a[2] and a[3] go back behind it, whatever they returned
     assert lanes.take(10, now=1, depth=4) == []
-    assert lanes.take(10, now=5, depth=4) == [a[1], a[2], a[3]]
-    assert len(lanes) == 3
+    assert lanes.take(10, now=5, depth=4) == [a[1]], "a retry goes out alone: no copies behind it"
+    lanes.failed(a[1], retry_at=6)
+    assert lanes.take(10, now=6, depth=4) == [a[1]]
+    lanes.succeeded(a[1])
+    assert lanes.take(10, now=6, depth=4) == [a[2], a[3]]
+    assert len(lanes) == 2
 
 
 def test_a_held_event_keeps_its_lane_out_until_it_is_settled_alone() -> None:
