@@ -179,9 +179,12 @@ class _Unconfirmed:
 
 
 _UNCONFIRMED = _Unconfirmed()
+# A nack says the broker or a queue cannot take messages now (a full queue lasts as long as its
+# consumers are away), not that this event is bad: it must not count toward dead-lettering.
 _NACKED = Failure(
     "RabbitMQ refused the message (basic.nack: an internal error, or a queue that is full with "
-    "overflow: reject-publish)"
+    "overflow: reject-publish)",
+    transient=True,
 )
 
 

@@ -175,11 +175,11 @@ class RedisStreamsSink(Sink):
             failure = Failure(f"redis at {self._display_url}: {_explain(exc)}", transient=True)
             return [failure] * len(events)
         except RedisError as exc:
-            failure = Failure(f"redis at {self._display_url}: {_explain(exc)}")
-            return [failure] * len(events)
+            # The pipeline as a whole was refused: nothing is wrong with the events themselves,
+            # so the whole call fails (retried with backoff) instead of counting against each.
+            raise ConnectorError(f"redis at {self._display_url}: {_explain(exc)}") from None
         if len(replies) != len(events):  # cannot happen with redis-py; never ack on a mismatch
-            failure = Failure(f"redis returned {len(replies)} replies for {len(events)} commands")
-            return [failure] * len(events)
+            raise ConnectorError(f"redis returned {len(replies)} replies for {len(events)} commands")
         results: list[PublishResult] = []
         for stream, reply in zip(streams, replies, strict=True):
             if isinstance(reply, Exception):

@@ -174,7 +174,7 @@ async def test_with_mandatory_off_an_unroutable_event_is_acked_because_rabbitmq_
         assert await sink.publish(make_events(3, aggregates=3, aggregate_type="nobody")) == [None] * 3
 
 
-async def test_a_message_the_broker_nacks_is_a_failure_and_never_an_acknowledgement(
+async def test_a_message_a_full_queue_nacks_is_a_transient_failure_and_never_an_acknowledgement(
     rabbit: RabbitBroker, names: RabbitNames
 ) -> None:
     events = make_events(10, aggregates=10)
@@ -189,6 +189,8 @@ async def test_a_message_the_broker_nacks_is_a_failure_and_never_an_acknowledgem
     for result in results[4:]:
         assert isinstance(result, Failure)
         assert "basic.nack" in result.reason
+        # Consumers away must not dead-letter the outbox: a nack never counts against the event.
+        assert result.transient and not result.permanent
     delivered = drain_queue(rabbit.url, queue, 4, timeout=2.0)
     assert [m["properties"]["message_id"] for m in delivered] == [e.event_id for e in events[:4]]
 
