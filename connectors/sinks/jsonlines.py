@@ -1,8 +1,8 @@
 """The JSON-lines message format shared by the `stdout` and `file` sinks.
 
 One line per event: the event's metadata, every header of DESIGN.md (the row's own headers
-included) and the payload. A JSON payload is embedded as JSON, unchanged; any other payload is
-embedded as a string (text) or base64 (`payload_base64`, binary).
+included) and the payload. A JSON payload is embedded as JSON, unchanged (compacted when it
+spans lines); any other payload is embedded as a string (text) or base64 (`payload_base64`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ def encode_line(event: OutboxEvent) -> bytes:
     )
     ctype = event.content_type
     if ctype == "application/json":
-        return meta[:-1] + b',"payload":' + event.payload + b"}\n"
+        payload = event.payload
+        if b"\n" in payload or b"\r" in payload:
+            # A `json` column keeps the writer's line breaks; one event must stay one line.
+            payload = orjson.dumps(orjson.loads(payload))
+        return meta[:-1] + b',"payload":' + payload + b"}\n"
     if ctype.startswith("text/"):
         text = orjson.dumps(event.payload.decode("utf-8", "replace"))
         return meta[:-1] + b',"payload":' + text + b"}\n"

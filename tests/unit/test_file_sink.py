@@ -2,7 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
+
 from connectors.sinks.file import FileSink, FileSinkConfig
+from connectors.sinks.jsonlines import encode_line
 from relay.events import OutboxEvent
 
 
@@ -18,3 +21,11 @@ async def test_a_line_torn_by_a_crash_is_cut_off_before_writing_again(tmp_path: 
     assert lines[0] == b'{"event_id": "acked"}'
     assert lines[1].startswith(b'{"event_id":"again"')
     assert len(lines) == 2
+
+
+def test_a_json_payload_written_over_several_lines_stays_one_line_with_the_same_value() -> None:
+    pretty = b'{\n  "order": 7,\r\n  "items": ["a",\n "b"]\n}'
+    event = OutboxEvent(1, "e-1", "order", "7", "Created", pretty, {}, 0.0)
+    line = encode_line(event)
+    assert line.count(b"\n") == 1 and line.endswith(b"\n") and b"\r" not in line
+    assert orjson.loads(line)["payload"] == {"order": 7, "items": ["a", "b"]}
