@@ -16,7 +16,6 @@ from relay import __version__
 from relay.config import ConfigError, RelayConfig, config_json_schema, load_config
 from relay.deadletters import DeadLetterStore
 from relay.deadletters import as_event as as_dead_letter_event
-from relay.deadletters import create_table_sql as create_dead_letter_table
 from relay.interfaces import ConnectorError
 from relay.logs import configure_logging, get_logger
 from relay.runner import (
@@ -25,6 +24,7 @@ from relay.runner import (
     build_pipelines,
     build_sink,
     build_source,
+    database_setup,
     tune_garbage_collector,
 )
 from relay.secrets import is_secret_key, scrubber
@@ -142,12 +142,7 @@ def init_db(config_path: Path, print_sql: bool) -> None:
             source = build_source(outbox, index)
         except SetupError as exc:
             _fail(f"{config_path}: {exc}")
-        statements = source.init_sql()
-        dead_letter_dsn = outbox.dead_letter_dsn()
-        parking = outbox.dead_letter.on_poison == "dead_letter" and dead_letter_dsn is not None
-        same_database = parking and outbox.dead_letter.dsn in (None, getattr(outbox.source, "dsn", None))
-        if same_database:
-            statements.append(create_dead_letter_table(outbox.dead_letter.table))
+        statements, elsewhere = database_setup(outbox, source)
         if print_sql:
             click.echo(f"-- outbox {outbox.name}")
             click.echo(";\n\n".join(statements) + ";\n")
@@ -157,9 +152,8 @@ def init_db(config_path: Path, print_sql: bool) -> None:
             _fail(f"{config_path}: outboxes[{index}].source: this source has no database to set up")
         try:
             _execute_all(dsn, statements)
-            if parking and not same_database:
-                assert dead_letter_dsn is not None
-                _execute_all(dead_letter_dsn, [create_dead_letter_table(outbox.dead_letter.table)])
+            for other_dsn, other_statements in elsewhere:
+                _execute_all(other_dsn, other_statements)
         except Exception as exc:
             _fail(f"{config_path}: outboxes[{index}]: init-db failed: {exc}", code=1)
         click.echo(f"outbox {outbox.name}: database ready ({len(statements)} statements)")

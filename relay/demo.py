@@ -16,7 +16,7 @@ import psycopg
 from relay.config import parse_config
 from relay.logs import configure_logging
 from relay.outbox import write_event_async
-from relay.runner import Relay, build_pipelines
+from relay.runner import Relay, build_pipelines, database_setup
 
 _STATUSES = ("OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered")
 
@@ -98,7 +98,8 @@ async def _demo(dsn: str, rate: int, duration: float) -> int:
     )
     configure_logging(config.log.format, config.log.level)
     pipelines = build_pipelines(config)
-    statements = pipelines[0].source.init_sql()
+    # The outbox table and the dead-letter table, as `init-db` creates them.
+    statements, _ = database_setup(config.outboxes[0], pipelines[0].source)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for statement in statements:
             await conn.execute(statement)

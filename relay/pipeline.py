@@ -485,11 +485,16 @@ class Pipeline:
                 lag.set(stats.oldest_age_seconds)
                 if stats.slot_lag_bytes is not None:
                     metrics.SLOT_LAG.labels(self.name).set(stats.slot_lag_bytes)
-                if self._dead_letters is not None:
-                    dead_letters.set(await self._dead_letters.count(self.name))
             except Exception as exc:
                 self._set_db(False)
                 self._log.warning("backlog query failed", error=describe_error(exc))
+            if self._dead_letters is not None:
+                # The dead-letter table may live in another database, or not exist yet (init-db
+                # not run): that says nothing about the outbox's database.
+                try:
+                    dead_letters.set(await self._dead_letters.count(self.name))
+                except Exception as exc:
+                    self._log.warning("cannot count dead letters", error=describe_error(exc))
             await asyncio.sleep(self._tuning.stats_interval)
 
     # --- health -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, cast
 from relay import metrics
 from relay.config import OutboxConfig, RelayConfig
 from relay.deadletters import DeadLetterStore
+from relay.deadletters import create_table_sql as create_dead_letter_table
 from relay.http import HealthServer
 from relay.interfaces import ConnectorError, Sink, Source
 from relay.leadership import Lease, LeaseLost
@@ -72,6 +73,22 @@ def build_pipeline(outbox: OutboxConfig, index: int) -> Pipeline:
 
 def build_pipelines(config: RelayConfig) -> list[Pipeline]:
     return [build_pipeline(outbox, i) for i, outbox in enumerate(config.outboxes)]
+
+
+def database_setup(outbox: OutboxConfig, source: Source) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """What `init-db` runs for an outbox: the statements for the source's database (the
+    dead-letter table included when it lives there), and (dsn, statements) for the dead-letter
+    database when `dead_letter.dsn` names another one."""
+    statements = source.init_sql()
+    elsewhere: list[tuple[str, list[str]]] = []
+    dead_letter_dsn = outbox.dead_letter_dsn()
+    if outbox.dead_letter.on_poison == "dead_letter" and dead_letter_dsn is not None:
+        table = create_dead_letter_table(outbox.dead_letter.table)
+        if outbox.dead_letter.dsn in (None, getattr(outbox.source, "dsn", None)):
+            statements.append(table)
+        else:
+            elsewhere.append((dead_letter_dsn, [table]))
+    return statements, elsewhere
 
 
 _startup_frozen = False

@@ -10,18 +10,11 @@ from typing import Any
 
 import psycopg
 
-from connectors.sources.postgres_polling import PostgresPollingConfig, PostgresPollingSource
-from relay.deadletters import create_table_sql as create_dead_letter_table
+from relay.config import parse_config
 from relay.events import OutboxEvent
+from relay.runner import build_source, database_setup
 
 REPO = Path(__file__).resolve().parents[1]
-
-# What `init-db` runs for a default config: the outbox table, its index and trigger, and the
-# dead-letter table.
-DEFAULT_TABLE_SQL = [
-    *PostgresPollingSource(PostgresPollingConfig(type="postgres-polling", dsn="unused")).init_sql(),
-    create_dead_letter_table(),
-]
 
 
 def insert_events(dsn: str, count: int, aggregates: int = 10, *, table: str = "outbox") -> None:
@@ -51,6 +44,17 @@ def relay_config(dsn: str, sink: dict[str, Any], **source: Any) -> dict[str, Any
         "http": {"port": 0},
         "log": {"format": "json", "level": "info"},
     }
+
+
+def _default_setup_sql() -> list[str]:
+    outbox = parse_config(relay_config("postgresql://unused", {"type": "stdout"}), "t.yaml", {}).outboxes[0]
+    statements, _ = database_setup(outbox, build_source(outbox, 0))
+    return statements
+
+
+# What `init-db` runs for a default config: the outbox table, its index and trigger, and the
+# dead-letter table.
+DEFAULT_TABLE_SQL = _default_setup_sql()
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -98,7 +102,6 @@ async def run_relay_until(
     import asyncio
     import time
 
-    from relay.config import parse_config
     from relay.runner import Relay
 
     relay = Relay(parse_config(config, "test.yaml", {}), pipelines)

@@ -230,9 +230,11 @@ def test_sigterm_finishes_in_flight_events_and_exits_0(dsn: str, tmp_path: Path)
     assert marked == {line["event_id"] for line in delivered}
 
 
-def test_demo_writes_and_relays_sample_orders(dsn: str) -> None:
+def test_demo_sets_up_an_empty_database_then_writes_and_relays_sample_orders(pg: PostgresServer) -> None:
+    dsn = pg.create_database()  # nothing in it: the demo creates what init-db would
     result = run_cli("demo", "--dsn", dsn, "--rate", "100", "--duration", "3")
     assert result.returncode == 0, result.stderr
+    assert "dead letters" not in result.stderr and "failed" not in result.stderr, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(events) > 100
     assert {e["aggregate_type"] for e in events} == {"order"}
