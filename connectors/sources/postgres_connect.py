@@ -17,6 +17,22 @@ from relay.interfaces import ConnectorError
 from relay.secrets import scrubber
 
 
+def null_column_defect(
+    event_id: object, aggregate_type: object, aggregate_id: object, event_type: object
+) -> str | None:
+    """Why a row cannot become a publishable event because a column it needs is NULL, or None.
+    (Both table sources apply the same rule, so a row is a defect in either mode or in neither.)"""
+    if event_id is None:
+        return "event id is NULL"
+    if aggregate_type is None:
+        return "aggregate type is NULL"
+    if aggregate_id is None:
+        return "aggregate id is NULL"
+    if event_type is None:
+        return "event type is NULL"
+    return None
+
+
 class EventColumns(BaseModel):
     """Where an outbox table keeps each field of an event. `headers` and `created_at` may be
     null when the table has no such column."""

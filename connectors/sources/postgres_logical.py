@@ -33,7 +33,7 @@ from psycopg import sql as psql
 from pydantic import Field
 
 from connectors.sources import pgoutput
-from connectors.sources.postgres_connect import EventColumns, connect, insert_event
+from connectors.sources.postgres_connect import EventColumns, connect, insert_event, null_column_defect
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
@@ -319,16 +319,17 @@ class PostgresLogicalSource(Source):
         created = self._commit_time
         if i_created is not None and values[i_created] is not None:
             created = pgoutput.timestamptz_text_to_epoch(values[i_created].decode())  # type: ignore[union-attr]
-        aggregate_id = _text(values[i_agg])
-        if aggregate_id is None:
-            defect = defect or "aggregate id is NULL"
+        event_id, aggregate_type = _text(values[i_id]), _text(values[i_type])
+        aggregate_id, event_type = _text(values[i_agg]), _text(values[i_event])
+        defect = defect or null_column_defect(event_id, aggregate_type, aggregate_id, event_type)
         unit.outstanding += 1
         return OutboxEvent(
             lsn,
-            _text(values[i_id]) or "",
-            _text(values[i_type]) or "",
+            # A stand-in that stays unique: the dead-letter table keys on the event id.
+            event_id if event_id is not None else f"lsn-{pgoutput.format_lsn(lsn)}",
+            aggregate_type or "",
             aggregate_id,
-            _text(values[i_event]) or "",
+            event_type or "",
             payload,
             headers,
             created,

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field
 
-from connectors.sources.postgres_connect import EventColumns, connect, insert_event
+from connectors.sources.postgres_connect import EventColumns, connect, insert_event, null_column_defect
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
@@ -271,14 +271,12 @@ class PostgresPollingSource(Source):
             else:
                 header_map, problem = headers_from_json(headers)
                 defect = defect or problem
-            if agg_id is None:
-                defect = defect or "aggregate id is NULL"
-            if event_type is None:
-                defect = defect or "event type is NULL"
+            defect = defect or null_column_defect(event_id, agg_type, agg_id, event_type)
             append(
                 OutboxEvent(
                     position,
-                    event_id or "",
+                    # A stand-in that stays unique: the dead-letter table keys on the event id.
+                    event_id if event_id is not None else f"position-{position}",
                     agg_type or "",
                     agg_id,
                     event_type or "",

@@ -222,3 +222,37 @@ async def test_replay_puts_a_dead_letter_back_once_and_the_cli_lists_shows_and_p
     assert run_cli("dlq", "list", "-c", str(path)).stdout == ""
     purged = run_cli("dlq", "purge", "-c", str(path), "--replayed")
     assert purged.stdout.strip() == "orders: 1 dead letters purged"
+
+
+async def test_rows_missing_required_columns_are_each_dead_lettered_with_the_reason(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE loose (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, eid uuid,"
+            " kind text, agg text, ev text, body jsonb, done_at timestamptz)"
+        )
+        conn.execute(
+            "INSERT INTO loose (eid, kind, agg, ev, body) VALUES"
+            " (gen_random_uuid(), 'order', 'a', 'E', '{\"n\": 1}'),"
+            " (NULL, 'order', 'a', 'E', '{\"n\": 2}'),"  # two rows without an event id: two letters
+            " (NULL, 'order', 'b', 'E', '{\"n\": 3}'),"
+            " (gen_random_uuid(), NULL, 'c', 'E', '{\"n\": 4}'),"
+            " (gen_random_uuid(), 'order', 'd', NULL, '{\"n\": 5}')"
+        )
+    columns = {"position": "id", "event_id": "eid", "aggregate_type": "kind", "aggregate_id": "agg",
+               "event_type": "ev", "payload": "body", "headers": None, "created_at": None,
+               "published_at": "done_at"}  # fmt: skip
+    config = relay_config(dsn, {"type": "stdout"}, table="public.loose", columns=columns, notify=False)
+    sink = _Refuses()
+
+    def all_settled(_: Any) -> bool:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute("SELECT count(*) FROM loose WHERE done_at IS NULL").fetchone() == (0,)
+
+    await run_relay_until(config, all_settled, pipelines=[_pipeline(config, sink)])
+    letters = {bytes(letter.payload): letter for letter in await dead_letters(dsn)}
+    assert sorted(letters) == [b'{"n": 2}', b'{"n": 3}', b'{"n": 4}', b'{"n": 5}']
+    assert [letters[b'{"n": 2}'].error, letters[b'{"n": 3}'].error] == ["event id is NULL"] * 2
+    assert letters[b'{"n": 4}'].error == "aggregate type is NULL"
+    assert letters[b'{"n": 5}'].error == "event type is NULL"
+    assert all(letter.permanent and letter.attempts == 1 for letter in letters.values())
+    assert [e.payload for e in sink.delivered] == [b'{"n": 1}']
