@@ -157,7 +157,12 @@ class PostgresPollingSource(Source):
             select=select, table=table, unpublished=unpublished, pos=pos
         )
         self._queries["ahead"] = base + sql.SQL("> %s ORDER BY {} LIMIT %s").format(pos)
-        self._queries["behind"] = base + sql.SQL("<= %s ORDER BY {} LIMIT %s").format(pos)
+        # The sweep sees every held row too: it reads their positions only, then whole rows
+        # just for the late ones (normally none).
+        self._queries["behind"] = sql.SQL(
+            "SELECT {pos}::int8 FROM {table} WHERE {unpublished} AND {pos} <= %s ORDER BY {pos} LIMIT %s"
+        ).format(pos=pos, table=table, unpublished=unpublished)
+        self._queries["rows_at"] = base + sql.SQL("= ANY(%s) ORDER BY {}").format(pos)
         if cfg.after_publish == "mark":
             assert cols.published_at is not None
             self._queries["ack"] = sql.SQL("UPDATE {} SET {} = now() WHERE {} = ANY(%s)").format(
@@ -240,18 +245,18 @@ class PostgresPollingSource(Source):
             # Held rows are unpublished too; ask for enough to see past them.
             want = limit + len(self._outstanding)
             cur = await self._run("fetch", "behind", (self._cursor, want))
-            rows = await cur.fetchall()
+            positions = await cur.fetchall()
             skip = self._outstanding | self._acked_during_sweep
         finally:
             self._acked_during_sweep = None
-        late = [row for row in rows if row[0] not in skip][:limit]
-        if late:
-            self._log.info(
-                "relaying rows that committed after later positions",
-                count=len(late),
-                first_position=late[0][0],
-            )
-        return self._to_events(late)
+        late = [row[0] for row in positions if row[0] not in skip][:limit]
+        if not late:
+            return []
+        self._log.info(
+            "relaying rows that committed after later positions", count=len(late), first_position=late[0]
+        )
+        cur = await self._run("fetch", "rows_at", (late,))
+        return self._to_events(await cur.fetchall())
 
     def _to_events(self, rows: Sequence[tuple[Any, ...]]) -> list[OutboxEvent]:
         events: list[OutboxEvent] = []
