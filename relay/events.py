@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from relay.templates import FIELD_VALUES
+
 # The formatted second of the last call: every event of a batch (or a burst) shares it, and
 # formatting a datetime costs as much as the rest of building a message's headers.
 _second_formatted: tuple[int, str] = (-1, "")
@@ -81,13 +83,7 @@ class OutboxEvent:
 
     def template_fields(self) -> dict[str, str]:
         """Fields available to topic / routing-key templates such as `{aggregate_type}.events`."""
-        return {
-            "event_id": self.event_id,
-            "event_type": self.event_type,
-            "aggregate_type": self.aggregate_type,
-            "aggregate_id": "" if self.aggregate_id is None else self.aggregate_id,
-            "position": str(self.position),
-        }
+        return {name: value(self) for name, value in FIELD_VALUES.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,26 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from relay.events import OutboxEvent
 
-#: The names a template may use (see OutboxEvent.template_fields).
-TEMPLATE_FIELDS: tuple[str, ...] = ("event_id", "event_type", "aggregate_type", "aggregate_id", "position")
+
+def _aggregate_id(event: OutboxEvent) -> str:
+    return "" if event.aggregate_id is None else event.aggregate_id
+
+
+def _position(event: OutboxEvent) -> str:
+    return str(event.position)
+
+
+#: The fields a template may use, and how each is read from an event.
+FIELD_VALUES: dict[str, Callable[[OutboxEvent], str]] = {
+    "event_id": attrgetter("event_id"),
+    "event_type": attrgetter("event_type"),
+    "aggregate_type": attrgetter("aggregate_type"),
+    "aggregate_id": _aggregate_id,
+    "position": _position,
+}
+
+
+TEMPLATE_FIELDS: tuple[str, ...] = tuple(FIELD_VALUES)
 
 
 def check_template(template: str, what: str) -> list[str]:
@@ -39,33 +57,14 @@ def check_template(template: str, what: str) -> list[str]:
     return literals
 
 
-def _aggregate_id(event: OutboxEvent) -> str:
-    return "" if event.aggregate_id is None else event.aggregate_id
-
-
-def _position(event: OutboxEvent) -> str:
-    return str(event.position)
-
-
-_FIELD_VALUES: dict[str, Callable[[OutboxEvent], str]] = {
-    "event_id": attrgetter("event_id"),
-    "event_type": attrgetter("event_type"),
-    "aggregate_type": attrgetter("aggregate_type"),
-    "aggregate_id": _aggregate_id,
-    "position": _position,
-}
-
-
 class Template:
     """A checked template, compiled once into a positional format over the fields it names, so
     rendering reads only those fields and builds no dict per event."""
 
-    __slots__ = ("_format", "_getters", "fields", "literals", "text")
+    __slots__ = ("_format", "_getters", "fields")
 
     def __init__(self, text: str, what: str) -> None:
-        self.text = text
-        #: The literal parts, for a sink to check against its own naming rules.
-        self.literals = check_template(text, what)
+        check_template(text, what)
         positional: list[str] = []
         getters: list[Callable[[OutboxEvent], str]] = []
         fields: list[str] = []
@@ -73,7 +72,7 @@ class Template:
             positional.append(literal.replace("{", "{{").replace("}", "}}"))
             if name is not None:
                 positional.append("{}")
-                getters.append(_FIELD_VALUES[name])
+                getters.append(FIELD_VALUES[name])
                 fields.append(name)
         #: The names of the fields it uses.
         self.fields = frozenset(fields)
