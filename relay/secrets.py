@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, unquote, urlsplit
 
-_MASK = "***"
+#: What a secret is replaced with wherever text is shown.
+MASK = "***"
 # Settings whose value is a secret by their name: librdkafka's sasl.password, ssl.key.password,
 # ssl.key.pem, sasl.oauthbearer.config, and any `password`, `secret` or `token` key of ours.
 _SECRET_KEY = re.compile(
@@ -22,8 +23,8 @@ _KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\
 
 def redact_url(text: str) -> str:
     """Replace passwords in URL-style (`scheme://user:pw@host`) and key=value DSNs with ***."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{_MASK}@", text)
-    return _KV_PASSWORD.sub(lambda m: f"{m['key']}{_MASK}", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    return _KV_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
 def passwords_in(text: str) -> list[str]:
@@ -47,21 +48,27 @@ class SecretScrubber:
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        # What `scrub` replaces, longest first (so a password containing another one is masked
+        # whole); kept sorted here because `scrub` runs for every field of every log line.
+        self._ordered: tuple[str, ...] = ()
 
     def remember_from(self, text: str) -> None:
-        self._secrets.update(passwords_in(text))
+        self._add(passwords_in(text))
 
     def remember(self, secret: str) -> None:
         """A value known to be secret (a setting named like a password)."""
-        if secret:
-            self._secrets.add(secret)
+        self._add([secret])
+
+    def _add(self, secrets: list[str]) -> None:
+        new = {s for s in secrets if len(s) >= 3} - self._secrets
+        if new:
+            self._secrets |= new
+            self._ordered = tuple(sorted(self._secrets, key=len, reverse=True))
 
     def scrub(self, text: str) -> str:
         text = redact_url(text)
-        # Longest first, so a password containing another one is masked whole.
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            if len(secret) >= 3:
-                text = text.replace(secret, _MASK)
+        for secret in self._ordered:
+            text = text.replace(secret, MASK)
         return text
 
 

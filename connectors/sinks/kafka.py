@@ -28,7 +28,7 @@ from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import is_secret_key
+from relay.secrets import MASK, is_secret_key, scrubber
 from relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 if TYPE_CHECKING:
@@ -65,8 +65,6 @@ _OWNED_SETTINGS: dict[str, str] = {
     "logger": "callbacks cannot be configured",
 }
 
-_MASK = "***"
-
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _TOPIC_LITERAL = re.compile(r"^[A-Za-z0-9._-]*$")
@@ -101,10 +99,6 @@ def _truthy(value: ProducerValue) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes", "on")
     return bool(value)
-
-
-def is_secret_setting(name: str) -> bool:
-    return is_secret_key(name)
 
 
 class KafkaSinkConfig(ConnectorConfig):
@@ -199,7 +193,7 @@ class KafkaSinkConfig(ConnectorConfig):
         return settings
 
     def secrets(self) -> list[str]:
-        return [str(v) for k, v in self.producer.items() if is_secret_setting(k) and str(v)]
+        return [str(v) for k, v in self.producer.items() if is_secret_key(k) and str(v)]
 
 
 # --- the sink ------------------------------------------------------------------------------------
@@ -294,12 +288,11 @@ def _outcome(topic: str, err: KafkaError) -> _Outcome:
 class _LibrdkafkaLog:
     """Receives librdkafka's own log lines (instead of raw stderr) and forwards them to structlog."""
 
-    def __init__(self, log: Any, mask: Callable[[str], str]) -> None:
+    def __init__(self, log: Any) -> None:
         self._log = log
-        self._mask = mask
 
     def log(self, level: int, fmt: str, *args: object) -> None:
-        text = self._mask(fmt % args if args else fmt)
+        text = scrubber.scrub(fmt % args if args else fmt)
         # confluent-kafka maps syslog levels to logging levels: 10 debug ... 50 critical.
         if level >= 30:
             self._log.warning("librdkafka", detail=text)
@@ -335,11 +328,10 @@ class _ProducerHandle:
     the producer.
     """
 
-    def __init__(self, settings: Mapping[str, ProducerValue], log: Any, mask: Callable[[str], str]) -> None:
+    def __init__(self, settings: Mapping[str, ProducerValue], log: Any) -> None:
         from confluent_kafka import KafkaException, Producer
 
         self._log = log
-        self._mask = mask
         #: Why this producer cannot deliver any more; None while it can.
         self.broken: str | None = None
         #: Publish calls now serving their own reports; only the event loop changes it.
@@ -348,11 +340,13 @@ class _ProducerHandle:
         self.refusal: type[KafkaException] = KafkaException
         conf: dict[str, Any] = dict(settings)
         conf["error_cb"] = self._on_error
-        conf["logger"] = _LibrdkafkaLog(log, mask)
+        conf["logger"] = _LibrdkafkaLog(log)
         try:
             self._producer: Producer | None = Producer(conf)
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConnectorError(f"kafka producer settings refused: {mask(_kafka_text(exc))}") from None
+            raise ConnectorError(
+                f"kafka producer settings refused: {scrubber.scrub(_kafka_text(exc))}"
+            ) from None
         self._retire_at: float | None = None
         self._thread = threading.Thread(target=self._run, name="kafka-sink-poll", daemon=True)
         self._thread.start()
@@ -382,11 +376,11 @@ class _ProducerHandle:
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self.broken = f"{err.name()}: {err.str()}"
-            self._log.error("kafka producer failed, replacing it", error=self._mask(self.broken))
+            self._log.error("kafka producer failed, replacing it", error=scrubber.scrub(self.broken))
         elif err.name() == "_ALL_BROKERS_DOWN":
-            self._log.warning("kafka brokers unreachable", error=self._mask(err.str()))
+            self._log.warning("kafka brokers unreachable", error=scrubber.scrub(err.str()))
         else:
-            self._log.debug("kafka client error", error=self._mask(f"{err.name()}: {err.str()}"))
+            self._log.debug("kafka client error", error=scrubber.scrub(f"{err.name()}: {err.str()}"))
 
     def _run(self) -> None:
         producer = self._producer
@@ -405,7 +399,7 @@ class _ProducerHandle:
             producer.purge()
             producer.poll(0)
         except Exception as exc:  # a bug here must not leave callers waiting silently
-            self._log.error("kafka poll thread failed", error=self._mask(f"{type(exc).__name__}: {exc}"))
+            self._log.error("kafka poll thread failed", error=scrubber.scrub(f"{type(exc).__name__}: {exc}"))
             self.broken = f"poll thread failed: {exc}"
         finally:
             self._producer = None
@@ -446,7 +440,8 @@ class KafkaSink(Sink):
     def __init__(self, config: KafkaSinkConfig) -> None:
         self.config = config
         self._settings = config.producer_settings()
-        self._secrets = sorted(config.secrets(), key=len, reverse=True)
+        for secret in config.secrets():  # (also when the config did not come from a file)
+            scrubber.remember(secret)
         self._log = get_logger(sink="kafka")
         self._handle: _ProducerHandle | None = None
         self._topic = Template(config.topic, "topic")
@@ -476,7 +471,7 @@ class KafkaSink(Sink):
         if handle is not None and handle.broken is None:
             await asyncio.to_thread(self._probe, handle.producer)
             return
-        probe = _ProducerHandle(self._settings, self._log, self._mask)
+        probe = _ProducerHandle(self._settings, self._log)
         try:
             await asyncio.to_thread(self._probe, probe.producer)
         finally:
@@ -498,9 +493,7 @@ class KafkaSink(Sink):
             "key": self.config.key,
             "format": self.config.format,
             "delivery_timeout": self.config.delivery_timeout,
-            "producer": {
-                k: (_MASK if is_secret_setting(k) else v) for k, v in sorted(self._settings.items())
-            },
+            "producer": {k: (MASK if is_secret_key(k) else v) for k, v in sorted(self._settings.items())},
         }
 
     # --- publish -------------------------------------------------------------------------------
@@ -594,7 +587,7 @@ class KafkaSink(Sink):
         if retry:
             self._log.warning(
                 "kafka producer can no longer deliver, replacing it",
-                reason=self._mask(handle.broken or "unknown"),
+                reason=scrubber.scrub(handle.broken or "unknown"),
                 events=len(retry),
             )
         return sorted(retry)
@@ -633,7 +626,7 @@ class KafkaSink(Sink):
         except handle.refusal as exc:
             err = _kafka_error_of(exc)
             if err is None:
-                return _Outcome(Failure(f"kafka topic {topic!r}: {self._mask(_kafka_text(exc))}"))
+                return _Outcome(Failure(f"kafka topic {topic!r}: {scrubber.scrub(_kafka_text(exc))}"))
             outcome = _outcome(topic, err)
             if outcome.producer_broken and handle.broken is None:
                 handle.broken = err.name()
@@ -707,7 +700,7 @@ class KafkaSink(Sink):
 
     def _replace_handle(self) -> None:
         old = self._handle
-        self._handle = _ProducerHandle(self._settings, self._log, self._mask)
+        self._handle = _ProducerHandle(self._settings, self._log)
         if old is not None:
             # Its in-flight messages may still be acknowledged; their callers are waiting.
             old.retire(self.config.delivery_timeout)
@@ -727,15 +720,10 @@ class KafkaSink(Sink):
             metadata = producer.list_topics(timeout=self._probe_timeout)
         except KafkaException as exc:
             raise ConnectorError(
-                f"{where} did not answer within {self._probe_timeout:g}s: {self._mask(_kafka_text(exc))}"
+                f"{where} did not answer within {self._probe_timeout:g}s: {scrubber.scrub(_kafka_text(exc))}"
             ) from None
         if not metadata.brokers:
             raise ConnectorError(f"{where} answered without any broker in its metadata")
-
-    def _mask(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, _MASK)
-        return text
 
 
 class KafkaReader(DeliveryReader):
