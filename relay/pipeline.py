@@ -155,8 +155,6 @@ class Pipeline:
             for task in (*loops, *self._publishing):
                 task.cancel()
             await asyncio.gather(*loops, stats, *self._publishing, return_exceptions=True)
-            if self._dead_letters is not None:
-                await self._dead_letters.close()
             await self._close_connectors()
 
     # --- start and stop -----------------------------------------------------------------------
@@ -193,7 +191,11 @@ class Pipeline:
         return False
 
     async def _close_connectors(self) -> None:
-        for closer in (self.sink.close, self.source.close):
+        """Close each even when another fails: the sink's close flushes what the broker took."""
+        closers = [self.sink.close, self.source.close]
+        if self._dead_letters is not None:
+            closers.append(self._dead_letters.close)
+        for closer in closers:
             try:
                 await closer()
             except Exception as exc:
@@ -290,8 +292,9 @@ class Pipeline:
             results = await self.sink.publish(sendable) if sendable else []
             if len(results) != len(sendable):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
-            self._set_sink(True)
-            self._sink_failures = 0
+            if sendable:  # (a call with only defect rows heard nothing from the broker)
+                self._set_sink(True)
+                self._sink_failures = 0
         except Exception as exc:
             self._set_sink(False)
             reason = describe_error(exc)

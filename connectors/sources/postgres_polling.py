@@ -170,10 +170,13 @@ class PostgresPollingSource(Source):
             )
         else:
             self._queries["ack"] = sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(table, pos)
+        # The age of the first pending row by position: one index probe, where min(created_at)
+        # read every pending row's heap tuple each stats round (a million with a big backlog).
         oldest = (
-            sql.SQL("COALESCE(extract(epoch from now() - min({})), 0)::float8").format(
-                sql.Identifier(cols.created_at)
-            )
+            sql.SQL(
+                "COALESCE((SELECT extract(epoch from now() - {created})::float8 FROM {table}"
+                " WHERE {unpublished} ORDER BY {pos} LIMIT 1), 0)"
+            ).format(created=sql.Identifier(cols.created_at), table=table, unpublished=unpublished, pos=pos)
             if cols.created_at
             else sql.SQL("0::float8")
         )

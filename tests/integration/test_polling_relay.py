@@ -314,3 +314,28 @@ async def test_the_end_of_the_shutdown_grace_period_exits_even_when_the_broker_h
     assert await asyncio.wait_for(run, 10) == 1, "exit code 1: the grace period ran out"
     assert time.monotonic() - stopped_at < 20.0  # the hang would be forever
     assert unpublished(dsn) == 10, "nothing was marked that the broker did not acknowledge"
+
+
+async def test_backlog_reports_pending_events_and_the_age_of_the_oldest(dsn: str) -> None:
+    outbox = parse_config(relay_config(dsn, {"type": "stdout"}), "t.yaml", {}).outboxes[0]
+    source = build_source(outbox, 0)
+    await source.start()
+    try:
+        empty = await source.backlog()
+        assert (empty.pending, empty.oldest_age_seconds) == (0, 0.0)
+        insert_events(dsn, 30, aggregates=3)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            first = conn.execute("SELECT min(position) FROM outbox").fetchone()
+            assert first is not None
+            conn.execute(
+                "UPDATE outbox SET created_at = now() - interval '90 seconds' WHERE position = %s", first
+            )
+            conn.execute(  # published rows count for neither figure, however old
+                "UPDATE outbox SET published_at = now(), created_at = now() - interval '1 hour'"
+                " WHERE position = (SELECT max(position) FROM outbox)"
+            )
+        stats = await source.backlog()
+        assert stats.pending == 29
+        assert 90 <= stats.oldest_age_seconds < 150
+    finally:
+        await source.close()
