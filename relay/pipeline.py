@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from relay import metrics
 from relay.backoff import Backoff
@@ -26,6 +26,8 @@ from relay.interfaces import Sink, Source
 from relay.lanes import Lanes
 from relay.logs import get_logger
 from relay.secrets import scrubber
+
+T = TypeVar("T")
 
 # Reconnect pacing for the database and the broker as a whole (per-event retries use `retry:`).
 _CONNECT_BACKOFF = Backoff(initial=0.2, maximum=10.0)
@@ -161,7 +163,8 @@ class Pipeline:
 
     async def _start_connectors(self, stop: asyncio.Event) -> bool:
         for component, start in (("database", self.source.start), ("sink", self.sink.start)):
-            if not await self._retry_until_ok(stop, component, start):
+            await self._until_done(start, f"{component} not reachable, retrying", stop=stop, database=False)
+            if stop.is_set():
                 return False
         self.db_ok = self.sink_ok = True
         self._m_db_up.set(1)
@@ -169,26 +172,6 @@ class Pipeline:
         self.started = True
         self._log.info("outbox started", source=self.source.kind, sink=self.sink.kind)
         return True
-
-    async def _retry_until_ok(
-        self, stop: asyncio.Event, component: str, action: Callable[[], Awaitable[Any]]
-    ) -> bool:
-        attempt = 0
-        while not stop.is_set():
-            try:
-                await action()
-                return True
-            except Exception as exc:
-                attempt += 1
-                delay = _CONNECT_BACKOFF.delay(attempt)
-                self._log.error(
-                    f"{component} not reachable, retrying",
-                    error=describe_error(exc),
-                    attempt=attempt,
-                    retry_in=round(delay, 2),
-                )
-                await _sleep_unless(stop, delay)
-        return False
 
     async def _close_connectors(self) -> None:
         """Close each even when another fails: the sink's close flushes what the broker took."""
@@ -204,7 +187,6 @@ class Pipeline:
     # --- fetch --------------------------------------------------------------------------------
 
     async def _fetch_loop(self, stop: asyncio.Event, drain: bool) -> None:
-        attempt = 0
         tuning = self._tuning
         while not stop.is_set():
             room = tuning.max_in_flight - self._held
@@ -213,24 +195,11 @@ class Pipeline:
                 if tuning.max_in_flight - self._held <= 0:
                     await _wait_either(self._space_freed, stop)
                 continue
-            started = time.perf_counter()
-            try:
-                events = await self.source.fetch(room)
-            except Exception as exc:
-                attempt += 1
-                self._set_db(False)
-                delay = _CONNECT_BACKOFF.delay(attempt)
-                self._log.error(
-                    "fetch failed, retrying",
-                    error=describe_error(exc),
-                    attempt=attempt,
-                    retry_in=round(delay, 2),
-                )
-                await _sleep_unless(stop, delay)
-                continue
-            attempt = 0
-            self._set_db(True)
-            self._m_fetch.observe(time.perf_counter() - started)
+            events = await self._until_done(
+                partial(self._timed_fetch, room), "fetch failed, retrying", stop=stop
+            )
+            if events is None:  # stopped while the database was away
+                break
             if events:
                 self._held += len(events)
                 self._lanes.add(events)
@@ -245,6 +214,12 @@ class Pipeline:
                 await _wait_either(self._space_freed, stop, 0.1)
                 continue
             await _first_of(self.source.wait_for_events(), stop)
+
+    async def _timed_fetch(self, room: int) -> list[OutboxEvent]:
+        started = time.perf_counter()
+        events = await self.source.fetch(room)
+        self._m_fetch.observe(time.perf_counter() - started)
+        return events
 
     # --- dispatch and publish -----------------------------------------------------------------
 
@@ -409,27 +384,40 @@ class Pipeline:
             queue.clear()
             yield batch
 
-    async def _until_done(self, action: Callable[[], Awaitable[None]], failing: str, events: int) -> None:
-        """Run a database write until it succeeds, backing off: the database may be restarting,
-        and giving up would lose an acknowledgement (or a dead letter)."""
+    async def _until_done(
+        self,
+        action: Callable[[], Awaitable[T]],
+        failing: str,
+        *,
+        stop: asyncio.Event | None = None,
+        database: bool = True,
+        **fields: object,
+    ) -> T | None:
+        """Run `action` until it succeeds and return its result, backing off between attempts
+        and logging each failure as `failing`; None once `stop` is set. Database writes pass no
+        `stop`: the database may be restarting, and giving up would lose an acknowledgement (or
+        a dead letter). With `database`, the outcome also says whether the database is up."""
         attempt = 0
-        while True:
+        while stop is None or not stop.is_set():
             try:
-                await action()
-                self._set_db(True)
-                return
+                result = await action()
             except Exception as exc:
                 attempt += 1
-                self._set_db(False)
+                if database:
+                    self._set_db(False)
                 delay = _CONNECT_BACKOFF.delay(attempt)
                 self._log.error(
-                    failing,
-                    error=describe_error(exc),
-                    events=events,
-                    attempt=attempt,
-                    retry_in=round(delay, 2),
+                    failing, error=describe_error(exc), attempt=attempt, retry_in=round(delay, 2), **fields
                 )
-                await asyncio.sleep(delay)
+                if stop is None:
+                    await asyncio.sleep(delay)
+                else:
+                    await _wait_either(stop, None, delay)
+                continue
+            if database:
+                self._set_db(True)
+            return result
+        return None
 
     async def _park_loop(self) -> None:
         """Store poison events in the dead-letter table, then acknowledge them to the source."""
@@ -439,7 +427,7 @@ class Pipeline:
             await self._until_done(
                 partial(store.park, self.name, batch),
                 "cannot store dead letters, retrying (does the table exist? run init-db)",
-                len(batch),
+                events=len(batch),
             )
             for event, reason, permanent in batch:
                 self._lanes.succeeded(event)
@@ -465,7 +453,7 @@ class Pipeline:
             await self._until_done(
                 partial(self.source.ack, batch),
                 "ack failed, retrying (the broker already has these events)",
-                len(batch),
+                events=len(batch),
             )
             self._m_ack.observe(time.perf_counter() - started)
             self._held -= len(batch)
@@ -515,10 +503,6 @@ class Pipeline:
             self._m_sink_up.set(1 if ok else 0)
             if ok:
                 self._log.info("broker reachable again")
-
-
-async def _sleep_unless(stop: asyncio.Event, delay: float) -> None:
-    await _wait_either(stop, None, delay)
 
 
 async def _wait_either(
