@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
@@ -25,7 +24,7 @@ from tests.harness.rabbitmq import RabbitBroker, delete, start_rabbitmq
 from tests.harness.redis import RedisServer, start_redis
 from tests.harness.webhook import Request as WebhookRequest
 from tests.harness.webhook import WebhookReceiver
-from tests.support import DEFAULT_TABLE_SQL, REPO, start_relay
+from tests.support import REPO, create_outbox_database, start_relay
 
 StartRelay = Callable[..., subprocess.Popen[bytes]]
 
@@ -39,10 +38,7 @@ def pg() -> Iterator[PostgresServer]:
 @pytest.fixture
 def dsn(pg: PostgresServer) -> Iterator[str]:
     """A fresh database with the default outbox table, NOTIFY trigger included."""
-    database = pg.create_database()
-    with psycopg.connect(database, autocommit=True) as conn:
-        for statement in DEFAULT_TABLE_SQL:
-            conn.execute(statement)  # type: ignore[call-overload]
+    database = create_outbox_database(pg)
     try:
         yield database
     finally:

@@ -13,6 +13,7 @@ import psycopg
 from relay.config import parse_config
 from relay.events import OutboxEvent
 from relay.runner import build_source, database_setup
+from tests.harness.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,15 @@ def _default_setup_sql() -> list[str]:
 # What `init-db` runs for a default config: the outbox table, its index and trigger, and the
 # dead-letter table.
 DEFAULT_TABLE_SQL = _default_setup_sql()
+
+
+def create_outbox_database(pg: PostgresServer) -> str:
+    """A fresh database on `pg` set up as `init-db` sets one up; returns its DSN."""
+    dsn = pg.create_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in DEFAULT_TABLE_SQL:
+            conn.execute(statement)  # type: ignore[call-overload]
+    return dsn
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

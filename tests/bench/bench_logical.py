@@ -27,7 +27,7 @@ import yaml
 
 from tests.bench.child_process import run_relay_watching_memory
 from tests.harness.postgres import start_postgres
-from tests.support import DEFAULT_TABLE_SQL, insert_events
+from tests.support import create_outbox_database, insert_events
 
 AGGREGATES = 1000
 
@@ -114,10 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, dict[str, float]]] = []
     with start_postgres() as pg, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         directory = Path(tmp)
-        dsn = pg.create_database()
+        dsn = create_outbox_database(pg)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            for statement in DEFAULT_TABLE_SQL:
-                conn.execute(statement)  # type: ignore[call-overload]
             conn.execute("CREATE PUBLICATION bench FOR TABLE outbox WITH (publish = 'insert')")
         file_sink = {"type": "file", "path": str(directory / "out.jsonl")}
         runs: list[tuple[str, str, dict[str, Any], int]] = [

@@ -35,8 +35,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from connectors.sinks.redis_streams import entry_fields
 from connectors.sinks.webhook import batch_body, batch_key, event_headers
 from relay.events import OutboxEvent
@@ -45,7 +43,7 @@ from tests.bench.bench_polling_file import _reset
 from tests.harness.nats import run_async, start_nats
 from tests.harness.postgres import start_postgres
 from tests.harness.redis import start_redis
-from tests.support import DEFAULT_TABLE_SQL, outbox_events
+from tests.support import create_outbox_database, outbox_events
 
 CHUNK = 1000
 CONCURRENCY = 16
@@ -236,10 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, int, float, float | None]] = []  # label, events, relay/s, raw/s
     with start_postgres() as pg, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         directory = Path(tmp)
-        dsn = pg.create_database()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for statement in DEFAULT_TABLE_SQL:
-                conn.execute(statement)  # type: ignore[call-overload]
+        dsn = create_outbox_database(pg)
         source = {"type": "postgres-polling", "dsn": dsn}
 
         def relay_run(sink: dict[str, Any], events: int) -> float:

@@ -31,7 +31,7 @@ from relay.config import parse_config
 from relay.runner import Relay, tune_garbage_collector
 from tests.bench.child_process import run_relay_watching_memory
 from tests.harness.postgres import start_postgres
-from tests.support import DEFAULT_TABLE_SQL, insert_events, relay_config
+from tests.support import create_outbox_database, insert_events, relay_config
 
 AGGREGATES = 1000
 
@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {}
     with start_postgres() as pg, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         directory = Path(tmp)
-        dsn = pg.create_database()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for statement in DEFAULT_TABLE_SQL:
-                conn.execute(statement)  # type: ignore[call-overload]
+        dsn = create_outbox_database(pg)
 
         _reset(dsn, args.events)
         moved, seconds = bare_loop(dsn)

@@ -38,7 +38,7 @@ from connectors.sinks.kafka import KafkaSinkConfig
 from tests.bench.bench_polling_file import AGGREGATES, _epoch, _pct, _reset, drain_in_process, relay_drain
 from tests.harness.kafka import create_topic, start_kafka
 from tests.harness.postgres import start_postgres
-from tests.support import DEFAULT_TABLE_SQL, outbox_events, relay_config
+from tests.support import create_outbox_database, outbox_events, relay_config
 
 Message = tuple[bytes, bytes, list[tuple[str, str | bytes | None]]]  # value, key, headers
 
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         directory = Path(tmp)
         servers = kafka.bootstrap_servers
         report["broker"] = f"tansu (private, {servers})" if kafka.owned else f"external ({servers})"
-        dsn = pg.create_database()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for statement in DEFAULT_TABLE_SQL:
-                conn.execute(statement)
+        dsn = create_outbox_database(pg)
         topics = {name: f"bench-{run}-{name}" for name in ("bare", "drain", "e2e-relay", "e2e-bare")}
         for topic in topics.values():
             create_topic(servers, topic, args.partitions)

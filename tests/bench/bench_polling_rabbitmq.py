@@ -35,14 +35,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from connectors.sinks.rabbitmq import message_properties
 from tests.bench.bench_logical import drain
 from tests.bench.bench_polling_file import AGGREGATES, _reset
 from tests.harness.postgres import start_postgres
 from tests.harness.rabbitmq import declare_queue, delete, queue_depth, start_rabbitmq
-from tests.support import DEFAULT_TABLE_SQL, outbox_events
+from tests.support import create_outbox_database, outbox_events
 
 ROUTING_KEY = "{aggregate_type}.{event_type}"  # the sink's default
 YIELD_EVERY = 128  # as the sink: let the loop write frames and read confirms while publishing
@@ -233,10 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         report["broker"] = repr(rabbit)
         report["events"] = f"{n} over {AGGREGATES} aggregates"
         report["a_raw_pika_window"] = args.window
-        dsn = pg.create_database()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for statement in DEFAULT_TABLE_SQL:
-                conn.execute(statement)
+        dsn = create_outbox_database(pg)
         sink = {"type": "rabbitmq", "url": rabbit.url, "exchange": exchange}
         source = {"type": "postgres-polling", "dsn": dsn}
         raw_rates: list[float] = []
