@@ -268,6 +268,10 @@ _TRANSIENT = frozenset(
         "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
         "PRODUCER_FENCED",
         "_FENCED",
+        # Purged unsent or unconfirmed when a producer was closed or replaced: the broker was
+        # never asked, or never answered, so the event is not to blame.
+        "_PURGE_QUEUE",
+        "_PURGE_INFLIGHT",
     }
 )
 

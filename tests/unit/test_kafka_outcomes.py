@@ -1,0 +1,41 @@
+"""How the Kafka sink reads librdkafka's per-message errors: pure classification, no broker."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("confluent_kafka")
+
+from confluent_kafka import KafkaError
+
+from connectors.sinks.kafka import _outcome
+from relay.events import Failure
+
+
+def _failure(code: int) -> tuple[Failure, bool]:
+    outcome = _outcome("outbox.orders", KafkaError(code))
+    assert isinstance(outcome.result, Failure)
+    return outcome.result, outcome.producer_broken
+
+
+@pytest.mark.parametrize("code", [KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT])
+def test_messages_purged_when_a_producer_closes_are_transient_so_they_never_count_toward_dead_lettering(
+    code: int,
+) -> None:
+    failure, _ = _failure(code)
+    assert failure.transient and not failure.permanent
+    assert "outbox.orders" in failure.reason
+
+
+def test_a_timed_out_delivery_is_transient_and_an_oversized_message_is_permanent() -> None:
+    timed_out, _ = _failure(KafkaError._MSG_TIMED_OUT)
+    assert timed_out.transient and not timed_out.permanent
+    too_large, _ = _failure(KafkaError.MSG_SIZE_TOO_LARGE)
+    assert too_large.permanent and not too_large.transient
+    assert "message.max.bytes" in too_large.reason
+
+
+def test_a_fenced_producer_is_replaced_and_the_event_is_not_blamed() -> None:
+    failure, broken = _failure(KafkaError._FENCED)
+    assert broken
+    assert not failure.permanent
