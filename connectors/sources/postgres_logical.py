@@ -78,12 +78,14 @@ class PostgresLogicalConfig(ConnectorConfig):
 class _Unit:
     """One transaction (or one non-transactional message) in commit order."""
 
-    __slots__ = ("closed", "end_lsn", "outstanding")
+    __slots__ = ("closed", "end_lsn", "first_created_at", "outstanding")
 
     def __init__(self) -> None:
         self.outstanding = 0
         self.closed = False
         self.end_lsn: int | None = None
+        #: `created_at` of its first event: the age of the unit in `backlog()`.
+        self.first_created_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +244,12 @@ class PostgresLogicalSource(Source):
         message = pgoutput.decode(parsed.payload)
         if isinstance(message, pgoutput.Insert):
             shape = self._relations.get(message.relid)
-            if shape is not None and self._current is not None:
-                events.append(self._table_event(message.values, shape, parsed.wal_start, self._current))
+            unit = self._current
+            if shape is not None and unit is not None:
+                event = self._table_event(message.values, shape, parsed.wal_start, unit)
+                if unit.first_created_at is None:
+                    unit.first_created_at = event.created_at
+                events.append(event)
         elif isinstance(message, pgoutput.Begin):
             self._current = _Unit()
             self._units.append(self._current)
@@ -269,7 +275,10 @@ class PostgresLogicalSource(Source):
             unit.closed = True
             unit.end_lsn = message.lsn
             self._units.append(unit)
-        events.append(self._message_event(message, lsn, unit))
+        event = self._message_event(message, lsn, unit)
+        if unit.first_created_at is None:
+            unit.first_created_at = event.created_at
+        events.append(event)
 
     def _shape(self, relation: pgoutput.Relation) -> _TableShape | None:
         if self.config.mode != "table" or relation.qualified_name not in self._tables:
@@ -473,7 +482,14 @@ class PostgresLogicalSource(Source):
     async def backlog(self) -> BacklogStats:
         row = await self._slot_row()
         lag = int(row[0] or 0) if row else 0
-        return BacklogStats(pending=max(self._held, 0), oldest_age_seconds=0.0, slot_lag_bytes=lag)
+        # The oldest event read and not yet acknowledged: units are in commit order. (Events the
+        # relay has not read yet are newer; their amount shows as slot lag.)
+        oldest = next(
+            (u.first_created_at for u in self._units if u.outstanding > 0 and u.first_created_at is not None),
+            None,
+        )
+        age = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        return BacklogStats(pending=max(self._held, 0), oldest_age_seconds=age, slot_lag_bytes=lag)
 
     async def status_lines(self) -> list[str]:
         row = await self._slot_row()

@@ -91,6 +91,37 @@ async def test_table_inserts_are_relayed_in_commit_order_and_rolled_back_ones_ne
     assert assert_complete_and_ordered(lines, expected) == 0
 
 
+async def test_backlog_reports_events_read_and_not_acknowledged_with_the_age_of_the_oldest(
+    dsn: str, tmp_path: Path
+) -> None:
+    config = _config(dsn, tmp_path / "out.jsonl")
+    _init_db(config)
+    source = build_source(parse_config(config, "t.yaml", {}).outboxes[0], 0)
+    await source.start()
+    try:
+        empty = await source.backlog()
+        assert (empty.pending, empty.oldest_age_seconds) == (0, 0.0)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)"
+                " SELECT 'order', 'order-' || i, 'Created', '{}', now() - interval '90 seconds'"
+                " FROM generate_series(1, 30) AS i"
+            )
+        events: list[Any] = []
+        deadline = time.monotonic() + 10
+        while len(events) < 30:
+            assert time.monotonic() < deadline, f"read {len(events)} of 30 events"
+            events += await source.fetch(100)
+        held = await source.backlog()
+        assert held.pending == 30
+        assert 90 <= held.oldest_age_seconds < 150
+        await source.ack(events)
+        done = await source.backlog()
+        assert (done.pending, done.oldest_age_seconds) == (0, 0.0)
+    finally:
+        await source.close()
+
+
 async def test_message_mode_relays_emitted_messages_without_writing_any_table(
     dsn: str, tmp_path: Path
 ) -> None:
@@ -185,7 +216,15 @@ async def test_a_postgres_restart_mid_stream_loses_nothing(
 
     await run_relay_until(config, restart_once, timeout=90)
     duplicates = assert_complete_and_ordered(read_lines(out), expected)
-    assert duplicates <= 500 + 1000, "duplicates are bounded by the in-flight window (and one transaction)"
+    with psycopg.connect(dsn) as conn:
+        version = conn.info.server_version
+    if version >= 170000:
+        assert duplicates <= 500 + 1000, "bounded by the in-flight window (and one transaction)"
+    else:
+        # Before PostgreSQL 17 a clean shutdown does not save a logical slot whose only change is
+        # a newer confirmed_flush_lsn, so after the restart the slot may resend everything since
+        # its last save: at most every event once more.
+        assert duplicates <= len(expected)
 
 
 @pytest.mark.slow
