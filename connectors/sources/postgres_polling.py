@@ -49,7 +49,7 @@ class PostgresPollingConfig(ConnectorConfig):
     table: str = Field(
         default="public.outbox", pattern=r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$"
     )
-    batch_size: int = Field(default=500, ge=1, le=100_000, description="Rows per fetch.")
+    batch_size: int = Field(default=2000, ge=1, le=100_000, description="Rows per fetch at most.")
     poll_interval: Duration = Field(default=0.2, gt=0, description="Fallback when no NOTIFY arrives.")
     after_publish: Literal["mark", "delete"] = "mark"
     columns: ColumnMapping = ColumnMapping()
