@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,25 +63,76 @@ def bare_loop(dsn: str) -> tuple[int, float]:
         return moved, time.perf_counter() - started
 
 
-def drain_in_process(dsn: str, sink: dict[str, Any]) -> tuple[int, float]:
-    """(events published, seconds) of the relay draining the outbox to `sink` in this process,
-    set up as `outbox-relay run --drain` sets itself up."""
+@dataclass(frozen=True)
+class Drain:
+    """One drain of a backlog by the relay, timed from the start of `Relay.run`."""
+
+    published: int
+    seconds: float
+    #: Until the first event was acknowledged: connecting, the sink's start-up, the first fetch.
+    first_ack_s: float
+    #: Events/s while the middle 80% of the backlog was published: the steady rate, without
+    #: start-up and the last, partly filled batches.
+    steady_per_s: float
+
+    @property
+    def per_s(self) -> float:
+        return self.published / self.seconds
+
+
+def drain_in_process(dsn: str, sink: dict[str, Any], events: int) -> Drain:
+    """The relay draining the outbox (`events` rows) to `sink` in this process, set up as
+    `outbox-relay run --drain` sets itself up."""
     config = relay_config(dsn, sink)
     config["log"] = {"format": "json", "level": "warning"}
 
-    async def main() -> tuple[int, float]:
+    async def main() -> Drain:
         relay = Relay(parse_config(config, "bench.yaml", {}))
+        milestones: dict[float, float] = {}  # fraction of `events` published -> when
+
+        async def watch() -> None:
+            while len(milestones) < 3:
+                published = relay.pipelines[0].published if relay.pipelines else 0
+                for fraction in (0.0, 0.1, 0.9):
+                    if fraction not in milestones and published > fraction * events:
+                        milestones[fraction] = time.perf_counter()
+                await asyncio.sleep(0.005)  # (fine enough for seconds-long drains, and cheap)
+
+        watcher = asyncio.create_task(watch())
         started = time.perf_counter()
         code = await relay.run(drain=True)
+        seconds = time.perf_counter() - started
+        watcher.cancel()
         assert code == 0
-        return relay.pipelines[0].published, time.perf_counter() - started
+        published = relay.pipelines[0].published
+        assert published == events, f"relay published {published} of {events}"
+        return Drain(
+            published,
+            seconds,
+            first_ack_s=milestones[0.0] - started,
+            steady_per_s=0.8 * events / (milestones[0.9] - milestones[0.1]),
+        )
 
     tune_garbage_collector()
     return asyncio.run(main())
 
 
-def relay_drain(dsn: str, out: Path) -> tuple[int, float]:
-    return drain_in_process(dsn, {"type": "file", "path": str(out)})
+def drain_in_child(dsn: str, sink: dict[str, Any], events: int) -> Drain:
+    """`drain_in_process` in a new Python process: each measurement starts from the same clean
+    state (no heap, threads or caches left over from earlier measurements in this process)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.bench.drain_child", json.dumps([dsn, sink, events])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"drain to {sink['type']} failed:\n{out.stderr[-3000:]}")
+    return Drain(**json.loads(out.stdout.splitlines()[-1]))
+
+
+def relay_drain(dsn: str, out: Path, events: int) -> Drain:
+    return drain_in_process(dsn, {"type": "file", "path": str(out)}, events)
 
 
 def _config_file(directory: Path, dsn: str, sink_path: str) -> Path:
@@ -181,9 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         report["a_bare_loop_rows_per_s"] = round(moved / seconds)
 
         _reset(dsn, args.events)
-        published, seconds = relay_drain(dsn, directory / "drain.jsonl")
-        assert published == args.events, f"relay published {published} of {args.events}"
-        report["b_relay_events_per_s"] = round(published / seconds)
+        report["b_relay_events_per_s"] = round(relay_drain(dsn, directory / "drain.jsonl", args.events).per_s)
         report["ratio_b_over_a"] = round(report["b_relay_events_per_s"] / report["a_bare_loop_rows_per_s"], 3)
 
         _reset(dsn, args.rss_events)
