@@ -1,16 +1,20 @@
 """Sink `file`: appends JSON lines to a file.
 
-An acknowledgement means the lines were written and flushed to the operating system (they
-survive a crash of the relay); with `fsync: true` also forced to disk (they survive a power loss).
+An acknowledgement means the lines were written to the operating system (they survive a crash
+of the relay); with `fsync: true` also forced to disk (they survive a power loss). A write that
+fails midway (disk full, file size limit) is cut off again, so the file never holds part of a
+line in front of the lines written when the call is retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Sequence
-from typing import BinaryIO, Literal
+from io import FileIO
+from typing import Literal
 
 import orjson
 from pydantic import Field
@@ -33,23 +37,41 @@ class FileSink(Sink):
 
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config
-        self._file: BinaryIO | None = None
+        # Unbuffered: a failed write must not leave bytes in a buffer that a later write flushes.
+        self._file: FileIO | None = None
+        #: Where the file ends after the last complete write: a failed write is cut back to it.
+        self._size = 0
 
     async def start(self) -> None:
         try:
             _drop_torn_last_line(self.config.path)
-            self._file = open(self.config.path, "ab")  # noqa: SIM115 - held open for the sink's life
+            self._file = open(self.config.path, "ab", buffering=0)  # noqa: SIM115 - held for the sink's life
+            self._size = os.fstat(self._file.fileno()).st_size
         except OSError as exc:
             raise ConnectorError(f"cannot open {self.config.path}: {exc.strerror}") from None
 
     async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
         if self._file is None:
             raise ConnectorError("file sink is not started")
-        self._file.write(encode_lines(events))
-        self._file.flush()
-        if self.config.fsync:
-            await asyncio.to_thread(os.fsync, self._file.fileno())
+        encoded = encode_lines(events)
+        data = memoryview(encoded)
+        try:
+            while data:  # a raw write may take only part of it
+                data = data[self._file.write(data) or 0 :]
+            if self.config.fsync:
+                await asyncio.to_thread(os.fsync, self._file.fileno())
+        except OSError as exc:
+            self._cut_back()
+            raise ConnectorError(f"cannot write to {self.config.path}: {exc.strerror or exc}") from None
+        self._size += len(encoded)
         return [None] * len(events)
+
+    def _cut_back(self) -> None:
+        """Drop what a failed write left after the last complete line (if even that fails, the
+        next start cuts the torn line)."""
+        assert self._file is not None
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._file.fileno(), self._size)
 
     async def check(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.config.path))
@@ -58,7 +80,6 @@ class FileSink(Sink):
 
     async def close(self) -> None:
         if self._file is not None:
-            self._file.flush()
             if self.config.fsync:
                 os.fsync(self._file.fileno())
             self._file.close()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -29,3 +31,48 @@ def test_a_json_payload_written_over_several_lines_stays_one_line_with_the_same_
     line = encode_line(event)
     assert line.count(b"\n") == 1 and line.endswith(b"\n") and b"\r" not in line
     assert orjson.loads(line)["payload"] == {"order": 7, "items": ["a", "b"]}
+
+
+_WRITE_UNTIL_THE_SIZE_LIMIT = """
+import asyncio, os, resource, signal, sys
+from connectors.sinks.file import FileSink, FileSinkConfig
+from relay.interfaces import ConnectorError
+from tests.sink_support import make_events
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+
+
+async def main(path: str) -> None:
+    sink = FileSink(FileSinkConfig(type="file", path=path))
+    await sink.start()
+    assert await sink.publish(make_events(5, 5)) == [None] * 5
+    size = os.path.getsize(path)
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 300, hard))  # the next call stops midway
+    later = make_events(5, 5, start=6)
+    try:
+        await sink.publish(later)
+    except ConnectorError as exc:
+        print("refused:", exc)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    assert await sink.publish(later) == [None] * 5  # the pipeline's retry
+    await sink.close()
+
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_write_that_fails_midway_leaves_no_torn_line_in_front_of_the_retried_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    done = subprocess.run(  # in a child process: the file size limit applies to the whole process
+        [sys.executable, "-c", _WRITE_UNTIL_THE_SIZE_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: cannot write to" in done.stdout and "File too large" in done.stdout
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert [line["position"] for line in lines] == list(range(1, 11))
