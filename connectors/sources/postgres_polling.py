@@ -313,11 +313,16 @@ class PostgresPollingSource(Source):
         conn = await self._conn("ack")
         if cfg.after_publish == "mark" and cols.published_at:
             # The row is still there: unmark it; the relay picks it up again at its position.
+            # (Found by position, the key, then checked by event id: a text comparison of the
+            # event id alone would read the whole table.)
             cur = await conn.execute(
-                sql.SQL("UPDATE {} SET {} = NULL WHERE {}::text = %s").format(
-                    cfg.table_ident(), sql.Identifier(cols.published_at), sql.Identifier(cols.event_id)
+                sql.SQL("UPDATE {} SET {} = NULL WHERE {} = %s AND {}::text = %s").format(
+                    cfg.table_ident(),
+                    sql.Identifier(cols.published_at),
+                    sql.Identifier(cols.position),
+                    sql.Identifier(cols.event_id),
                 ),
-                (event.event_id,),
+                (int(event.position), event.event_id),
             )
             if cur.rowcount:
                 return f"unmarked row {event.event_id} in {cfg.table}"
