@@ -198,8 +198,9 @@ class PostgresPollingSource(Source):
                 await conn.execute("SET enable_bitmapscan = off")
                 await conn.execute("SET enable_seqscan = off")
             setattr(self, attr, conn)
-            if not self._queries:
-                await self._inspect_table(conn)
+        # (Also on a connection kept from a failed inspection: the table may exist by now.)
+        if not self._queries:
+            await self._inspect_table(conn)
         return conn
 
     async def _run(

@@ -19,6 +19,7 @@ from relay.pipeline import Pipeline
 from relay.runner import build_source
 from tests.harness.postgres import PostgresServer
 from tests.support import (
+    DEFAULT_TABLE_SQL,
     assert_complete_and_ordered,
     event_ids,
     insert_events,
@@ -340,3 +341,26 @@ async def test_backlog_reports_pending_events_and_the_age_of_the_oldest(dsn: str
         assert 90 <= stats.oldest_age_seconds < 150
     finally:
         await source.close()
+
+
+async def test_a_relay_started_before_its_table_exists_relays_once_init_db_has_created_it(
+    pg: PostgresServer, tmp_path: Path
+) -> None:
+    dsn = pg.create_database()  # no outbox table yet
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    created = False
+
+    def create_the_table_after_a_second(_relay: Any) -> bool:
+        nonlocal created
+        if not created and time.monotonic() - started > 1.0:  # the relay has failed to start by now
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for statement in DEFAULT_TABLE_SQL:
+                    conn.execute(statement)  # type: ignore[call-overload]
+            insert_events(dsn, 20, aggregates=4)
+            created = True
+        return len(read_lines(out)) >= 20
+
+    config = relay_config(dsn, _file_sink(tmp_path))
+    await run_relay_until(config, create_the_table_after_a_second, timeout=30)
+    assert assert_complete_and_ordered(read_lines(out), event_ids(dsn)) == 0
