@@ -3,6 +3,7 @@ a broker does (the Kafka case uses the real broker and an event larger than it a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from relay.runner import build_dead_letter_store, build_source
 from tests.conftest import run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.support import (
+    DEFAULT_TABLE_SQL,
     dead_letters,
     insert_events,
     read_lines,
@@ -256,3 +258,31 @@ async def test_rows_missing_required_columns_are_each_dead_lettered_with_the_rea
     assert letters[b'{"n": 5}'].error == "event type is NULL"
     assert all(letter.permanent and letter.attempts == 1 for letter in letters.values())
     assert [e.payload for e in sink.delivered] == [b'{"n": 1}']
+
+
+async def test_a_poison_event_waits_unacknowledged_while_the_dead_letter_table_is_missing(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE outbox_relay_dead_letters")
+    poison = _write_poison_between(dsn)
+    config = relay_config(dsn, {"type": "stdout"})
+    sink = _Refuses(permanent=True)  # parked at its first refusal, if the table were there
+    held_since: float | None = None
+
+    def recreate_the_table_once_the_rest_is_through(_: Any) -> bool:
+        nonlocal held_since
+        left = unpublished(dsn)
+        if held_since is None and left == 4:  # the poison and the three events behind it
+            held_since = time.monotonic()
+        if held_since is not None and time.monotonic() - held_since > 1.0 and left == 4:
+            with psycopg.connect(dsn, autocommit=True) as conn:  # what init-db runs
+                for statement in DEFAULT_TABLE_SQL:
+                    conn.execute(statement)  # type: ignore[call-overload]
+            held_since = float("inf")  # (done once)
+        return left == 0
+
+    pipeline = _pipeline(config, sink)
+    await run_relay_until(config, recreate_the_table_once_the_rest_is_through, pipelines=[pipeline])
+    assert held_since == float("inf"), "the poison event stayed unacknowledged until the table was back"
+    assert [letter.event_id for letter in await dead_letters(dsn)] == [poison]
+    order_1 = [e.event_type for e in sink.delivered if e.aggregate_id == "order-1"]
+    assert order_1[-3:] == ["After", "After", "After"]
