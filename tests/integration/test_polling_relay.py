@@ -364,3 +364,34 @@ async def test_a_relay_started_before_its_table_exists_relays_once_init_db_has_c
     config = relay_config(dsn, _file_sink(tmp_path))
     await run_relay_until(config, create_the_table_after_a_second, timeout=30)
     assert assert_complete_and_ordered(read_lines(out), event_ids(dsn)) == 0
+
+
+async def test_an_acknowledgement_the_database_refuses_is_retried_without_publishing_again(
+    dsn: str, tmp_path: Path
+) -> None:
+    refuse_marks = (
+        "CREATE FUNCTION refuse_marks() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'marking is refused for now'; END $$;"
+        " CREATE TRIGGER refuse_marks BEFORE UPDATE ON outbox FOR EACH ROW EXECUTE FUNCTION refuse_marks()"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(refuse_marks)
+    insert_events(dsn, 200, aggregates=4)
+    out = tmp_path / "out.jsonl"
+    refused_since: float | None = None
+
+    def allow_marks_a_second_after_everything_was_published(_: Any) -> bool:
+        nonlocal refused_since
+        if refused_since is None and len(read_lines(out)) >= 200:
+            refused_since = time.monotonic()
+        if refused_since is not None and time.monotonic() - refused_since > 1.0:
+            assert unpublished(dsn) == 200, "nothing is marked while the database refuses"
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("DROP TRIGGER refuse_marks ON outbox")
+            refused_since = float("inf")
+        return unpublished(dsn) == 0
+
+    config = relay_config(dsn, _file_sink(tmp_path), pipeline={"max_in_flight": 1000})
+    await run_relay_until(config, allow_marks_a_second_after_everything_was_published)
+    assert refused_since == float("inf")
+    assert assert_complete_and_ordered(read_lines(out), event_ids(dsn)) == 0, "each event published once"
