@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Sequence
@@ -57,7 +58,10 @@ class FileSink(Sink):
         data = memoryview(encoded)
         try:
             while data:  # a raw write may take only part of it
-                data = data[self._file.write(data) or 0 :]
+                written = self._file.write(data)
+                if not written:  # (a regular file takes something or raises; never spin)
+                    raise OSError(errno.EIO, "the write took nothing")
+                data = data[written:]
             if self.config.fsync:
                 await asyncio.to_thread(os.fsync, self._file.fileno())
         except OSError as exc:
