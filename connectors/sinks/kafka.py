@@ -732,18 +732,26 @@ class KafkaSink(Sink):
             await asyncio.to_thread(handle.join, _PROBE_TIMEOUT_MAX_S)
 
     def _probe(self, producer: Producer) -> None:
-        """Blocking: one metadata request, bounded by the probe timeout."""
+        """Blocking: two metadata requests, each bounded by the probe timeout.
+
+        Why two: librdkafka answers the first from a bootstrap connection, which it then drops;
+        the second connects to a broker the cluster advertised. An idempotent producer obtains
+        its producer id only from such a broker, and when none is up at its creation it waits
+        for a 500 ms retry timer (1 s now and then). Connected during start-up, the producer
+        has its id about 50 ms later: measured here, 12 of 12 starts instead of 10 of 12 with
+        one request and 0 of 12 with none. Until then it sends nothing."""
         from confluent_kafka import KafkaException
 
         where = f"kafka at {self.config.bootstrap_servers}"
-        try:
-            metadata = producer.list_topics(timeout=self._probe_timeout)
-        except KafkaException as exc:
-            raise ConnectorError(
-                f"{where} did not answer within {self._probe_timeout:g}s: {scrubber.scrub(_kafka_text(exc))}"
-            ) from None
-        if not metadata.brokers:
-            raise ConnectorError(f"{where} answered without any broker in its metadata")
+        for _request in range(2):
+            try:
+                metadata = producer.list_topics(timeout=self._probe_timeout)
+            except KafkaException as exc:
+                reason = scrubber.scrub(_kafka_text(exc))
+                within = f"within {self._probe_timeout:g}s"
+                raise ConnectorError(f"{where} did not answer {within}: {reason}") from None
+            if not metadata.brokers:
+                raise ConnectorError(f"{where} answered without any broker in its metadata")
 
 
 class KafkaReader(DeliveryReader):
