@@ -8,10 +8,9 @@ cluster named by KAFKA_BOOTSTRAP_SERVERS):
   (b) the relay draining the backlog of N events (1,000 aggregates) to the file sink;
   (c) the relay draining the same backlog to Kafka, and the ratios c/b and c/a.
       b and c alternate for --rounds rounds, each drain in a new Python process; the figures are
-      the medians. Each drain gives two rates: the whole drain from the relay's start, and the
-      steady rate while the middle 80% of the backlog was published. The first includes the
-      sink's start-up: an idempotent Kafka producer waits about 0.5 s (sometimes 1 s) for its
-      producer id before it sends anything, which a file does not;
+      the medians. Each drain gives two rates: the whole drain from the relay's start (its
+      start-up included: the Kafka sink waits for metadata twice, see KafkaSink._probe), and
+      the steady rate while the middle 80% of the backlog was published;
   (d) end-to-end latency p50/p99 (the created_at header -> the consumer receiving the message) at a
       steady 2,000 events/s, each event its own transaction, NOTIFY wake-ups on; the consumer reads
       by partition assignment in a thread;
