@@ -112,6 +112,9 @@ class PostgresLogicalSource(Source):
         self._received = 0  # highest WAL position seen in the stream
         self._confirmed = 0  # flush position confirmed to the server
         self._sent_confirmed = -1
+        #: (system identifier, timeline) of the server the stream last came from: `_confirmed`
+        #: is a position in that server's WAL history only.
+        self._history: tuple[str, str] | None = None
         self._caught_up = False
         self._drain_target = 0
         self._held = 0
@@ -139,21 +142,21 @@ class PostgresLogicalSource(Source):
                 self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="outbox-relay:heartbeat"))
 
     async def _start_stream(self) -> None:
-        """Open the replication connection and START_REPLICATION from the slot's confirmed position."""
+        """Open the replication connection and START_REPLICATION where this relay confirmed up
+        to, else (first start, another server) from the slot's confirmed position."""
         cfg = self.config
         conn = await self._connect(replication=True)
         pgconn = conn.pgconn
-        command = (
-            f"START_REPLICATION SLOT \"{cfg.slot}\" LOGICAL 0/0 (proto_version '1', "
-            f"publication_names '\"{cfg.publication}\"', messages 'true')"
+        try:
+            start = await self._resume_position(pgconn)
+        except ConnectorError:
+            await conn.close()
+            raise
+        result = await self._command(
+            pgconn,
+            f"START_REPLICATION SLOT \"{cfg.slot}\" LOGICAL {pgoutput.format_lsn(start)} (proto_version '1', "
+            f"publication_names '\"{cfg.publication}\"', messages 'true')",
         )
-        pgconn.send_query(command.encode())
-        while True:
-            pgconn.consume_input()
-            if not pgconn.is_busy():
-                break
-            await self._readable(pgconn.socket, 10.0)
-        result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = (result.get_error_message() if result else pgconn.get_error_message()) or "failed"
             await conn.close()
@@ -166,6 +169,47 @@ class PostgresLogicalSource(Source):
             self._current = None
         self._relations.clear()
         self._log.info("streaming from replication slot", publication=cfg.publication, mode=cfg.mode)
+
+    async def _resume_position(self, pgconn: pq.abc.PGconn) -> int:
+        """Where to ask the server to start: what this relay confirmed, when the server is the
+        one it confirmed it to. A server restarted cleanly before PostgreSQL 17 may have saved
+        an older position for the slot and would resend everything since; the server takes the
+        later of the two positions. After a failover or a restore (another system or timeline)
+        the relay's position means nothing there: the slot's own serves, and confirming starts
+        over from what this stream delivers."""
+        result = await self._command(pgconn, "IDENTIFY_SYSTEM")
+        if result is None or result.status != pq.ExecStatus.TUPLES_OK or result.ntuples != 1:
+            message = (result.get_error_message() if result else pgconn.get_error_message()) or "failed"
+            raise ConnectorError(f"IDENTIFY_SYSTEM failed: {scrubber.scrub(message.strip())}")
+        system, timeline, wal_end = (bytes(result.get_value(0, i) or b"").decode() for i in range(3))
+        while pgconn.get_result() is not None:  # (libpq: read results until none is left)
+            pass
+        history, start = (system, timeline), 0
+        if self._history == history and self._confirmed <= pgoutput.parse_lsn(wal_end):
+            start = self._confirmed
+        elif self._history is not None:
+            self._log.warning(
+                "the database does not hold the position this relay confirmed (failover, restore"
+                " or lost WAL?): resuming from the replication slot's own position",
+                was=f"system {self._history[0]} timeline {self._history[1]}",
+                now=f"system {system} timeline {timeline} wal_end {wal_end}",
+                confirmed=pgoutput.format_lsn(self._confirmed),
+            )
+            self._confirmed, self._sent_confirmed = 0, -1
+            for unit in self._units:  # their positions belong to the other history: confirm none
+                unit.end_lsn = None
+        self._history = history
+        return start
+
+    async def _command(self, pgconn: pq.abc.PGconn, command: str) -> pq.abc.PGresult | None:
+        """Send one replication command and wait, without blocking the loop, for its result."""
+        pgconn.send_query(command.encode())
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            await self._readable(pgconn.socket, 10.0)
+        return pgconn.get_result()
 
     async def _readable(self, fd: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,72 @@
+"""A loopback TCP proxy whose target can be switched, for tests of what clients see when the
+server behind an address goes away or changes (a failover behind a virtual IP or DNS name)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+from tests.harness.process import HOST
+
+
+class SwitchableProxy:
+    """Forwards connections to 127.0.0.1:`target`. `switch(port)` cuts every open connection and
+    sends new ones to another port. Threads only; `close()` stops them all."""
+
+    def __init__(self, target: int) -> None:
+        self._target = target
+        self._listener = socket.create_server((HOST, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="test-proxy", daemon=True).start()
+
+    def switch(self, target: int) -> None:
+        self._target = target
+        with self._lock:
+            cut, self._open = self._open, []
+        for sock in cut:
+            _close(sock)
+
+    def close(self) -> None:
+        _close(self._listener)
+        self.switch(self._target)
+
+    def __enter__(self) -> SwitchableProxy:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection((HOST, self._target), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    _close(source)
+    _close(sink)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
