@@ -539,9 +539,6 @@ class KafkaSink(Sink):
         # aggregate, a run renders them once.
         per_aggregate = self._per_aggregate
         run: tuple[str, str | None, str, str] | None = None  # aggregate type and id, topic, key
-        # Until the loop first awaits, no other call can retire `handle`: produce on it directly,
-        # without the checks of `_try_produce` (a Python call per event saved).
-        produce, direct = handle.producer.produce, True
         handle.waiting += 1
         try:
             for index in indexes:
@@ -559,21 +556,12 @@ class KafkaSink(Sink):
                 # librdkafka takes str keys and header values (as UTF-8), and headers as a dict.
                 headers = self._cloudevents_headers(event) if cloudevents else event.standard_headers()
                 on_delivery = partial(report, index)
+                message = (handle, topic, event.payload, key, headers, on_delivery)
                 try:
-                    if direct:
-                        # (A dict of str is what produce() takes; its stub wants a wider value type.)
-                        produce(topic, event.payload, key, headers=headers, on_delivery=on_delivery)  # type: ignore[arg-type]
-                        outcome = None
-                    else:
-                        outcome = self._try_produce(handle, topic, event.payload, key, headers, on_delivery)
+                    outcome = self._try_produce(*message)
                 except BufferError:
-                    attempt = partial(
-                        self._try_produce, handle, topic, event.payload, key, headers, on_delivery
-                    )
+                    attempt = partial(self._try_produce, *message)
                     outcome = await self._produce_when_room(handle, attempt, topic, deadline)
-                    direct = False  # it awaited: another call may have retired `handle` meanwhile
-                except handle.refusal as exc:
-                    outcome = self._refused(handle, topic, exc)
                 if outcome is None:
                     queued[index] = topic
                     continue
@@ -635,24 +623,20 @@ class KafkaSink(Sink):
         """Queue one message; None when queued, else why it was not. Raises BufferError when
         librdkafka's queue is full."""
         try:
+            # (A dict of str is what produce() takes; its stub wants the wider value type.)
             wide = cast("dict[str, str | bytes | None]", headers)
             handle.producer.produce(topic, value=value, key=key, headers=wide, on_delivery=on_delivery)
             return None
         except handle.refusal as exc:
-            return self._refused(handle, topic, exc)
+            err = _kafka_error_of(exc)
+            if err is None:
+                return _Outcome(Failure(f"kafka topic {topic!r}: {scrubber.scrub(_kafka_text(exc))}"))
+            outcome = _outcome(topic, err)
+            if outcome.producer_broken and handle.broken is None:
+                handle.broken = err.name()
+            return outcome
         except ConnectorError as exc:  # a concurrent call retired this producer
             return _Outcome(Failure(f"kafka topic {topic!r}: {exc}", transient=True), producer_broken=True)
-
-    @staticmethod
-    def _refused(handle: _ProducerHandle, topic: str, exc: BaseException) -> _Outcome:
-        """Why produce() refused a message at once (too large, unknown partition, fenced...)."""
-        err = _kafka_error_of(exc)
-        if err is None:
-            return _Outcome(Failure(f"kafka topic {topic!r}: {scrubber.scrub(_kafka_text(exc))}"))
-        outcome = _outcome(topic, err)
-        if outcome.producer_broken and handle.broken is None:
-            handle.broken = err.name()
-        return outcome
 
     @staticmethod
     async def _produce_when_room(
