@@ -288,12 +288,8 @@ class PostgresLogicalSource(Source):
         message = pgoutput.decode(parsed.payload)
         if isinstance(message, pgoutput.Insert):
             shape = self._relations.get(message.relid)
-            unit = self._current
-            if shape is not None and unit is not None:
-                event = self._table_event(message.values, shape, parsed.wal_start, unit)
-                if unit.first_created_at is None:
-                    unit.first_created_at = event.created_at
-                events.append(event)
+            if shape is not None and self._current is not None:
+                _hand_out(events, self._table_event(message.values, shape, parsed.wal_start, self._current))
         elif isinstance(message, pgoutput.Begin):
             self._current = _Unit()
             self._units.append(self._current)
@@ -319,10 +315,7 @@ class PostgresLogicalSource(Source):
             unit.closed = True
             unit.end_lsn = message.lsn
             self._units.append(unit)
-        event = self._message_event(message, lsn, unit)
-        if unit.first_created_at is None:
-            unit.first_created_at = event.created_at
-        events.append(event)
+        _hand_out(events, self._message_event(message, lsn, unit))
 
     def _shape(self, relation: pgoutput.Relation) -> _TableShape | None:
         if self.config.mode != "table" or relation.qualified_name not in self._tables:
@@ -375,7 +368,6 @@ class PostgresLogicalSource(Source):
         event_id, aggregate_type = _text(values[i_id]), _text(values[i_type])
         aggregate_id, event_type = _text(values[i_agg]), _text(values[i_event])
         defect = defect or null_column_defect(event_id, aggregate_type, aggregate_id, event_type)
-        unit.outstanding += 1
         return OutboxEvent(
             lsn,
             # A stand-in that stays unique: the dead-letter table keys on the event id.
@@ -392,7 +384,6 @@ class PostgresLogicalSource(Source):
         )
 
     def _message_event(self, message: pgoutput.Message, lsn: int, unit: _Unit) -> OutboxEvent:
-        unit.outstanding += 1
         try:
             body = orjson.loads(message.content)
             if not isinstance(body, dict):
@@ -630,6 +621,16 @@ class PostgresLogicalSource(Source):
 
 def _quoted(table: str) -> str:
     return ".".join(f'"{part}"' for part in table.split("."))
+
+
+def _hand_out(events: list[OutboxEvent], event: OutboxEvent) -> None:
+    """Add `event` to what a fetch returns, counted in its transaction unit (its `ack_token`)
+    until acknowledged."""
+    unit: _Unit = event.ack_token
+    unit.outstanding += 1
+    if unit.first_created_at is None:
+        unit.first_created_at = event.created_at
+    events.append(event)
 
 
 def _text(value: bytes | None) -> str | None:
