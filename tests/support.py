@@ -58,12 +58,17 @@ def _default_setup_sql() -> list[str]:
 DEFAULT_TABLE_SQL = _default_setup_sql()
 
 
-def create_outbox_database(pg: PostgresServer) -> str:
-    """A fresh database on `pg` set up as `init-db` sets one up; returns its DSN."""
-    dsn = pg.create_database()
+def set_up_outbox_database(dsn: str) -> None:
+    """Run in the database at `dsn` what `init-db` runs for a default config (idempotent)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in DEFAULT_TABLE_SQL:
             conn.execute(statement)  # type: ignore[call-overload]
+
+
+def create_outbox_database(pg: PostgresServer) -> str:
+    """A fresh database on `pg` set up as `init-db` sets one up; returns its DSN."""
+    dsn = pg.create_database()
+    set_up_outbox_database(dsn)
     return dsn
 
 

@@ -20,12 +20,12 @@ from relay.runner import build_dead_letter_store, build_source
 from tests.conftest import run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.support import (
-    DEFAULT_TABLE_SQL,
     dead_letters,
     insert_events,
     read_lines,
     relay_config,
     run_relay_until,
+    set_up_outbox_database,
     unpublished,
     write_config,
 )
@@ -274,9 +274,7 @@ async def test_a_poison_event_waits_unacknowledged_while_the_dead_letter_table_i
         if held_since is None and left == 4:  # the poison and the three events behind it
             held_since = time.monotonic()
         if held_since is not None and time.monotonic() - held_since > 1.0 and left == 4:
-            with psycopg.connect(dsn, autocommit=True) as conn:  # what init-db runs
-                for statement in DEFAULT_TABLE_SQL:
-                    conn.execute(statement)  # type: ignore[call-overload]
+            set_up_outbox_database(dsn)  # what init-db runs
             held_since = float("inf")  # (done once)
         return left == 0
 

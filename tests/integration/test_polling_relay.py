@@ -19,13 +19,13 @@ from relay.pipeline import Pipeline
 from relay.runner import build_source
 from tests.harness.postgres import PostgresServer
 from tests.support import (
-    DEFAULT_TABLE_SQL,
     assert_complete_and_ordered,
     event_ids,
     insert_events,
     read_lines,
     relay_config,
     run_relay_until,
+    set_up_outbox_database,
     unpublished,
 )
 
@@ -354,9 +354,7 @@ async def test_a_relay_started_before_its_table_exists_relays_once_init_db_has_c
     def create_the_table_after_a_second(_relay: Any) -> bool:
         nonlocal created
         if not created and time.monotonic() - started > 1.0:  # the relay has failed to start by now
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                for statement in DEFAULT_TABLE_SQL:
-                    conn.execute(statement)  # type: ignore[call-overload]
+            set_up_outbox_database(dsn)  # what init-db runs
             insert_events(dsn, 20, aggregates=4)
             created = True
         return len(read_lines(out)) >= 20
