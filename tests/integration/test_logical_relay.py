@@ -7,6 +7,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +99,7 @@ async def test_table_inserts_are_relayed_in_commit_order_and_rolled_back_ones_ne
 async def test_backlog_reports_events_read_and_not_acknowledged_with_the_age_of_the_oldest(
     dsn: str, tmp_path: Path
 ) -> None:
-    config = _config(dsn, tmp_path / "out.jsonl")
-    _init_db(config)
-    source = build_source(parse_config(config, "t.yaml", {}).outboxes[0], 0)
-    await source.start()
-    try:
+    async with _started_source(dsn, tmp_path) as source:
         empty = await source.backlog()
         assert (empty.pending, empty.oldest_age_seconds) == (0, 0.0)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -117,8 +115,6 @@ async def test_backlog_reports_events_read_and_not_acknowledged_with_the_age_of_
         await source.ack(events)
         done = await source.backlog()
         assert (done.pending, done.oldest_age_seconds) == (0, 0.0)
-    finally:
-        await source.close()
 
 
 async def test_message_mode_relays_emitted_messages_without_writing_any_table(
@@ -253,11 +249,7 @@ async def test_after_a_failover_the_new_servers_slot_advances_over_acknowledged_
 async def test_a_server_whose_wal_ends_before_the_confirmed_position_is_read_from_its_slot(
     dsn: str, tmp_path: Path
 ) -> None:
-    config = _config(dsn, tmp_path / "out.jsonl")
-    _init_db(config)
-    source = build_source(parse_config(config, "t.yaml", {}).outboxes[0], 0)
-    await source.start()
-    try:
+    async with _started_source(dsn, tmp_path) as source:
         await source.ack(await _read_all(source, _bulk_insert(dsn, 10, aggregates=5)))
         # As if the server had lost WAL this relay confirmed (a crash with fsync off): asking to
         # resume there would skip every transaction until the WAL reached it again.
@@ -265,6 +257,17 @@ async def test_a_server_whose_wal_ends_before_the_confirmed_position_is_read_fro
         await source._drop_stream()  # type: ignore[attr-defined]
         later = _bulk_insert(dsn, 5, aggregates=5)
         assert {e.event_id for e in await _read_all(source, later)} >= later
+
+
+@asynccontextmanager
+async def _started_source(dsn: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """The logical source of the default test config, set up and started; closed afterwards."""
+    config = _config(dsn, tmp_path / "out.jsonl")
+    _init_db(config)
+    source = build_source(parse_config(config, "t.yaml", {}).outboxes[0], 0)
+    await source.start()
+    try:
+        yield source
     finally:
         await source.close()
 
