@@ -2,14 +2,15 @@
 after the broker acknowledged them, and wakes on NOTIFY so latency is not bound to the poll interval.
 
 Reading order and late commits. Positions come from a sequence, so a transaction can commit a
-row whose position is *lower* than rows already relayed (it took its position first and
-committed later). A pure `position > last_seen` cursor would skip such a row forever. This source
-reads ahead with a cursor for speed and, whenever it has caught up, sweeps the unpublished rows
-*behind* the cursor (cheap: the partial index holds only unpublished rows) and relays any it does
-not hold in flight. Nothing committed is ever skipped; a late row is relayed after rows with
-higher positions of *other* aggregates. Per-aggregate order therefore relies on the usual outbox
-assumption: writers of one aggregate are serialized (row lock or optimistic version on the
-aggregate), so one aggregate's rows commit in position order.
+row whose position is *lower* than rows already read (it drew its position first and committed
+later). Each read asks, in one snapshot, for the lowest-positioned unpublished rows above a *read
+floor* that the relay does not hold yet; the floor only rises past positions no open transaction
+can still commit (see `read_floor`, which argues why). So a late row is handed out no later than
+any row of its aggregate written after it: with one aggregate's writes serialized (its row locked
+first, as the README asks), per-aggregate order holds whatever the interleaving and however late
+a commit is. A sweep from the very bottom, whenever the relay has caught up (at most every
+`poll_interval`), finds rows that reappear below the floor (`dlq replay` un-marks a row; a
+sequence with a cache hands out positions out of order): nothing committed is ever skipped.
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ from psycopg import sql
 from pydantic import Field
 
 from connectors.sources.postgres_connect import EventColumns, connect, insert_event, null_column_defect
+from connectors.sources.read_floor import MIN_POSITION, ReadFloor
 from relay.durations import Duration
-from relay.events import OutboxEvent, headers_from_json
+from relay.events import OutboxEvent, checked_time, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SourcePlugin
 from relay.secrets import scrubber
 
-_MIN_POSITION = -(2**63)
+# Transactions that may still insert rows: those holding the table's RowExclusiveLock (granted;
+# a prepared transaction holds it with no pid), except the relay's own connections.
+_WRITERS = sql.SQL(
+    "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND relation = %s AND mode = 'RowExclusiveLock' AND granted"
+    " AND (pid IS NULL OR pid <> ALL(%s::int4[]))"
+)
 
 
 class ColumnMapping(EventColumns):
@@ -78,12 +87,14 @@ class PostgresPollingSource(Source):
         self._stats_conn: psycopg.AsyncConnection[Any] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._cursor = _MIN_POSITION
-        self._outstanding: set[int] = set()
-        self._acked_during_sweep: set[int] | None = None
+        self._floor = ReadFloor()
+        #: Positions handed out and not acknowledged yet: reads skip them.
+        self._held: set[int] = set()
+        self._table_oid = 0
         self._last_sweep = 0.0
+        self._last_read_empty = True
         self._caught_up = False
-        self._queries: dict[str, sql.Composed] = {}
+        self._queries: dict[str, sql.SQL | sql.Composed] = {}
         self._payload_is_bytes = False
         self._content_type = "application/json"
 
@@ -103,11 +114,12 @@ class PostgresPollingSource(Source):
         cfg = self.config
         try:
             cur = await conn.execute(
-                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attrelid::int8 FROM pg_attribute a"
                 " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
                 (cfg.table,),
             )
-            types = dict(await cur.fetchall())
+            found = await cur.fetchall()
+            types = {name: type_name for name, type_name, _ in found}
         except psycopg.Error as exc:
             raise ConnectorError(scrubber.scrub(f"cannot inspect table {cfg.table}: {exc}")) from None
         if not types:
@@ -116,6 +128,7 @@ class PostgresPollingSource(Source):
         missing = [f"columns.{k}={v}" for k, v in wanted.items() if v not in types]
         if missing:
             raise ConnectorError(f"table {cfg.table} has no column for {', '.join(missing)}")
+        self._table_oid = int(found[0][2])
         payload_type = types[cfg.columns.payload]
         self._payload_is_bytes = payload_type == "bytea"
         self._content_type = {
@@ -156,13 +169,11 @@ class PostgresPollingSource(Source):
         base = sql.SQL("SELECT {select} FROM {table} WHERE {unpublished} AND {pos} ").format(
             select=select, table=table, unpublished=unpublished, pos=pos
         )
-        self._queries["ahead"] = base + sql.SQL("> %s ORDER BY {} LIMIT %s").format(pos)
-        # The sweep sees every held row too: it reads their positions only, then whole rows
-        # just for the late ones (normally none).
-        self._queries["behind"] = sql.SQL(
-            "SELECT {pos}::int8 FROM {table} WHERE {unpublished} AND {pos} <= %s ORDER BY {pos} LIMIT %s"
-        ).format(pos=pos, table=table, unpublished=unpublished)
-        self._queries["rows_at"] = base + sql.SQL("= ANY(%s) ORDER BY {}").format(pos)
+        # Rows above the floor not held already, lowest positions first. (`= ANY` of a constant
+        # array is hashed by PostgreSQL 14 and later; see `_conn` for why it stays constant.)
+        self._queries["read"] = base + sql.SQL(
+            "> %s AND NOT ({} = ANY(%s::int8[])) ORDER BY {} LIMIT %s"
+        ).format(pos, pos)
         if cfg.after_publish == "mark":
             assert cols.published_at is not None
             self._queries["ack"] = sql.SQL("UPDATE {} SET {} = now() WHERE {} = ANY(%s)").format(
@@ -174,8 +185,9 @@ class PostgresPollingSource(Source):
         # read every pending row's heap tuple each stats round (a million with a big backlog).
         oldest = (
             sql.SQL(
-                "COALESCE((SELECT extract(epoch from now() - {created})::float8 FROM {table}"
-                " WHERE {unpublished} ORDER BY {pos} LIMIT 1), 0)"
+                "COALESCE((SELECT CASE WHEN isfinite({created})"
+                " THEN extract(epoch from now() - {created})::float8 END"
+                " FROM {table} WHERE {unpublished} ORDER BY {pos} LIMIT 1), 0)"
             ).format(created=sql.Identifier(cols.created_at), table=table, unpublished=unpublished, pos=pos)
             if cols.created_at
             else sql.SQL("0::float8")
@@ -197,6 +209,9 @@ class PostgresPollingSource(Source):
                 # plan stable; a table without a usable index still gets a scan.
                 await conn.execute("SET enable_bitmapscan = off")
                 await conn.execute("SET enable_seqscan = off")
+                # Plan each read with its actual arguments, so the array of held positions is a
+                # constant that PostgreSQL hashes, not a parameter it scans for every row.
+                await conn.execute("SET plan_cache_mode = force_custom_plan")
             setattr(self, attr, conn)
         # (Also on a connection kept from a failed inspection: the table may exist by now.)
         if not self._queries:
@@ -204,7 +219,10 @@ class PostgresPollingSource(Source):
         return conn
 
     async def _run(
-        self, which: Literal["fetch", "ack", "stats"], query: str | sql.Composed, params: Sequence[Any]
+        self,
+        which: Literal["fetch", "ack", "stats"],
+        query: str | sql.SQL | sql.Composed,
+        params: Sequence[Any],
     ) -> psycopg.AsyncCursor[Any]:
         """Run a query on one of the connections; `query` may name one of the built queries
         (built once the table was inspected, which connecting does when needed)."""
@@ -226,48 +244,62 @@ class PostgresPollingSource(Source):
 
     async def fetch(self, limit: int) -> list[OutboxEvent]:
         limit = min(limit, self.config.batch_size)
-        cur = await self._run("fetch", "ahead", (self._cursor, limit))
-        rows = await cur.fetchall()
-        if rows:
-            self._cursor = rows[-1][0]
-        events = self._to_events(rows)
-        self._caught_up = False
-        if len(rows) < limit:
-            due = time.monotonic() - self._last_sweep >= self.config.poll_interval
-            if not rows or due:
-                events.extend(await self._sweep_behind(limit - len(rows)))
-                self._caught_up = True
+        floor = self._floor.begin_read()
+        events: list[OutboxEvent] = []
+        try:
+            rows = await self._read(floor, limit)
+            truncated = len(rows) >= limit
+            events = self._to_events(rows)
+            self._caught_up = False
+            sweep_due = time.monotonic() - self._last_sweep >= self.config.poll_interval
+            if not truncated and (self._last_read_empty or sweep_due):
+                events.extend(await self._sweep(limit - len(rows)))
+            writers = await self._writers()
+        except BaseException:
+            # Nothing of this read is handed out: the rows stay unpublished and are read again.
+            self._held.difference_update(e.position for e in events)
+            self._floor.abandon_read()
+            raise
+        highest = max((e.position for e in events), default=None)
+        self._floor.end_read(rows[-1][0] if truncated else None, highest, writers)
+        self._last_read_empty = not events
         return events
 
-    async def _sweep_behind(self, limit: int) -> list[OutboxEvent]:
-        """Unpublished rows behind the cursor that we do not hold: rows that committed late."""
-        if limit <= 0 or self._cursor == _MIN_POSITION:
+    async def _read(self, above: int, limit: int) -> list[tuple[Any, ...]]:
+        """The lowest-positioned unpublished rows above `above` that are not held, from one snapshot."""
+        skip = [p for p in self._held if p > above]
+        cur = await self._run("fetch", "read", (above, skip, limit))
+        return await cur.fetchall()
+
+    async def _sweep(self, limit: int) -> list[OutboxEvent]:
+        """Every unpublished row not held, from the very bottom: rows below the floor appear only
+        when a row is un-marked (`dlq replay`) or positions are not drawn in order."""
+        if limit <= 0:
             return []
         self._last_sweep = time.monotonic()
-        self._acked_during_sweep = set()
-        try:
-            # Held rows are unpublished too; ask for enough to see past them.
-            want = limit + len(self._outstanding)
-            cur = await self._run("fetch", "behind", (self._cursor, want))
-            positions = await cur.fetchall()
-            skip = self._outstanding | self._acked_during_sweep
-        finally:
-            self._acked_during_sweep = None
-        late = [row[0] for row in positions if row[0] not in skip][:limit]
-        if not late:
-            return []
-        self._log.info(
-            "relaying rows that committed after later positions", count=len(late), first_position=late[0]
-        )
-        cur = await self._run("fetch", "rows_at", (late,))
-        return self._to_events(await cur.fetchall())
+        rows = await self._read(MIN_POSITION, limit)
+        self._caught_up = len(rows) < limit
+        if rows and rows[0][0] <= self._floor.floor:
+            self._log.info(
+                "relaying rows found below positions already read", count=len(rows), first_position=rows[0][0]
+            )
+        return self._to_events(rows)
+
+    async def _writers(self) -> set[str]:
+        """The transactions that may still commit rows into the table (see `read_floor`)."""
+        own = [
+            c.info.backend_pid for c in (self._fetch_conn, self._ack_conn) if c is not None and not c.closed
+        ]
+        cur = await self._run("fetch", _WRITERS, (self._table_oid, own))
+        return {row[0] for row in await cur.fetchall()}
 
     def _to_events(self, rows: Sequence[tuple[Any, ...]]) -> list[OutboxEvent]:
         events: list[OutboxEvent] = []
         append = events.append
-        outstanding = self._outstanding
+        held = self._held
         is_bytes = self._payload_is_bytes
         content_type = self._content_type
+        now = time.time()
         for position, event_id, agg_type, agg_id, event_type, payload, headers, created in rows:
             defect = None
             if payload is None:
@@ -281,6 +313,8 @@ class PostgresPollingSource(Source):
                 header_map, problem = headers_from_json(headers)
                 defect = defect or problem
             defect = defect or null_column_defect(event_id, agg_type, agg_id, event_type)
+            created, problem = checked_time(created, now)
+            defect = defect or problem
             append(
                 OutboxEvent(
                     position,
@@ -297,7 +331,7 @@ class PostgresPollingSource(Source):
                     defect=defect,
                 )
             )
-            outstanding.add(position)
+            held.add(position)
         return events
 
     # --- ack ----------------------------------------------------------------------------------
@@ -305,9 +339,7 @@ class PostgresPollingSource(Source):
     async def ack(self, events: Sequence[OutboxEvent]) -> None:
         positions = [e.position for e in events]
         await self._run("ack", "ack", (positions,))
-        self._outstanding.difference_update(positions)
-        if self._acked_during_sweep is not None:
-            self._acked_during_sweep.update(positions)
+        self._held.difference_update(positions)
 
     async def replay(self, event: OutboxEvent) -> str:
         cfg, cols = self.config, self.config.columns

@@ -6,9 +6,15 @@ In one run, against one private PostgreSQL:
   (b) the relay draining the same backlog to the file sink, and the ratio b/a;
   (c) peak RSS of the relay process draining a 1,000,000-event backlog;
   (d) end-to-end latency p50/p99 (created_at -> line in the file) at a steady 1,000 events/s,
-      each event its own transaction, NOTIFY wake-ups on.
+      each event its own transaction, NOTIFY wake-ups on;
+  (e) what the read floor costs (the rule that keeps per-aggregate order with late commits):
+      drains of the same backlog with the relay as shipped and with a source that reads ahead
+      from the highest position read without listing open writers (the rule before the floor,
+      unsafe with concurrent writers), alternating over `--rounds`, each in a new process;
+      medians and their ratio.
 
     python -m tests.bench.bench_polling_file [--events 200000] [--rss-events 1000000] [--rate 1000]
+        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +35,8 @@ from typing import Any
 import psycopg
 import yaml
 
+from connectors.sources.postgres_polling import PostgresPollingSource
+from connectors.sources.read_floor import ReadFloor
 from relay.config import parse_config
 from relay.runner import Relay, tune_garbage_collector
 from tests.bench.child_process import run_relay_watching_memory
@@ -80,14 +89,39 @@ class Drain:
         return self.published / self.seconds
 
 
-def drain_in_process(dsn: str, sink: dict[str, Any], events: int) -> Drain:
+class _CursorFloor(ReadFloor):
+    """Reads ahead from the highest position read, as the polling source did before the read
+    floor: nothing behind it is looked at again."""
+
+    def begin_read(self) -> int:
+        super().begin_read()
+        return self.highest
+
+
+class _CursorOnlySource(PostgresPollingSource):
+    """The polling source without the cost of the read floor (no re-reading above the floor, no
+    listing of open writers). Unsafe with concurrent writers: only here to price the floor."""
+
+    async def start(self) -> None:
+        self._floor = _CursorFloor()
+        await super().start()
+
+    async def _writers(self) -> set[str]:
+        return set()
+
+
+def drain_in_process(dsn: str, sink: dict[str, Any], events: int, reading: str = "floor") -> Drain:
     """The relay draining the outbox (`events` rows) to `sink` in this process, set up as
-    `outbox-relay run --drain` sets itself up."""
+    `outbox-relay run --drain` sets itself up; with `reading="cursor"`, through `_CursorOnlySource`."""
     config = relay_config(dsn, sink)
     config["log"] = {"format": "json", "level": "warning"}
 
     async def main() -> Drain:
         relay = Relay(parse_config(config, "bench.yaml", {}))
+        if reading == "cursor":
+            pipeline = relay.pipelines[0]
+            assert isinstance(pipeline.source, PostgresPollingSource)
+            pipeline.source = _CursorOnlySource(pipeline.source.config)
         milestones: dict[float, float] = {}  # fraction of `events` published -> when
 
         async def watch() -> None:
@@ -117,11 +151,11 @@ def drain_in_process(dsn: str, sink: dict[str, Any], events: int) -> Drain:
     return asyncio.run(main())
 
 
-def drain_in_child(dsn: str, sink: dict[str, Any], events: int) -> Drain:
+def drain_in_child(dsn: str, sink: dict[str, Any], events: int, reading: str = "floor") -> Drain:
     """`drain_in_process` in a new Python process: each measurement starts from the same clean
     state (no heap, threads or caches left over from earlier measurements in this process)."""
     out = subprocess.run(
-        [sys.executable, "-m", "tests.bench.drain_child", json.dumps([dsn, sink, events])],
+        [sys.executable, "-m", "tests.bench.drain_child", json.dumps([dsn, sink, events, reading])],
         capture_output=True,
         text=True,
         timeout=600,
@@ -208,6 +242,25 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+def read_floor_cost(dsn: str, directory: Path, events: int, rounds: int) -> dict[str, Any]:
+    """(e): drains with the read floor and with reading ahead only, alternating, in new processes."""
+    rates: dict[str, list[float]] = {"floor": [], "cursor": []}
+    for round_number in range(rounds):
+        order = ("floor", "cursor") if round_number % 2 == 0 else ("cursor", "floor")
+        for reading in order:
+            _reset(dsn, events)
+            sink = {"type": "file", "path": str(directory / f"cost-{reading}.jsonl")}
+            rates[reading].append(drain_in_child(dsn, sink, events, reading).per_s)
+    floor, cursor = statistics.median(rates["floor"]), statistics.median(rates["cursor"])
+    return {
+        "e_floor_events_per_s": round(floor),
+        "e_cursor_only_events_per_s": round(cursor),
+        "e_floor_over_cursor": round(floor / cursor, 3),
+        "e_rounds_floor": [round(r) for r in rates["floor"]],
+        "e_rounds_cursor": [round(r) for r in rates["cursor"]],
+    }
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -221,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rss-events", type=int, default=1_000_000)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of (e).")
     args = parser.parse_args(argv)
 
     report: dict[str, Any] = {}
@@ -251,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
             report["latency_p50_ms"] = round(_pct(latencies, 0.50) * 1000, 2)
             report["latency_p99_ms"] = round(_pct(latencies, 0.99) * 1000, 2)
             report["latency_max_ms"] = round(max(latencies) * 1000, 2)
+
+        report |= read_floor_cost(dsn, directory, args.events, args.rounds)
     for key, value in report.items():
         print(f"{key:28} {value}")
 

@@ -10,5 +10,5 @@ import sys
 from tests.bench.bench_polling_file import drain_in_process
 
 if __name__ == "__main__":
-    dsn, sink, events = json.loads(sys.argv[1])
-    print(json.dumps(dataclasses.asdict(drain_in_process(dsn, sink, events))))
+    dsn, sink, events, *reading = json.loads(sys.argv[1])
+    print(json.dumps(dataclasses.asdict(drain_in_process(dsn, sink, events, *reading))))
