@@ -29,6 +29,22 @@ def iso_utc(timestamp: float) -> str:
     return f"{prefix}.{micro:06d}+00:00" if micro else f"{prefix}+00:00"
 
 
+# The range of times a message header can carry (Python's datetime: years 1 to 9999).
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_LATEST = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
+def checked_time(epoch: float | None, fallback: float) -> tuple[float, str | None]:
+    """A row's `created_at` as seconds since the epoch, and why it is unusable (None when it is
+    usable). NULL means "not recorded": the fallback serves. 'infinity' or a year past 9999 has
+    no ISO form for the `created_at` header, so the row is a defect (dead-lettered, not sent)."""
+    if epoch is None:
+        return fallback, None
+    if not _EARLIEST <= epoch <= _LATEST:  # (also false for NaN)
+        return fallback, f"created_at is not a representable time ({epoch} seconds since 1970)"
+    return epoch, None
+
+
 @dataclass(slots=True, eq=False)
 class OutboxEvent:
     """One outbox row (or emitted message) on its way to the broker.

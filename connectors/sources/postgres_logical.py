@@ -36,7 +36,7 @@ from connectors.sources import pgoutput
 from connectors.sources.postgres_connect import EventColumns, connect, insert_event, null_column_defect
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.durations import Duration
-from relay.events import OutboxEvent, headers_from_json
+from relay.events import OutboxEvent, checked_time, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
 from relay.outbox import message_content
@@ -250,6 +250,7 @@ class PostgresLogicalSource(Source):
         pgconn = conn.pgconn
         limit = min(limit, self.config.batch_size)
         events: list[OutboxEvent] = []
+        units_before, current_before = set(map(id, self._units)), self._current
         try:
             pgconn.consume_input()
             while len(events) < limit:
@@ -264,6 +265,17 @@ class PostgresLogicalSource(Source):
         except psycopg.Error as exc:
             await self._drop_stream()
             raise psycopg.OperationalError(scrubber.scrub(str(exc))) from None
+        except Exception as exc:
+            # A change this source cannot turn into an event: never read past it. Dropping the
+            # stream makes the server send everything after the confirmed position again, so
+            # nothing is skipped; the pipeline retries, and the error stays until it is fixed.
+            # (Events already taken from the stream this time are handed out on the next
+            # fetch again, as they are sent again.)
+            await self._drop_stream()
+            self._forget_fetch(events, units_before, current_before)
+            if isinstance(exc, ConnectorError):
+                raise
+            raise ConnectorError(scrubber.scrub(f"cannot decode the replication stream: {exc!r}")) from None
         self._held += len(events)
         self._caught_up = (
             len(events) < limit and self._current is None and self._received >= self._drain_target
@@ -271,6 +283,20 @@ class PostgresLogicalSource(Source):
         if self._confirmed != self._sent_confirmed:
             self._send_status()
         return events
+
+    def _forget_fetch(
+        self, events: list[OutboxEvent], units_before: set[int], current_before: _Unit | None
+    ) -> None:
+        """Undo what a failed fetch took from the stream: the server sends it all again after
+        the confirmed position. The transactions it began are dropped; the one it continued
+        keeps its earlier events (handed out already) but may no longer confirm anything."""
+        for event in events:
+            event.ack_token.outstanding -= 1
+        self._units = deque(unit for unit in self._units if id(unit) in units_before)
+        if current_before is not None:
+            current_before.closed = True
+            current_before.end_lsn = None
+        self._current = None
 
     def _on_frame(self, frame: bytes, events: list[OutboxEvent]) -> None:
         parsed = pgoutput.parse_frame(frame)
@@ -287,9 +313,13 @@ class PostgresLogicalSource(Source):
         self._received = max(self._received, parsed.wal_end, parsed.wal_start)
         message = pgoutput.decode(parsed.payload)
         if isinstance(message, pgoutput.Insert):
-            shape = self._relations.get(message.relid)
-            if shape is not None and self._current is not None:
-                _hand_out(events, self._table_event(message.values, shape, parsed.wal_start, self._current))
+            if message.relid not in self._relations:
+                raise ConnectorError(f"an insert into relation {message.relid} came before its description")
+            if self._current is None:
+                raise ConnectorError("an insert came outside of a transaction")
+            shape = self._relations[message.relid]
+            if shape is not None:  # (None: a table message mode does not read)
+                _hand_out(events, self._row_event(message.values, shape, parsed.wal_start, self._current))
         elif isinstance(message, pgoutput.Begin):
             self._current = _Unit()
             self._units.append(self._current)
@@ -318,8 +348,17 @@ class PostgresLogicalSource(Source):
         _hand_out(events, self._message_event(message, lsn, unit))
 
     def _shape(self, relation: pgoutput.Relation) -> _TableShape | None:
-        if self.config.mode != "table" or relation.qualified_name not in self._tables:
+        """How to read the rows of a published table; None in message mode (tables are not
+        read). A table the config does not name is an error: its inserts could not become
+        events, and skipping them would confirm the slot past them."""
+        if self.config.mode != "table":
             return None
+        if relation.qualified_name not in self._tables:
+            raise ConnectorError(
+                f"publication {self.config.publication} publishes table {relation.qualified_name},"
+                f" which is not in tables: {', '.join(sorted(self._tables))}; its inserts cannot become"
+                " events (add it to tables:, or remove it from the publication)"
+            )
         cols = self.config.columns
         index = {name: i for i, name in enumerate(relation.columns)}
         wanted = [cols.event_id, cols.aggregate_type, cols.aggregate_id, cols.event_type, cols.payload]
@@ -347,6 +386,21 @@ class PostgresLogicalSource(Source):
             payload_oid == _BYTEA_OID,
         )
 
+    def _row_event(
+        self, values: list[bytes | None], shape: _TableShape, lsn: int, unit: _Unit
+    ) -> OutboxEvent:
+        """The event of an inserted row; a row whose values cannot be decoded is not skipped but
+        becomes a defect (dead-lettered with its payload bytes as they came)."""
+        try:
+            return self._table_event(values, shape, lsn, unit)
+        except (ValueError, TypeError, IndexError) as exc:  # (UnicodeDecodeError is a ValueError)
+            raw = values[shape.indexes[4]] if len(values) > shape.indexes[4] else None
+            return OutboxEvent(
+                lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", bytes(raw or b""), {},
+                self._commit_time, ack_token=unit, content_type="application/octet-stream",
+                defect=f"cannot decode the row: {exc}",
+            )  # fmt: skip
+
     def _table_event(
         self, values: list[bytes | None], shape: _TableShape, lsn: int, unit: _Unit
     ) -> OutboxEvent:
@@ -362,12 +416,17 @@ class PostgresLogicalSource(Source):
         if raw_headers is not None and raw_headers != b"{}":
             headers, problem = headers_from_json(raw_headers)
             defect = defect or problem
-        created = self._commit_time
-        if i_created is not None and values[i_created] is not None:
-            created = pgoutput.timestamptz_text_to_epoch(values[i_created].decode())  # type: ignore[union-attr]
+        created: float | None = None
+        raw_created = values[i_created] if i_created is not None else None
+        if raw_created is not None:
+            try:
+                created = pgoutput.timestamptz_text_to_epoch(raw_created.decode())
+            except ValueError:  # 'infinity', a year past 9999
+                created = float("inf")
+        created, problem = checked_time(created, self._commit_time)
         event_id, aggregate_type = _text(values[i_id]), _text(values[i_type])
         aggregate_id, event_type = _text(values[i_agg]), _text(values[i_event])
-        defect = defect or null_column_defect(event_id, aggregate_type, aggregate_id, event_type)
+        defect = defect or null_column_defect(event_id, aggregate_type, aggregate_id, event_type) or problem
         return OutboxEvent(
             lsn,
             # A stand-in that stays unique: the dead-letter table keys on the event id.

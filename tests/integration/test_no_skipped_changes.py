@@ -1,0 +1,138 @@
+"""Nothing committed is ever skipped: a change the relay cannot turn into an event stops progress
+loudly (the slot is not confirmed past it) or is dead-lettered with its content; real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from relay.config import parse_config
+from relay.runner import build_source
+from tests.support import dead_letters, read_lines, relay_config, run_relay_until
+
+
+def _logical(dsn: str, out: Path, **source: Any) -> dict[str, Any]:
+    config = relay_config(dsn, {"type": "file", "path": str(out)})
+    config["outboxes"][0]["source"] = {
+        "type": "postgres-logical",
+        "dsn": dsn,
+        "poll_interval": "100ms",
+        **source,
+    }
+    return config
+
+
+def _create_slot_and_publication(config: dict[str, Any]) -> None:
+    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+    with psycopg.connect(outbox.source.dsn, autocommit=True) as conn:  # type: ignore[attr-defined]
+        for statement in build_source(outbox, 0).init_sql():
+            conn.execute(statement)  # type: ignore[call-overload]
+
+
+def _insert(dsn: str, count: int, table: str = "outbox", aggregate: str = "order") -> set[str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f"INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload)"
+            " SELECT %s, 'agg-' || (i %% 5), 'Created', jsonb_build_object('i', i)"
+            " FROM generate_series(1, %s) AS i RETURNING event_id::text",
+            (aggregate, count),
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _wal_position(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _slot_confirmed(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots"
+            " WHERE slot_name = 'outbox_relay'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _run_while_refused(config: dict[str, Any], seconds: float = 3.0) -> None:
+    """Run the relay for a while; it must say it is not ready the whole time after its start."""
+    started = time.monotonic()
+    seen_unready = []
+
+    def done(relay: Any) -> bool:
+        ready, _ = relay.readiness()
+        if relay.pipelines[0].started:
+            seen_unready.append(not ready)
+        return time.monotonic() - started > seconds
+
+    await run_relay_until(config, done, timeout=seconds + 20)
+    assert seen_unready and seen_unready[-1], "the relay said it was ready while it could not relay"
+
+
+async def test_a_column_mapping_the_table_lacks_holds_the_slot_and_every_event_arrives_once_fixed(
+    dsn: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    broken = _logical(dsn, out, columns={"event_type": "kind"})
+    _create_slot_and_publication(broken)
+    expected = _insert(dsn, 50)
+    committed = _wal_position(dsn)  # (the end of the inserting transaction's commit record)
+    await _run_while_refused(broken)
+    assert read_lines(out) == []
+    assert _slot_confirmed(dsn) < committed, "the slot was confirmed past events that were never delivered"
+    fixed = _logical(dsn, out)
+    await run_relay_until(fixed, lambda _: {line["event_id"] for line in read_lines(out)} >= expected)
+
+
+async def test_inserts_into_a_published_table_the_config_does_not_name_hold_the_slot(
+    dsn: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE extra (LIKE outbox INCLUDING ALL)")
+        conn.execute("CREATE PUBLICATION outbox_relay FOR TABLE outbox, extra WITH (publish = 'insert')")
+    config = _logical(dsn, out, tables=["public.outbox"])
+    _create_slot_and_publication(config)  # (the publication exists: only the slot is created)
+    expected = _insert(dsn, 10, table="extra")
+    committed = _wal_position(dsn)
+    expected |= _insert(dsn, 10)
+    await _run_while_refused(config)
+    assert _slot_confirmed(dsn) < committed, "the slot was confirmed past inserts that were skipped"
+    both = _logical(dsn, out, tables=["public.outbox", "public.extra"])
+    await run_relay_until(both, lambda _: {line["event_id"] for line in read_lines(out)} >= expected)
+
+
+@pytest.mark.parametrize("source", ["postgres-polling", "postgres-logical"])
+async def test_a_row_whose_created_at_has_no_iso_form_is_dead_lettered_while_the_rest_flows(
+    dsn: str, tmp_path: Path, source: str
+) -> None:
+    out = tmp_path / "out.jsonl"
+    config = relay_config(dsn, {"type": "file", "path": str(out)})
+    if source == "postgres-logical":
+        config = _logical(dsn, out)
+        _create_slot_and_publication(config)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for when in ("infinity", "-infinity", "10000-01-01"):
+            conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)"
+                " VALUES ('order', %s, 'Created', '{}', %s)",
+                (f"odd-{when}", when),
+            )
+    expected = _insert(dsn, 20)
+    await run_relay_until(
+        config, lambda _: {line["event_id"] for line in read_lines(out)} >= expected, timeout=20
+    )
+    parked = await dead_letters(dsn)
+    assert sorted(letter.aggregate_id for letter in parked) == [
+        "odd--infinity",
+        "odd-10000-01-01",
+        "odd-infinity",
+    ]
+    assert all("created_at" in letter.error for letter in parked)
