@@ -1,6 +1,15 @@
 """The dead-letter store: events the broker would not take, parked in the outbox's own database
 where an operator can see (`dlq list/show`), replay (`dlq replay`) or purge them.
 
+A row's `state` says what it is:
+- `dead`: a poison event, dead-lettered; its aggregate moved on without it.
+- `held`: an event of an aggregate that is held back in order (`dead_letter.on_poison: block`,
+  or an aggregate whose first event kept failing while it held back the source's progress). The
+  relay keeps retrying the first held event of each held aggregate and publishes the ones behind
+  it, in position order, once it goes through; an operator may purge the first one to skip it.
+  Keeping them here rather than in memory lets the source acknowledge them: the replication slot
+  advances and the in-flight window stays free for the other aggregates.
+
 An event is parked, then acknowledged to the source, so its aggregate moves on; parking is
 idempotent per (outbox, event_id), so a crash between the two parks it again, not twice.
 """
@@ -44,9 +53,21 @@ def create_table_sql(table: str = DEFAULT_TABLE) -> str:
         "  last_failed_at   timestamptz NOT NULL,\n"
         "  dead_lettered_at timestamptz NOT NULL DEFAULT now(),\n"
         "  replayed_at      timestamptz,\n"
+        "  state            text        NOT NULL DEFAULT 'dead',\n"
         "  UNIQUE (outbox, event_id)\n"
         ")"
     )
+
+
+def upgrade_table_sql(table: str = DEFAULT_TABLE) -> list[str]:
+    """What `init-db` adds to a dead-letter table made by an earlier version (idempotent)."""
+    quoted = ".".join(f'"{part}"' for part in table.split("."))
+    index = f"{table.split('.')[-1]}_held"[:63]
+    return [
+        f"ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'dead'",
+        f'CREATE INDEX IF NOT EXISTS "{index}" ON {quoted} (outbox, aggregate_type, aggregate_id, position)'
+        " WHERE state = 'held'",
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +91,16 @@ class DeadLetter:
     last_failed_at: datetime
     dead_lettered_at: datetime
     replayed_at: datetime | None
+    state: str = "dead"
 
 
 _COLUMNS = (
     "outbox, event_id, position, aggregate_type, aggregate_id, event_type, payload, content_type,"
     " headers, created_at, error, permanent, attempts, first_failed_at, last_failed_at,"
-    " dead_lettered_at, replayed_at"
+    " dead_lettered_at, replayed_at, state"
 )
+HELD = "held"
+DEAD = "dead"
 
 
 def _where(
@@ -125,16 +149,19 @@ class DeadLetterStore:
                 raise psycopg.OperationalError(scrubber.scrub(str(exc))) from None
         return self._conn
 
-    async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool]]) -> None:
-        """Store (event, error, permanent) rows; a row already parked is updated, not duplicated."""
+    async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool, str]]) -> None:
+        """Store (event, error, permanent, state) rows. A row already `held` stays as it is (the
+        event came again after a crash); a `dead` row is updated, not duplicated (a replayed
+        event that failed again, or was held back behind its aggregate this time)."""
         conn = await self._connection()
         query = sql.SQL(
-            "INSERT INTO {} (" + _COLUMNS.rsplit(", dead_lettered_at", 1)[0] + ")"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            "INSERT INTO {table} (" + _COLUMNS.rsplit(", dead_lettered_at", 1)[0] + ", state)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (outbox, event_id) DO UPDATE SET error = excluded.error,"
             " permanent = excluded.permanent, attempts = excluded.attempts,"
-            " last_failed_at = excluded.last_failed_at, dead_lettered_at = now(), replayed_at = NULL"
-        ).format(self._table)
+            " last_failed_at = excluded.last_failed_at, dead_lettered_at = now(), replayed_at = NULL,"
+            " state = excluded.state WHERE {table}.state = 'dead'"
+        ).format(table=self._table)
         rows = [
             (
                 outbox,
@@ -152,21 +179,84 @@ class DeadLetterStore:
                 e.attempts,
                 _ts(e.first_failed_at or e.created_at),
                 datetime.now(UTC),
+                state,
             )
-            for e, error, permanent in events
+            for e, error, permanent, state in events
         ]
         async with conn.transaction(), conn.cursor() as cur:
             await cur.executemany(query, rows)
 
-    async def count(self, outbox: str) -> int:
-        """Parked events of this outbox not replayed yet."""
+    async def count(self, outbox: str, state: str = DEAD) -> int:
+        """Parked events of this outbox in this state (dead ones: not replayed yet)."""
         conn = await self._connection()
         cur = await conn.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE outbox = %s AND replayed_at IS NULL").format(self._table),
-            (outbox,),
+            sql.SQL(
+                "SELECT count(*) FROM {} WHERE outbox = %s AND state = %s AND replayed_at IS NULL"
+            ).format(self._table),
+            (outbox, state),
         )
         row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    async def held_aggregates(self, outbox: str) -> list[tuple[str, str | None]]:
+        """The aggregates with held events, as (aggregate_type, aggregate_id). None are held in
+        a table that does not exist yet, or has no `state` column yet (init-db adds it): the
+        relay runs meanwhile, and parking waits for init-db."""
+        conn = await self._connection()
+        try:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT DISTINCT aggregate_type, aggregate_id FROM {}"
+                    " WHERE outbox = %s AND state = 'held'"
+                ).format(self._table),
+                (outbox,),
+            )
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+            return []
+        return [(row[0], row[1]) for row in await cur.fetchall()]
+
+    async def first_held(self, outbox: str, aggregate: tuple[str, str | None]) -> DeadLetter | None:
+        """The held event of this aggregate with the lowest position, or None."""
+        conn = await self._connection()
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT " + _COLUMNS + " FROM {} WHERE outbox = %s AND state = 'held' AND aggregate_type = %s"
+                " AND aggregate_id IS NOT DISTINCT FROM %s ORDER BY position LIMIT 1"
+            ).format(self._table),
+            (outbox, *aggregate),
+        )
+        row = await cur.fetchone()
+        return _letter(list(row)) if row else None
+
+    async def release(self, outbox: str, event_id: str) -> None:
+        """A held event reached the broker: it is not parked any more."""
+        conn = await self._connection()
+        await conn.execute(
+            sql.SQL("DELETE FROM {} WHERE outbox = %s AND event_id = %s AND state = 'held'").format(
+                self._table
+            ),
+            (outbox, event_id),
+        )
+
+    async def note_failure(
+        self,
+        outbox: str,
+        event_id: str,
+        error: str,
+        attempts: int,
+        state: str = HELD,
+        permanent: bool = False,
+    ) -> None:
+        """A held event failed again: record why and how often; with `state` dead it is
+        dead-lettered (its aggregate moves on to the next held event)."""
+        conn = await self._connection()
+        await conn.execute(
+            sql.SQL(
+                "UPDATE {} SET error = %s, attempts = %s, last_failed_at = now(), state = %s, permanent = %s"
+                " WHERE outbox = %s AND event_id = %s AND state = 'held'"
+            ).format(self._table),
+            (error, attempts, state, permanent, outbox, event_id),
+        )
 
     async def entries(
         self, outbox: str | None = None, event_ids: Sequence[str] = (), include_replayed: bool = True

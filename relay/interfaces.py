@@ -78,8 +78,11 @@ class Source(ABC):
       Every unacknowledged event is returned once per process lifetime; after a restart, whatever
       was not acknowledged is returned again (at-least-once).
     - `ack(events)` records that the broker acknowledged these events (mark published, delete, or
-      confirm a WAL position); it is durable when it returns. Events may be acked in any order
-      across aggregates. Raising means nothing was recorded and the pipeline retries the same ack.
+      confirm a WAL position). It is durable when it returns, or, for a source that can confirm
+      only past a whole unit (logical replication confirms the end of a transaction whose events
+      and every earlier ones were all acknowledged), once `unconfirmed` no longer counts them.
+      Events may be acked in any order across aggregates. Raising means nothing was recorded and
+      the pipeline retries the same ack.
     - `wait_for_events()` returns when new events may have arrived (NOTIFY, WAL) or when the
       source's poll interval has passed, whichever is first.
     - `caught_up` is true when the last `fetch` saw everything committed so far (for `--drain`).
@@ -102,6 +105,14 @@ class Source(ABC):
     @property
     @abstractmethod
     def caught_up(self) -> bool: ...
+
+    @property
+    def unconfirmed(self) -> int:
+        """Events handed out whose acknowledgement is not durable yet, acknowledged or not: a
+        crash now would deliver them again. The pipeline keeps this within its in-flight window
+        (a source that can confirm only in units, such as a transaction, may exceed it by one
+        unit). 0 for sources whose `ack` is durable when it returns."""
+        return 0
 
     @abstractmethod
     async def backlog(self) -> BacklogStats: ...

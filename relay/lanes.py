@@ -37,7 +37,7 @@ class Lanes:
     def __init__(self) -> None:
         self._lanes: dict[Hashable, _Lane] = {}
         self._ready: deque[Hashable] = deque()
-        self._waiting: list[tuple[float, int, Hashable]] = []  # (retry_at, tiebreak, key) heap
+        self._waiting: list[tuple[float, int, Hashable, _Lane]] = []  # (retry_at, tiebreak, key, lane) heap
         self._tiebreak = 0
         self._count = 0
 
@@ -107,7 +107,7 @@ class Lanes:
         lane.out = 0
         lane.retrying = True
         self._tiebreak += 1
-        heapq.heappush(self._waiting, (retry_at, self._tiebreak, key))
+        heapq.heappush(self._waiting, (retry_at, self._tiebreak, key, lane))
 
     def hold(self, event: OutboxEvent) -> None:
         """The lane's first event stays out on its own (it is being dead-lettered); the events
@@ -115,6 +115,30 @@ class Lanes:
         lane = self._lanes[event.lane_key]
         assert lane.events[0] is event, "only a lane's first event can be held"
         lane.out = 1
+
+    def evict(self, key: Hashable) -> list[OutboxEvent]:
+        """Take a whole lane out (its aggregate moves to the held store): its events in order,
+        including the first one if it is out. Nothing of it is handed out afterwards; a later
+        `add` of the same key starts a new lane."""
+        lane = self._lanes.pop(key, None)
+        if lane is None:
+            return []
+        if key in self._ready:
+            self._ready.remove(key)
+        # (Its retry, if one is scheduled, is dropped when it comes due: see `_release_due`.)
+        self._count -= len(lane.events)
+        assert self._count >= 0
+        return list(lane.events)
+
+    def waiting_keys(self) -> list[Hashable]:
+        """Lanes waiting for the retry of their first event."""
+        lanes = self._lanes
+        return list(dict.fromkeys(key for _, _, key, lane in self._waiting if lanes.get(key) is lane))
+
+    def head(self, key: Hashable) -> OutboxEvent | None:
+        """The first event of a lane, or None when there is no such lane."""
+        lane = self._lanes.get(key)
+        return lane.events[0] if lane is not None and lane.events else None
 
     def next_retry_at(self) -> float | None:
         return self._waiting[0][0] if self._waiting else None
@@ -124,7 +148,8 @@ class Lanes:
         return bool(self._ready)
 
     def _release_due(self, now: float) -> None:
-        waiting = self._waiting
+        waiting, lanes = self._waiting, self._lanes
         while waiting and waiting[0][0] <= now:
-            _, _, key = heapq.heappop(waiting)
-            self._ready.append(key)
+            _, _, key, lane = heapq.heappop(waiting)
+            if lanes.get(key) is lane:  # (not evicted since)
+                self._ready.append(key)

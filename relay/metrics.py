@@ -49,7 +49,15 @@ SLOT_LAG = Gauge(
 )
 DEAD_LETTERED = Counter("outbox_relay_dead_lettered", "Events moved to the dead-letter table.", ["outbox"])
 DEAD_LETTERS = Gauge(
-    "outbox_relay_dead_letters", "Events in the dead-letter table not replayed yet.", ["outbox"]
+    "outbox_relay_dead_letters", "Dead-lettered events not replayed yet (held ones not counted).", ["outbox"]
+)
+HELD_EVENTS = Gauge(
+    "outbox_relay_held_events",
+    "Events held in the dead-letter table behind the first event of their aggregate, in order.",
+    ["outbox"],
+)
+HELD_AGGREGATES = Gauge(
+    "outbox_relay_held_aggregates", "Aggregates whose events wait in the dead-letter table.", ["outbox"]
 )
 LEADER = Gauge(
     "outbox_relay_leader", "1 while this replica is the active relay of the outbox, else 0.", ["outbox"]

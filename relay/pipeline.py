@@ -1,12 +1,16 @@
 """The pipeline of one outbox: source -> lanes -> sink -> ack back to the source.
 
-Four tasks share one event loop:
-- fetch:    pulls events while the in-flight window has room (memory stays bounded by
-            `max_in_flight`, whatever the backlog), so the next fetch overlaps the current publish;
+Six tasks share one event loop:
+- fetch:    pulls events while the in-flight window has room (memory and the events a crash
+            would send again stay bounded by `max_in_flight`, whatever the backlog), so the next
+            fetch overlaps the current publish;
 - dispatch: hands the first events of ready lanes to the sink, up to `publish_concurrency` calls at once;
-- ack:      records broker-acknowledged events in the source, coalescing whatever piled up;
+- park:     writes poison events (dead) and events of held aggregates (held) to the dead-letter store;
+- release:  retries the first held event of each held aggregate, then publishes the ones behind it;
+- ack:      records broker-acknowledged (or parked) events in the source, coalescing what piled up;
 - stats:    measures pending events and lag for the metrics.
-Nothing is acknowledged to the source unless the sink reported it acknowledged by the broker.
+Nothing is acknowledged to the source unless the sink reported it acknowledged by the broker, or
+it is stored in the dead-letter table.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from typing import Any, TypeVar
 from relay import metrics
 from relay.backoff import Backoff
 from relay.config import DeadLetterConfig, PipelineConfig, RetryConfig
-from relay.deadletters import DeadLetterStore
+from relay.deadletters import DEAD, HELD, DeadLetterStore
+from relay.deadletters import as_event as held_event
 from relay.events import Failure, OutboxEvent, PublishResult
+from relay.holds import HeldAggregates
 from relay.interfaces import Sink, Source
 from relay.lanes import Lanes
 from relay.logs import get_logger
@@ -55,9 +61,13 @@ class Pipeline:
         self.sink = sink
         self._tuning = tuning
         self._dead_letter = dead_letter or DeadLetterConfig()
-        # Without a store, poison events are retried like `on_poison: block`.
-        self._dead_letters = dead_letters if self._dead_letter.on_poison == "dead_letter" else None
-        self._park_queue: list[tuple[OutboxEvent, str, bool]] = []
+        # Without a store, poison events are retried in memory, blocking their aggregate.
+        self._dead_letters = dead_letters
+        self._block = self._dead_letter.on_poison == "block"
+        self._holding = HeldAggregates()
+        self._release_wake = asyncio.Event()
+        #: (event, error, permanent, state) on their way to the dead-letter store.
+        self._park_queue: list[tuple[OutboxEvent, str, bool, str]] = []
         self._park_wake = asyncio.Event()
         self._park_done = asyncio.Event()
         self._backoff = Backoff(retry.initial, retry.max, retry.multiplier)
@@ -87,6 +97,7 @@ class Pipeline:
         self._m_db_up = metrics.UP.labels(name, "database")
         self._m_sink_up = metrics.UP.labels(name, "sink")
         self._m_dead_lettered = metrics.DEAD_LETTERED.labels(name)
+        self._m_held_aggregates = metrics.HELD_AGGREGATES.labels(name)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -106,7 +117,7 @@ class Pipeline:
         is dead-lettered: with `on_poison: block` an event refused by the broker must hold back
         every later event of its aggregate, and a later one sent in the same call might already
         have been accepted."""
-        if self.sink.keeps_order and self._dead_letters is not None:
+        if self.sink.keeps_order and self._dead_letters is not None and not self._block:
             return self._tuning.per_aggregate_in_flight
         return 1
 
@@ -139,17 +150,23 @@ class Pipeline:
     async def _run(self, stop: asyncio.Event, drain: bool) -> None:
         if not await self._start_connectors(stop):
             return
+        if self._dead_letters is not None and not await self._load_held(stop):
+            await self._close_connectors()
+            return
         fetch = asyncio.create_task(self._fetch_loop(stop, drain), name=f"{self.name}:fetch")
         dispatch = asyncio.create_task(self._dispatch_loop(), name=f"{self.name}:dispatch")
         park = asyncio.create_task(self._park_loop(), name=f"{self.name}:dead-letter")
+        release = asyncio.create_task(self._release_loop(), name=f"{self.name}:release")
         ack = asyncio.create_task(self._ack_loop(), name=f"{self.name}:ack")
         stats = asyncio.create_task(self._stats_loop(), name=f"{self.name}:stats")
-        loops = (fetch, dispatch, park, ack)
+        loops = (fetch, dispatch, park, release, ack)
         try:
             await fetch
             self._closing_event.set()
             self._dispatch_wake.set()
+            self._release_wake.set()
             await dispatch
+            await release
             await park
             await ack
         finally:
@@ -173,6 +190,25 @@ class Pipeline:
         self._log.info("outbox started", source=self.source.kind, sink=self.sink.kind)
         return True
 
+    async def _load_held(self, stop: asyncio.Event) -> bool:
+        """Aggregates held by an earlier run stay held: their new events go behind the held ones."""
+        store = self._dead_letters
+        assert store is not None
+        keys = await self._until_done(
+            partial(store.held_aggregates, self.name),
+            "cannot read held events, retrying (does the dead-letter table exist? run init-db)",
+            stop=stop,
+        )
+        if keys is None:
+            return False
+        now = time.monotonic()
+        for key in keys:
+            self._holding.hold(key, now)
+        if keys:
+            self._log.warning("aggregates held by an earlier run stay held", aggregates=len(keys))
+        self._m_held_aggregates.set(len(self._holding))
+        return True
+
     async def _close_connectors(self) -> None:
         """Close each even when another fails: the sink's close flushes what the broker took."""
         closers = [self.sink.close, self.source.close]
@@ -189,10 +225,11 @@ class Pipeline:
     async def _fetch_loop(self, stop: asyncio.Event, drain: bool) -> None:
         tuning = self._tuning
         while not stop.is_set():
-            room = tuning.max_in_flight - self._held
+            room = tuning.max_in_flight - max(self._held, self.source.unconfirmed)
             if room <= 0:
                 self._space_freed.clear()
-                if tuning.max_in_flight - self._held <= 0:
+                self._hold_lanes_pinning_the_source()
+                if tuning.max_in_flight - max(self._held, self.source.unconfirmed) <= 0:
                     await _wait_either(self._space_freed, stop)
                 continue
             events = await self._until_done(
@@ -202,6 +239,8 @@ class Pipeline:
                 break
             if events:
                 self._held += len(events)
+                if self._holding:
+                    events = self._divert_held(events)
                 self._lanes.add(events)
                 self._dispatch_wake.set()
                 if not self.source.caught_up:
@@ -214,6 +253,58 @@ class Pipeline:
                 await _wait_either(self._space_freed, stop, 0.1)
                 continue
             await _first_of(self.source.wait_for_events(), stop)
+
+    def _divert_held(self, events: list[OutboxEvent]) -> list[OutboxEvent]:
+        """Events of held aggregates go to the store behind the held ones; returns the rest."""
+        flowing: list[OutboxEvent] = []
+        for event in events:
+            key = event.lane_key
+            if key in self._holding:
+                self._holding.sent_to_store(key)
+                self._park_queue.append((event, "held behind earlier events of its aggregate", False, HELD))
+            else:
+                flowing.append(event)
+        if len(flowing) != len(events):
+            self._park_wake.set()
+        return flowing
+
+    def _hold_lanes_pinning_the_source(self) -> None:
+        """The window is full of events the source cannot confirm yet (logical replication
+        confirms in commit order) while few are unacknowledged: lanes whose first event keeps
+        failing hold back the source's progress, and with it every other aggregate. Hold them in
+        the store (in order), so the source can confirm past them and the others flow."""
+        if self._dead_letters is None or self.source.unconfirmed <= self._held:
+            return
+        for key in self._lanes.waiting_keys():
+            head = self._lanes.head(key)
+            if head is not None and head.attempts and self._sink_paused_until <= time.monotonic():
+                self._log.warning(
+                    "holding an aggregate whose first event keeps failing: the source cannot confirm past it",
+                    aggregate_id=head.aggregate_id,
+                    event_id=head.event_id,
+                    attempts=head.attempts,
+                )
+                self._hold_lane(
+                    head, "held while it kept failing (the source could not confirm past it)", False
+                )
+
+    def _hold_lane(self, head: OutboxEvent, reason: str, permanent: bool) -> None:
+        """Move `head`'s whole lane to the store as held, `head` first; its aggregate is held
+        until the store has nothing of it any more (see the release loop)."""
+        key = head.lane_key
+        evicted = self._lanes.evict(key)
+        assert evicted and evicted[0] is head, "a lane is held from its first event"
+        self._holding.hold(key, time.monotonic() + self._backoff.delay(max(head.attempts, 1)))
+        for event in evicted:
+            self._holding.sent_to_store(key)
+            if event is head:
+                self._park_queue.append((event, reason, permanent, HELD))
+            else:
+                self._park_queue.append((event, f"held behind event {head.event_id}", False, HELD))
+        self._m_held_aggregates.set(len(self._holding))
+        self._park_wake.set()
+        self._release_wake.set()
+        self._dispatch_wake.set()
 
     async def _timed_fetch(self, room: int) -> list[OutboxEvent]:
         started = time.perf_counter()
@@ -327,10 +418,15 @@ class Pipeline:
             if self._dead_letters is not None and (
                 result.permanent or event.rejections >= self._dead_letter.after_attempts
             ):
+                if self._block:
+                    # Block: it and everything after it of its aggregate wait in the store, in
+                    # order, retried from there; memory and the source's progress stay free.
+                    self._hold_lane(event, result.reason, result.permanent)
+                    continue
                 # The lane stays out until the event is parked: nothing later of its aggregate
                 # overtakes it before it is safely in the dead-letter table.
                 lanes.hold(event)
-                self._park_queue.append((event, result.reason, result.permanent))
+                self._park_queue.append((event, result.reason, result.permanent, DEAD))
                 self._park_wake.set()
                 continue
             delay = self._backoff.delay(event.attempts)
@@ -429,7 +525,21 @@ class Pipeline:
                 "cannot store dead letters, retrying (does the table exist? run init-db)",
                 events=len(batch),
             )
-            for event, reason, permanent in batch:
+            dead = 0
+            for event, reason, permanent, state in batch:
+                if state == HELD:
+                    self._holding.stored(event.lane_key)
+                    if event.attempts:  # (the first one of its aggregate, not those behind it)
+                        self._log.warning(
+                            "event held in the dead-letter table with the rest of its aggregate",
+                            event_id=event.event_id,
+                            aggregate_id=event.aggregate_id,
+                            position=event.position,
+                            reason=reason,
+                            attempts=event.attempts,
+                        )
+                    continue
+                dead += 1
                 self._lanes.succeeded(event)
                 self._log.warning(
                     "event dead-lettered",
@@ -440,12 +550,105 @@ class Pipeline:
                     permanent=permanent,
                     attempts=event.attempts,
                 )
-            self._m_dead_lettered.inc(len(batch))
-            self._ack_queue.extend(event for event, _, _ in batch)
+            self._m_dead_lettered.inc(dead)
+            self._ack_queue.extend(event for event, _, _, _ in batch)
             self._ack_wake.set()
             self._dispatch_wake.set()
         self._park_done.set()
         self._ack_wake.set()
+
+    async def _release_loop(self) -> None:
+        """Retry the first held event of each held aggregate when due; once the broker took it,
+        publish the next held one at once; release the aggregate when none is left."""
+        holding = self._holding
+        while not self._closing_event.is_set():
+            for key in holding.due(time.monotonic()):
+                if self._closing_event.is_set():
+                    break
+                await self._release_step(key)
+            self._m_held_aggregates.set(len(holding))
+            self._release_wake.clear()
+            next_due = holding.next_due()
+            timeout = None if next_due is None else max(next_due - time.monotonic(), 0.0)
+            await _wait_either(self._release_wake, self._closing_event, timeout)
+
+    async def _release_step(self, key: Any) -> None:
+        """One release attempt of held `key`, rescheduling the next one."""
+        store = self._dead_letters
+        assert store is not None
+        holding, now = self._holding, time.monotonic()
+        generation = holding.generation(key)
+        try:
+            letter = await store.first_held(self.name, key)
+        except Exception as exc:
+            self._set_db(False)
+            self._log.warning("cannot read held events", error=describe_error(exc))
+            holding.attempt_at(key, now + _CONNECT_BACKOFF.delay(holding.failures[key] + 1))
+            return
+        if letter is None:
+            if holding.release_if_empty(key, generation):
+                self._log.info("held aggregate released: every held event is published", aggregate_id=key[1])
+                self._dispatch_wake.set()
+            else:  # an event of it is on its way to the store: look again once it is there
+                holding.attempt_at(key, now + 0.05)
+            return
+        event = held_event(letter)
+        event.attempts = letter.attempts
+        try:
+            (result,) = await self.sink.publish([event])
+        except Exception as exc:
+            result = Failure(describe_error(exc), transient=True)
+        if result is None:
+            await self._until_done(
+                partial(store.release, self.name, letter.event_id), "cannot release a held event"
+            )
+            holding.failures.pop(key, None)
+            self.published += 1
+            self._m_published.inc()
+            self._m_e2e.observe(time.time() - event.created_at)
+            holding.attempt_at(key, time.monotonic())  # the next one at once
+            return
+        holding.failures[key] += 1
+        attempts = letter.attempts + 1
+        self._m_failures.inc()
+        poison = result.permanent or (
+            not result.transient and holding.failures[key] >= self._dead_letter.after_attempts
+        )
+        state = DEAD if poison and not self._block else HELD
+        await self._until_done(
+            partial(
+                store.note_failure,
+                self.name,
+                letter.event_id,
+                result.reason,
+                attempts,
+                state,
+                result.permanent,
+            ),
+            "cannot record a held event's failure",
+        )
+        if state == DEAD:
+            self._m_dead_lettered.inc()
+            self._log.warning(
+                "held event dead-lettered; its aggregate moves on",
+                event_id=letter.event_id,
+                aggregate_id=letter.aggregate_id,
+                reason=result.reason,
+                attempts=attempts,
+            )
+            holding.failures.pop(key, None)
+            holding.attempt_at(key, time.monotonic())
+            return
+        delay = self._backoff.delay(holding.failures[key])
+        self._log.warning(
+            "held event not acknowledged, will retry",
+            event_id=letter.event_id,
+            aggregate_id=letter.aggregate_id,
+            reason=result.reason,
+            attempt=attempts,
+            retry_in=round(delay, 3),
+        )
+        holding.attempt_at(key, time.monotonic() + delay)
 
     async def _ack_loop(self) -> None:
         async for batch in self._batches(self._ack_queue, self._ack_wake, self._park_done):
@@ -467,6 +670,7 @@ class Pipeline:
         in_flight = metrics.IN_FLIGHT.labels(self.name)
         blocked = metrics.BLOCKED_AGGREGATES.labels(self.name)
         dead_letters = metrics.DEAD_LETTERS.labels(self.name)
+        held = metrics.HELD_EVENTS.labels(self.name)
         while True:
             in_flight.set(self._held)
             blocked.set(self._lanes.blocked_lanes)
@@ -484,6 +688,7 @@ class Pipeline:
                 # not run): that says nothing about the outbox's database.
                 try:
                     dead_letters.set(await self._dead_letters.count(self.name))
+                    held.set(await self._dead_letters.count(self.name, HELD))
                 except Exception as exc:
                     self._log.warning("cannot count dead letters", error=describe_error(exc))
             await asyncio.sleep(self._tuning.stats_interval)

@@ -12,6 +12,7 @@ from relay import metrics
 from relay.config import OutboxConfig, RelayConfig
 from relay.deadletters import DeadLetterStore
 from relay.deadletters import create_table_sql as create_dead_letter_table
+from relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from relay.http import HealthServer
 from relay.interfaces import ConnectorError, Sink, Source
 from relay.leadership import Lease, LeaseLost
@@ -48,10 +49,12 @@ def _build(role: str, plugins: Mapping[str, object], config: ConnectorConfig, in
 
 
 def build_dead_letter_store(outbox: OutboxConfig, index: int) -> DeadLetterStore | None:
-    if outbox.dead_letter.on_poison == "block":
-        return None
+    """The dead-letter store (also where `on_poison: block` keeps held events); None only for
+    `block` with a source that has no database (its blocked events then wait in memory)."""
     dsn = outbox.dead_letter_dsn()
     if dsn is None:
+        if outbox.dead_letter.on_poison == "block":
+            return None
         raise SetupError(
             f"outboxes[{index}].dead_letter.dsn: this source has no database; name one for the "
             "dead-letter table, or set dead_letter.on_poison: block"
@@ -82,12 +85,15 @@ def database_setup(outbox: OutboxConfig, source: Source) -> tuple[list[str], lis
     statements = source.init_sql()
     elsewhere: list[tuple[str, list[str]]] = []
     dead_letter_dsn = outbox.dead_letter_dsn()
-    if outbox.dead_letter.on_poison == "dead_letter" and dead_letter_dsn is not None:
-        table = create_dead_letter_table(outbox.dead_letter.table)
+    if dead_letter_dsn is not None:
+        table = [
+            create_dead_letter_table(outbox.dead_letter.table),
+            *upgrade_dead_letter_table(outbox.dead_letter.table),
+        ]
         if outbox.dead_letter.dsn in (None, getattr(outbox.source, "dsn", None)):
-            statements.append(table)
+            statements.extend(table)
         else:
-            elsewhere.append((dead_letter_dsn, [table]))
+            elsewhere.append((dead_letter_dsn, table))
     return statements, elsewhere
 
 

@@ -78,10 +78,12 @@ class PostgresLogicalConfig(ConnectorConfig):
 class _Unit:
     """One transaction (or one non-transactional message) in commit order."""
 
-    __slots__ = ("closed", "end_lsn", "first_created_at", "outstanding")
+    __slots__ = ("closed", "end_lsn", "events", "first_created_at", "outstanding")
 
     def __init__(self) -> None:
         self.outstanding = 0
+        #: Events of it handed out (acknowledged or not).
+        self.events = 0
         self.closed = False
         self.end_lsn: int | None = None
         #: `created_at` of its first event: the age of the unit in `backlog()`.
@@ -118,6 +120,8 @@ class PostgresLogicalSource(Source):
         self._caught_up = False
         self._drain_target = 0
         self._held = 0
+        #: Events of the units not confirmed yet (see `unconfirmed`).
+        self._unconfirmed = 0
 
     # --- connections --------------------------------------------------------------------------
 
@@ -291,8 +295,14 @@ class PostgresLogicalSource(Source):
         the confirmed position. The transactions it began are dropped; the one it continued
         keeps its earlier events (handed out already) but may no longer confirm anything."""
         for event in events:
-            event.ack_token.outstanding -= 1
-        self._units = deque(unit for unit in self._units if id(unit) in units_before)
+            unit = event.ack_token
+            unit.outstanding -= 1
+            unit.events -= 1
+            self._unconfirmed -= 1
+        kept = deque(unit for unit in self._units if id(unit) in units_before)
+        self._unconfirmed -= sum(unit.events for unit in self._units if id(unit) not in units_before)
+        self._units = kept
+        assert self._unconfirmed >= 0
         if current_before is not None:
             current_before.closed = True
             current_before.end_lsn = None
@@ -319,7 +329,9 @@ class PostgresLogicalSource(Source):
                 raise ConnectorError("an insert came outside of a transaction")
             shape = self._relations[message.relid]
             if shape is not None:  # (None: a table message mode does not read)
-                _hand_out(events, self._row_event(message.values, shape, parsed.wal_start, self._current))
+                self._hand_out(
+                    events, self._row_event(message.values, shape, parsed.wal_start, self._current)
+                )
         elif isinstance(message, pgoutput.Begin):
             self._current = _Unit()
             self._units.append(self._current)
@@ -345,7 +357,7 @@ class PostgresLogicalSource(Source):
             unit.closed = True
             unit.end_lsn = message.lsn
             self._units.append(unit)
-        _hand_out(events, self._message_event(message, lsn, unit))
+        self._hand_out(events, self._message_event(message, lsn, unit))
 
     def _shape(self, relation: pgoutput.Relation) -> _TableShape | None:
         """How to read the rows of a published table; None in message mode (tables are not
@@ -484,10 +496,31 @@ class PostgresLogicalSource(Source):
         if self._confirmed != self._sent_confirmed:
             self._send_status()
 
+    @property
+    def unconfirmed(self) -> int:
+        """Events of transactions not confirmed yet, acknowledged or not: a crash now sends them
+        again. While the oldest of them is still being read it cannot be confirmed before its
+        end, so it does not count then: reading goes on to its end, however large it is."""
+        if self._units and self._units[0] is self._current:
+            return 0
+        return self._unconfirmed
+
+    def _hand_out(self, events: list[OutboxEvent], event: OutboxEvent) -> None:
+        """Add `event` to what a fetch returns, counted in its transaction unit (its
+        `ack_token`) until acknowledged, and among the unconfirmed events until confirmed."""
+        unit: _Unit = event.ack_token
+        unit.outstanding += 1
+        unit.events += 1
+        self._unconfirmed += 1
+        if unit.first_created_at is None:
+            unit.first_created_at = event.created_at
+        events.append(event)
+
     def _release_acknowledged(self) -> None:
         units = self._units
         while units and units[0].closed and units[0].outstanding <= 0:
             unit = units.popleft()
+            self._unconfirmed -= unit.events
             if unit.end_lsn is not None:
                 self._confirmed = max(self._confirmed, unit.end_lsn)
 
@@ -680,16 +713,6 @@ class PostgresLogicalSource(Source):
 
 def _quoted(table: str) -> str:
     return ".".join(f'"{part}"' for part in table.split("."))
-
-
-def _hand_out(events: list[OutboxEvent], event: OutboxEvent) -> None:
-    """Add `event` to what a fetch returns, counted in its transaction unit (its `ack_token`)
-    until acknowledged."""
-    unit: _Unit = event.ack_token
-    unit.outstanding += 1
-    if unit.first_created_at is None:
-        unit.first_created_at = event.created_at
-    events.append(event)
 
 
 def _text(value: bytes | None) -> str | None:

@@ -97,3 +97,29 @@ def test_depth_never_exceeds_the_batch_limit() -> None:
     a = [_event(i, "a") for i in range(1, 6)]
     lanes.add(a)
     assert lanes.take(2, now=0, depth=10) == a[:2]
+
+
+def test_an_evicted_lane_gives_back_its_events_in_order_and_is_never_handed_out_again() -> None:
+    lanes = Lanes()
+    a1, a2, a3, b1 = _event(1, "a"), _event(2, "a"), _event(3, "a"), _event(4, "b")
+    lanes.add([a1, a2, a3, b1])
+    assert lanes.take(10, now=0) == [a1, b1]
+    lanes.failed(a1, retry_at=5)
+    assert lanes.evict(a1.lane_key) == [a1, a2, a3]
+    assert len(lanes) == 1
+    assert lanes.take(10, now=10) == []  # the retry that was scheduled for it is gone
+    assert lanes.evict(a1.lane_key) == []
+
+
+def test_a_lane_added_again_after_eviction_is_not_woken_by_the_old_lanes_retry() -> None:
+    lanes = Lanes()
+    a1, a2 = _event(1, "a"), _event(2, "a")
+    lanes.add([a1])
+    lanes.take(10, now=0)
+    lanes.failed(a1, retry_at=5)
+    lanes.evict(a1.lane_key)
+    lanes.add([a2])
+    assert lanes.take(10, now=1) == [a2]
+    lanes.failed(a2, retry_at=20)
+    assert lanes.take(10, now=6) == [], "the evicted lane's retry at 5 must not wake the new lane"
+    assert lanes.take(10, now=20) == [a2]
