@@ -17,15 +17,16 @@ import psycopg
 from psycopg import sql
 
 from relay.events import OutboxEvent
+from relay.identifiers import parse_table_name
 from relay.secrets import scrubber
 
 DEFAULT_TABLE = "outbox_relay_dead_letters"
 
 
-def create_table_sql(table: str = DEFAULT_TABLE) -> str:
-    quoted = ".".join(f'"{part}"' for part in table.split("."))
-    return (
-        f"CREATE TABLE IF NOT EXISTS {quoted} (\n"
+def create_table_sql(table: str = DEFAULT_TABLE) -> sql.Composed:
+    """The dead-letter table's DDL; `table` is the config's name (see relay.identifiers)."""
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (\n"
         "  id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
         "  outbox           text        NOT NULL,\n"
         "  event_id         text        NOT NULL,\n"
@@ -46,7 +47,7 @@ def create_table_sql(table: str = DEFAULT_TABLE) -> str:
         "  replayed_at      timestamptz,\n"
         "  UNIQUE (outbox, event_id)\n"
         ")"
-    )
+    ).format(parse_table_name(table).identifier())
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ class DeadLetterStore:
 
     def __init__(self, dsn: str, table: str = DEFAULT_TABLE) -> None:
         self._dsn = dsn
-        self._table = sql.Identifier(*table.split("."))
+        self._table = parse_table_name(table).identifier()
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:

@@ -89,8 +89,9 @@ class QualifiedName:
         return ".".join(_always_quoted(part) for part in self.parts())
 
     def display(self) -> str:
-        """As one would write it (in SQL and in the config): parts quoted only where needed."""
-        return ".".join(quote_ident(part) for part in self.parts())
+        """As one would write it (in SQL and in the config): parts quoted only where needed.
+        For messages: an unprintable character (a newline in a quoted name) shows escaped."""
+        return printable(".".join(quote_ident(part) for part in self.parts()))
 
     def parts(self) -> tuple[str, ...]:
         return (self.name,) if self.schema is None else (self.schema, self.name)
@@ -140,17 +141,17 @@ def _parse_parts(text: str, most: int) -> tuple[str, ...]:
         raise IdentifierError("must not be empty")
     if "\x00" in text:
         raise IdentifierError("must not contain a NUL character")
-    parts: list[str] = []
+    found: list[tuple[str, bool]] = []  # (text, quoted): unquoted ones are checked once counted
     i, end = 0, len(text)
     while True:
         if text.startswith('"', i):
             name, i = _quoted_part(text, i)
+            found.append((name, True))
         else:
             stop = text.find(".", i)
             stop = end if stop < 0 else stop
-            name = _unquoted_part(text[i:stop])
+            found.append((_unquoted_text(text[i:stop]), False))
             i = stop
-        parts.append(name)
         if i == end:
             break
         if text[i] != ".":
@@ -161,7 +162,7 @@ def _parse_parts(text: str, most: int) -> tuple[str, ...]:
         i += 1
         if i == end:
             raise IdentifierError("ends with a dot: a name part is empty")
-    if len(parts) > most:
+    if len(found) > most:
         if most == 1:
             raise IdentifierError(
                 "is one name, without a schema; double-quote it if the dot is part of the name"
@@ -170,6 +171,7 @@ def _parse_parts(text: str, most: int) -> tuple[str, ...]:
             "has more than two dot-separated parts; write name or schema.name, and double-quote"
             " a part that contains a dot"
         )
+    parts = [name if quoted else _folded(name) for name, quoted in found]
     for part in parts:
         try:
             size = len(part.encode("utf-8"))
@@ -202,7 +204,7 @@ def _quoted_part(text: str, start: int) -> tuple[str, int]:
         return name, close + 1
 
 
-def _unquoted_part(raw: str) -> str:
+def _unquoted_text(raw: str) -> str:
     if not raw:
         raise IdentifierError("has an empty part: write name or schema.name")
     if '"' in raw:
@@ -210,6 +212,11 @@ def _unquoted_part(raw: str) -> str:
             "has a double quote inside a part; double quotes must enclose a whole part, and"
             ' "" stands for a quote inside it'
         )
+    return raw
+
+
+def _folded(raw: str) -> str:
+    """An unquoted part as PostgreSQL reads it: only ASCII A-Z fold to lower case."""
     if not _UNQUOTED.fullmatch(raw):
         raise IdentifierError(
             f"not a valid unquoted name: {printable(raw)} (a letter or _ first, then letters,"
