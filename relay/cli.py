@@ -25,6 +25,7 @@ from relay.runner import (
     build_sink,
     build_source,
     database_setup,
+    set_up_database,
     tune_garbage_collector,
 )
 from relay.secrets import is_secret_key, scrubber
@@ -142,31 +143,28 @@ def init_db(config_path: Path, print_sql: bool) -> None:
             source = build_source(outbox, index)
         except SetupError as exc:
             _fail(f"{config_path}: {exc}")
-        statements, elsewhere = database_setup(outbox, source)
         if print_sql:
+            statements, elsewhere = database_setup(outbox, source)
             click.echo(f"-- outbox {outbox.name}")
-            click.echo(";\n\n".join(statements) + ";\n")
+            click.echo(";\n\n".join(s.as_string() for s in statements) + ";\n")
+            for _, other in elsewhere:
+                click.echo(f"-- outbox {outbox.name}: in the dead-letter database")
+                click.echo(";\n\n".join(s.as_string() for s in other) + ";\n")
             continue
-        dsn = getattr(outbox.source, "dsn", None)
-        if dsn is None:
+        if getattr(outbox.source, "dsn", None) is None:
             _fail(f"{config_path}: outboxes[{index}].source: this source has no database to set up")
         try:
-            _execute_all(dsn, statements)
-            for other_dsn, other_statements in elsewhere:
-                _execute_all(other_dsn, other_statements)
+            notes = _run_async(lambda o=outbox, s=source: set_up_database(o, s))  # type: ignore[misc]
         except Exception as exc:
-            _fail(f"{config_path}: outboxes[{index}]: init-db failed: {exc}", code=1)
-        click.echo(f"outbox {outbox.name}: database ready ({len(statements)} statements)")
+            _fail(f"{config_path}: outboxes[{index}]: init-db failed: {_one_line(exc)}", code=1)
+        for note in notes:
+            click.echo(f"outbox {outbox.name}: {note}")
+        click.echo(f"outbox {outbox.name}: database ready")
 
 
-def _execute_all(dsn: str, statements: list[str]) -> None:
-    import psycopg
-
-    # Autocommit, one statement at a time: creating a replication slot is refused inside a
-    # transaction that already wrote something. Every statement is idempotent on its own.
-    with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: PostgreSQL's messages may carry a DETAIL or HINT line."""
+    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
 
 
 @cli.command()

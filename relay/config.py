@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from relay.durations import Duration
+from relay.identifiers import TableName
 from relay.registry import ConnectorConfig, broken_plugins, sink_plugins, source_plugins
 from relay.secrets import is_secret_key, scrubber
 
@@ -78,10 +79,9 @@ class DeadLetterConfig(StrictModel):
         description="dead_letter: park it and let its aggregate move on; block: keep retrying it, "
         "holding back the rest of its aggregate (order over progress).",
     )
-    table: str = Field(
+    table: TableName = Field(
         default="outbox_relay_dead_letters",
-        pattern=r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$",
-        description="In the source's database; `init-db` creates it.",
+        description="In the source's database; `init-db` creates it. name or schema.name as in SQL.",
     )
     dsn: str | None = Field(default=None, description="Another database for it; default: the source's.")
 

@@ -26,15 +26,16 @@ import psycopg
 from psycopg import sql
 
 from relay.events import OutboxEvent
+from relay.identifiers import derived_name, parse_table_name
 from relay.secrets import scrubber
 
 DEFAULT_TABLE = "outbox_relay_dead_letters"
 
 
-def create_table_sql(table: str = DEFAULT_TABLE) -> str:
-    quoted = ".".join(f'"{part}"' for part in table.split("."))
-    return (
-        f"CREATE TABLE IF NOT EXISTS {quoted} (\n"
+def create_table_sql(table: str = DEFAULT_TABLE) -> sql.Composed:
+    """The dead-letter table's DDL; `table` is the config's name (see relay.identifiers)."""
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (\n"
         "  id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
         "  outbox           text        NOT NULL,\n"
         "  event_id         text        NOT NULL,\n"
@@ -54,19 +55,24 @@ def create_table_sql(table: str = DEFAULT_TABLE) -> str:
         "  dead_lettered_at timestamptz NOT NULL DEFAULT now(),\n"
         "  replayed_at      timestamptz,\n"
         "  state            text        NOT NULL DEFAULT 'dead',\n"
+        "  sendable         boolean     NOT NULL DEFAULT true,\n"
         "  UNIQUE (outbox, event_id)\n"
         ")"
-    )
+    ).format(parse_table_name(table).identifier())
 
 
-def upgrade_table_sql(table: str = DEFAULT_TABLE) -> list[str]:
+def upgrade_table_sql(table: str = DEFAULT_TABLE) -> list[sql.Composed]:
     """What `init-db` adds to a dead-letter table made by an earlier version (idempotent)."""
-    quoted = ".".join(f'"{part}"' for part in table.split("."))
-    index = f"{table.split('.')[-1]}_held"[:63]
+    name = parse_table_name(table)
     return [
-        f"ALTER TABLE {quoted} ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'dead'",
-        f'CREATE INDEX IF NOT EXISTS "{index}" ON {quoted} (outbox, aggregate_type, aggregate_id, position)'
-        " WHERE state = 'held'",
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'dead',"
+            " ADD COLUMN IF NOT EXISTS sendable boolean NOT NULL DEFAULT true"
+        ).format(name.identifier()),
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {} ON {} (outbox, aggregate_type, aggregate_id, position)"
+            " WHERE state = 'held'"
+        ).format(sql.Identifier(derived_name(name.name, "_held")), name.identifier()),
     ]
 
 
@@ -92,12 +98,15 @@ class DeadLetter:
     dead_lettered_at: datetime
     replayed_at: datetime | None
     state: str = "dead"
+    #: False for a row the relay could not turn into a message (a NULL aggregate id, invalid
+    #: headers...): a held one is never published, only purged.
+    sendable: bool = True
 
 
 _COLUMNS = (
     "outbox, event_id, position, aggregate_type, aggregate_id, event_type, payload, content_type,"
     " headers, created_at, error, permanent, attempts, first_failed_at, last_failed_at,"
-    " dead_lettered_at, replayed_at, state"
+    " dead_lettered_at, replayed_at, state, sendable"
 )
 HELD = "held"
 DEAD = "dead"
@@ -136,7 +145,7 @@ class DeadLetterStore:
 
     def __init__(self, dsn: str, table: str = DEFAULT_TABLE) -> None:
         self._dsn = dsn
-        self._table = sql.Identifier(*table.split("."))
+        self._table = parse_table_name(table).identifier()
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
@@ -155,12 +164,12 @@ class DeadLetterStore:
         event that failed again, or was held back behind its aggregate this time)."""
         conn = await self._connection()
         query = sql.SQL(
-            "INSERT INTO {table} (" + _COLUMNS.rsplit(", dead_lettered_at", 1)[0] + ", state)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            "INSERT INTO {table} (" + _COLUMNS.rsplit(", dead_lettered_at", 1)[0] + ", state, sendable)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (outbox, event_id) DO UPDATE SET error = excluded.error,"
             " permanent = excluded.permanent, attempts = excluded.attempts,"
             " last_failed_at = excluded.last_failed_at, dead_lettered_at = now(), replayed_at = NULL,"
-            " state = excluded.state WHERE {table}.state = 'dead'"
+            " state = excluded.state, sendable = excluded.sendable WHERE {table}.state = 'dead'"
         ).format(table=self._table)
         rows = [
             (
@@ -180,6 +189,7 @@ class DeadLetterStore:
                 _ts(e.first_failed_at or e.created_at),
                 datetime.now(UTC),
                 state,
+                e.defect is None,
             )
             for e, error, permanent, state in events
         ]

@@ -9,6 +9,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection, sql
 
 from relay.events import OutboxEvent, PublishResult
 
@@ -132,8 +135,19 @@ class Source(ABC):
         """Put a dead-lettered event back in front of the relay, once; return what was done."""
         raise ConnectorError(f"source type {self.kind} cannot replay events")
 
-    def init_sql(self) -> list[str]:
-        """Idempotent DDL that `init-db` runs (table, index, trigger)."""
+    def init_sql(self) -> list[sql.Composed]:
+        """The idempotent statements that set up a fresh database (table, index, trigger), each
+        run alone in autocommit, in order; `init-db --print-sql` prints them. Composed with
+        `psycopg.sql`: no name from the config is ever put into SQL text as it is."""
+        return []
+
+    async def init_db(self, conn: AsyncConnection[Any]) -> list[str]:
+        """What `init-db` does in the source's database over `conn` (autocommit): by default,
+        run `init_sql()`. A source whose setup depends on what the database already holds (an
+        existing publication) overrides it. Returns notes for the operator; raises
+        ConnectorError when the database holds something that contradicts the config."""
+        for statement in self.init_sql():
+            await conn.execute(statement)
         return []
 
     async def status_lines(self) -> list[str]:

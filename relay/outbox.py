@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor, sql
 from psycopg.types.json import Jsonb
+
+from relay.identifiers import parse_table_name
 
 _INSERT = (
     "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, event_type, payload, headers)"
@@ -25,8 +28,9 @@ _INSERT = (
 )
 
 
+@lru_cache(maxsize=64)
 def _statement(table: str) -> sql.Composed:
-    return sql.SQL(_INSERT).format(table=sql.Identifier(*table.split(".")))
+    return sql.SQL(_INSERT).format(table=parse_table_name(table).identifier())
 
 
 def _params(
@@ -63,6 +67,10 @@ def write_event(
     event_id: str | None = None,
 ) -> str:
     """Insert one event into the outbox table; returns its event_id.
+
+    `table` is written as in SQL and in the relay's config: `outbox`, `public.outbox`,
+    `'"OutBox"'` for a mixed-case name (see relay.identifiers); an unqualified name is found
+    through the connection's search_path. A bad name raises relay.identifiers.IdentifierError.
 
     `payload` is any JSON-serializable value, or a JSON document as str/bytes. It does not commit:
     the caller's transaction decides.

@@ -592,6 +592,11 @@ class Pipeline:
             else:  # an event of it is on its way to the store: look again once it is there
                 holding.attempt_at(key, now + 0.05)
             return
+        if not letter.sendable:
+            # It can never become a message: it holds its aggregate until an operator purges it
+            # (`dlq purge`); look again now and then.
+            holding.attempt_at(key, now + self._backoff.maximum)
+            return
         event = held_event(letter)
         event.attempts = letter.attempts
         try:

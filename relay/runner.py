@@ -8,6 +8,9 @@ import signal
 from collections.abc import Mapping
 from typing import Any, cast
 
+import psycopg
+from psycopg import sql
+
 from relay import metrics
 from relay.config import OutboxConfig, RelayConfig
 from relay.deadletters import DeadLetterStore
@@ -78,23 +81,52 @@ def build_pipelines(config: RelayConfig) -> list[Pipeline]:
     return [build_pipeline(outbox, i) for i, outbox in enumerate(config.outboxes)]
 
 
-def database_setup(outbox: OutboxConfig, source: Source) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """What `init-db` runs for an outbox: the statements for the source's database (the
-    dead-letter table included when it lives there), and (dsn, statements) for the dead-letter
-    database when `dead_letter.dsn` names another one."""
+def database_setup(
+    outbox: OutboxConfig, source: Source
+) -> tuple[list[sql.Composed], list[tuple[str, list[sql.Composed]]]]:
+    """What `init-db` runs for an outbox on fresh databases (and `--print-sql` prints): the
+    statements for the source's database (the dead-letter table included when it lives there),
+    and (dsn, statements) for the dead-letter database when `dead_letter.dsn` names another one."""
     statements = source.init_sql()
-    elsewhere: list[tuple[str, list[str]]] = []
+    here, elsewhere = _dead_letter_setup(outbox)
+    return statements + here, elsewhere
+
+
+def _dead_letter_setup(
+    outbox: OutboxConfig,
+) -> tuple[list[sql.Composed], list[tuple[str, list[sql.Composed]]]]:
     dead_letter_dsn = outbox.dead_letter_dsn()
-    if dead_letter_dsn is not None:
-        table = [
-            create_dead_letter_table(outbox.dead_letter.table),
-            *upgrade_dead_letter_table(outbox.dead_letter.table),
-        ]
-        if outbox.dead_letter.dsn in (None, getattr(outbox.source, "dsn", None)):
-            statements.extend(table)
-        else:
-            elsewhere.append((dead_letter_dsn, table))
-    return statements, elsewhere
+    if dead_letter_dsn is None:  # (on_poison: block without a database keeps held events in memory)
+        return [], []
+    table: list[sql.Composed] = [
+        create_dead_letter_table(outbox.dead_letter.table),
+        *upgrade_dead_letter_table(outbox.dead_letter.table),
+    ]
+    if outbox.dead_letter.dsn in (None, getattr(outbox.source, "dsn", None)):
+        return table, []
+    return [], [(dead_letter_dsn, table)]
+
+
+async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
+    """What `init-db` does for an outbox: the source sets up its database (see
+    `Source.init_db`), then the dead-letter table is created where it lives. Each statement runs
+    alone in autocommit: creating a replication slot is refused inside a transaction that wrote
+    something. Returns the source's notes; raises ConnectorError or psycopg.Error."""
+    dsn = getattr(outbox.source, "dsn", None)
+    if dsn is None:
+        raise SetupError("this source has no database to set up")
+    here, elsewhere = _dead_letter_setup(outbox)
+    async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+        notes = await source.init_db(conn)
+        for statement in here:
+            await conn.execute(statement)
+    for other_dsn, statements in elsewhere:
+        async with await psycopg.AsyncConnection.connect(
+            other_dsn, connect_timeout=10, autocommit=True
+        ) as conn:
+            for statement in statements:
+                await conn.execute(statement)
+    return notes
 
 
 _startup_frozen = False

@@ -62,7 +62,7 @@ def set_up_outbox_database(dsn: str) -> None:
     """Run in the database at `dsn` what `init-db` runs for a default config (idempotent)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in DEFAULT_TABLE_SQL:
-            conn.execute(statement)  # type: ignore[call-overload]
+            conn.execute(statement)
 
 
 def create_outbox_database(pg: PostgresServer) -> str:

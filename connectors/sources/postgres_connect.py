@@ -3,7 +3,8 @@ for turning a connection failure into a one-line error without the password."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
 from relay.events import OutboxEvent
+from relay.identifiers import ColumnName, QualifiedName, parse_identifier, printable, quote_ident
 from relay.interfaces import ConnectorError
 from relay.secrets import scrubber
 
@@ -33,18 +35,46 @@ def null_column_defect(
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class ColumnNames:
+    """The mapped columns by the server's names (the config's text parsed as PostgreSQL reads
+    it): what statements put in `sql.Identifier` and what is compared with the table's columns."""
+
+    event_id: str
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    payload: str
+    headers: str | None
+    created_at: str | None
+
+    def mapping(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
 class EventColumns(BaseModel):
     """Where an outbox table keeps each field of an event. `headers` and `created_at` may be
-    null when the table has no such column."""
+    null when the table has no such column. Names follow PostgreSQL's syntax: unquoted ones are
+    folded to lower case, write a mixed-case name with its double quotes (`'"EventId"'`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    event_id: str = "event_id"
-    aggregate_type: str = "aggregate_type"
-    aggregate_id: str = "aggregate_id"
-    event_type: str = "event_type"
-    payload: str = "payload"
-    headers: str | None = "headers"
-    created_at: str | None = "created_at"
+    event_id: ColumnName = "event_id"
+    aggregate_type: ColumnName = "aggregate_type"
+    aggregate_id: ColumnName = "aggregate_id"
+    event_type: ColumnName = "event_type"
+    payload: ColumnName = "payload"
+    headers: ColumnName | None = "headers"
+    created_at: ColumnName | None = "created_at"
+
+    def server_names(self) -> dict[str, str | None]:
+        """Each key's column as the server names it (None where the config says null)."""
+        return {
+            key: None if text is None else parse_identifier(text) for key, text in self.model_dump().items()
+        }
+
+    def names(self) -> ColumnNames:
+        names: dict[str, Any] = self.server_names()
+        return ColumnNames(**names)
 
 
 async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psycopg.AsyncConnection[Any]:
@@ -64,13 +94,14 @@ async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psy
 
 
 def insert_event(
-    table: str,
+    table: sql.Composable,
     columns: Mapping[str, str | None],
     event: OutboxEvent,
 ) -> tuple[sql.Composed, list[Any]]:
-    """An INSERT that writes `event` into an outbox table with the given column mapping (keys:
-    event_id, aggregate_type, aggregate_id, event_type, payload, and optionally headers,
-    created_at). Used to put a dead-lettered event back in front of the relay."""
+    """An INSERT that writes `event` into an outbox table (an identifier) with the given column
+    mapping by the server's names (keys: event_id, aggregate_type, aggregate_id, event_type,
+    payload, and optionally headers, created_at). Used to put a dead-lettered event back in
+    front of the relay."""
     values: dict[str, Any] = {
         "event_id": event.event_id,
         "aggregate_type": event.aggregate_type,
@@ -85,8 +116,97 @@ def insert_event(
     }
     names = [(columns[key], values[key]) for key in values if columns.get(key)]
     query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-        sql.Identifier(*table.split(".")),
+        table,
         sql.SQL(", ").join(sql.Identifier(str(name)) for name, _ in names),
         sql.SQL(", ").join(sql.Placeholder() for _ in names),
     )
     return query, [value for _, value in names]
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedTable:
+    """A table the server found for a configured name."""
+
+    oid: int
+    schema: str
+    name: str
+    kind: str  # pg_class.relkind
+
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    def display(self) -> str:
+        return QualifiedName(self.schema, self.name).display()
+
+
+async def resolve_table(conn: psycopg.AsyncConnection[Any], table: QualifiedName) -> ResolvedTable:
+    """The table `table` means on this connection, found as the server finds it: a qualified
+    name exactly, an unqualified one through the connection's search_path. Raises
+    ConnectorError when there is none, with the double-quoted spelling of a table whose name
+    differs only in case."""
+    try:
+        cur = await conn.execute(
+            "SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+            (table.regclass_text(),),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            hint = await _case_hint(conn, table)
+    except psycopg.Error as exc:
+        raise ConnectorError(scrubber.scrub(f"cannot look up table {table}: {exc}")) from None
+    if row is None:
+        raise ConnectorError(f"table {table} does not exist (run: outbox-relay init-db){hint}")
+    return ResolvedTable(int(row[0]), row[1], row[2], row[3])
+
+
+async def _case_hint(conn: psycopg.AsyncConnection[Any], table: QualifiedName) -> str:
+    """When a table differs from `table` only in case: how to write its name instead."""
+    if table.schema is None:
+        # Where the server would look: the search_path's schemas, in order.
+        query = (
+            "SELECT NULL::text, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,"
+            " unnest(current_schemas(true)) WITH ORDINALITY AS s(name, i)"
+            " WHERE n.nspname = s.name AND lower(c.relname) = lower(%s)"
+            " AND c.relkind IN ('r', 'p', 'v', 'm', 'f') ORDER BY s.i, c.relname LIMIT 1"
+        )
+        params: tuple[str, ...] = (table.name,)
+    else:
+        query = (
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE lower(n.nspname) = lower(%s) AND lower(c.relname) = lower(%s)"
+            " AND c.relkind IN ('r', 'p', 'v', 'm', 'f') ORDER BY 1, 2 LIMIT 1"
+        )
+        params = (table.schema, table.name)
+    row = await (await conn.execute(query, params)).fetchone()
+    if row is None:
+        return ""
+    found = QualifiedName(row[0], row[1])
+    return (
+        f"; there is a table {found}: names without double quotes are folded to lower case,"
+        f" write it with its double quotes (in YAML: '{found}')"
+    )
+
+
+def missing_columns(
+    table: str, configured: Mapping[str, str | None], names: Mapping[str, str | None], present: Iterable[str]
+) -> str | None:
+    """None when the table has every mapped column, else the sentence that says which it lacks
+    (`configured`: each key's text in the config; `names`: the server's names), with the
+    double-quoted spelling of a column whose name differs only in case."""
+    present = list(present)
+    missing = [key for key, name in names.items() if name is not None and name not in present]
+    if not missing:
+        return None
+    parts = []
+    for key in missing:
+        name = names[key]
+        assert name is not None
+        part = f"columns.{key}={configured[key]}"
+        alike = [column for column in present if column.lower() == name.lower()]
+        if alike:
+            part += (
+                f" (there is a column {printable(quote_ident(alike[0]))}: write it with its double quotes)"
+            )
+        parts.append(part)
+    return f"table {table} has no column for {', '.join(parts)}"

@@ -33,10 +33,27 @@ from psycopg import sql as psql
 from pydantic import Field
 
 from connectors.sources import pgoutput
-from connectors.sources.postgres_connect import EventColumns, connect, insert_event, null_column_defect
+from connectors.sources.postgres_connect import (
+    EventColumns,
+    connect,
+    insert_event,
+    missing_columns,
+    null_column_defect,
+    resolve_table,
+)
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.durations import Duration
 from relay.events import OutboxEvent, checked_time, headers_from_json
+from relay.identifiers import (
+    Identifier,
+    IdentifierError,
+    QualifiedName,
+    TableName,
+    parse_identifier,
+    parse_table_name,
+    printable,
+    quote_ident,
+)
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
 from relay.outbox import message_content
@@ -46,7 +63,8 @@ from relay.secrets import scrubber
 HEARTBEAT_PREFIX = "outbox_relay_heartbeat"
 _JSON_OIDS = {114, 3802}
 _BYTEA_OID = 17
-_IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
+#: PostgreSQL's own rule for replication slot names.
+_SLOT = r"^[a-z0-9_]{1,63}$"
 
 
 class LogicalColumns(EventColumns):
@@ -58,10 +76,17 @@ class LogicalColumns(EventColumns):
 class PostgresLogicalConfig(ConnectorConfig):
     type: Literal["postgres-logical"]
     dsn: str = Field(description="libpq connection string or URL; the user needs REPLICATION.")
-    slot: str = Field(default="outbox_relay", pattern=_IDENT)
-    publication: str = Field(default="outbox_relay", pattern=_IDENT)
+    slot: str = Field(default="outbox_relay", pattern=_SLOT, description="Lower-case letters, digits and _.")
+    publication: Identifier = Field(
+        default="outbox_relay", description="A name as in SQL: double-quote a mixed-case one."
+    )
     mode: Literal["table", "message"] = "table"
-    tables: list[str] = Field(default=["public.outbox"], min_length=1)
+    tables: list[TableName] = Field(
+        default=["public.outbox"],
+        min_length=1,
+        description="name or schema.name as in SQL: unquoted parts fold to lower case, double-quoted"
+        " ones are kept as written; an unqualified name is looked up through the search_path.",
+    )
     message_prefix: str = Field(default="outbox", min_length=1)
     columns: LogicalColumns = LogicalColumns()
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="Events per fetch at most.")
@@ -107,7 +132,12 @@ class PostgresLogicalSource(Source):
         self._sql: psycopg.AsyncConnection[Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._relations: dict[int, _TableShape | None] = {}
-        self._tables = {t if "." in t else f"public.{t}" for t in config.tables}
+        #: The configured tables, as written in the config (`resolve_tables` finds them).
+        self.table_names = tuple(config.tables)
+        #: (schema, table), as Relation messages name them, of the tables whose inserts become
+        #: events: the configured tables as the server resolved them on start.
+        self._tables: set[tuple[str, str]] = set()
+        self._columns = config.columns.names()
         self._units: deque[_Unit] = deque()
         self._current: _Unit | None = None
         self._commit_time = 0.0
@@ -135,6 +165,7 @@ class PostgresLogicalSource(Source):
 
     async def start(self) -> None:
         sql = await self._sql_conn()
+        await self._resolve(sql)
         # The WAL position the relay must reach for `--drain`: a heartbeat written now.
         cur = await sql.execute("SELECT pg_logical_emit_message(true, %s, '')::text", (HEARTBEAT_PREFIX,))
         row = await cur.fetchone()
@@ -157,9 +188,7 @@ class PostgresLogicalSource(Source):
             await conn.close()
             raise
         result = await self._command(
-            pgconn,
-            f"START_REPLICATION SLOT \"{cfg.slot}\" LOGICAL {pgoutput.format_lsn(start)} (proto_version '1', "
-            f"publication_names '\"{cfg.publication}\"', messages 'true')",
+            pgconn, start_replication_command(cfg.slot, start, cfg.publication).as_string(conn)
         )
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = (result.get_error_message() if result else pgconn.get_error_message()) or "failed"
@@ -365,13 +394,14 @@ class PostgresLogicalSource(Source):
         events, and skipping them would confirm the slot past them."""
         if self.config.mode != "table":
             return None
-        if relation.qualified_name not in self._tables:
+        if (relation.namespace, relation.name) not in self._tables:
+            configured = ", ".join(sorted(_shown(pair) for pair in self._tables))
             raise ConnectorError(
-                f"publication {self.config.publication} publishes table {relation.qualified_name},"
-                f" which is not in tables: {', '.join(sorted(self._tables))}; its inserts cannot become"
-                " events (add it to tables:, or remove it from the publication)"
+                f"publication {_quoted(parse_identifier(self.config.publication))} publishes table"
+                f" {_shown((relation.namespace, relation.name))}, which is not in tables: {configured};"
+                " its inserts cannot become events (add it to tables:, or remove it from the publication)"
             )
-        cols = self.config.columns
+        cols = self._columns
         index = {name: i for i, name in enumerate(relation.columns)}
         wanted = [cols.event_id, cols.aggregate_type, cols.aggregate_id, cols.event_type, cols.payload]
         missing = [name for name in wanted if name not in index]
@@ -556,12 +586,12 @@ class PostgresLogicalSource(Source):
             return f"emitted {event.event_id} as a WAL message again"
         # A row with the same event_id may still be there (event ids are unique): replace it.
         await self.write([event], replace=True)
-        return f"inserted {event.event_id} into {self.config.tables[0]} again"
+        return f"inserted {event.event_id} into {parse_table_name(self.config.tables[0])} again"
 
     async def write(self, events: Sequence[OutboxEvent], replace: bool = False) -> None:
         cfg = self.config
         conn = await self._sql_conn()
-        table = cfg.tables[0]
+        table = parse_table_name(cfg.tables[0]).identifier()
         async with conn.transaction():
             for event in events:
                 if cfg.mode == "message":
@@ -580,11 +610,11 @@ class PostgresLogicalSource(Source):
                 if replace:
                     await conn.execute(
                         psql.SQL("DELETE FROM {} WHERE {}::text = %s").format(
-                            psql.Identifier(*table.split(".")), psql.Identifier(cfg.columns.event_id)
+                            table, psql.Identifier(self._columns.event_id)
                         ),
                         (event.event_id,),
                     )
-                await conn.execute(*insert_event(table, cfg.columns.model_dump(), event))
+                await conn.execute(*insert_event(table, self._columns.mapping(), event))
 
     # --- waiting ------------------------------------------------------------------------------
 
@@ -627,6 +657,7 @@ class PostgresLogicalSource(Source):
         return [f"slot {self.config.slot}: lag_bytes={lag} confirmed_flush_lsn={confirmed} {state}"]
 
     async def check(self) -> list[str]:
+        cfg = self.config
         sql = await self._connect(replication=False)
         try:
             notes: list[str] = []
@@ -645,57 +676,111 @@ class PostgresLogicalSource(Source):
                 raise ConnectorError(
                     "the database user lacks the REPLICATION attribute (ALTER ROLE ... REPLICATION)"
                 )
-            pub = await (
-                await sql.execute(
-                    "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.config.publication,)
-                )
-            ).fetchone()
-            if not pub:
-                raise ConnectorError(
-                    f"publication {self.config.publication} is missing (run: outbox-relay init-db)"
-                )
+            tables: list[tuple[str, str]] = []
+            if cfg.mode == "table":
+                tables = await resolve_tables(sql, cfg.tables)
+                for schema, name in tables:
+                    await self._check_columns(sql, schema, name)
+                shown = ", ".join(_shown(pair) for pair in tables)
+                notes.append(f"table(s) {shown}: mapping ok")
+            problem = await publication_mismatch(sql, cfg.publication, tables)
+            if problem:
+                raise ConnectorError(problem)
             row = await (
                 await sql.execute(
                     "SELECT active, active_pid, plugin FROM pg_replication_slots WHERE slot_name = %s",
-                    (self.config.slot,),
+                    (cfg.slot,),
                 )
             ).fetchone()
             if not row:
-                raise ConnectorError(
-                    f"replication slot {self.config.slot} is missing (run: outbox-relay init-db)"
-                )
+                raise ConnectorError(f"replication slot {cfg.slot} is missing (run: outbox-relay init-db)")
             if row[2] != "pgoutput":
-                raise ConnectorError(
-                    f"replication slot {self.config.slot} uses plugin {row[2]}, not pgoutput"
-                )
+                raise ConnectorError(f"replication slot {cfg.slot} uses plugin {row[2]}, not pgoutput")
             notes.append("wal_level logical, REPLICATION granted, publication and slot present")
             if row[0]:
-                notes.append(f"slot {self.config.slot} is in use by pid {row[1]} (another relay is active)")
+                notes.append(f"slot {cfg.slot} is in use by pid {row[1]} (another relay is active)")
             return notes
         finally:
             await sql.close()
 
-    def init_sql(self) -> list[str]:
+    async def _check_columns(self, conn: psycopg.AsyncConnection[Any], schema: str, name: str) -> None:
+        cur = await conn.execute(
+            "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+            (schema, name),
+        )
+        present = [row[0] for row in await cur.fetchall()]
+        problem = missing_columns(
+            _shown((schema, name)), self.config.columns.model_dump(), self._columns.mapping(), present
+        )
+        if problem:
+            raise ConnectorError(problem)
+
+    async def _resolve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Find the configured tables as the server does and check that the publication
+        publishes exactly them; a mismatch would skip events silently, so it stops the start."""
         cfg = self.config
-        statements: list[str] = []
-        # Message mode publishes no table: the messages flow through any publication.
-        scope = ""
-        if cfg.mode == "table":
-            if cfg.columns == LogicalColumns():
-                statements.extend(default_table_ddl(table) for table in cfg.tables)
-            scope = " FOR TABLE " + ", ".join(_quoted(t) for t in cfg.tables)
-        statements.append(
-            "DO $$ BEGIN\n"
-            f"  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{cfg.publication}') THEN\n"
-            f"    CREATE PUBLICATION \"{cfg.publication}\"{scope} WITH (publish = 'insert');\n"
-            "  END IF;\nEND $$"
-        )
+        tables = await resolve_tables(conn, cfg.tables) if cfg.mode == "table" else []
+        problem = await publication_mismatch(conn, cfg.publication, tables)
+        if problem:
+            raise ConnectorError(problem)
+        self._tables = set(tables)
+
+    def _table_sql(self) -> list[psql.Composed]:
+        if self.config.mode == "table" and self._columns == LogicalColumns().names():
+            return [default_table_ddl(parse_table_name(table)) for table in self.config.tables]
+        return []
+
+    def _slot_sql(self) -> psql.Composed:
         # Must run outside a transaction that wrote anything: init-db runs each statement alone.
-        statements.append(
-            f"SELECT pg_create_logical_replication_slot('{cfg.slot}', 'pgoutput')"
-            f" WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{cfg.slot}')"
-        )
-        return statements
+        slot = psql.Literal(self.config.slot)
+        return psql.SQL(
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput')"
+            " WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {})"
+        ).format(slot, slot)
+
+    def init_sql(self) -> list[psql.Composed]:
+        cfg = self.config
+        tables = [parse_table_name(table) for table in cfg.tables] if cfg.mode == "table" else []
+        # (init-db itself creates the publication only when it does not exist: see init_db.)
+        return [*self._table_sql(), create_publication_sql(cfg.publication, tables), self._slot_sql()]
+
+    async def init_db(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
+        """The tables (default mapping), then the publication: created for the tables as the
+        server resolves them when it does not exist, else completed with the configured tables
+        it lacks; refused when it publishes tables that are not configured. Then the slot."""
+        cfg = self.config
+        notes: list[str] = []
+        for statement in self._table_sql():
+            await conn.execute(statement)
+        tables = await resolve_tables(conn, cfg.tables) if cfg.mode == "table" else []
+        name = parse_identifier(cfg.publication)
+        state = await _publication_state(conn, name)
+        if state is None:
+            resolved = [QualifiedName(schema, table) for schema, table in tables]
+            try:
+                await conn.execute(create_publication_sql(cfg.publication, resolved))
+            except psycopg.errors.DuplicateObject:  # created meanwhile (another init-db)
+                state = await _publication_state(conn, name)
+        if state is not None and tables:
+            problem = _mismatch(state, tables)
+            missing = [pair for pair in tables if pair not in state.tables]
+            if problem and (state.all_tables or not state.inserts or set(state.tables) - set(tables)):
+                raise ConnectorError(problem)
+            if missing:
+                await conn.execute(
+                    psql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                        psql.Identifier(state.name),
+                        psql.SQL(", ").join(psql.Identifier(*pair) for pair in missing),
+                    )
+                )
+                notes.append(
+                    f"publication {_quoted(state.name)} now also publishes"
+                    f" {', '.join(_shown(pair) for pair in missing)} (ALTER PUBLICATION ... ADD TABLE)"
+                )
+        await conn.execute(self._slot_sql())
+        return notes
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -711,8 +796,131 @@ class PostgresLogicalSource(Source):
             self._sql = None
 
 
-def _quoted(table: str) -> str:
-    return ".".join(f'"{part}"' for part in table.split("."))
+def create_publication_sql(publication: str, tables: Sequence[QualifiedName]) -> psql.Composed:
+    """CREATE PUBLICATION for these tables, inserts only; without tables (message mode) the
+    messages flow through a publication of no table. `publication` as written in the config."""
+    scope: psql.Composable = psql.SQL("")
+    if tables:
+        scope = psql.SQL(" FOR TABLE {}").format(psql.SQL(", ").join(t.identifier() for t in tables))
+    # Via the root: a partitioned table's inserts are published under its own name.
+    options = "publish = 'insert', publish_via_partition_root = true" if tables else "publish = 'insert'"
+    return psql.SQL("CREATE PUBLICATION {}{} WITH ({})").format(
+        psql.Identifier(parse_identifier(publication)), scope, psql.SQL(options)
+    )
+
+
+async def resolve_tables(conn: psycopg.AsyncConnection[Any], tables: Sequence[str]) -> list[tuple[str, str]]:
+    """Each configured table (as written in the config) as the server's (schema, table): a
+    qualified name exactly, an unqualified one through the connection's search_path, as the
+    server resolves names in SQL. Raises ConnectorError naming a table that does not exist (with
+    the double-quoted spelling of a table whose name differs only in case) or is no table."""
+    pairs: list[tuple[str, str]] = []
+    for text in tables:
+        try:
+            name = parse_table_name(text)
+        except IdentifierError as exc:
+            raise ConnectorError(f"tables: {printable(text)}: {exc}") from None
+        table = await resolve_table(conn, name)
+        if table.kind not in ("r", "p"):
+            raise ConnectorError(f"{table.display()} is not a table: a publication publishes tables only")
+        if (table.schema, table.name) not in pairs:
+            pairs.append((table.schema, table.name))
+    return pairs
+
+
+@dataclass(frozen=True, slots=True)
+class _Publication:
+    name: str
+    all_tables: bool
+    inserts: bool
+    tables: list[tuple[str, str]]  # as pgoutput names them (the partition root when published via it)
+
+
+async def _publication_state(conn: psycopg.AsyncConnection[Any], name: str) -> _Publication | None:
+    cur = await conn.execute("SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = %s", (name,))
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    cur = await conn.execute(
+        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = %s"
+        " ORDER BY 1, 2",
+        (name,),
+    )
+    return _Publication(name, bool(row[0]), bool(row[1]), [(r[0], r[1]) for r in await cur.fetchall()])
+
+
+async def publication_mismatch(
+    conn: psycopg.AsyncConnection[Any], publication: str, tables: Sequence[tuple[str, str]]
+) -> str | None:
+    """None when the publication (as written in the config) exists and publishes exactly
+    `tables` (the server's (schema, table) pairs, see `resolve_tables`), else one sentence that
+    says what disagrees: the publication is missing, configured tables it does not publish
+    (their inserts would never reach the relay), tables it publishes that are not configured
+    (their inserts could not be turned into events). With no tables (message mode) only its
+    existence matters."""
+    name = parse_identifier(publication)
+    state = await _publication_state(conn, name)
+    if state is None:
+        return f"publication {_quoted(name)} does not exist (run: outbox-relay init-db)"
+    return _mismatch(state, tables) if tables else None
+
+
+def _mismatch(state: _Publication, tables: Sequence[tuple[str, str]]) -> str | None:
+    shown = _quoted(state.name)
+    problems: list[str] = []
+    if not state.inserts:
+        problems.append("it does not publish inserts (publish = 'insert' is needed)")
+    missing = [pair for pair in tables if pair not in state.tables]
+    if missing:
+        problems.append(
+            f"it does not publish {', '.join(_shown(p) for p in missing)}, so their inserts would"
+            " never reach the relay (run: outbox-relay init-db to add them)"
+        )
+    if state.all_tables:
+        problems.append(
+            "it publishes all tables (FOR ALL TABLES), so inserts into tables that are not"
+            " configured could not be turned into events (create one FOR TABLE the configured tables)"
+        )
+    else:
+        extra = [pair for pair in state.tables if pair not in tables]
+        if extra:
+            problems.append(
+                f"it publishes {', '.join(_shown(p) for p in extra)}, which tables: does not list, so"
+                " their inserts could not be turned into events (add them to tables:, or"
+                f" ALTER PUBLICATION {shown} DROP TABLE them)"
+            )
+    if not problems:
+        return None
+    return f"publication {shown} does not match the configured tables: {'; '.join(problems)}"
+
+
+def _quoted(name: str) -> str:
+    return printable(quote_ident(name))
+
+
+def _shown(pair: tuple[str, str]) -> str:
+    return QualifiedName(*pair).display()
+
+
+class _ReplicationString(psql.Composable):
+    """A string literal of the replication protocol's grammar: in single quotes, '' for a quote
+    and nothing else (no backslash escapes, no E'...' form, which `psql.Literal` may write)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+
+    def as_bytes(self, context: Any = None) -> bytes:
+        return ("'" + str(self._obj).replace("'", "''") + "'").encode()
+
+
+def start_replication_command(slot: str, start: int, publication: str) -> psql.Composed:
+    """START_REPLICATION of the slot from `start` with pgoutput reading the publication (as
+    written in the config). `publication_names` is a string literal holding a list of
+    identifiers: the name is double-quoted as an identifier, then that made a literal."""
+    names = '"' + parse_identifier(publication).replace('"', '""') + '"'
+    return psql.SQL(
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')"
+    ).format(psql.Identifier(slot), psql.SQL(pgoutput.format_lsn(start)), _ReplicationString(names))
 
 
 def _text(value: bytes | None) -> str | None:

@@ -18,16 +18,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 from pydantic import Field
 
-from connectors.sources.postgres_connect import EventColumns, connect, insert_event, null_column_defect
+from connectors.sources.postgres_connect import (
+    ColumnNames,
+    EventColumns,
+    ResolvedTable,
+    connect,
+    insert_event,
+    missing_columns,
+    null_column_defect,
+    resolve_table,
+)
 from connectors.sources.read_floor import MIN_POSITION, ReadFloor
 from relay.durations import Duration
 from relay.events import OutboxEvent, checked_time, headers_from_json
+from relay.identifiers import ColumnName, QualifiedName, TableName, derived_name, parse_table_name
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SourcePlugin
@@ -41,6 +52,22 @@ _WRITERS = sql.SQL(
     " AND relation = %s AND mode = 'RowExclusiveLock' AND granted"
     " AND (pid IS NULL OR pid <> ALL(%s::int4[]))"
 )
+# Fixed text: the channel comes as the trigger's argument, the table name from the server.
+_NOTIFY_FUNCTION = sql.Composed(
+    [
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
+            "  PERFORM pg_notify(TG_ARGV[0], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);\n"
+            "  RETURN NULL;\nEND\n$$"
+        )
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PollingColumnNames(ColumnNames):
+    position: str
+    published_at: str | None
 
 
 class ColumnMapping(EventColumns):
@@ -48,15 +75,21 @@ class ColumnMapping(EventColumns):
     needs the `position` column, and `published_at` with `after_publish: mark` (it may be null
     with `after_publish: delete`)."""
 
-    position: str = "position"
-    published_at: str | None = "published_at"
+    position: ColumnName = "position"
+    published_at: ColumnName | None = "published_at"
+
+    def names(self) -> PollingColumnNames:
+        names: dict[str, Any] = self.server_names()
+        return PollingColumnNames(**names)
 
 
 class PostgresPollingConfig(ConnectorConfig):
     type: Literal["postgres-polling"]
     dsn: str = Field(description="libpq connection string or postgresql:// URL.")
-    table: str = Field(
-        default="public.outbox", pattern=r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$"
+    table: TableName = Field(
+        default="public.outbox",
+        description="name or schema.name as in SQL: unquoted parts fold to lower case, double-quoted"
+        " ones are kept as written; an unqualified name is looked up through the search_path.",
     )
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="Rows per fetch at most.")
     poll_interval: Duration = Field(default=0.2, gt=0, description="Fallback when no NOTIFY arrives.")
@@ -66,8 +99,8 @@ class PostgresPollingConfig(ConnectorConfig):
     notify_channel: str = Field(default="outbox_relay", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     connect_timeout: Duration = Field(default=5.0, gt=0)
 
-    def table_ident(self) -> sql.Identifier:
-        return sql.Identifier(*self.table.split("."))
+    def table_name(self) -> QualifiedName:
+        return parse_table_name(self.table)
 
 
 def _text_column(name: str) -> sql.Composable:
@@ -81,6 +114,10 @@ class PostgresPollingSource(Source):
         if config.after_publish == "mark" and config.columns.published_at is None:
             raise ConnectorError("columns.published_at is required with after_publish: mark")
         self.config = config
+        self._name = config.table_name()
+        self._cols = config.columns.names()
+        #: The table the server found for the configured name (set by the inspection).
+        self._table: ResolvedTable | None = None
         self._log = get_logger(source=self.kind, table=config.table)
         self._fetch_conn: psycopg.AsyncConnection[Any] | None = None
         self._ack_conn: psycopg.AsyncConnection[Any] | None = None
@@ -110,38 +147,40 @@ class PostgresPollingSource(Source):
             self._listener = asyncio.create_task(self._listen(), name="outbox-relay:listen")
 
     async def _inspect_table(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, str]:
-        """Check that the table and the mapped columns exist; build the queries for their types."""
-        cfg = self.config
+        """Find the table as the server does (an unqualified name through the search_path),
+        check that the mapped columns exist, and build the queries for their types."""
+        cfg, cols = self.config, self._cols
+        table = await resolve_table(conn, self._name)
         try:
             cur = await conn.execute(
-                "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attrelid::int8 FROM pg_attribute a"
-                " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-                (cfg.table,),
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+                " WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                (table.oid,),
             )
-            found = await cur.fetchall()
-            types = {name: type_name for name, type_name, _ in found}
+            types = dict(await cur.fetchall())
         except psycopg.Error as exc:
-            raise ConnectorError(scrubber.scrub(f"cannot inspect table {cfg.table}: {exc}")) from None
+            raise ConnectorError(scrubber.scrub(f"cannot inspect table {table.display()}: {exc}")) from None
         if not types:
-            raise ConnectorError(f"table {cfg.table} does not exist (run: outbox-relay init-db)")
-        wanted = {k: v for k, v in cfg.columns.model_dump().items() if v is not None}
-        missing = [f"columns.{k}={v}" for k, v in wanted.items() if v not in types]
-        if missing:
-            raise ConnectorError(f"table {cfg.table} has no column for {', '.join(missing)}")
-        self._table_oid = int(found[0][2])
-        payload_type = types[cfg.columns.payload]
+            raise ConnectorError(f"table {table.display()} does not exist (run: outbox-relay init-db)")
+        problem = missing_columns(table.display(), cfg.columns.model_dump(), cols.mapping(), types)
+        if problem:
+            raise ConnectorError(problem)
+        self._table_oid = table.oid
+        payload_type = types[cols.payload]
         self._payload_is_bytes = payload_type == "bytea"
         self._content_type = {
             "json": "application/json",
             "jsonb": "application/json",
             "bytea": "application/octet-stream",
         }.get(payload_type, "text/plain; charset=utf-8")
+        self._table = table
         self._build_queries()
         return types
 
     def _build_queries(self) -> None:
-        cfg, cols = self.config, self.config.columns
-        table = cfg.table_ident()
+        cfg, cols = self.config, self._cols
+        assert self._table is not None
+        table = self._table.identifier()
         pos = sql.Identifier(cols.position)
         payload = sql.Identifier(cols.payload) if self._payload_is_bytes else _text_column(cols.payload)
         created = (
@@ -342,15 +381,16 @@ class PostgresPollingSource(Source):
         self._held.difference_update(positions)
 
     async def replay(self, event: OutboxEvent) -> str:
-        cfg, cols = self.config, self.config.columns
+        cfg, cols = self.config, self._cols
         conn = await self._conn("ack")
+        assert self._table is not None
         if cfg.after_publish == "mark" and cols.published_at:
             # The row is still there: unmark it; the relay picks it up again at its position.
             # (Found by position, the key, then checked by event id: a text comparison of the
             # event id alone would read the whole table.)
             cur = await conn.execute(
                 sql.SQL("UPDATE {} SET {} = NULL WHERE {} = %s AND {}::text = %s").format(
-                    cfg.table_ident(),
+                    self._table.identifier(),
                     sql.Identifier(cols.published_at),
                     sql.Identifier(cols.position),
                     sql.Identifier(cols.event_id),
@@ -358,15 +398,17 @@ class PostgresPollingSource(Source):
                 (int(event.position), event.event_id),
             )
             if cur.rowcount:
-                return f"unmarked row {event.event_id} in {cfg.table}"
+                return f"unmarked row {event.event_id} in {self._table.display()}"
         await self.write([event])
-        return f"inserted {event.event_id} into {cfg.table} again"
+        return f"inserted {event.event_id} into {self._table.display()} again"
 
     async def write(self, events: Sequence[OutboxEvent]) -> None:
         conn = await self._conn("ack")
+        assert self._table is not None
+        table = self._table.identifier()
         async with conn.transaction():
             for event in events:
-                await conn.execute(*insert_event(self.config.table, self.config.columns.model_dump(), event))
+                await conn.execute(*insert_event(table, self._cols.mapping(), event))
 
     # --- wake-ups -----------------------------------------------------------------------------
 
@@ -409,10 +451,10 @@ class PostgresPollingSource(Source):
     async def status_lines(self) -> list[str]:
         stats = await self.backlog()
         line = f"pending={stats.pending} oldest_age={stats.oldest_age_seconds:.1f}s"
-        cols = self.config.columns
-        if self.config.after_publish == "mark" and cols.published_at:
+        cols = self._cols
+        if self.config.after_publish == "mark" and cols.published_at and self._table is not None:
             query = sql.SQL("SELECT count(*) FROM {} WHERE {} > now() - interval '1 minute'").format(
-                self.config.table_ident(), sql.Identifier(cols.published_at)
+                self._table.identifier(), sql.Identifier(cols.published_at)
             )
             row = await (await self._run("stats", query, ())).fetchone()
             line += f" published_last_minute={row[0] if row else 0}"
@@ -422,12 +464,12 @@ class PostgresPollingSource(Source):
         conn = await self._connect()
         try:
             types = await self._inspect_table(conn)
-            notes = [f"table {self.config.table}: {len(types)} columns, mapping ok"]
+            assert self._table is not None
+            notes = [f"table {self._table.display()}: {len(types)} columns, mapping ok"]
             if self.config.notify:
                 cur = await conn.execute(
-                    "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
-                    " AND tgname = 'outbox_relay_notify'",
-                    (self.config.table,),
+                    "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s AND tgname = 'outbox_relay_notify'",
+                    (self._table.oid,),
                 )
                 row = await cur.fetchone()
                 if row and row[0]:
@@ -438,29 +480,31 @@ class PostgresPollingSource(Source):
         finally:
             await conn.close()
 
-    def init_sql(self) -> list[str]:
-        cfg, cols = self.config, self.config.columns
-        table = ".".join(f'"{part}"' for part in cfg.table.split("."))
-        statements: list[str] = []
-        if cols == ColumnMapping():
-            statements.append(default_table_ddl(cfg.table))
+    def init_sql(self) -> list[sql.Composed]:
+        cfg, cols = self.config, self._cols
+        table = self._name.identifier()
+        statements: list[sql.Composed] = []
+        if cols == ColumnMapping().names():
+            statements.append(default_table_ddl(self._name))
         if cols.published_at and cfg.after_publish == "mark":
-            index = f"{cfg.table.split('.')[-1]}_unpublished"
             statements.append(
-                f'CREATE INDEX IF NOT EXISTS "{index}" ON {table} ("{cols.position}")'
-                f' WHERE "{cols.published_at}" IS NULL'
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}) WHERE {} IS NULL").format(
+                    sql.Identifier(derived_name(self._name.name, "_unpublished")),
+                    table,
+                    sql.Identifier(cols.position),
+                    sql.Identifier(cols.published_at),
+                )
             )
         if cfg.notify:
             statements.extend(
                 [
-                    "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger"
-                    " LANGUAGE plpgsql AS $$\nBEGIN\n"
-                    "  PERFORM pg_notify(TG_ARGV[0], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);\n"
-                    "  RETURN NULL;\nEND\n$$",
-                    f"DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}",
+                    _NOTIFY_FUNCTION,
+                    sql.SQL("DROP TRIGGER IF EXISTS outbox_relay_notify ON {}").format(table),
                     # One notification per inserting statement: cheap even for bulk inserts.
-                    f"CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table}"
-                    f" FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay_notify('{cfg.notify_channel}')",
+                    sql.SQL(
+                        "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {} FOR EACH STATEMENT"
+                        " EXECUTE FUNCTION outbox_relay_notify({})"
+                    ).format(table, sql.Literal(cfg.notify_channel)),
                 ]
             )
         return statements
@@ -477,22 +521,21 @@ class PostgresPollingSource(Source):
                 setattr(self, attr, None)
 
 
-def default_table_ddl(table: str) -> str:
+def default_table_ddl(table: QualifiedName) -> sql.Composed:
     """The default outbox table of DESIGN.md (shared by both PostgreSQL sources)."""
-    quoted = ".".join(f'"{part}"' for part in table.split("."))
-    return (
-        f"CREATE TABLE IF NOT EXISTS {quoted} (\n"
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (\n"
         "  position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
         "  event_id       uuid        NOT NULL DEFAULT gen_random_uuid() UNIQUE,\n"
         "  aggregate_type text        NOT NULL,\n"
         "  aggregate_id   text        NOT NULL,\n"
         "  event_type     text        NOT NULL,\n"
         "  payload        jsonb       NOT NULL,\n"
-        "  headers        jsonb       NOT NULL DEFAULT '{}',\n"
+        "  headers        jsonb       NOT NULL DEFAULT '{{}}',\n"
         "  created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
         "  published_at   timestamptz\n"
         ")"
-    )
+    ).format(table.identifier())
 
 
 plugin = SourcePlugin(type="postgres-polling", config=PostgresPollingConfig, factory=PostgresPollingSource)

@@ -20,6 +20,7 @@ from relay.runner import build_source
 from tests.harness.postgres import PostgresServer
 from tests.support import (
     assert_complete_and_ordered,
+    dead_letters,
     event_ids,
     insert_events,
     read_lines,
@@ -158,7 +159,7 @@ async def test_failing_aggregate_is_retried_in_order_while_other_aggregates_flow
     assert first_of_rejected > 3
 
 
-async def test_a_row_with_null_aggregate_id_blocks_only_itself_and_stays_visible(
+async def test_a_row_with_null_aggregate_id_is_held_in_the_dead_letter_table_and_blocks_only_itself(
     dsn: str, tmp_path: Path
 ) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -186,14 +187,14 @@ async def test_a_row_with_null_aggregate_id_blocks_only_itself_and_stays_visible
     config["outboxes"][0]["pipeline"] = {"stats_interval": "100ms"}
     config["outboxes"][0]["dead_letter"] = {"on_poison": "block"}
 
-    def two_delivered_and_retrying(relay: Any) -> bool:
-        return len(read_lines(tmp_path / "out.jsonl")) == 2 and relay.pipelines[0]._lanes.blocked_lanes == 1
+    def two_delivered_and_held(relay: Any) -> bool:
+        return len(read_lines(tmp_path / "out.jsonl")) == 2 and len(relay.pipelines[0]._holding) == 1
 
-    await run_relay_until(config, two_delivered_and_retrying)
+    await run_relay_until(config, two_delivered_and_held)
     assert sorted(line["aggregate_id"] for line in read_lines(tmp_path / "out.jsonl")) == ["a", "b"]
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT agg FROM loose WHERE done_at IS NULL").fetchall()
-    assert rows == [(None,)], "the defective row is neither published nor dropped"
+    # Not dropped: held (on_poison: block) in the dead-letter table, where dlq list shows it.
+    (held,) = await dead_letters(dsn)
+    assert (held.aggregate_id, held.state, held.error) == (None, "held", "aggregate id is NULL")
 
 
 async def test_memory_stays_bounded_by_the_in_flight_window(dsn: str, tmp_path: Path) -> None:
