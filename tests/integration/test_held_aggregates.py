@@ -1,0 +1,204 @@
+"""Held aggregates: an aggregate whose first event the broker keeps refusing waits in the
+dead-letter table, in order, instead of in memory, so the source advances (the replication slot
+is confirmed past it) and every other aggregate flows; its events go out in order once the
+first one goes through or is purged. Real PostgreSQL; a real Kafka where the refusal is real."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from relay.config import parse_config
+from relay.events import Failure, OutboxEvent, PublishResult
+from relay.interfaces import Sink
+from relay.outbox import write_event
+from relay.pipeline import Pipeline
+from relay.runner import build_dead_letter_store, build_source, set_up_database
+from tests.conftest import consume_event_ids, kafka_headers, run_cli
+from tests.harness.kafka import KafkaBroker
+from tests.support import dead_letters, relay_config, run_relay_until, write_config
+
+
+def _logical(config: dict[str, Any], dsn: str) -> dict[str, Any]:
+    config["outboxes"][0]["source"] = {"type": "postgres-logical", "dsn": dsn, "poll_interval": "100ms"}
+    return config
+
+
+async def _init_db(config: dict[str, Any]) -> None:
+    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+    await set_up_database(outbox, build_source(outbox, 0))
+
+
+def _insert_others(dsn: str, count: int, aggregates: int) -> set[str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+            " SELECT 'order', 'other-' || (i %% %s), 'Updated', jsonb_build_object('i', i)"
+            " FROM generate_series(1, %s) AS i RETURNING event_id::text",
+            (aggregates, count),
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _wal_insert_position(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _slot_confirmed(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots"
+            " WHERE slot_name = 'outbox_relay'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _held(dsn: str) -> list[tuple[str, str]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT event_id, state FROM outbox_relay_dead_letters ORDER BY position"
+        ).fetchall()
+    return [(row[0], row[1]) for row in rows]
+
+
+async def test_block_holds_a_refused_aggregate_in_the_store_so_the_slot_advances_and_purging_releases_it(
+    dsn: str, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = f"held-{uuid.uuid4().hex[:8]}"
+    sink = {
+        "type": "kafka",
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "topic": topic,
+        "producer": {"message.max.bytes": 100_000},
+    }
+    config = _logical(relay_config(dsn, sink), dsn)
+    config["outboxes"][0]["dead_letter"] = {"on_poison": "block"}
+    config["outboxes"][0]["pipeline"] = {"max_in_flight": 500, "stats_interval": "100ms"}
+    await _init_db(config)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        big = [write_event(conn, "order", "big", "Huge", {"blob": "x" * 200_000})]
+        big += [write_event(conn, "order", "big", "After", {"n": n}) for n in (2, 3)]
+    others = _insert_others(dsn, 3000, aggregates=100)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        big.append(write_event(conn, "order", "big", "After", {"n": 4}))
+    written = _wal_insert_position(dsn)
+
+    def held_and_confirmed(_: Any) -> bool:
+        return len(_held(dsn)) == 4 and _slot_confirmed(dsn) >= written
+
+    await run_relay_until(config, held_and_confirmed, timeout=90)
+    assert _held(dsn) == [(event_id, "held") for event_id in big]
+    delivered = consume_event_ids(kafka, topic, others, timeout=30)
+    assert {kafka_headers(m)["event_id"] for m in delivered} == others, "the other aggregates all flowed"
+
+    path = write_config(tmp_path, config)
+    status = run_cli("status", "-c", str(path))
+    assert "held=4 held_aggregates=1" in status.stdout, status.stdout + status.stderr
+    listed = run_cli("dlq", "list", "-c", str(path)).stdout.splitlines()
+    assert [line.split()[1] for line in listed] == big and all("state=held" in line for line in listed)
+    purge = run_cli("dlq", "purge", "-c", str(path), "--event-id", big[0])
+    assert purge.returncode == 0, purge.stderr
+
+    await run_relay_until(config, lambda _: _held(dsn) == [], timeout=60)
+    messages = consume_event_ids(kafka, topic, others | set(big[1:]), timeout=30)
+    of_big = [kafka_headers(m)["event_id"] for m in messages if kafka_headers(m)["aggregate_id"] == "big"]
+    assert of_big == big[1:], "released in order, once each"
+
+
+class _RefusesUntil(Sink):
+    """Refuses events whose payload has `"poison": true` (a broker's refusal) until `accept` is
+    set; records what it delivered, in order."""
+
+    kind = "test"
+
+    def __init__(self, *, transient: bool = False) -> None:
+        self.accept = False
+        self.transient = transient
+        self.delivered: list[OutboxEvent] = []
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        results: list[PublishResult] = []
+        for event in events:
+            if b'"poison": true' in event.payload and not self.accept:
+                results.append(Failure("refused", transient=self.transient))
+            else:
+                self.delivered.append(event)
+                results.append(None)
+        await asyncio.sleep(0)
+        return results
+
+
+def _pipeline(config: dict[str, Any], sink: Sink) -> Pipeline:
+    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+    return Pipeline(
+        outbox.name,
+        build_source(outbox, 0),
+        sink,
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letter=outbox.dead_letter,
+        dead_letters=build_dead_letter_store(outbox, 0),
+    )
+
+
+async def test_held_events_survive_a_restart_and_go_out_in_order_with_the_ones_written_meanwhile(
+    dsn: str,
+) -> None:
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"on_poison": "block", "after_attempts": 2}
+    config["outboxes"][0]["retry"] = {"initial": "20ms", "max": "100ms"}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        x = [write_event(conn, "order", "x", "Poison", {"poison": True})]
+        x.append(write_event(conn, "order", "x", "After", {"n": 2}))
+    first = _RefusesUntil()
+    await run_relay_until(config, lambda _: len(_held(dsn)) == 2, pipelines=[_pipeline(config, first)])
+    with psycopg.connect(dsn, autocommit=True) as conn:  # written while no relay runs
+        x.append(write_event(conn, "order", "x", "After", {"n": 3}))
+    second = _RefusesUntil()
+    second.accept = True
+    written_while_running: list[str] = []
+
+    def all_out(relay: Any) -> bool:
+        if not written_while_running and len(second.delivered) >= 1:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                written_while_running.append(write_event(conn, "order", "x", "After", {"n": 4}))
+        return len(second.delivered) >= 4 and _held(dsn) == []
+
+    await run_relay_until(config, all_out, pipelines=[_pipeline(config, second)])
+    assert [e.event_id for e in second.delivered] == x + written_while_running
+    assert await dead_letters(dsn) == []
+
+
+async def test_an_aggregate_that_keeps_failing_is_held_when_it_pins_the_slot_and_the_others_flow(
+    dsn: str,
+) -> None:
+    """dead_letter mode, a per-event failure that is not the broker's refusal (transient: it
+    never counts toward dead-lettering): the logical source cannot confirm past it, and the
+    window fills with confirmed-later events. The aggregate is held; everything else flows."""
+    config = _logical(relay_config(dsn, {"type": "stdout"}), dsn)
+    config["outboxes"][0]["pipeline"] = {"max_in_flight": 200}
+    config["outboxes"][0]["retry"] = {"initial": "50ms", "max": "200ms"}
+    await _init_db(config)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        poison = write_event(conn, "order", "x", "Poison", {"poison": True})
+    others = _insert_others(dsn, 3000, aggregates=50)
+    written = _wal_insert_position(dsn)
+    sink = _RefusesUntil(transient=True)
+    started = time.monotonic()
+
+    def others_out(_: Any) -> bool:
+        return {e.event_id for e in sink.delivered} >= others and _slot_confirmed(dsn) >= written
+
+    await run_relay_until(config, others_out, pipelines=[_pipeline(config, sink)], timeout=60)
+    assert time.monotonic() - started < 60
+    assert _held(dsn) == [(poison, "held")]
