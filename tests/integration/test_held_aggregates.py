@@ -202,3 +202,67 @@ async def test_an_aggregate_that_keeps_failing_is_held_when_it_pins_the_slot_and
     await run_relay_until(config, others_out, pipelines=[_pipeline(config, sink)], timeout=60)
     assert time.monotonic() - started < 60
     assert _held(dsn) == [(poison, "held")]
+
+
+class _RefusesAggregate(Sink):
+    """Fails the events of one aggregate (per event, "try again later") until `accept` is set;
+    records every delivery."""
+
+    kind = "test"
+
+    def __init__(self, aggregate: str) -> None:
+        self.aggregate, self.accept = aggregate, False
+        self.delivered: list[str] = []
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        results: list[PublishResult] = []
+        for event in events:
+            if event.aggregate_id == self.aggregate and not self.accept:
+                results.append(Failure("try again later", transient=True))
+            else:
+                self.delivered.append(event.event_id)
+                results.append(None)
+        await asyncio.sleep(0)
+        return results
+
+
+async def test_a_crash_behind_a_failing_aggregate_sends_again_at_most_the_window_and_one_transaction(
+    dsn: str,
+) -> None:
+    """Logical replication confirms a transaction only once all its events and every earlier
+    one were acknowledged. Here every transaction has an event of an aggregate the broker keeps
+    failing, so without counting acknowledged-but-unconfirmed events in the window, everything
+    after its first event would be sent again after a crash."""
+    window, per_transaction = 300, 20
+    config = _logical(relay_config(dsn, {"type": "stdout"}), dsn)
+    config["outboxes"][0]["pipeline"] = {"max_in_flight": window}
+    await _init_db(config)
+    expected: set[str] = set()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for t in range(200):
+            rows = conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+                " SELECT 'order', CASE WHEN i = 1 THEN 'failing' ELSE 'ok-' || (i %% 37) END, 'Updated',"
+                " jsonb_build_object('t', %s::int, 'i', i) FROM generate_series(1, %s) AS i"
+                " RETURNING event_id::text",
+                (t, per_transaction),
+            ).fetchall()
+            expected.update(row[0] for row in rows)
+    sink = _RefusesAggregate("failing")
+    pipeline = _pipeline(config, sink)
+    stop, crash = asyncio.Event(), asyncio.Event()
+    run = asyncio.create_task(pipeline.run(stop, abandon=crash))
+    deadline = time.monotonic() + 60
+    while len(sink.delivered) < 3000:  # (3,800 events of the other aggregates in all)
+        assert time.monotonic() < deadline and not run.done(), "no progress"
+        await asyncio.sleep(0.01)
+    crash.set()  # as a kill: nothing more is acknowledged or confirmed
+    assert await run is False
+    before = len(sink.delivered)
+
+    sink.accept = True
+    await run_relay_until(
+        config, lambda _: set(sink.delivered) >= expected, pipelines=[_pipeline(config, sink)], timeout=60
+    )
+    again = len(sink.delivered[before:]) - len(set(sink.delivered[before:]) - set(sink.delivered[:before]))
+    assert again <= window + per_transaction, f"{again} events were sent again"
