@@ -38,7 +38,14 @@ from connectors.sources.postgres_connect import (
 from connectors.sources.read_floor import MIN_POSITION, ReadFloor
 from relay.durations import Duration
 from relay.events import OutboxEvent, checked_time, headers_from_json
-from relay.identifiers import ColumnName, QualifiedName, TableName, derived_name, parse_table_name
+from relay.identifiers import (
+    ColumnName,
+    QualifiedName,
+    TableName,
+    derived_name,
+    parse_table_name,
+    quote_ident,
+)
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SourcePlugin
@@ -128,6 +135,8 @@ class PostgresPollingSource(Source):
         #: Positions handed out and not acknowledged yet: reads skip them.
         self._held: set[int] = set()
         self._table_oid = 0
+        #: Set when the table was inspected: why per-aggregate order may not hold with it.
+        self.position_caveat: str | None = None
         self._last_sweep = 0.0
         self._last_read_empty = True
         self._caught_up = False
@@ -143,6 +152,10 @@ class PostgresPollingSource(Source):
     async def start(self) -> None:
         self._queries.clear()  # inspect the table again: its columns may have changed since
         await self._conn("fetch")
+        if self.position_caveat:
+            self._log.warning(
+                "per-aggregate order is not guaranteed with this table", reason=self.position_caveat
+            )
         if self.config.notify and self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="outbox-relay:listen")
 
@@ -175,7 +188,32 @@ class PostgresPollingSource(Source):
         }.get(payload_type, "text/plain; charset=utf-8")
         self._table = table
         self._build_queries()
+        self.position_caveat = await self._position_caveat(conn, table)
         return types
+
+    async def _position_caveat(self, conn: psycopg.AsyncConnection[Any], table: ResolvedTable) -> str | None:
+        """Why per-aggregate order may not hold with this table, or None: the read floor assumes
+        positions drawn by the INSERT from a sequence that hands out increasing values across
+        sessions (see read_floor). Nothing is ever lost either way."""
+        cur = await conn.execute(
+            "SELECT s.seqcache FROM pg_sequence s"
+            " WHERE s.seqrelid = pg_get_serial_sequence(%s::oid::regclass::text, %s)::regclass",
+            (table.oid, self._cols.position),
+        )
+        row = await cur.fetchone()
+        column = f"{table.display()}.{quote_ident(self._cols.position)}"
+        if row is None:
+            return (
+                f"{column} is not filled by an identity or serial sequence: per-aggregate order"
+                " assumes each inserting transaction draws its position, increasing, as it inserts"
+            )
+        if int(row[0]) > 1:
+            return (
+                f"the sequence of {column} caches {row[0]} values per session, so positions do not"
+                " follow the order in which they are drawn: a late row may be relayed after later rows"
+                " of its aggregate (ALTER SEQUENCE ... CACHE 1)"
+            )
+        return None
 
     def _build_queries(self) -> None:
         cfg, cols = self.config, self._cols
@@ -466,6 +504,8 @@ class PostgresPollingSource(Source):
             types = await self._inspect_table(conn)
             assert self._table is not None
             notes = [f"table {self._table.display()}: {len(types)} columns, mapping ok"]
+            if self.position_caveat:
+                notes.append(f"warning: {self.position_caveat}")
             if self.config.notify:
                 cur = await conn.execute(
                     "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s AND tgname = 'outbox_relay_notify'",

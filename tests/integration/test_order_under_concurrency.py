@@ -106,3 +106,21 @@ async def test_logical_message_mode_keeps_every_aggregates_order_under_concurren
     out = tmp_path / "out.jsonl"
     config = _logical_config(dsn, out, "message")
     await _relay_concurrent_writers(config, dsn, out, WriterPlan(seed=7), message_writer)
+
+
+def test_check_warns_when_positions_are_not_drawn_in_order_by_the_insert(dsn: str, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+    from tests.support import write_config
+
+    path = write_config(tmp_path, relay_config(dsn, {"type": "stdout"}))
+    fine = run_cli("check", "-c", str(path), "--connect")
+    assert fine.returncode == 0 and "warning" not in fine.stdout, fine.stdout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE outbox ALTER COLUMN position SET CACHE 20")
+    cached = run_cli("check", "-c", str(path), "--connect")
+    assert cached.returncode == 0
+    assert "caches 20 values per session" in cached.stdout, cached.stdout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE outbox ALTER COLUMN position DROP IDENTITY")
+    unsequenced = run_cli("check", "-c", str(path), "--connect")
+    assert "is not filled by an identity or serial sequence" in unsequenced.stdout, unsequenced.stdout
