@@ -35,6 +35,7 @@ from pydantic import Field
 from connectors.sources import pgoutput
 from connectors.sources.postgres_connect import EventColumns, connect, insert_event, null_column_defect
 from connectors.sources.postgres_polling import default_table_ddl
+from relay import json_span
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
 from relay.interfaces import BacklogStats, ConnectorError, Source
@@ -384,17 +385,19 @@ class PostgresLogicalSource(Source):
         )
 
     def _message_event(self, message: pgoutput.Message, lsn: int, unit: _Unit) -> OutboxEvent:
+        content = message.content
         try:
-            body = orjson.loads(message.content)
+            body = json_span.parse(content)
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
+            # The payload as the application wrote it: its bytes in the message, never re-encoded.
+            span = json_span.member_spans(content, ("payload",)).get("payload")
         except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
             reason = f"message is not an outbox event JSON object: {exc}"
             return OutboxEvent(
-                lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", message.content, {},
+                lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", content, {},
                 self._commit_time, ack_token=unit, defect=reason,
             )  # fmt: skip
-        payload = body.get("payload")
         headers = body.get("headers") or {}
         defect: str | None = None
         for required in ("event_id", "aggregate_type", "aggregate_id", "event_type"):
@@ -408,7 +411,7 @@ class PostgresLogicalSource(Source):
             str(body.get("aggregate_type") or ""),
             None if body.get("aggregate_id") is None else str(body["aggregate_id"]),
             str(body.get("event_type") or ""),
-            orjson.dumps(payload),
+            b"null" if span is None else content[span[0] : span[1]],
             {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in headers.items()},
             self._commit_time,
             ack_token=unit,
@@ -473,12 +476,16 @@ class PostgresLogicalSource(Source):
         async with conn.transaction():
             for event in events:
                 if cfg.mode == "message":
+                    try:  # (a payload the relay could not read as JSON cannot go into a message)
+                        json_span.parse(event.payload)
+                    except ValueError as exc:
+                        raise ConnectorError(f"event {event.event_id}: payload is not JSON: {exc}") from None
                     content = message_content(
                         event.event_id,
                         event.aggregate_type,
                         event.aggregate_id,
                         event.event_type,
-                        orjson.loads(event.payload) if event.payload else None,
+                        event.payload,  # its bytes as they are
                         event.headers,
                     )
                     await conn.execute(
