@@ -3,6 +3,12 @@ byte for byte (DESIGN.md: "the body is the payload as stored: numbers never pass
 
 from __future__ import annotations
 
+import base64
+import json
+from pathlib import Path
+
+from relay.json_span import member_spans
+
 # JSON documents as an application might write them into a `json` column or a message.
 NUMBERS = (
     b'{"a":123456789012345678901234567890,"price":1.10,"n":1e2,"m":1E+2,"z":-0,"f":-0.0,'
@@ -43,3 +49,25 @@ def in_a_line(payload: bytes) -> bytes:
     """A JSON payload as the line-based formats (file, stdout, webhook batch) carry it: the raw
     line breaks JSON allows between tokens become spaces, nothing else changes."""
     return payload.replace(b"\r", b" ").replace(b"\n", b" ")
+
+
+def read_line(line: bytes) -> tuple[str, bytes]:
+    """(event id, payload) of one line of the JSON-lines format (file and stdout sinks, a webhook
+    batch element). For `payload`, the exact bytes between its colon and the line's closing
+    brace (it is the last member), so whitespace around the value counts too: a JSON payload as
+    embedded, text as the JSON string it is embedded as. For `payload_base64`, the bytes."""
+    spans = member_spans(line, ["event_id", "payload", "payload_base64"])
+    event_id = json.loads(line[slice(*spans["event_id"])])
+    if "payload_base64" in spans:
+        return event_id, base64.b64decode(json.loads(line[slice(*spans["payload_base64"])]))
+    start, end = spans["payload"]
+    while line[start - 1 : start] in (b" ", b"\t"):
+        start -= 1
+    assert line[start - 10 : start] == b'"payload":' and line.endswith(b"}"), line[:200]
+    assert not line[end:-1].strip(b" \t"), "the payload is not the line's last member"
+    return event_id, line[start:-1]
+
+
+def read_lines(path: Path) -> dict[str, bytes]:
+    """{event id: payload} of every line of a file-sink file (see `read_line`)."""
+    return dict(read_line(line) for line in path.read_bytes().split(b"\n") if line)

@@ -4,7 +4,6 @@ decimals with trailing zeros, exponents, -0, escapes, \\u0000, surrogate pairs, 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import uuid
@@ -22,14 +21,13 @@ from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
 from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
 from relay.events import OutboxEvent
 from relay.interfaces import Sink
-from relay.json_span import member_spans
 from tests.conftest import kafka_headers
 from tests.harness.kafka import KafkaBroker
 from tests.harness.nats import NatsServer, read_stream, start_nats
 from tests.harness.rabbitmq import RabbitBroker, declare_queue, delete, drain_queue
 from tests.harness.redis import RedisServer, unique_prefix
 from tests.harness.webhook import WebhookReceiver
-from tests.payloads import BYTES_PAYLOAD, JSON_PAYLOADS, TEXT_PAYLOAD, in_a_line
+from tests.payloads import BYTES_PAYLOAD, JSON_PAYLOADS, TEXT_PAYLOAD, in_a_line, read_line
 
 _TEXT = "text/plain; charset=utf-8"
 _BINARY = "application/octet-stream"
@@ -69,22 +67,9 @@ def _ids() -> dict[str, str]:
 
 
 def _from_line(line: bytes) -> tuple[str, bytes]:
-    """(event id, payload) of one file-sink line: a JSON payload as the exact bytes in the line
-    (the last member: everything between its colon and the line's closing brace, so that
-    whitespace around the value counts too), text from the JSON string it is embedded as, bytes
-    from base64."""
-    spans = member_spans(line, ["event_id", "payload", "payload_base64"])
-    event_id = json.loads(line[slice(*spans["event_id"])])
-    if "payload_base64" in spans:
-        return event_id, base64.b64decode(json.loads(line[slice(*spans["payload_base64"])]))
-    start, end = spans["payload"]
-    if event_id == _ids()["text"]:
-        return event_id, json.loads(line[start:end]).encode()
-    while line[start - 1 : start] in (b" ", b"\t"):
-        start -= 1
-    assert line[start - 10 : start] == b'"payload":' and line.endswith(b"}"), line[:200]
-    assert not line[end:-1].strip(b" \t"), "the payload is not the line's last member"
-    return event_id, line[start:-1]
+    event_id, payload = read_line(line)
+    # Text is embedded as a JSON string: compare the text it stands for.
+    return event_id, json.loads(payload).encode() if event_id == _ids()["text"] else payload
 
 
 def _lines_of(path: Path) -> dict[str, bytes]:
