@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from psycopg import sql
 
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.config import parse_config
-from relay.events import OutboxEvent
+from relay.events import Failure, OutboxEvent, PublishResult
+from relay.interfaces import Sink
 from relay.outbox import emit_event, write_event
-from relay.runner import build_source
+from relay.pipeline import Pipeline
+from relay.runner import build_dead_letter_store, build_source
 from tests.conftest import run_cli
 from tests.payloads import (
     BYTES_PAYLOAD,
@@ -29,7 +32,7 @@ from tests.payloads import (
     in_a_line,
     read_lines,
 )
-from tests.support import write_config
+from tests.support import dead_letters, run_relay_until, write_config
 
 _JSON_WS = b" \t\r\n"
 _TYPES = ("json", "jsonb", "text", "bytea")
@@ -248,6 +251,51 @@ def test_run_drain_writes_every_payload_to_the_file_sink_as_stored(dsn: str, tmp
         got = {event_id: _decoded(delivered.get(event_id), kind) for event_id in want}
         wrong += [f"{kind} {i}: got {got[i]!r:.120}, want {w!r:.120}" for i, w in want.items() if got[i] != w]
     assert not wrong, "\n".join(wrong)
+
+
+class _RefusesPoison(Sink):
+    """Refuses, for good, every event whose payload says "poison" (as a broker refuses a message
+    it will never take); acknowledges the rest."""
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        return [Failure("refused", permanent=True) if b"poison" in e.payload else None for e in events]
+
+
+async def test_a_dead_letter_replayed_in_message_mode_keeps_its_payload_bytes(
+    dsn: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    config = _config(_logical_outbox(dsn, "message", out))
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 1}
+    _init(config)
+    payload = b'{"poison": true, "price": 1.10, "a": 123456789012345678901234567890, "n": 1E+2}'
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        poison = emit_event(conn, "payload", "p1", "Checked", payload)
+    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+    pipeline = Pipeline(
+        outbox.name,
+        build_source(outbox, 0),
+        _RefusesPoison(),
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letter=outbox.dead_letter,
+        dead_letters=build_dead_letter_store(outbox, 0),
+    )
+    await run_relay_until(config, lambda _: _parked(dsn), pipelines=[pipeline])
+    assert [letter.payload for letter in await dead_letters(dsn, outbox.name)] == [payload]
+
+    path = write_config(tmp_path, config)
+    replayed = run_cli("dlq", "replay", "-c", str(path), "--event-id", poison)
+    assert replayed.returncode == 0, replayed.stderr
+    drained = run_cli("run", "-c", str(path), "--drain")
+    assert drained.returncode == 0, drained.stderr[-3000:]
+    assert read_lines(out) == {poison: payload}
+
+
+def _parked(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox_relay_dead_letters").fetchone()
+    return bool(row and row[0])
 
 
 def _ids_of(kind: str, expected: dict[str, tuple[bytes, str]]) -> set[str]:
