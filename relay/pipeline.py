@@ -22,7 +22,7 @@ from relay.backoff import Backoff
 from relay.config import DeadLetterConfig, PipelineConfig, RetryConfig
 from relay.deadletters import DeadLetterStore
 from relay.events import Failure, OutboxEvent, PublishResult
-from relay.interfaces import Sink, Source
+from relay.interfaces import Sink, Source, Unsupported
 from relay.lanes import Lanes
 from relay.logs import get_logger
 from relay.secrets import scrubber
@@ -402,6 +402,8 @@ class Pipeline:
             try:
                 result = await action()
             except Exception as exc:
+                if isinstance(exc, Unsupported) and stop is not None:
+                    raise  # retrying cannot help: the relay stops and says why
                 attempt += 1
                 if database:
                     self._set_db(False)
