@@ -20,6 +20,7 @@ window bounds what is held, the socket holds the rest (a 200,000-event transacti
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from connectors.sources.postgres_polling import default_table_ddl
 from relay import json_span
 from relay.durations import Duration
 from relay.events import OutboxEvent, headers_from_json
-from relay.interfaces import BacklogStats, ConnectorError, Source
+from relay.interfaces import BacklogStats, ConnectorError, Source, Unsupported
 from relay.logs import get_logger
 from relay.outbox import message_content
 from relay.registry import ConnectorConfig, SourcePlugin
@@ -119,6 +120,9 @@ class PostgresLogicalSource(Source):
         self._caught_up = False
         self._drain_target = 0
         self._held = 0
+        #: Message mode on a database whose encoding is not UTF8: how its bytes decode (see
+        #: `_message_charmap`); None when messages are UTF-8 already.
+        self._charmap: str | None = None
 
     # --- connections --------------------------------------------------------------------------
 
@@ -132,6 +136,8 @@ class PostgresLogicalSource(Source):
 
     async def start(self) -> None:
         sql = await self._sql_conn()
+        if self.config.mode == "message":
+            self._charmap = await _message_charmap(sql)
         # The WAL position the relay must reach for `--drain`: a heartbeat written now.
         cur = await sql.execute("SELECT pg_logical_emit_message(true, %s, '')::text", (HEARTBEAT_PREFIX,))
         row = await cur.fetchone()
@@ -387,12 +393,14 @@ class PostgresLogicalSource(Source):
     def _message_event(self, message: pgoutput.Message, lsn: int, unit: _Unit) -> OutboxEvent:
         content = message.content
         try:
+            if self._charmap is not None:  # the database's encoding, to UTF-8 as the server converts
+                content = codecs.charmap_decode(content, "strict", self._charmap)[0].encode()
             body = json_span.parse(content)
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
             # The payload as the application wrote it: its bytes in the message, never re-encoded.
             span = json_span.member_spans(content, ("payload",)).get("payload")
-        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+        except ValueError as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
             reason = f"message is not an outbox event JSON object: {exc}"
             return OutboxEvent(
                 lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", content, {},
@@ -584,6 +592,9 @@ class PostgresLogicalSource(Source):
                     f"replication slot {self.config.slot} uses plugin {row[2]}, not pgoutput"
                 )
             notes.append("wal_level logical, REPLICATION granted, publication and slot present")
+            if self.config.mode == "message" and await _message_charmap(sql) is not None:
+                encoding = sql.info.parameter_status("server_encoding")
+                notes.append(f"messages are converted from the database's encoding {encoding} to UTF-8")
             if row[0]:
                 notes.append(f"slot {self.config.slot} is in use by pid {row[1]} (another relay is active)")
             return notes
@@ -624,6 +635,41 @@ class PostgresLogicalSource(Source):
         if self._sql is not None:
             await self._sql.close()
             self._sql = None
+
+
+async def _message_charmap(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """How to read WAL messages of this database as UTF-8: None when its encoding is UTF8, else
+    a decoding table for `codecs.charmap_decode`.
+
+    pgoutput sends a message's content as the raw bytes of the database's encoding (everything
+    else it sends is converted to the client encoding, UTF8). For a single-byte encoding (LATIN1,
+    WIN1252, KOI8R, ...) the table is the server's own conversion of each byte, asked once, so
+    messages read exactly as a `text` column would; a byte the server cannot convert stays
+    undefined (such a message becomes a defect and is dead-lettered, never altered). Multi-byte
+    encodings other than UTF8 (EUC_JP, EUC_CN, ...) have no such table: message mode refuses
+    them (table mode converts everything on the server and works with any encoding)."""
+    encoding = conn.info.parameter_status("server_encoding") or "UTF8"
+    if encoding == "UTF8":
+        return None
+    row = await (
+        await conn.execute("SELECT pg_encoding_max_length(pg_char_to_encoding(%s))", (encoding,))
+    ).fetchone()
+    if not row or row[0] != 1:
+        raise Unsupported(
+            f"message mode cannot read WAL messages of database {conn.info.dbname}: its encoding"
+            f" {encoding} is neither UTF8 nor a single-byte encoding, and PostgreSQL sends messages"
+            " unconverted; use mode: table, or a database in UTF8"
+        )
+    table = [chr(byte) for byte in range(128)] + ["\ufffe"] * 128  # U+FFFE: undefined
+    convert = "SELECT convert_from(decode(lpad(to_hex(%s::int), 2, '0'), 'hex'), %s)"
+    for byte in range(128, 256):
+        try:
+            converted = await (await conn.execute(convert, (byte, encoding))).fetchone()
+        except psycopg.DataError:  # no equivalent in UTF-8
+            continue
+        if converted and len(converted[0]) == 1:
+            table[byte] = converted[0]
+    return "".join(table)
 
 
 def _quoted(table: str) -> str:
