@@ -88,6 +88,10 @@ def _stdout(tmp_path: Path) -> Iterator[tuple[Sink, Read]]:
 
 
 def _kafka(kafka: KafkaBroker) -> Iterator[tuple[Sink, Read]]:
+    yield from _kafka_with(kafka, cloudevents=False)
+
+
+def _kafka_with(kafka: KafkaBroker, *, cloudevents: bool) -> Iterator[tuple[Sink, Read]]:
     topic = f"payload-{uuid.uuid4().hex}"
     kafka.create_topic(topic, partitions=1)
     sink = KafkaSink(
@@ -97,6 +101,7 @@ def _kafka(kafka: KafkaBroker) -> Iterator[tuple[Sink, Read]]:
             topic=topic,
             producer={"message.max.bytes": 16_000_000},  # (librdkafka's default is 1 MB)
             delivery_timeout=30,
+            format="cloudevents" if cloudevents else "raw",
         )
     )
 
@@ -105,6 +110,10 @@ def _kafka(kafka: KafkaBroker) -> Iterator[tuple[Sink, Read]]:
         return {kafka_headers(m)["event_id"]: m["value"] or b"" for m in messages}
 
     yield sink, read
+
+
+def _kafka_cloudevents(kafka: KafkaBroker) -> Iterator[tuple[Sink, Read]]:
+    yield from _kafka_with(kafka, cloudevents=True)  # (binary mode: the payload stays the body)
 
 
 def _rabbitmq(rabbitmq: RabbitBroker) -> Iterator[tuple[Sink, Read]]:
@@ -190,6 +199,7 @@ _SINKS: dict[str, Callable[..., Iterator[tuple[Sink, Read]]]] = {
     "file": _file,
     "stdout": _stdout,
     "kafka": _kafka,
+    "kafka-cloudevents": _kafka_cloudevents,
     "rabbitmq": _rabbitmq,
     "nats": _nats,
     "redis": _redis,
