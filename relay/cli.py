@@ -78,11 +78,16 @@ def run(config_path: Path, drain: bool) -> None:
     except SetupError as exc:
         _fail(f"{config_path}: {exc}")
 
+    relay = Relay(config, pipelines)
+
     async def main() -> int:
-        return await Relay(config, pipelines).run(drain=drain)
+        return await relay.run(drain=drain)
 
     tune_garbage_collector()
-    sys.exit(_run_async(main))
+    code = _run_async(main)
+    if relay.refusals:
+        _fail([f"{config_path}: {refusal}" for refusal in relay.refusals], code)
+    sys.exit(code)
 
 
 @cli.command()

@@ -27,6 +27,8 @@ from psycopg import sql
 
 from relay.events import OutboxEvent
 from relay.identifiers import derived_name, parse_table_name
+from relay.interfaces import Unsupported
+from relay.pgsession import refuse_unusable, session_conninfo
 from relay.secrets import scrubber
 
 DEFAULT_TABLE = "outbox_relay_dead_letters"
@@ -151,11 +153,20 @@ class DeadLetterStore:
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             try:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, connect_timeout=10, application_name="outbox-relay"
+                conn = await psycopg.AsyncConnection.connect(
+                    session_conninfo(self._dsn),
+                    autocommit=True,
+                    connect_timeout=10,
+                    application_name="outbox-relay",
                 )
             except psycopg.Error as exc:
                 raise psycopg.OperationalError(scrubber.scrub(str(exc))) from None
+            try:
+                refuse_unusable(conn)
+            except Unsupported:
+                await conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool, str]]) -> None:

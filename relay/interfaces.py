@@ -20,6 +20,12 @@ class ConnectorError(Exception):
     """A failure a connector explains in one sentence (no traceback is shown to the user)."""
 
 
+class Unsupported(ConnectorError):
+    """A database (or a setting of it) the relay cannot serve, however often it tries (a
+    SQL_ASCII database, say): `run` stops with this one sentence instead of retrying, and
+    `check --connect` reports it."""
+
+
 @dataclass(frozen=True, slots=True)
 class BacklogStats:
     """What is waiting in a source. `oldest_age_seconds` is 0 when nothing waits;

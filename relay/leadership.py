@@ -17,7 +17,9 @@ from typing import Any
 import psycopg
 
 from relay.backoff import Backoff
+from relay.interfaces import Unsupported
 from relay.logs import get_logger
+from relay.pgsession import refuse_unusable, session_conninfo
 from relay.secrets import scrubber
 
 # First half of the two-int advisory lock key: "outbox-relay" (so other users of advisory locks
@@ -52,7 +54,7 @@ class Lease:
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
-            self._dsn,
+            session_conninfo(self._dsn),
             autocommit=True,
             connect_timeout=5,
             application_name="outbox-relay lease",
@@ -62,6 +64,11 @@ class Lease:
             keepalives_interval=1,
             keepalives_count=3,
         )
+        try:
+            refuse_unusable(conn)  # (a database no relay can serve: say so instead of standing by)
+        except Unsupported:
+            await conn.close()
+            raise
         # Server side: end this session (and free the lock) soon after the network to us is cut.
         for setting in ("tcp_keepalives_idle = 2", "tcp_keepalives_interval = 1", "tcp_keepalives_count = 2"):
             await conn.execute(f"SET {setting}")

@@ -7,6 +7,10 @@
 The event becomes visible to the relay exactly when the transaction commits, and never if it
 rolls back. Serialize writes per aggregate (lock the aggregate's row first, as above) so that one
 aggregate's events commit in position order.
+
+A payload given as JSON text (str or bytes) is written as it is: the server checks it, and the
+relay delivers it unchanged (a `json` or `text` column keeps it byte for byte, a `jsonb` column
+as PostgreSQL renders it). Any other value is serialized once, with `json.dumps`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor, sql
 from psycopg.types.json import Jsonb
 
+from relay import json_span
 from relay.identifiers import parse_table_name
 
 _INSERT = (
@@ -33,6 +38,16 @@ def _statement(table: str) -> sql.Composed:
     return sql.SQL(_INSERT).format(table=parse_table_name(table).identifier())
 
 
+def _json_text(payload: Any) -> str:
+    """The payload as JSON text: str and bytes are JSON text already, anything else is
+    serialized once (NaN and infinities are not JSON: refused here rather than by the server)."""
+    if isinstance(payload, bytes):
+        return payload.decode()
+    if isinstance(payload, str):
+        return payload
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+
+
 def _params(
     aggregate_type: str,
     aggregate_id: str,
@@ -42,15 +57,13 @@ def _params(
     event_id: str | None,
 ) -> tuple[str, tuple[Any, ...]]:
     event_id = event_id or str(uuid.uuid4())
-    if isinstance(payload, bytes):
-        payload = payload.decode()
-    body = Jsonb(json.loads(payload)) if isinstance(payload, str) else Jsonb(payload)
     return event_id, (
         event_id,
         aggregate_type,
         str(aggregate_id),
         event_type,
-        body,
+        # A str parameter goes untyped: the payload column (jsonb, json or text) parses it.
+        _json_text(payload),
         Jsonb(dict(headers or {})),
     )
 
@@ -114,12 +127,16 @@ def emit_event(
     The message content (write the same JSON from any language with
     `SELECT pg_logical_emit_message(true, 'outbox', '<json>')`):
     {"event_id": "...", "aggregate_type": "...", "aggregate_id": "...", "event_type": "...",
-     "payload": <any JSON>, "headers": {"name": "value"}}
+     "headers": {"name": "value"}, "payload": <any JSON>}
+    The relay delivers the text of the `payload` value exactly as it stands in the message.
+    A payload given as JSON text is checked here (no server checks a message): ValueError if it
+    is not JSON.
     """
     event_id = event_id or str(uuid.uuid4())
-    if isinstance(payload, bytes | str):
-        payload = json.loads(payload)
-    content = message_content(event_id, aggregate_type, str(aggregate_id), event_type, payload, headers)
+    text = _json_text(payload)
+    if isinstance(payload, str | bytes):
+        json_span.parse(text.encode())
+    content = message_content(event_id, aggregate_type, str(aggregate_id), event_type, text, headers)
     conn_or_cursor.execute("SELECT pg_logical_emit_message(true, %s, %s)", (prefix, content))
     return event_id
 
@@ -129,18 +146,20 @@ def message_content(
     aggregate_type: str,
     aggregate_id: str | None,
     event_type: str,
-    payload: Any,
+    payload_json: str | bytes,
     headers: Mapping[str, str] | None,
 ) -> str:
-    """The JSON a message-mode event carries (what `postgres-logical` in message mode decodes)."""
-    return json.dumps(
+    """The JSON a message-mode event carries (what `postgres-logical` in message mode decodes).
+    `payload_json` is JSON text, placed into the message as it is (never parsed here)."""
+    envelope = json.dumps(
         {
             "event_id": event_id,
             "aggregate_type": aggregate_type,
             "aggregate_id": aggregate_id,
             "event_type": event_type,
-            "payload": payload,
             "headers": dict(headers or {}),
         },
         separators=(",", ":"),
     )
+    payload = payload_json.decode() if isinstance(payload_json, bytes) else payload_json
+    return f'{envelope[:-1]},"payload":{payload}}}'

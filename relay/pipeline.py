@@ -28,7 +28,7 @@ from relay.deadletters import DEAD, HELD, DeadLetterStore
 from relay.deadletters import as_event as held_event
 from relay.events import Failure, OutboxEvent, PublishResult
 from relay.holds import HeldAggregates
-from relay.interfaces import Sink, Source
+from relay.interfaces import Sink, Source, Unsupported
 from relay.lanes import Lanes
 from relay.logs import get_logger
 from relay.secrets import scrubber
@@ -498,6 +498,8 @@ class Pipeline:
             try:
                 result = await action()
             except Exception as exc:
+                if isinstance(exc, Unsupported) and stop is not None:
+                    raise  # retrying cannot help: the relay stops and says why
                 attempt += 1
                 if database:
                     self._set_db(False)

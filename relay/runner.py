@@ -17,7 +17,7 @@ from relay.deadletters import DeadLetterStore
 from relay.deadletters import create_table_sql as create_dead_letter_table
 from relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from relay.http import HealthServer
-from relay.interfaces import ConnectorError, Sink, Source
+from relay.interfaces import ConnectorError, Sink, Source, Unsupported
 from relay.leadership import Lease, LeaseLost
 from relay.logs import get_logger
 from relay.pipeline import Pipeline
@@ -163,6 +163,9 @@ class Relay:
         #: "active" while this process relays an outbox, "standby" while another replica does.
         self.roles = ["active" if not self._lease_dsn(o) else "standby" for o in config.outboxes]
         self._leases: dict[int, Lease] = {}
+        #: Why outboxes could not be served (a database the relay does not support): `run`
+        #: then stops every outbox and exits 2, and the command line prints these lines.
+        self.refusals: list[str] = []
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when every outbox this replica is active for can reach its database and broker,
@@ -224,6 +227,14 @@ class Relay:
             leader.set(0)
             await lease.release()
 
+    async def _serve(self, index: int, drain: bool) -> None:
+        """`_supervise`, and for a database the relay cannot serve, a refusal that stops all."""
+        try:
+            await self._supervise(index, drain)
+        except Unsupported as exc:
+            self.refusals.append(f"outboxes[{index}] ({self.config.outboxes[index].name}): {exc}")
+            self.stop.set()
+
     @staticmethod
     async def _watch(lease: Lease, lost: asyncio.Event, log: Any) -> None:
         try:
@@ -251,7 +262,7 @@ class Relay:
                 self._log.error("cannot open the HTTP port", port=self.config.http.port, error=str(exc))
                 return 2
             self._log.info("http listening", port=self.http.port)
-        runs = [asyncio.create_task(self._supervise(i, drain)) for i in range(len(self.pipelines))]
+        runs = [asyncio.create_task(self._serve(i, drain)) for i in range(len(self.pipelines))]
         try:
             stopper = asyncio.create_task(self.stop.wait())
             done, _ = await asyncio.wait({stopper, *runs}, return_when=asyncio.FIRST_COMPLETED)
@@ -269,7 +280,7 @@ class Relay:
             for task in runs:
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            return 0
+            return 2 if self.refusals else 0
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)

@@ -1,8 +1,10 @@
 """The JSON-lines message format shared by the `stdout` and `file` sinks.
 
 One line per event: the event's metadata, every header of DESIGN.md (the row's own headers
-included) and the payload. A JSON payload is embedded as JSON, unchanged (compacted when it
-spans lines); any other payload is embedded as a string (text) or base64 (`payload_base64`).
+included) and the payload. A JSON payload is embedded as JSON, byte for byte, except that a raw
+line break in it (CR or LF, which JSON allows only as whitespace between tokens, never inside a
+string) becomes a space, so that one event stays one line; any other payload is embedded as a
+string (text) or base64 (`payload_base64`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def encode_line(event: OutboxEvent) -> bytes:
         payload = event.payload
         if b"\n" in payload or b"\r" in payload:
             # A `json` column keeps the writer's line breaks; one event must stay one line.
-            payload = orjson.dumps(orjson.loads(payload))
+            payload = payload.replace(b"\n", b" ").replace(b"\r", b" ")
         return meta[:-1] + b',"payload":' + payload + b"}\n"
     if ctype.startswith("text/"):
         text = orjson.dumps(event.payload.decode("utf-8", "replace"))

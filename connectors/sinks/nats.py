@@ -236,11 +236,15 @@ class _Call:
     results: list[PublishResult | _Unsettled]
     done: asyncio.Future[None]
     remaining: int = 0
+    #: Every event of the call was handed to the client. Until then PubAcks may catch up with
+    #: the events sent so far (the loop yields, a big message waits for a flush), and that
+    #: must not end the wait for the events not sent yet.
+    sealed: bool = False
 
     def settle(self, index: int, result: PublishResult) -> None:
         self.results[index] = result
         self.remaining -= 1
-        if self.remaining == 0 and not self.done.done():
+        if self.sealed and self.remaining == 0 and not self.done.done():
             self.done.set_result(None)
 
 
@@ -379,6 +383,7 @@ class NatsSink(Sink):
             link.waiting[token] = (call, index, subject)
             call.remaining += 1
             tokens.append(token)
+        call.sealed = True
         if call.remaining:
             await asyncio.wait((call.done,), timeout=config.ack_timeout)
         if call.remaining:

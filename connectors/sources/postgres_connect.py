@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from relay.events import OutboxEvent
 from relay.identifiers import ColumnName, QualifiedName, parse_identifier, printable, quote_ident
-from relay.interfaces import ConnectorError
+from relay.interfaces import ConnectorError, Unsupported
+from relay.pgsession import refuse_unusable, session_conninfo
 from relay.secrets import scrubber
 
 
@@ -78,12 +79,14 @@ class EventColumns(BaseModel):
 
 
 async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psycopg.AsyncConnection[Any]:
-    """An autocommit connection named `outbox-relay` in pg_stat_activity; with `replication`, a
-    `replication=database` connection for the streaming protocol. Raises ConnectorError."""
+    """An autocommit connection named `outbox-relay` in pg_stat_activity, with the relay's
+    session settings (relay.pgsession: UTF-8, ISO dates in UTC, hex bytea); with `replication`,
+    a `replication=database` connection for the streaming protocol. Raises ConnectorError, and
+    Unsupported for a database the relay cannot serve."""
     extra: dict[str, Any] = {"replication": "database"} if replication else {}
     try:
-        return await psycopg.AsyncConnection.connect(
-            dsn,
+        conn = await psycopg.AsyncConnection.connect(
+            session_conninfo(dsn),
             autocommit=True,
             connect_timeout=max(1, int(timeout)),
             application_name="outbox-relay",
@@ -91,6 +94,12 @@ async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psy
         )
     except psycopg.Error as exc:
         raise ConnectorError(scrubber.scrub(f"cannot connect to the database: {exc}")) from None
+    try:
+        refuse_unusable(conn)
+    except Unsupported:
+        await conn.close()
+        raise
+    return conn
 
 
 def insert_event(

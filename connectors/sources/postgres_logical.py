@@ -20,6 +20,7 @@ window bounds what is held, the socket holds the rest (a 200,000-event transacti
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from connectors.sources.postgres_connect import (
     resolve_table,
 )
 from connectors.sources.postgres_polling import default_table_ddl
+from relay import json_span
 from relay.durations import Duration
 from relay.events import OutboxEvent, checked_time, headers_from_json
 from relay.identifiers import (
@@ -54,7 +56,7 @@ from relay.identifiers import (
     printable,
     quote_ident,
 )
-from relay.interfaces import BacklogStats, ConnectorError, Source
+from relay.interfaces import BacklogStats, ConnectorError, Source, Unsupported
 from relay.logs import get_logger
 from relay.outbox import message_content
 from relay.registry import ConnectorConfig, SourcePlugin
@@ -152,6 +154,9 @@ class PostgresLogicalSource(Source):
         self._held = 0
         #: Events of the units not confirmed yet (see `unconfirmed`).
         self._unconfirmed = 0
+        #: Message mode on a database whose encoding is not UTF8: how its bytes decode (see
+        #: `_message_charmap`); None when messages are UTF-8 already.
+        self._charmap: str | None = None
 
     # --- connections --------------------------------------------------------------------------
 
@@ -166,6 +171,8 @@ class PostgresLogicalSource(Source):
     async def start(self) -> None:
         sql = await self._sql_conn()
         await self._resolve(sql)
+        if self.config.mode == "message":
+            self._charmap = await _message_charmap(sql)
         # The WAL position the relay must reach for `--drain`: a heartbeat written now.
         cur = await sql.execute("SELECT pg_logical_emit_message(true, %s, '')::text", (HEARTBEAT_PREFIX,))
         row = await cur.fetchone()
@@ -485,17 +492,21 @@ class PostgresLogicalSource(Source):
         )
 
     def _message_event(self, message: pgoutput.Message, lsn: int, unit: _Unit) -> OutboxEvent:
+        content = message.content
         try:
-            body = orjson.loads(message.content)
+            if self._charmap is not None:  # the database's encoding, to UTF-8 as the server converts
+                content = codecs.charmap_decode(content, "strict", self._charmap)[0].encode()
+            body = json_span.parse(content)
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            # The payload as the application wrote it: its bytes in the message, never re-encoded.
+            span = json_span.member_spans(content, ("payload",)).get("payload")
+        except ValueError as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
             reason = f"message is not an outbox event JSON object: {exc}"
             return OutboxEvent(
-                lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", message.content, {},
+                lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", content, {},
                 self._commit_time, ack_token=unit, defect=reason,
             )  # fmt: skip
-        payload = body.get("payload")
         headers = body.get("headers") or {}
         defect: str | None = None
         for required in ("event_id", "aggregate_type", "aggregate_id", "event_type"):
@@ -509,7 +520,7 @@ class PostgresLogicalSource(Source):
             str(body.get("aggregate_type") or ""),
             None if body.get("aggregate_id") is None else str(body["aggregate_id"]),
             str(body.get("event_type") or ""),
-            orjson.dumps(payload),
+            b"null" if span is None else content[span[0] : span[1]],
             {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in headers.items()},
             self._commit_time,
             ack_token=unit,
@@ -595,12 +606,16 @@ class PostgresLogicalSource(Source):
         async with conn.transaction():
             for event in events:
                 if cfg.mode == "message":
+                    try:  # (a payload the relay could not read as JSON cannot go into a message)
+                        json_span.parse(event.payload)
+                    except ValueError as exc:
+                        raise ConnectorError(f"event {event.event_id}: payload is not JSON: {exc}") from None
                     content = message_content(
                         event.event_id,
                         event.aggregate_type,
                         event.aggregate_id,
                         event.event_type,
-                        orjson.loads(event.payload) if event.payload else None,
+                        event.payload,  # its bytes as they are
                         event.headers,
                     )
                     await conn.execute(
@@ -697,6 +712,9 @@ class PostgresLogicalSource(Source):
             if row[2] != "pgoutput":
                 raise ConnectorError(f"replication slot {cfg.slot} uses plugin {row[2]}, not pgoutput")
             notes.append("wal_level logical, REPLICATION granted, publication and slot present")
+            if self.config.mode == "message" and await _message_charmap(sql) is not None:
+                encoding = sql.info.parameter_status("server_encoding")
+                notes.append(f"messages are converted from the database's encoding {encoding} to UTF-8")
             if row[0]:
                 notes.append(f"slot {cfg.slot} is in use by pid {row[1]} (another relay is active)")
             return notes
@@ -807,6 +825,41 @@ def create_publication_sql(publication: str, tables: Sequence[QualifiedName]) ->
     return psql.SQL("CREATE PUBLICATION {}{} WITH ({})").format(
         psql.Identifier(parse_identifier(publication)), scope, psql.SQL(options)
     )
+
+
+async def _message_charmap(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """How to read WAL messages of this database as UTF-8: None when its encoding is UTF8, else
+    a decoding table for `codecs.charmap_decode`.
+
+    pgoutput sends a message's content as the raw bytes of the database's encoding (everything
+    else it sends is converted to the client encoding, UTF8). For a single-byte encoding (LATIN1,
+    WIN1252, KOI8R, ...) the table is the server's own conversion of each byte, asked once, so
+    messages read exactly as a `text` column would; a byte the server cannot convert stays
+    undefined (such a message becomes a defect and is dead-lettered, never altered). Multi-byte
+    encodings other than UTF8 (EUC_JP, EUC_CN, ...) have no such table: message mode refuses
+    them (table mode converts everything on the server and works with any encoding)."""
+    encoding = conn.info.parameter_status("server_encoding") or "UTF8"
+    if encoding == "UTF8":
+        return None
+    row = await (
+        await conn.execute("SELECT pg_encoding_max_length(pg_char_to_encoding(%s))", (encoding,))
+    ).fetchone()
+    if not row or row[0] != 1:
+        raise Unsupported(
+            f"message mode cannot read WAL messages of database {conn.info.dbname}: its encoding"
+            f" {encoding} is neither UTF8 nor a single-byte encoding, and PostgreSQL sends messages"
+            " unconverted; use mode: table, or a database in UTF8"
+        )
+    table = [chr(byte) for byte in range(128)] + ["\ufffe"] * 128  # U+FFFE: undefined
+    convert = "SELECT convert_from(decode(lpad(to_hex(%s::int), 2, '0'), 'hex'), %s)"
+    for byte in range(128, 256):
+        try:
+            converted = await (await conn.execute(convert, (byte, encoding))).fetchone()
+        except psycopg.DataError:  # no equivalent in UTF-8
+            continue
+        if converted and len(converted[0]) == 1:
+            table[byte] = converted[0]
+    return "".join(table)
 
 
 async def resolve_tables(conn: psycopg.AsyncConnection[Any], tables: Sequence[str]) -> list[tuple[str, str]]:

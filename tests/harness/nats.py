@@ -146,10 +146,14 @@ def _binary() -> str:
     return found
 
 
-def start_nats(*, private: bool = False, tmp_root: str | None = None) -> NatsServer:
+def start_nats(
+    *, private: bool = False, tmp_root: str | None = None, max_payload: int | None = None
+) -> NatsServer:
     """A NATS server with JetStream: ``RELAY_TEST_NATS_URL``, else the one on 127.0.0.1:4222 when it
-    answers with JetStream, else (or with ``private``) a private one on a free port."""
-    if not private:
+    answers with JetStream, else (or with ``private``) a private one on a free port. With
+    ``max_payload`` (bytes; the server's default is 1 MB) always a private one that takes
+    messages that large."""
+    if not private and max_payload is None:
         external = os.environ.get(NATS_URL_ENV_VAR)
         if external:
             if not _jetstream_enabled(external):
@@ -161,7 +165,12 @@ def start_nats(*, private: bool = False, tmp_root: str | None = None) -> NatsSer
 
     def command(port: int, root: Path) -> list[str]:
         store = root / "jetstream"
-        return [binary, "-a", HOST, "-p", str(port), "-js", "-sd", str(store), "-n", f"relay-test-{port}"]
+        options = [binary, "-a", HOST, "-p", str(port), "-js", "-sd", str(store), "-n", f"relay-test-{port}"]
+        if max_payload is not None:  # (no command-line flag for it: a config file)
+            config = root / "nats.conf"
+            config.write_text(f"max_payload: {max_payload}\n")
+            options += ["-c", str(config)]
+        return options
 
     process = start_owned("nats", command, lambda p: _answers(f"nats://{HOST}:{p}"), tmp_root=tmp_root)
     return NatsServer(f"nats://{HOST}:{process.port}", owned=True, process=process)

@@ -9,6 +9,7 @@ import orjson
 from connectors.sinks.file import FileSink, FileSinkConfig
 from connectors.sinks.jsonlines import encode_line
 from relay.events import OutboxEvent
+from relay.json_span import member_spans
 
 
 async def test_a_line_torn_by_a_crash_is_cut_off_before_writing_again(tmp_path: Path) -> None:
@@ -31,6 +32,13 @@ def test_a_json_payload_written_over_several_lines_stays_one_line_with_the_same_
     line = encode_line(event)
     assert line.count(b"\n") == 1 and line.endswith(b"\n") and b"\r" not in line
     assert orjson.loads(line)["payload"] == {"order": 7, "items": ["a", "b"]}
+
+
+def test_a_json_payload_keeps_its_bytes_and_only_its_raw_line_breaks_become_spaces() -> None:
+    payload = b'{\r\n "a": 123456789012345678901234567890,\n "price": 1.10, "n": 1e2, "s": "\\n\\u0000"\n}'
+    line = encode_line(OutboxEvent(1, "e-1", "order", "7", "Created", payload, {}, 0.0))
+    start, end = member_spans(line[:-1], ["payload"])["payload"]
+    assert line[start:end] == payload.replace(b"\r", b" ").replace(b"\n", b" ")
 
 
 _WRITE_UNTIL_THE_SIZE_LIMIT = """
