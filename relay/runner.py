@@ -20,6 +20,7 @@ from relay.http import HealthServer
 from relay.interfaces import ConnectorError, Sink, Source, Unsupported
 from relay.leadership import Lease, LeaseLost
 from relay.logs import get_logger
+from relay.pgsession import refuse_unusable, session_conninfo
 from relay.pipeline import Pipeline
 from relay.registry import ConnectorConfig, sink_plugins, source_plugins
 
@@ -116,14 +117,18 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
     if dsn is None:
         raise SetupError("this source has no database to set up")
     here, elsewhere = _dead_letter_setup(outbox)
-    async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(
+        session_conninfo(dsn), connect_timeout=10, autocommit=True
+    ) as conn:
+        refuse_unusable(conn)
         notes = await source.init_db(conn)
         for statement in here:
             await conn.execute(statement)
     for other_dsn, statements in elsewhere:
         async with await psycopg.AsyncConnection.connect(
-            other_dsn, connect_timeout=10, autocommit=True
+            session_conninfo(other_dsn), connect_timeout=10, autocommit=True
         ) as conn:
+            refuse_unusable(conn)
             for statement in statements:
                 await conn.execute(statement)
     return notes

@@ -209,7 +209,7 @@ async def test_replay_puts_a_dead_letter_back_once_and_the_cli_lists_shows_and_p
 
     listed = run_cli("dlq", "list", "-c", str(path))
     assert listed.returncode == 0, listed.stderr
-    assert f"orders {poison} order/order-1 Poison attempts=1" in listed.stdout
+    assert f"orders {poison} order/order-1 Poison state=dead attempts=1" in listed.stdout
     shown = run_cli("dlq", "show", "-c", str(path), "--event-id", poison)
     assert '"payload": "{\\"poison\\": true}"' in shown.stdout
 

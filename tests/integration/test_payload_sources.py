@@ -19,6 +19,7 @@ from psycopg import sql
 from connectors.sources.postgres_polling import default_table_ddl
 from relay.config import parse_config
 from relay.events import Failure, OutboxEvent, PublishResult
+from relay.identifiers import parse_table_name
 from relay.interfaces import Sink
 from relay.outbox import emit_event, write_event
 from relay.pipeline import Pipeline
@@ -54,7 +55,7 @@ def _create_tables(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for kind in _TYPES:
             table = f"public.outbox_{kind}"
-            conn.execute(default_table_ddl(table))  # type: ignore[arg-type]
+            conn.execute(default_table_ddl(parse_table_name(table)))
             conn.execute(
                 sql.SQL("ALTER TABLE {} ALTER COLUMN payload TYPE {} USING payload::text::{}").format(
                     sql.Identifier("outbox_" + kind), sql.SQL(kind), sql.SQL(kind)

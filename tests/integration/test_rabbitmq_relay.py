@@ -276,12 +276,15 @@ def test_unroutable_events_are_reported_and_not_marked_while_other_aggregates_fl
     orders = names.queue("orders")
     declare_queue(rabbit.url, orders, names.exchange, "order.*", exchange_type="topic")
 
-    # on_poison block: an unroutable event is retried until a queue is bound for it, never parked.
+    # on_poison block: an unroutable event is retried until a queue is bound for it, never
+    # dead-lettered; once it counts as poison, it and the rest of its aggregate wait held (in
+    # order) in the dead-letter table, where the relay keeps retrying it.
     relay = start_relay(_config(tmp_path, dsn, rabbit, names, on_poison="block"))
     wait_for(lambda: unpublished(dsn, where="aggregate_type = 'order'") == 0, 30, "the routable events")
     wait_for(lambda: "unroutable" in _logs(tmp_path), 10, "the unroutable events to be reported")
-    time.sleep(0.5)  # several retry rounds (retry.max is 200ms): still nothing of them may be marked
-    assert unpublished(dsn, where="aggregate_type = 'invoice'") == 500
+    time.sleep(0.5)  # several retry rounds (retry.max is 200ms)
+    assert _waiting_invoices(dsn) == ids["invoice"], "each is waiting: in the outbox, or held"
+    assert _dead(dsn) == 0
     delivered = rabbit_delivered(drain_queue(rabbit.url, orders, 1_500))
     assert assert_complete_and_ordered(delivered, ids["order"]) == 0
     assert len(delivered) == 1_500
@@ -291,10 +294,32 @@ def test_unroutable_events_are_reported_and_not_marked_while_other_aggregates_fl
     # They were retried, not dropped: once a queue is bound for them they arrive, in order.
     invoices = names.queue("invoices")
     declare_queue(rabbit.url, invoices, names.exchange, "invoice.*")
-    wait_for(lambda: unpublished(dsn) == 0, 20, "the formerly unroutable events to be marked")
+    wait_for(lambda: unpublished(dsn) == 0 and _held(dsn) == 0, 30, "the formerly unroutable events")
     delivered = rabbit_delivered(drain_queue(rabbit.url, invoices, 500))
     stop_relay(relay)
     assert assert_complete_and_ordered(delivered, ids["invoice"]) == 0
+
+
+def _waiting_invoices(dsn: str) -> set[str]:
+    """Invoice events not marked published, or held in the dead-letter table."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT event_id::text FROM outbox WHERE aggregate_type = 'invoice' AND published_at IS NULL"
+            " UNION SELECT event_id FROM outbox_relay_dead_letters WHERE state = 'held'"
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _held(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox_relay_dead_letters WHERE state = 'held'").fetchone()
+    return int(row[0]) if row else -1
+
+
+def _dead(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox_relay_dead_letters WHERE state = 'dead'").fetchone()
+    return int(row[0]) if row else -1
 
 
 # --- failures -----------------------------------------------------------------------------------
