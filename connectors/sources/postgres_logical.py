@@ -154,6 +154,10 @@ class PostgresLogicalSource(Source):
         self._held = 0
         #: Events of the units not confirmed yet (see `unconfirmed`).
         self._unconfirmed = 0
+        self._current_commit_lsn = 0
+        #: The error a change could not get past, and the commit position of its transaction:
+        #: a fetch that returns nothing raises it again until a commit at or past it is read.
+        self._stuck: tuple[ConnectorError, int] | None = None
         #: Message mode on a database whose encoding is not UTF8: how its bytes decode (see
         #: `_message_charmap`); None when messages are UTF-8 already.
         self._charmap: str | None = None
@@ -311,11 +315,19 @@ class PostgresLogicalSource(Source):
             # nothing is skipped; the pipeline retries, and the error stays until it is fixed.
             # (Events already taken from the stream this time are handed out on the next
             # fetch again, as they are sent again.)
+            error = (
+                exc
+                if isinstance(exc, ConnectorError)
+                else ConnectorError(scrubber.scrub(f"cannot decode the replication stream: {exc!r}"))
+            )
+            # Until the transaction it failed in is read through, the source is stuck there,
+            # also while the stream is quiet after reconnecting (see below).
+            self._stuck = (error, self._current_commit_lsn if self._current is not None else self._received)
             await self._drop_stream()
             self._forget_fetch(events, units_before, current_before)
-            if isinstance(exc, ConnectorError):
-                raise
-            raise ConnectorError(scrubber.scrub(f"cannot decode the replication stream: {exc!r}")) from None
+            raise error from None
+        if self._stuck is not None and not events:
+            raise self._stuck[0]
         self._held += len(events)
         self._caught_up = (
             len(events) < limit and self._current is None and self._received >= self._drain_target
@@ -372,7 +384,10 @@ class PostgresLogicalSource(Source):
             self._current = _Unit()
             self._units.append(self._current)
             self._commit_time = pgoutput.pg_time_to_epoch(message.commit_time_us)
+            self._current_commit_lsn = message.final_lsn
         elif isinstance(message, pgoutput.Commit):
+            if self._stuck is not None and message.commit_lsn >= self._stuck[1]:
+                self._stuck = None  # read through where it failed: it is fixed
             if self._current is not None:
                 self._current.closed = True
                 self._current.end_lsn = message.end_lsn

@@ -3,14 +3,15 @@ after the broker acknowledged them, and wakes on NOTIFY so latency is not bound 
 
 Reading order and late commits. Positions come from a sequence, so a transaction can commit a
 row whose position is *lower* than rows already read (it drew its position first and committed
-later). Each read asks, in one snapshot, for the lowest-positioned unpublished rows above a *read
-floor* that the relay does not hold yet; the floor only rises past positions no open transaction
-can still commit (see `read_floor`, which argues why). So a late row is handed out no later than
-any row of its aggregate written after it: with one aggregate's writes serialized (its row locked
-first, as the README asks), per-aggregate order holds whatever the interleaving and however late
-a commit is. A sweep from the very bottom, whenever the relay has caught up (at most every
-`poll_interval`), finds rows that reappear below the floor (`dlq replay` un-marks a row; a
-sequence with a cache hands out positions out of order): nothing committed is ever skipped.
+later). Each read asks, in one snapshot, for the lowest-positioned unpublished rows above the
+highest position read and in the *gaps* below it: positions not seen yet that an open
+transaction may still commit, forgotten once no such transaction is left (see `read_cursor`,
+which argues why). So a late row is handed out no later than any row of its aggregate written
+after it: with one aggregate's writes serialized (its row locked first, as the README asks),
+per-aggregate order holds whatever the interleaving and however late a commit is. A sweep from
+the very bottom, whenever the relay has caught up (at most every `poll_interval`), finds rows
+that reappear elsewhere below the cursor (`dlq replay` un-marks a row; a sequence with a cache
+hands out positions out of order): nothing committed is ever skipped.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from connectors.sources.postgres_connect import (
     null_column_defect,
     resolve_table,
 )
-from connectors.sources.read_floor import MIN_POSITION, ReadFloor
+from connectors.sources.read_cursor import ReadCursor
 from relay.durations import Duration
 from relay.events import OutboxEvent, checked_time, headers_from_json
 from relay.identifiers import (
@@ -131,7 +132,7 @@ class PostgresPollingSource(Source):
         self._stats_conn: psycopg.AsyncConnection[Any] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._floor = ReadFloor()
+        self._cursor = ReadCursor()
         #: Positions handed out and not acknowledged yet: reads skip them.
         self._held: set[int] = set()
         self._table_oid = 0
@@ -192,11 +193,12 @@ class PostgresPollingSource(Source):
         return types
 
     async def _position_caveat(self, conn: psycopg.AsyncConnection[Any], table: ResolvedTable) -> str | None:
-        """Why per-aggregate order may not hold with this table, or None: the read floor assumes
-        positions drawn by the INSERT from a sequence that hands out increasing values across
-        sessions (see read_floor). Nothing is ever lost either way."""
+        """Why per-aggregate order may not hold with this table, or None: the read cursor
+        assumes positions drawn by the INSERT from a sequence that hands out increasing values
+        across sessions (see read_cursor). Nothing is ever lost either way. Also tells the
+        cursor the sequence's increment."""
         cur = await conn.execute(
-            "SELECT s.seqcache FROM pg_sequence s"
+            "SELECT s.seqcache, s.seqincrement FROM pg_sequence s"
             " WHERE s.seqrelid = pg_get_serial_sequence(%s::oid::regclass::text, %s)::regclass",
             (table.oid, self._cols.position),
         )
@@ -207,6 +209,9 @@ class PostgresPollingSource(Source):
                 f"{column} is not filled by an identity or serial sequence: per-aggregate order"
                 " assumes each inserting transaction draws its position, increasing, as it inserts"
             )
+        if int(row[1]) < 1:
+            return f"the sequence of {column} counts down: positions must increase"
+        self._cursor.step = int(row[1])
         if int(row[0]) > 1:
             return (
                 f"the sequence of {column} caches {row[0]} values per session, so positions do not"
@@ -246,10 +251,21 @@ class PostgresPollingSource(Source):
         base = sql.SQL("SELECT {select} FROM {table} WHERE {unpublished} AND {pos} ").format(
             select=select, table=table, unpublished=unpublished, pos=pos
         )
-        # Rows above the floor not held already, lowest positions first. (`= ANY` of a constant
-        # array is hashed by PostgreSQL 14 and later; see `_conn` for why it stays constant.)
-        self._queries["read"] = base + sql.SQL(
-            "> %s AND NOT ({} = ANY(%s::int8[])) ORDER BY {} LIMIT %s"
+        # The rows in the gaps (first, last), an index probe each, and above the highest position
+        # read; lowest positions first, at most LIMIT. (In the gaps' subquery the table's own
+        # columns come first: a column named like the gap's fields cannot be mistaken for them.)
+        in_gaps = sql.SQL(
+            "SELECT r.* FROM unnest(%s::int8[], %s::int8[]) AS outbox_relay_gap(first, last),"
+            " LATERAL ({base} BETWEEN outbox_relay_gap.first AND outbox_relay_gap.last) AS r"
+        ).format(base=base)
+        self._queries["read"] = sql.SQL(
+            "SELECT * FROM (({in_gaps} ORDER BY 1 LIMIT %s) UNION ALL ({base} > %s ORDER BY {pos} LIMIT %s))"
+            " AS rows ORDER BY 1 LIMIT %s"
+        ).format(in_gaps=in_gaps, base=base, pos=pos)
+        # Everything up to a position, unpublished and not held: the sweep. (`= ANY` of a
+        # constant array is hashed by PostgreSQL 14 and later; see `_conn` for why it stays constant.)
+        self._queries["sweep"] = base + sql.SQL(
+            "<= %s AND NOT ({} = ANY(%s::int8[])) ORDER BY {} LIMIT %s"
         ).format(pos, pos)
         if cfg.after_publish == "mark":
             assert cols.published_at is not None
@@ -321,49 +337,58 @@ class PostgresPollingSource(Source):
 
     async def fetch(self, limit: int) -> list[OutboxEvent]:
         limit = min(limit, self.config.batch_size)
-        floor = self._floor.begin_read()
-        events: list[OutboxEvent] = []
+        cursor = self._cursor
+        above, gaps = cursor.begin_read()
         try:
-            rows = await self._read(floor, limit)
-            truncated = len(rows) >= limit
-            events = self._to_events(rows)
-            self._caught_up = False
-            sweep_due = time.monotonic() - self._last_sweep >= self.config.poll_interval
-            if not truncated and (self._last_read_empty or sweep_due):
-                events.extend(await self._sweep(limit - len(rows)))
-            writers = await self._writers()
+            cur = await self._run(
+                "fetch",
+                "read",
+                ([g[0] for g in gaps], [g[1] for g in gaps], limit, above, limit, limit),
+            )
+            rows = await cur.fetchall()
         except BaseException:
-            # Nothing of this read is handed out: the rows stay unpublished and are read again.
-            self._held.difference_update(e.position for e in events)
-            self._floor.abandon_read()
+            cursor.abandon_read()
             raise
-        highest = max((e.position for e in events), default=None)
-        self._floor.end_read(rows[-1][0] if truncated else None, highest, writers)
+        cut_short = len(rows) >= limit
+        cursor.end_read([row[0] for row in rows], cut_short)
+        events = self._to_events(rows)
+        self._caught_up = False
+        sweep_due = time.monotonic() - self._last_sweep >= self.config.poll_interval
+        if not cut_short and (self._last_read_empty or sweep_due):
+            try:
+                events.extend(await self._sweep(limit - len(rows)))
+            except Exception:
+                if events:  # what the read took is handed out; the sweep comes again
+                    return events
+                raise
+        if cursor.wants_writers:
+            try:
+                cursor.note_writers(await self._writers())
+            except Exception as exc:  # (a later listing serves as well: see read_cursor)
+                self._log.warning("cannot list the transactions writing the table", error=str(exc))
         self._last_read_empty = not events
         return events
 
-    async def _read(self, above: int, limit: int) -> list[tuple[Any, ...]]:
-        """The lowest-positioned unpublished rows above `above` that are not held, from one snapshot."""
-        skip = [p for p in self._held if p > above]
-        cur = await self._run("fetch", "read", (above, skip, limit))
-        return await cur.fetchall()
-
     async def _sweep(self, limit: int) -> list[OutboxEvent]:
-        """Every unpublished row not held, from the very bottom: rows below the floor appear only
-        when a row is un-marked (`dlq replay`) or positions are not drawn in order."""
+        """Every unpublished row up to the highest position read that is not held, from the very
+        bottom: rows outside the gaps appear only when a row is un-marked (`dlq replay`) or
+        positions are not drawn in order. (Rows above are for the next read.)"""
         if limit <= 0:
             return []
         self._last_sweep = time.monotonic()
-        rows = await self._read(MIN_POSITION, limit)
+        cursor = self._cursor
+        cur = await self._run("fetch", "sweep", (cursor.highest, list(self._held), limit))
+        rows = await cur.fetchall()
         self._caught_up = len(rows) < limit
-        if rows and rows[0][0] <= self._floor.floor:
+        if rows:
+            cursor.took(row[0] for row in rows)
             self._log.info(
                 "relaying rows found below positions already read", count=len(rows), first_position=rows[0][0]
             )
         return self._to_events(rows)
 
     async def _writers(self) -> set[str]:
-        """The transactions that may still commit rows into the table (see `read_floor`)."""
+        """The transactions that may still commit rows into the table (see `read_cursor`)."""
         own = [
             c.info.backend_pid for c in (self._fetch_conn, self._ack_conn) if c is not None and not c.closed
         ]

@@ -7,11 +7,11 @@ In one run, against one private PostgreSQL:
   (c) peak RSS of the relay process draining a 1,000,000-event backlog;
   (d) end-to-end latency p50/p99 (created_at -> line in the file) at a steady 1,000 events/s,
       each event its own transaction, NOTIFY wake-ups on;
-  (e) what the read floor costs (the rule that keeps per-aggregate order with late commits):
-      drains of the same backlog with the relay as shipped and with a source that reads ahead
-      from the highest position read without listing open writers (the rule before the floor,
-      unsafe with concurrent writers), alternating over `--rounds`, each in a new process;
-      medians and their ratio.
+  (e) what reading the gaps costs (the rule that keeps per-aggregate order with late commits):
+      drains of the same backlog, with concurrent writers committing late, by the relay as
+      shipped and by a source that reads ahead from the highest position read, never reads a
+      gap again and lists no writers (the rule before, unsafe with concurrent writers),
+      alternating over `--rounds`, each in a new process; medians and their ratio.
 
     python -m tests.bench.bench_polling_file [--events 200000] [--rss-events 1000000] [--rate 1000]
         [--rounds 3]
@@ -36,7 +36,7 @@ import psycopg
 import yaml
 
 from connectors.sources.postgres_polling import PostgresPollingSource
-from connectors.sources.read_floor import ReadFloor
+from connectors.sources.read_cursor import ReadCursor
 from relay.config import parse_config
 from relay.runner import Relay, tune_garbage_collector
 from tests.bench.child_process import run_relay_watching_memory
@@ -89,25 +89,25 @@ class Drain:
         return self.published / self.seconds
 
 
-class _CursorFloor(ReadFloor):
-    """Reads ahead from the highest position read, as the polling source did before the read
-    floor: nothing behind it is looked at again."""
+class _NoGaps(ReadCursor):
+    """Reads ahead from the highest position read, as the polling source did before: no gap is
+    read again, no writer listed."""
 
-    def begin_read(self) -> int:
-        super().begin_read()
-        return self.highest
+    def begin_read(self) -> tuple[int, list[tuple[int, int]]]:
+        return super().begin_read()[0], []
+
+    @property
+    def wants_writers(self) -> bool:
+        return False
 
 
 class _CursorOnlySource(PostgresPollingSource):
-    """The polling source without the cost of the read floor (no re-reading above the floor, no
-    listing of open writers). Unsafe with concurrent writers: only here to price the floor."""
+    """The polling source without the cost of the gaps. Unsafe with concurrent writers: only
+    here to price the gaps."""
 
     async def start(self) -> None:
-        self._floor = _CursorFloor()
+        self._cursor = _NoGaps()
         await super().start()
-
-    async def _writers(self) -> set[str]:
-        return set()
 
 
 def drain_in_process(dsn: str, sink: dict[str, Any], events: int, reading: str = "floor") -> Drain:
