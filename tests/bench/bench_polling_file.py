@@ -8,10 +8,10 @@ In one run, against one private PostgreSQL:
   (d) end-to-end latency p50/p99 (created_at -> line in the file) at a steady 1,000 events/s,
       each event its own transaction, NOTIFY wake-ups on;
   (e) what reading the gaps costs (the rule that keeps per-aggregate order with late commits):
-      drains of the same backlog, with concurrent writers committing late, by the relay as
-      shipped and by a source that reads ahead from the highest position read, never reads a
-      gap again and lists no writers (the rule before, unsafe with concurrent writers),
-      alternating over `--rounds`, each in a new process; medians and their ratio.
+      drains of the same backlog by the relay as shipped and by a source that reads ahead from
+      the highest position read, never reads a gap again and lists no writers (the rule before,
+      unsafe with concurrent writers), alternating over `--rounds`, each in a new process;
+      medians and their ratio.
 
     python -m tests.bench.bench_polling_file [--events 200000] [--rss-events 1000000] [--rate 1000]
         [--rounds 3]

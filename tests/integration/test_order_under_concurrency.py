@@ -124,3 +124,35 @@ def test_check_warns_when_positions_are_not_drawn_in_order_by_the_insert(dsn: st
         conn.execute("ALTER TABLE outbox ALTER COLUMN position DROP IDENTITY")
     unsequenced = run_cli("check", "-c", str(path), "--connect")
     assert "is not filled by an identity or serial sequence" in unsequenced.stdout, unsequenced.stdout
+
+
+async def test_a_writer_open_for_the_whole_run_holds_back_only_its_own_event(
+    dsn: str, tmp_path: Path
+) -> None:
+    """Its uncommitted row is a gap below everything read meanwhile: the others flow, and its
+    event goes out once it commits."""
+    out = tmp_path / "out.jsonl"
+    with psycopg.connect(dsn) as long_open:
+        late = write_event(long_open, "order", "slow", "Late", {"n": 1})
+        others = set(_insert_many(dsn, 3000))
+        await run_relay_until(
+            relay_config(dsn, _file_sink(out)), lambda _: _delivered_ids(out) >= others, timeout=60
+        )
+        assert late not in _delivered_ids(out)
+        long_open.commit()
+    await run_relay_until(
+        relay_config(dsn, _file_sink(out)), lambda _: late in _delivered_ids(out), timeout=30
+    )
+
+
+def _insert_many(dsn: str, count: int) -> list[str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = []
+        for start in range(0, count, 100):  # in many transactions, while the other one stays open
+            rows += conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+                " SELECT 'order', 'agg-' || (i %% 20), 'Created', jsonb_build_object('i', i)"
+                " FROM generate_series(%s::int, %s::int) AS i RETURNING event_id::text",
+                (start, start + 99),
+            ).fetchall()
+    return [row[0] for row in rows]
