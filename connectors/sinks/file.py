@@ -56,18 +56,24 @@ class FileSink(Sink):
             raise ConnectorError("file sink is not started")
         encoded = encode_lines(events)
         data = memoryview(encoded)
+        # The write has no await in it, so concurrent calls never interleave their lines; the
+        # file's end moves past them before the fsync is awaited, so that another call's failed
+        # write cuts back to after them, not into them.
         try:
             while data:  # a raw write may take only part of it
                 written = self._file.write(data)
                 if not written:  # (a regular file takes something or raises; never spin)
                     raise OSError(errno.EIO, "the write took nothing")
                 data = data[written:]
-            if self.config.fsync:
-                await asyncio.to_thread(os.fsync, self._file.fileno())
         except OSError as exc:
             self._cut_back()
             raise ConnectorError(f"cannot write to {self.config.path}: {exc.strerror or exc}") from None
         self._size += len(encoded)
+        if self.config.fsync:
+            try:
+                await asyncio.to_thread(os.fsync, self._file.fileno())
+            except OSError as exc:  # written, not known to be durable: sent again (a repeat)
+                raise ConnectorError(f"cannot sync {self.config.path}: {exc.strerror or exc}") from None
         return [None] * len(events)
 
     def _cut_back(self) -> None:

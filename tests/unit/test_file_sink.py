@@ -84,3 +84,46 @@ def test_a_write_that_fails_midway_leaves_no_torn_line_in_front_of_the_retried_l
     assert "refused: cannot write to" in done.stdout and "File too large" in done.stdout
     lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert [line["position"] for line in lines] == list(range(1, 11))
+
+
+_CONCURRENT_CALLS_WITH_FSYNC = """
+import asyncio, os, resource, signal, sys
+from connectors.sinks.file import FileSink, FileSinkConfig
+from relay.interfaces import ConnectorError
+from tests.sink_support import make_events
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+async def main(path: str) -> None:
+    sink = FileSink(FileSinkConfig(type="file", path=path, fsync=True))
+    await sink.start()
+    first, second = make_events(5, 5), make_events(50, 5, start=6)
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))  # the first call fits, the second not
+    results = await asyncio.gather(sink.publish(first), sink.publish(second), return_exceptions=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    await sink.close()
+    assert results[0] == [None] * 5, results[0]
+    assert isinstance(results[1], ConnectorError), results[1]
+    with open(path, "rb") as handle:
+        lines = handle.read().splitlines()
+    written = {line.split(b'"event_id":"')[1].split(b'"')[0].decode() for line in lines}
+    assert written == {e.event_id for e in first}, "an acknowledged call's lines were cut away"
+    print("ok")
+
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_failed_write_never_cuts_away_the_lines_of_a_call_still_syncing(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT_CALLS_WITH_FSYNC, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
