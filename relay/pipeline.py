@@ -39,6 +39,10 @@ T = TypeVar("T")
 _CONNECT_BACKOFF = Backoff(initial=0.2, maximum=10.0)
 
 
+#: The result of an event held back in a call behind an earlier one of its aggregate.
+_NOT_SENT = Failure("not sent: an earlier event of its aggregate cannot be published", transient=True)
+
+
 def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return scrubber.scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
@@ -351,7 +355,21 @@ class Pipeline:
         self._park_wake.set()
 
     async def _publish(self, batch: list[OutboxEvent]) -> None:
-        sendable = [e for e in batch if e.defect is None]
+        # A defect cannot become a message; the events behind it of its aggregate in this call
+        # are not sent either (they would reach the broker ahead of it): they go back behind it.
+        defective = {e.lane_key for e in batch if e.defect is not None}
+        if defective:
+            behind: set[tuple[str, str | None]] = set()
+            sendable = []
+            for event in batch:
+                if event.lane_key in behind:
+                    continue
+                if event.defect is not None:
+                    behind.add(event.lane_key)
+                else:
+                    sendable.append(event)
+        else:
+            sendable = batch
         started = time.perf_counter()
         results: Sequence[PublishResult]
         try:
@@ -381,7 +399,12 @@ class Pipeline:
         self._m_publish.observe(time.perf_counter() - started)
         if len(sendable) != len(batch):
             by_event = dict(zip(map(id, sendable), results, strict=True))
-            results = [by_event.get(id(e), Failure(e.defect or "", permanent=True)) for e in batch]
+            results = [
+                by_event[id(e)]
+                if id(e) in by_event
+                else (Failure(e.defect, permanent=True) if e.defect is not None else _NOT_SENT)
+                for e in batch
+            ]
         self._settle(batch, results, log_each=not whole_call_failed)
 
     def _settle(

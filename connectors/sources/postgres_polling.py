@@ -179,6 +179,7 @@ class PostgresPollingSource(Source):
         problem = missing_columns(table.display(), cfg.columns.model_dump(), cols.mapping(), types)
         if problem:
             raise ConnectorError(problem)
+        await self._require_a_key_position(conn, table)
         self._table_oid = table.oid
         payload_type = types[cols.payload]
         self._payload_is_bytes = payload_type == "bytea"
@@ -191,6 +192,27 @@ class PostgresPollingSource(Source):
         self._build_queries()
         self.position_caveat = await self._position_caveat(conn, table)
         return types
+
+    async def _require_a_key_position(self, conn: psycopg.AsyncConnection[Any], table: ResolvedTable) -> None:
+        """The relay reads, orders, skips and marks rows by their position: a row without one
+        would never be read, two rows with one would be marked together. So the column must be
+        NOT NULL and unique on its own (a primary key, or a unique index on it alone)."""
+        cur = await conn.execute(
+            "SELECT a.attnotnull, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid"
+            " AND i.indisunique AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum AND i.indpred IS NULL)"
+            " FROM pg_attribute a WHERE a.attrelid = %s AND a.attname = %s",
+            (table.oid, self._cols.position),
+        )
+        row = await cur.fetchone()
+        assert row is not None  # (the column exists: checked before)
+        missing = [what for what, ok in (("NOT NULL", row[0]), ("unique", row[1])) if not ok]
+        if missing:
+            column = f"{table.display()}.{quote_ident(self._cols.position)}"
+            raise ConnectorError(
+                f"the position column {column} must be {' and '.join(missing)} (a primary key, or NOT NULL"
+                " with a unique index on it alone): the relay reads, orders and marks rows by it, and"
+                " would never read a row without one"
+            )
 
     async def _position_caveat(self, conn: psycopg.AsyncConnection[Any], table: ResolvedTable) -> str | None:
         """Why per-aggregate order may not hold with this table, or None: the read cursor

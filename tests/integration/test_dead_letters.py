@@ -286,3 +286,19 @@ async def test_a_poison_event_waits_unacknowledged_while_the_dead_letter_table_i
     assert [letter.event_id for letter in await dead_letters(dsn)] == [poison]
     order_1 = [e.event_type for e in sink.delivered if e.aggregate_id == "order-1"]
     assert order_1[-3:] == ["After", "After", "After"]
+
+
+async def test_the_events_behind_a_defective_row_are_not_sent_ahead_of_it_in_the_same_call(
+    dsn: str, tmp_path: Path
+) -> None:
+    """A row with headers that are not a JSON object is a defect: it is dead-lettered, never
+    sent; the later events of its aggregate, which an order-keeping sink gets in the same call,
+    must not reach the broker before that (they would arrive twice, once ahead of it)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ids = [write_event(conn, "order", "x", "E", {"n": n}) for n in (1, 2, 3)]
+        conn.execute("UPDATE outbox SET headers = '[1]' WHERE event_id = %s", (ids[1],))
+    out = tmp_path / "out.jsonl"
+    config = relay_config(dsn, {"type": "file", "path": str(out)})
+    await run_relay_until(config, lambda _: unpublished(dsn) == 0)
+    assert [line["event_id"] for line in read_lines(out)] == [ids[0], ids[2]]
+    assert [letter.event_id for letter in await dead_letters(dsn)] == [ids[1]]

@@ -136,3 +136,23 @@ async def test_a_row_whose_created_at_has_no_iso_form_is_dead_lettered_while_the
         "odd-infinity",
     ]
     assert all("created_at" in letter.error for letter in parked)
+
+
+def test_a_position_column_that_allows_null_or_repeats_is_refused(dsn: str, tmp_path: Path) -> None:
+    """A row without a position would never be read; two rows with one would be marked together."""
+    from tests.conftest import run_cli
+    from tests.support import write_config
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE loose (id bigint DEFAULT nextval('outbox_position_seq'), eid uuid DEFAULT"
+            " gen_random_uuid(), kind text, agg text, ev text, body jsonb, done_at timestamptz)"
+        )
+        conn.execute("INSERT INTO loose (id, kind, agg, ev, body) VALUES (NULL, 'order', 'a', 'E', '{}')")
+    columns = {"position": "id", "event_id": "eid", "aggregate_type": "kind", "aggregate_id": "agg",
+               "event_type": "ev", "payload": "body", "headers": None, "created_at": None,
+               "published_at": "done_at"}  # fmt: skip
+    path = write_config(tmp_path, relay_config(dsn, {"type": "stdout"}, table="loose", columns=columns))
+    check = run_cli("check", "-c", str(path), "--connect")
+    assert check.returncode == 1
+    assert "position column public.loose.id must be NOT NULL and unique" in check.stdout, check.stdout
