@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
+from relay import json_span
 from relay.templates import FIELD_VALUES
 
 # The formatted second of the last call: every event of a batch (or a burst) shares it, and
@@ -123,12 +123,46 @@ class Failure:
 PublishResult = Failure | None
 
 
+def member_texts(document: bytes, value: dict[str, Any]) -> dict[str, str]:
+    """A parsed JSON object's members as text: a string as its value, anything else (a number,
+    true, an object) as written in `document` (its JSON text), so that a number keeps its
+    digits (123456789012345678901234567890, 1.10) instead of passing through a float."""
+    texts: dict[str, str] = {}
+    spans: dict[str, tuple[int, int]] | None = None
+    for name, item in value.items():
+        if isinstance(item, str):
+            texts[name] = item
+            continue
+        if spans is None:
+            spans = json_span.member_spans(document, value.keys())
+        start, end = spans[name]
+        texts[name] = document[start:end].decode("utf-8", "surrogatepass")
+    return texts
+
+
+def unencodable(texts: Iterable[str]) -> str | None:
+    """Why some text cannot go to a broker, or None: JSON can carry a lone surrogate (an escape
+    from \\ud800 to \\udfff) that no UTF-8 header or key can hold."""
+    for text in texts:
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return f"{text[:40]!r} holds a lone surrogate escape, which no message can carry"
+    return None
+
+
 def headers_from_json(raw: str | bytes) -> tuple[dict[str, str], str | None]:
-    """A row's `headers` JSON object as string headers, or ({}, why it is unusable)."""
+    """A row's `headers` JSON object as string headers (non-string values as their JSON text),
+    or ({}, why it is unusable)."""
+    document = raw.encode() if isinstance(raw, str) else bytes(raw)
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        value = json_span.parse(document)
+    except ValueError:
         return {}, "headers are not valid JSON"
     if not isinstance(value, dict):
         return {}, "headers must be a JSON object"
-    return {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in value.items()}, None
+    headers = member_texts(document, value)
+    problem = unencodable([*headers, *headers.values()])
+    if problem:
+        return {}, f"headers: {problem}"
+    return headers, None

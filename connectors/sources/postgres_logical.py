@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import orjson
 import psycopg
 from psycopg import pq
 from psycopg import sql as psql
@@ -45,7 +44,7 @@ from connectors.sources.postgres_connect import (
 from connectors.sources.postgres_polling import default_table_ddl
 from relay import json_span
 from relay.durations import Duration
-from relay.events import OutboxEvent, checked_time, headers_from_json
+from relay.events import OutboxEvent, checked_time, headers_from_json, member_texts, unencodable
 from relay.identifiers import (
     Identifier,
     IdentifierError,
@@ -522,21 +521,28 @@ class PostgresLogicalSource(Source):
                 lsn, f"lsn-{pgoutput.format_lsn(lsn)}", "", None, "", content, {},
                 self._commit_time, ack_token=unit, defect=reason,
             )  # fmt: skip
-        headers = body.get("headers") or {}
         defect: str | None = None
         for required in ("event_id", "aggregate_type", "aggregate_id", "event_type"):
             if body.get(required) in (None, ""):
                 defect = defect or f"message lacks {required}"
-        if not isinstance(headers, dict):
-            headers, defect = {}, defect or "headers must be a JSON object"
+        # Fields and header values as written (a numeric aggregate id keeps its digits).
+        fields = member_texts(content, {k: v for k, v in body.items() if k != "payload" and v is not None})
+        headers: dict[str, str] = {}
+        if isinstance(body.get("headers"), dict):
+            start, end = json_span.member_spans(content, ("headers",))["headers"]
+            headers = member_texts(content[start:end], body["headers"])
+        elif body.get("headers") not in (None, {}):
+            defect = defect or "headers must be a JSON object"
+        texts = [fields.get(k, "") for k in ("event_id", "aggregate_type", "aggregate_id", "event_type")]
+        defect = defect or unencodable([*texts, *headers, *headers.values()])
         return OutboxEvent(
             lsn,
-            str(body.get("event_id") or f"lsn-{pgoutput.format_lsn(lsn)}"),
-            str(body.get("aggregate_type") or ""),
-            None if body.get("aggregate_id") is None else str(body["aggregate_id"]),
-            str(body.get("event_type") or ""),
+            fields.get("event_id") or f"lsn-{pgoutput.format_lsn(lsn)}",
+            fields.get("aggregate_type", ""),
+            fields.get("aggregate_id"),
+            fields.get("event_type", ""),
             b"null" if span is None else content[span[0] : span[1]],
-            {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in headers.items()},
+            headers if defect is None else {},
             self._commit_time,
             ack_token=unit,
             defect=defect,

@@ -156,3 +156,28 @@ def test_a_position_column_that_allows_null_or_repeats_is_refused(dsn: str, tmp_
     check = run_cli("check", "-c", str(path), "--connect")
     assert check.returncode == 1
     assert "position column public.loose.id must be NOT NULL and unique" in check.stdout, check.stdout
+
+
+async def test_message_mode_keeps_numbers_as_written_and_dead_letters_what_no_broker_can_carry(
+    dsn: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    config = _logical(dsn, out, mode="message")
+    _create_slot_and_publication(config)
+    messages = [
+        '{"event_id": "e1", "aggregate_type": "order", "aggregate_id": 123456789012345678901234567890,'
+        ' "event_type": "Paid", "payload": {"n": 1}, "headers": {"amount": 1.10}}',
+        '{"event_id": "e2", "aggregate_type": "order", "aggregate_id": "a",'
+        ' "event_type": "Paid", "payload": {}, "headers": {"trace": "\\ud800"}}',
+        '{"event_id": "e3", "aggregate_type": "order", "aggregate_id": "b", "event_type": "Paid",'
+        ' "payload": 2}',
+    ]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for message in messages:
+            conn.execute("SELECT pg_logical_emit_message(true, 'outbox', %s)", (message,))
+    await run_relay_until(config, lambda _: {line["event_id"] for line in read_lines(out)} >= {"e1", "e3"})
+    first = read_lines(out)[0]
+    assert first["aggregate_id"] == "123456789012345678901234567890"
+    assert first["headers"]["amount"] == "1.10"
+    (letter,) = await dead_letters(dsn)
+    assert letter.event_id == "e2" and "lone surrogate" in letter.error
