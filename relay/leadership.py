@@ -11,7 +11,7 @@ its work before a standby could have taken over (the standby needs the server to
 from __future__ import annotations
 
 import asyncio
-import zlib
+import hashlib
 from typing import Any
 
 import psycopg
@@ -22,15 +22,16 @@ from relay.logs import get_logger
 from relay.pgsession import refuse_unusable, session_conninfo
 from relay.secrets import scrubber
 
-# First half of the two-int advisory lock key: "outbox-relay" (so other users of advisory locks
-# with single bigint keys or other namespaces never collide with ours).
-_NAMESPACE = 0x6F72
 _RECONNECT = Backoff(initial=0.5, maximum=5.0)
 
 
-def lock_key(outbox: str) -> tuple[int, int]:
-    """The advisory lock key of an outbox: stable across processes and versions."""
-    return _NAMESPACE, zlib.crc32(outbox.encode()) - 2**31
+def lock_key(outbox: str, scope: str = "") -> tuple[int, int]:
+    """The advisory lock key of an outbox, stable across processes: 64 bits of a hash of the
+    outbox's name and what it reads (its table, its slot), so that two services that name their
+    outboxes alike in one database do not take each other's lease, and no two names share one
+    (a 32-bit checksum of the name alone let both happen)."""
+    digest = hashlib.blake2b(f"outbox-relay\0{outbox}\0{scope}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:], "big", signed=True)
 
 
 class LeaseLost(Exception):
@@ -39,10 +40,15 @@ class LeaseLost(Exception):
 
 class Lease:
     def __init__(
-        self, dsn: str, outbox: str, check_interval: float = 1.0, acquire_interval: float = 1.0
+        self,
+        dsn: str,
+        outbox: str,
+        check_interval: float = 1.0,
+        acquire_interval: float = 1.0,
+        scope: str = "",
     ) -> None:
         self._dsn = dsn
-        self._key = lock_key(outbox)
+        self._key = lock_key(outbox, scope)
         self._check_interval = check_interval
         self._acquire_interval = acquire_interval
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -116,7 +122,7 @@ class Lease:
                     self._conn.execute(
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
                         " AND pid = pg_backend_pid() AND classid::int8 = %s AND objid::int8 = %s",
-                        (self._key[0], self._key[1] & 0xFFFFFFFF),
+                        (self._key[0] & 0xFFFFFFFF, self._key[1] & 0xFFFFFFFF),
                     ),
                     timeout=max(self._check_interval * 2, 1.0),
                 )

@@ -31,6 +31,10 @@ class ConnectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: str
 
+    def lease_scope(self) -> str:
+        """What this source reads, for the lease key (see relay.leadership): a table, a slot."""
+        return ""
+
 
 C = TypeVar("C", Source, Sink)
 

@@ -203,7 +203,9 @@ class Relay:
         if dsn is None:
             await self.pipelines[index].run(self.stop, drain=drain)
             return
-        lease = self._leases[index] = Lease(dsn, outbox.name, check_interval=outbox.lease.check_interval)
+        lease = self._leases[index] = Lease(
+            dsn, outbox.name, check_interval=outbox.lease.check_interval, scope=outbox.source.lease_scope()
+        )
         leader = metrics.LEADER.labels(outbox.name)
         log = self._log.bind(outbox=outbox.name)
         first_term = True

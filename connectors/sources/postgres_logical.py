@@ -100,6 +100,9 @@ class PostgresLogicalConfig(ConnectorConfig):
     )
     connect_timeout: Duration = Field(default=5.0, gt=0)
 
+    def lease_scope(self) -> str:
+        return f"slot {self.slot}"
+
 
 class _Unit:
     """One transaction (or one non-transactional message) in commit order."""

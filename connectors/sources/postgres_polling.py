@@ -110,6 +110,9 @@ class PostgresPollingConfig(ConnectorConfig):
     def table_name(self) -> QualifiedName:
         return parse_table_name(self.table)
 
+    def lease_scope(self) -> str:
+        return f"table {parse_table_name(self.table).display()}"
+
 
 def _text_column(name: str) -> sql.Composable:
     return sql.SQL("{}::text").format(sql.Identifier(name))

@@ -193,3 +193,33 @@ def test_sigterm_releases_the_lease_and_a_standby_takes_over_at_once(
     print(f"takeover seconds after SIGTERM of the active replica: {time.monotonic() - started:.2f}")
     metrics = http_get(f"http://127.0.0.1:{group.active()[0]}/metrics")
     assert 'outbox_relay_leader{outbox="orders"} 1.0' in metrics
+
+
+def test_two_services_whose_outboxes_share_a_name_in_one_database_each_relay_their_own(
+    dsn: str, tmp_path: Path
+) -> None:
+    """Each service runs its own relay with its own config, both calling the outbox `orders`
+    (as the chart does by default), on two tables of one database: neither takes the other's
+    lease."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE billing_outbox (LIKE outbox INCLUDING ALL)")
+        conn.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+            " SELECT 'order', 'a' || i, 'E', '{}' FROM generate_series(1, 20) AS i"
+        )
+        conn.execute(
+            "INSERT INTO billing_outbox (aggregate_type, aggregate_id, event_type, payload)"
+            " SELECT 'invoice', 'b' || i, 'E', '{}' FROM generate_series(1, 20) AS i"
+        )
+    relays = []
+    for table in ("outbox", "billing_outbox"):
+        config = relay_config(dsn, {"type": "file", "path": str(tmp_path / f"{table}.jsonl")}, table=table)
+        path = write_config(tmp_path, config, f"{table}.yaml")
+        relays.append(start_relay(path, log=tmp_path / f"{table}.log"))
+    try:
+        for table in ("outbox", "billing_outbox"):
+            wait_for(lambda t=table: unpublished(dsn, t) == 0, 30, f"{table} relayed")  # type: ignore[misc]
+    finally:
+        for relay in relays:
+            relay.terminate()
+            relay.wait(timeout=30)

@@ -122,3 +122,11 @@ def test_shipped_examples_are_valid() -> None:
 def test_committed_json_schema_matches_the_model() -> None:
     committed = json.loads((REPO / "config" / "relay.schema.json").read_text())
     assert committed == config_json_schema(), "regenerate: outbox-relay schema > config/relay.schema.json"
+
+
+def test_lease_keys_differ_by_what_the_outbox_reads_and_never_collide_like_a_crc32_of_the_name() -> None:
+    from relay.leadership import lock_key
+
+    assert lock_key("orders", "table public.outbox") != lock_key("orders", "table public.billing_outbox")
+    assert lock_key("plumless") != lock_key("buckeroo")  # (their CRC32 is the same)
+    assert lock_key("orders", "slot outbox_relay") == lock_key("orders", "slot outbox_relay")
