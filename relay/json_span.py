@@ -45,6 +45,8 @@ def parse(document: bytes) -> Any:
             return json.loads(document.decode(), parse_int=_int, parse_constant=_not_json)
         except ValueError:
             raise exc from None
+        except RecursionError:  # (nested deeper than Python's json can follow: orjson's limit is 1024)
+            raise ValueError("nested too deeply") from None
 
 
 def _int(text: str) -> int | float:

@@ -135,7 +135,7 @@ class PostgresLogicalSource(Source):
         self._repl: psycopg.AsyncConnection[Any] | None = None
         self._sql: psycopg.AsyncConnection[Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._relations: dict[int, _TableShape | None] = {}
+        self._relations: dict[int, _TableShape | str | None] = {}
         #: The configured tables, as written in the config (`resolve_tables` finds them).
         self.table_names = tuple(config.tables)
         #: (schema, table), as Relation messages name them, of the tables whose inserts become
@@ -378,6 +378,8 @@ class PostgresLogicalSource(Source):
             if self._current is None:
                 raise ConnectorError("an insert came outside of a transaction")
             shape = self._relations[message.relid]
+            if isinstance(shape, str):  # a table the config does not name
+                raise ConnectorError(shape)
             if shape is not None:  # (None: a table message mode does not read)
                 self._hand_out(
                     events, self._row_event(message.values, shape, parsed.wal_start, self._current)
@@ -412,15 +414,17 @@ class PostgresLogicalSource(Source):
             self._units.append(unit)
         self._hand_out(events, self._message_event(message, lsn, unit))
 
-    def _shape(self, relation: pgoutput.Relation) -> _TableShape | None:
+    def _shape(self, relation: pgoutput.Relation) -> _TableShape | str | None:
         """How to read the rows of a published table; None in message mode (tables are not
-        read). A table the config does not name is an error: its inserts could not become
-        events, and skipping them would confirm the slot past them."""
+        read). For a table the config does not name, why its inserts cannot become events: an
+        insert into it is an error (skipping it would confirm the slot past it). (Its
+        description alone is not: with publish_via_partition_root, PostgreSQL 15 also describes
+        a partition whose inserts it sends under the partitioned table's name.)"""
         if self.config.mode != "table":
             return None
         if (relation.namespace, relation.name) not in self._tables:
             configured = ", ".join(sorted(_shown(pair) for pair in self._tables))
-            raise ConnectorError(
+            return (
                 f"publication {_quoted(parse_identifier(self.config.publication))} publishes table"
                 f" {_shown((relation.namespace, relation.name))}, which is not in tables: {configured};"
                 " its inserts cannot become events (add it to tables:, or remove it from the publication)"

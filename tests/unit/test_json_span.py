@@ -280,3 +280,9 @@ def test_python_json_agrees_on_the_examples_too() -> None:
     # The other common parser keeps the last duplicate and reads escaped names the same way.
     document = b'{"payload": 1, "pay\\u006coad": [2.50]}'
     assert json.loads(document)["payload"] == orjson.loads(_payload(document) or b"")
+
+
+def test_a_document_nested_too_deeply_is_not_json_here_not_a_crash() -> None:
+    deep = b'{"payload": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse(deep)
