@@ -236,27 +236,30 @@ class DeadLetterStore:
             return []
         return [(row[0], row[1]) for row in await cur.fetchall()]
 
-    async def first_held(self, outbox: str, aggregate: tuple[str, str | None]) -> DeadLetter | None:
-        """The held event of this aggregate with the lowest position, or None."""
-        conn = await self._connection()
-        cur = await conn.execute(
+    async def first_held(
+        self, outbox: str, aggregate: tuple[str, str | None], limit: int = 1
+    ) -> list[DeadLetter]:
+        """The held events of this aggregate with the lowest positions, at most `limit`, in
+        position order (from the index on held rows: no scan of the aggregate's held events)."""
+        aggregate_type, aggregate_id = aggregate
+        same_id = sql.SQL("aggregate_id IS NULL" if aggregate_id is None else "aggregate_id = %s")
+        cur = await (await self._connection()).execute(
             sql.SQL(
                 "SELECT " + _COLUMNS + " FROM {} WHERE outbox = %s AND state = 'held' AND aggregate_type = %s"
-                " AND aggregate_id IS NOT DISTINCT FROM %s ORDER BY position LIMIT 1"
-            ).format(self._table),
-            (outbox, *aggregate),
+                " AND {} ORDER BY position LIMIT %s"
+            ).format(self._table, same_id),
+            (outbox, aggregate_type, *([] if aggregate_id is None else [aggregate_id]), limit),
         )
-        row = await cur.fetchone()
-        return _letter(list(row)) if row else None
+        return [_letter(list(row)) for row in await cur.fetchall()]
 
-    async def release(self, outbox: str, event_id: str) -> None:
-        """A held event reached the broker: it is not parked any more."""
+    async def release(self, outbox: str, event_ids: Sequence[str]) -> None:
+        """These held events reached the broker: they are not parked any more."""
         conn = await self._connection()
         await conn.execute(
-            sql.SQL("DELETE FROM {} WHERE outbox = %s AND event_id = %s AND state = 'held'").format(
+            sql.SQL("DELETE FROM {} WHERE outbox = %s AND event_id = ANY(%s) AND state = 'held'").format(
                 self._table
             ),
-            (outbox, event_id),
+            (outbox, list(event_ids)),
         )
 
     async def note_failure(

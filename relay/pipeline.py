@@ -16,6 +16,7 @@ it is stored in the dead-letter table.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 from relay import metrics
 from relay.backoff import Backoff
 from relay.config import DeadLetterConfig, PipelineConfig, RetryConfig
-from relay.deadletters import DEAD, HELD, DeadLetterStore
+from relay.deadletters import DEAD, HELD, DeadLetter, DeadLetterStore
 from relay.deadletters import as_event as held_event
 from relay.events import Failure, OutboxEvent, PublishResult
 from relay.holds import HeldAggregates
@@ -86,6 +87,9 @@ class Pipeline:
         self._dispatch_done = asyncio.Event()
         self._closing_event = asyncio.Event()
         self._sink_failures = 0  # consecutive publish calls that raised
+        #: When the broker last took an event (wall clock): failing aggregates are held only
+        #: while others go through.
+        self._last_taken = 0.0
         self._sink_paused_until = 0.0
         self.started = False
         self.db_ok = False
@@ -232,7 +236,7 @@ class Pipeline:
             room = tuning.max_in_flight - max(self._held, self.source.unconfirmed)
             if room <= 0:
                 self._space_freed.clear()
-                self._hold_lanes_pinning_the_source()
+                self._hold_failing_lanes()
                 if tuning.max_in_flight - max(self._held, self.source.unconfirmed) <= 0:
                     await _wait_either(self._space_freed, stop)
                 continue
@@ -272,25 +276,27 @@ class Pipeline:
             self._park_wake.set()
         return flowing
 
-    def _hold_lanes_pinning_the_source(self) -> None:
-        """The window is full of events the source cannot confirm yet (logical replication
-        confirms in commit order) while few are unacknowledged: lanes whose first event keeps
-        failing hold back the source's progress, and with it every other aggregate. Hold them in
-        the store (in order), so the source can confirm past them and the others flow."""
-        if self._dead_letters is None or self.source.unconfirmed <= self._held:
+    def _hold_failing_lanes(self) -> None:
+        """The in-flight window is full and nothing more can be fetched: either a failing
+        aggregate's events fill it (its lane grows while its first event is retried), or, in
+        logical replication, events acknowledged behind it cannot be confirmed (confirmation is
+        in commit order). Either way every other aggregate waits for it. Hold the lanes whose
+        first event keeps failing while the broker takes other events (not during an outage,
+        when nothing goes through anyway) in the store, in order: the window frees and the
+        others flow; the held ones are retried from there."""
+        if self._dead_letters is None or self._sink_paused_until > time.monotonic():
             return
         for key in self._lanes.waiting_keys():
             head = self._lanes.head(key)
-            if head is not None and head.attempts and self._sink_paused_until <= time.monotonic():
-                self._log.warning(
-                    "holding an aggregate whose first event keeps failing: the source cannot confirm past it",
-                    aggregate_id=head.aggregate_id,
-                    event_id=head.event_id,
-                    attempts=head.attempts,
-                )
-                self._hold_lane(
-                    head, "held while it kept failing (the source could not confirm past it)", False
-                )
+            if head is None or head.first_failed_at is None or head.first_failed_at >= self._last_taken:
+                continue
+            self._log.warning(
+                "holding an aggregate whose first event keeps failing while it fills the in-flight window",
+                aggregate_id=head.aggregate_id,
+                event_id=head.event_id,
+                attempts=head.attempts,
+            )
+            self._hold_lane(head, "held while it kept failing and filled the in-flight window", False)
 
     def _hold_lane(self, head: OutboxEvent, reason: str, permanent: bool) -> None:
         """Move `head`'s whole lane to the store as held, `head` first; its aggregate is held
@@ -474,6 +480,7 @@ class Pipeline:
                 events=ahead,
             )
         if acked:
+            self._last_taken = now_wall
             self.published += len(acked)
             self._m_published.inc(len(acked))
             self._ack_queue.extend(acked)
@@ -598,46 +605,64 @@ class Pipeline:
             await _wait_either(self._release_wake, self._closing_event, timeout)
 
     async def _release_step(self, key: Any) -> None:
-        """One release attempt of held `key`, rescheduling the next one."""
+        """One release attempt of held `key`, rescheduling the next one: its first held events
+        (as many as a call may carry of one aggregate, the first alone while it is failing) go
+        to the sink; those the broker took leave the store."""
         store = self._dead_letters
         assert store is not None
         holding, now = self._holding, time.monotonic()
         generation = holding.generation(key)
+        depth = 1 if holding.failures[key] else self.per_aggregate_depth
         try:
-            letter = await store.first_held(self.name, key)
+            letters = await store.first_held(self.name, key, depth)
         except Exception as exc:
             self._set_db(False)
             self._log.warning("cannot read held events", error=describe_error(exc))
             holding.attempt_at(key, now + _CONNECT_BACKOFF.delay(holding.failures[key] + 1))
             return
-        if letter is None:
+        if not letters:
             if holding.release_if_empty(key, generation):
                 self._log.info("held aggregate released: every held event is published", aggregate_id=key[1])
                 self._dispatch_wake.set()
             else:  # an event of it is on its way to the store: look again once it is there
                 holding.attempt_at(key, now + 0.05)
             return
-        if not letter.sendable:
+        sendable = list(itertools.takewhile(lambda letter: letter.sendable, letters))
+        if not sendable:
             # It can never become a message: it holds its aggregate until an operator purges it
             # (`dlq purge`); look again now and then.
             holding.attempt_at(key, now + self._backoff.maximum)
             return
-        event = held_event(letter)
-        event.attempts = letter.attempts
+        events = [held_event(letter) for letter in sendable]
         try:
-            (result,) = await self.sink.publish([event])
+            results = list(await self.sink.publish(events))
+            if len(results) != len(events):
+                raise RuntimeError(f"sink returned {len(results)} results for {len(events)} events")
         except Exception as exc:
-            result = Failure(describe_error(exc), transient=True)
-        if result is None:
-            await self._until_done(
-                partial(store.release, self.name, letter.event_id), "cannot release a held event"
-            )
+            results = [Failure(describe_error(exc), transient=True)] * len(events)
+        taken = list(itertools.takewhile(lambda result: result is None, results))
+        if taken:
+            released = [letter.event_id for letter in sendable[: len(taken)]]
+            await self._until_done(partial(store.release, self.name, released), "cannot release held events")
             holding.failures.pop(key, None)
-            self.published += 1
-            self._m_published.inc()
-            self._m_e2e.observe(time.time() - event.created_at)
-            holding.attempt_at(key, time.monotonic())  # the next one at once
+            self.published += len(taken)
+            self._m_published.inc(len(taken))
+            wall = time.time()
+            for event in events[: len(taken)]:
+                self._m_e2e.observe(wall - event.created_at)
+        if len(taken) == len(events):
+            holding.attempt_at(key, time.monotonic())  # the next ones at once
             return
+        letter, result = sendable[len(taken)], results[len(taken)]
+        assert result is not None
+        await self._held_event_failed(key, letter, result)
+
+    async def _held_event_failed(self, key: Any, letter: DeadLetter, result: Failure) -> None:
+        """The first held event of `key` was not taken: record it, dead-letter it when it is
+        poison outside block mode (its aggregate moves on), else retry it after a backoff."""
+        store = self._dead_letters
+        assert store is not None
+        holding = self._holding
         holding.failures[key] += 1
         attempts = letter.attempts + 1
         self._m_failures.inc()

@@ -266,3 +266,40 @@ async def test_a_crash_behind_a_failing_aggregate_sends_again_at_most_the_window
     )
     again = len(sink.delivered[before:]) - len(set(sink.delivered[before:]) - set(sink.delivered[:before]))
     assert again <= window + per_transaction, f"{again} events were sent again"
+
+
+async def test_a_long_held_aggregate_is_released_in_order_in_calls_of_several_events(dsn: str) -> None:
+    config = _logical(relay_config(dsn, {"type": "stdout"}), dsn)
+    config["outboxes"][0]["pipeline"] = {"max_in_flight": 200}
+    config["outboxes"][0]["retry"] = {"initial": "20ms", "max": "100ms"}
+    await _init_db(config)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+            " SELECT 'order', CASE WHEN i % 2 = 0 THEN 'x' ELSE 'other-' || (i % 31) END, 'E',"
+            " jsonb_build_object('i', i) FROM generate_series(1, 4000) AS i"
+            " RETURNING event_id::text, aggregate_id"
+        ).fetchall()
+    of_x = [event_id for event_id, aggregate in rows if aggregate == "x"]
+    sink = _RefusesAggregate("x")
+    sink.keeps_order = True
+    pipeline = _pipeline(config, sink)
+    calls: list[int] = []
+    publish = sink.publish
+
+    async def counting(events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        if sink.accept and events and events[0].aggregate_id == "x":
+            calls.append(len(events))
+        return await publish(events)
+
+    sink.publish = counting  # type: ignore[method-assign]
+
+    def x_held_then_accepted(_: Any) -> bool:
+        if not sink.accept and len(_held(dsn)) >= 1000:
+            sink.accept = True
+        return sink.accept and _held(dsn) == [] and set(of_x) <= set(sink.delivered)
+
+    await run_relay_until(config, x_held_then_accepted, pipelines=[pipeline], timeout=90)
+    delivered_x = [event_id for event_id in dict.fromkeys(sink.delivered) if event_id in set(of_x)]
+    assert delivered_x == of_x, "released in commit order"
+    assert max(calls) > 1, "several held events per call to an order-keeping sink"
