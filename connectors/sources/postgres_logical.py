@@ -62,6 +62,9 @@ from relay.registry import ConnectorConfig, SourcePlugin
 from relay.secrets import scrubber
 
 HEARTBEAT_PREFIX = "outbox_relay_heartbeat"
+#: (dsn, slot) -> ((system identifier, timeline), position) this process last confirmed: a source
+#: built anew in the same process (a new lease term) resumes from there (see `_resume_position`).
+_CONFIRMED: dict[tuple[str, str], tuple[tuple[str, str], int]] = {}
 _JSON_OIDS = {114, 3802}
 _BYTEA_OID = 17
 #: PostgreSQL's own rule for replication slot names.
@@ -146,8 +149,10 @@ class PostgresLogicalSource(Source):
         self._current: _Unit | None = None
         self._commit_time = 0.0
         self._received = 0  # highest WAL position seen in the stream
-        self._confirmed = 0  # flush position confirmed to the server
+        self._confirmed = 0  # flush position that may be confirmed to the server
         self._sent_confirmed = -1
+        #: Why the publication no longer matches the config, while it does not.
+        self._mismatch: ConnectorError | None = None
         #: (system identifier, timeline) of the server the stream last came from: `_confirmed`
         #: is a position in that server's WAL history only.
         self._history: tuple[str, str] | None = None
@@ -186,6 +191,9 @@ class PostgresLogicalSource(Source):
         await self._start_stream()
         if not self._tasks:
             self._tasks.append(asyncio.create_task(self._status_loop(), name="outbox-relay:standby-status"))
+            self._tasks.append(
+                asyncio.create_task(self._watch_publication(), name="outbox-relay:publication")
+            )
             if self.config.heartbeat_interval > 0:
                 self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="outbox-relay:heartbeat"))
 
@@ -231,6 +239,10 @@ class PostgresLogicalSource(Source):
         while pgconn.get_result() is not None:  # (libpq: read results until none is left)
             pass
         history, start = (system, timeline), 0
+        if self._history is None and (self.config.dsn, self.config.slot) in _CONFIRMED:
+            # A new source in a process that relayed this slot before (a new lease term after a
+            # database restart): what it confirmed still holds.
+            self._history, self._confirmed = _CONFIRMED[(self.config.dsn, self.config.slot)]
         if self._history == history and self._confirmed <= pgoutput.parse_lsn(wal_end):
             start = self._confirmed
         elif self._history is not None:
@@ -292,6 +304,8 @@ class PostgresLogicalSource(Source):
         return self._caught_up
 
     async def fetch(self, limit: int) -> list[OutboxEvent]:
+        if self._mismatch is not None:
+            raise self._mismatch
         conn = await self._stream()
         pgconn = conn.pgconn
         limit = min(limit, self.config.batch_size)
@@ -597,11 +611,14 @@ class PostgresLogicalSource(Source):
         conn = self._repl
         if conn is None or conn.closed:
             return
-        message = pgoutput.standby_status(self._received, self._confirmed, int(time.time() * 1e6), reply)
+        flushed = self._confirmed
+        message = pgoutput.standby_status(self._received, flushed, int(time.time() * 1e6), reply)
         try:
             conn.pgconn.put_copy_data(message)
             conn.pgconn.flush()
             self._sent_confirmed = self._confirmed
+            if self._history is not None:
+                _CONFIRMED[(self.config.dsn, self.config.slot)] = (self._history, flushed)
         except Exception as exc:  # the next fetch notices the broken connection and reconnects
             self._log.debug("standby status not sent", error=str(exc))
 
@@ -609,6 +626,34 @@ class PostgresLogicalSource(Source):
         while True:
             await asyncio.sleep(self.config.status_interval)
             self._send_status()
+
+    async def _watch_publication(self) -> None:
+        """Every second, check that the publication still publishes exactly the configured
+        tables (ALTER PUBLICATION, a table dropped and created again, a migration). PostgreSQL
+        decodes an insert with the publication as it was then: inserts into a table while it is
+        not published never reach the relay, whatever it confirms later, and nothing in the
+        stream tells. So the relay stops, not ready, and says so in the log until the
+        publication matches again (the events written meanwhile must be written again)."""
+        cfg = self.config
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                sql = await self._sql_conn()
+                problem = await publication_mismatch(sql, cfg.publication, sorted(self._tables))
+            except Exception as exc:  # the database is away: the stream notices that too
+                self._log.debug("publication check failed", error=scrubber.scrub(str(exc)))
+                continue
+            if problem is not None:
+                if self._mismatch is None:
+                    self._log.error(
+                        "the publication no longer matches the config: inserts it does not publish"
+                        " never reach the relay (write them again once it matches); stopped",
+                        problem=problem,
+                    )
+                self._mismatch = ConnectorError(problem)
+            elif self._mismatch is not None:
+                self._log.info("the publication matches the config again")
+                self._mismatch = None
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -198,25 +198,28 @@ async def test_a_postgres_restart_mid_stream_loses_nothing(
         pytest.skip("needs a PostgreSQL this test run started")
     out = tmp_path / "out.jsonl"
     config = _config(dsn, out, batch_size=200, pipeline={"max_in_flight": 500})
-    # The restart ends the lease's session too; a relay that notices in time starts a new term
-    # with a new source, which starts from the slot's saved position. This test is about the
-    # source outliving the restart, so it runs without a lease.
-    config["outboxes"][0]["lease"] = {"enabled": False}
+    # (The restart ends the lease's session too: a relay that notices starts a new lease term
+    # with a new source, which must still resume where this process confirmed.)
     _init_db(config)
     expected = _bulk_insert(dsn, 20_000, aggregates=100, transactions=20)
     # In a thread: a shutting-down walsender waits for the relay to confirm what it sent, so the
     # relay's event loop must keep running during the restart.
     restart = threading.Thread(target=pg.restart)
 
+    first_term: list[Any] = []
+
     def restart_once(relay: Any) -> bool:
         if restart.ident is None and relay.pipelines[0].published > 2000:
+            first_term.append(relay.pipelines[0])
             restart.start()
-        return restart.ident is not None and not restart.is_alive() and _delivered_ids(out) >= expected
+        new_term = bool(first_term) and relay.pipelines[0] is not first_term[0]
+        return new_term and not restart.is_alive() and _delivered_ids(out) >= expected
 
     await run_relay_until(config, restart_once, timeout=90)
     duplicates = assert_complete_and_ordered(read_lines(out), expected)
     # The relay outlived the restart, so it resumed where it had confirmed, even before
-    # PostgreSQL 17, whose clean shutdown may save an older position for the slot.
+    # PostgreSQL 17, whose clean shutdown may save an older position for the slot; also in the
+    # new lease term the restart caused, with a new source.
     assert duplicates <= 500 + 1000, "bounded by the in-flight window (and one transaction)"
 
 
@@ -422,3 +425,23 @@ async def test_both_modes_relay_into_kafka_in_commit_order_per_aggregate(
     lines = [kafka_message_as_line(m) for m in messages]
     assert "Doomed" not in {line["event_type"] for line in lines}
     assert assert_complete_and_ordered(lines, expected) == 0
+
+
+async def test_a_new_source_in_the_same_process_resumes_where_the_last_one_confirmed(
+    dsn: str, tmp_path: Path
+) -> None:
+    """A new lease term builds a new source. Before PostgreSQL 17 a restarted server may hold an
+    older position for the slot than the one confirmed to it, so the new source asks for the
+    position this process confirmed (the server takes the later of the two)."""
+    async with _started_source(dsn, tmp_path) as first:
+        expected = _bulk_insert(dsn, 50, aggregates=5)
+        await first.ack(await _read_all(first, expected))
+        confirmed = first._confirmed
+        assert confirmed > 0
+    config = _config(dsn, tmp_path / "out.jsonl")
+    second = build_source(parse_config(config, "t.yaml", {}).outboxes[0], 0)
+    await second.start()
+    try:
+        assert second._confirmed == confirmed
+    finally:
+        await second.close()

@@ -202,3 +202,31 @@ async def test_a_partitioned_outbox_is_relayed_in_table_mode(dsn: str, tmp_path:
     await set_up_database(outbox, build_source(outbox, 0))
     expected = _insert(dsn, 5, table="pout")
     await run_relay_until(config, lambda _: {line["event_id"] for line in read_lines(out)} >= expected)
+
+
+async def test_a_table_dropped_from_the_publication_while_running_stops_the_relay_loudly(
+    dsn: str, tmp_path: Path
+) -> None:
+    """PostgreSQL decodes an insert with the publication as it was then, so inserts made while
+    the table is out of the publication never reach the relay, whatever it confirms: it must
+    notice, stop and say so, not run on as if all were well."""
+    out = tmp_path / "out.jsonl"
+    config = _logical(dsn, out)
+    _create_slot_and_publication(config)
+    first = _insert(dsn, 5)
+    stage: dict[str, Any] = {}
+
+    def done(relay: Any) -> bool:
+        if "altered" not in stage and {line["event_id"] for line in read_lines(out)} >= first:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("ALTER PUBLICATION outbox_relay DROP TABLE outbox")
+            stage["altered"] = _wal_position(dsn)
+            stage["unseen"] = _insert(dsn, 5)
+            stage["at"] = time.monotonic()
+        if "altered" in stage and time.monotonic() - stage["at"] > 3:
+            stage["ready"] = relay.readiness()[0]
+            return True
+        return False
+
+    await run_relay_until(config, done, timeout=30)
+    assert stage["ready"] is False, "the relay said it was ready with the table out of the publication"
