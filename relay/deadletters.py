@@ -28,7 +28,7 @@ from psycopg import sql
 from relay.events import OutboxEvent
 from relay.identifiers import derived_name, parse_table_name
 from relay.interfaces import Unsupported
-from relay.pgsession import refuse_unusable, session_conninfo
+from relay.pgsession import session_conninfo, start_session
 from relay.secrets import scrubber
 
 DEFAULT_TABLE = "outbox_relay_dead_letters"
@@ -162,7 +162,7 @@ class DeadLetterStore:
             except psycopg.Error as exc:
                 raise psycopg.OperationalError(scrubber.scrub(str(exc))) from None
             try:
-                refuse_unusable(conn)
+                await start_session(conn)
             except Unsupported:
                 await conn.close()
                 raise

@@ -19,7 +19,7 @@ import psycopg
 from relay.backoff import Backoff
 from relay.interfaces import Unsupported
 from relay.logs import get_logger
-from relay.pgsession import refuse_unusable, session_conninfo
+from relay.pgsession import session_conninfo, start_session
 from relay.secrets import scrubber
 
 _RECONNECT = Backoff(initial=0.5, maximum=5.0)
@@ -71,7 +71,7 @@ class Lease:
             keepalives_count=3,
         )
         try:
-            refuse_unusable(conn)  # (a database no relay can serve: say so instead of standing by)
+            await start_session(conn)  # (a database no relay can serve: say so instead of standing by)
         except Unsupported:
             await conn.close()
             raise

@@ -1,28 +1,28 @@
 """The PostgreSQL session every connection of the relay opens (the sources' connections, the
 replication stream, the dead-letter store, the lease): one place for the settings whose text
-output the relay reads, so that a database or role default cannot change what it parses.
+output the relay reads, so that a database, role or service-file default cannot change what it
+parses.
 
-- `client_encoding=UTF8`: the server converts text from the database's encoding (LATIN1,
-  WIN1252, EUC_JP, ...), so everything the relay reads is UTF-8.
+- `client_encoding=UTF8` (a connection parameter): the server converts text from the database's
+  encoding (LATIN1, WIN1252, EUC_JP, ...), so everything the relay reads is UTF-8.
 - `DateStyle=ISO`, `TimeZone=UTC`: timestamptz text (pgoutput sends `created_at` as text).
 - `bytea_output=hex`: pgoutput's text form of a bytea payload is decoded as hex.
 - `extra_float_digits=3`: float8 text keeps every digit (the polling source reads
   `extract(epoch ...)` as float8).
 
-They go into the connection's `options`, after whatever `options` the DSN already carries (a
-`search_path`, say), which are kept; a DSN without `options` keeps those of `PGOPTIONS`.
+The last four are SET once connected, not passed as the connection's `options`: that would
+replace `options` a libpq service file or PGOPTIONS gives (a search_path, say).
 
 A database in SQL_ASCII cannot be served: it stores bytes without saying which characters they
-are, so no conversion to UTF-8 is possible. `refuse_unusable` says so in one sentence.
+are, so no conversion to UTF-8 is possible. `start_session` says so in one sentence.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from relay.interfaces import Unsupported
 
@@ -36,12 +36,20 @@ PINNED_SETTINGS: tuple[tuple[str, str], ...] = (
 
 
 def session_conninfo(dsn: str) -> str:
-    """`dsn` (a libpq connection string or URL) with the relay's session settings added. Raises
-    psycopg.ProgrammingError for a DSN libpq cannot read."""
-    given = conninfo_to_dict(dsn).get("options")
-    options = str(given) if given is not None else os.environ.get("PGOPTIONS", "")
-    pinned = " ".join(f"-c {name}={value}" for name, value in PINNED_SETTINGS)
-    return make_conninfo(dsn, client_encoding="UTF8", options=f"{options} {pinned}".strip())
+    """`dsn` (a libpq connection string or URL) with the client encoding the relay reads.
+    Raises psycopg.ProgrammingError for a DSN libpq cannot read."""
+    return make_conninfo(dsn, client_encoding="UTF8")
+
+
+_PIN = "; ".join(f"SET {name} = '{value}'" for name, value in PINNED_SETTINGS)
+
+
+async def start_session(conn: AsyncConnection[Any]) -> None:
+    """Right after connecting: refuse a database the relay cannot serve (Unsupported), then pin
+    the session settings. (One statement without parameters: psycopg sends it by the simple
+    query protocol, which a replication connection also takes.)"""
+    refuse_unusable(conn)
+    await conn.execute(_PIN)
 
 
 def refuse_unusable(conn: AsyncConnection[Any]) -> None:

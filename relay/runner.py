@@ -20,7 +20,7 @@ from relay.http import HealthServer
 from relay.interfaces import ConnectorError, Sink, Source, Unsupported
 from relay.leadership import Lease, LeaseLost
 from relay.logs import get_logger
-from relay.pgsession import refuse_unusable, session_conninfo
+from relay.pgsession import session_conninfo, start_session
 from relay.pipeline import Pipeline
 from relay.registry import ConnectorConfig, sink_plugins, source_plugins
 
@@ -120,7 +120,7 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
     async with await psycopg.AsyncConnection.connect(
         session_conninfo(dsn), connect_timeout=10, autocommit=True
     ) as conn:
-        refuse_unusable(conn)
+        await start_session(conn)
         notes = await source.init_db(conn)
         for statement in here:
             await conn.execute(statement)
@@ -128,7 +128,7 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
         async with await psycopg.AsyncConnection.connect(
             session_conninfo(other_dsn), connect_timeout=10, autocommit=True
         ) as conn:
-            refuse_unusable(conn)
+            await start_session(conn)
             for statement in statements:
                 await conn.execute(statement)
     return notes

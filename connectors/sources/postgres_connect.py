@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from relay.events import OutboxEvent
 from relay.identifiers import ColumnName, QualifiedName, parse_identifier, printable, quote_ident
 from relay.interfaces import ConnectorError, Unsupported
-from relay.pgsession import refuse_unusable, session_conninfo
+from relay.pgsession import session_conninfo, start_session
 from relay.secrets import scrubber
 
 
@@ -95,7 +95,7 @@ async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psy
     except psycopg.Error as exc:
         raise ConnectorError(scrubber.scrub(f"cannot connect to the database: {exc}")) from None
     try:
-        refuse_unusable(conn)
+        await start_session(conn)
     except Unsupported:
         await conn.close()
         raise

@@ -5,6 +5,7 @@ delivers the same bytes and timestamps; a SQL_ASCII database is refused in one s
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from relay.outbox import emit_event
+from relay.outbox import emit_event, write_event
 from tests.conftest import run_cli
 from tests.harness.postgres import PostgresServer
 from tests.payloads import BYTES_PAYLOAD, read_lines
@@ -234,3 +235,33 @@ def test_database_defaults_for_the_settings_the_relay_reads_change_nothing_deliv
         assert read_lines(out) == dict.fromkeys(expected, BYTES_PAYLOAD), kind
         times = {line["event_id"]: line["headers"]["created_at"] for line in map(json.loads, out.open())}
         assert times == expected, kind
+
+
+@pytest.mark.parametrize("source_type", ["postgres-polling", "postgres-logical"])
+def test_a_search_path_from_a_libpq_service_file_is_kept(
+    make_database: Any, tmp_path: Path, source_type: str
+) -> None:
+    """The relay pins its session settings without replacing the `options` of a service file."""
+    dsn = make_database()
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA other")
+        conn.execute("CREATE TABLE other.outbox (LIKE public.outbox INCLUDING ALL)")
+    services = tmp_path / "pg_service.conf"
+    services.write_text(
+        "[relaytest]\n"
+        + "".join(f"{key}={params[key]}\n" for key in ("host", "port", "dbname", "user") if key in params)
+        + "options=-csearch_path=other\n"
+    )
+    env = {**os.environ, "PGSERVICEFILE": str(services)}
+    where = {"table": "outbox"} if source_type == "postgres-polling" else {"tables": ["outbox"]}
+    path = _write(
+        tmp_path, _outbox("orders", "service=relaytest", tmp_path / "out.jsonl", source_type, **where)
+    )
+    init = run_cli("init-db", "-c", str(path), env=env)
+    assert init.returncode == 0, init.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        event_id = write_event(conn, "order", "a", "E", {"n": 1}, table="other.outbox")
+    run = run_cli("run", "-c", str(path), "--drain", env=env, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list(read_lines(tmp_path / "out.jsonl")) == [event_id]
