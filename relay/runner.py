@@ -17,6 +17,7 @@ from relay.deadletters import DeadLetterStore
 from relay.deadletters import create_table_sql as create_dead_letter_table
 from relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from relay.http import HealthServer
+from relay.identifiers import parse_table_name
 from relay.interfaces import ConnectorError, Sink, Source, Unsupported
 from relay.leadership import Lease, LeaseLost
 from relay.logs import get_logger
@@ -122,16 +123,29 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
     ) as conn:
         await start_session(conn)
         notes = await source.init_db(conn)
-        for statement in here:
-            await conn.execute(statement)
+        await _run_dead_letter_setup(conn, outbox.dead_letter.table, here)
     for other_dsn, statements in elsewhere:
         async with await psycopg.AsyncConnection.connect(
             session_conninfo(other_dsn), connect_timeout=10, autocommit=True
         ) as conn:
             await start_session(conn)
-            for statement in statements:
-                await conn.execute(statement)
+            await _run_dead_letter_setup(conn, outbox.dead_letter.table, statements)
     return notes
+
+
+async def _run_dead_letter_setup(
+    conn: psycopg.AsyncConnection[Any], table: str, statements: list[sql.Composed]
+) -> None:
+    """The dead-letter table's statements (create, then upgrade); the create is skipped when the
+    name already finds a table (an unqualified one further along the search_path: CREATE TABLE
+    IF NOT EXISTS would make a second one in the path's first schema)."""
+    if not statements:
+        return
+    cur = await conn.execute("SELECT to_regclass(%s)", (parse_table_name(table).regclass_text(),))
+    found = await cur.fetchone()
+    create, *rest = statements
+    for statement in ([] if found and found[0] else [create]) + rest:
+        await conn.execute(statement)
 
 
 _startup_frozen = False

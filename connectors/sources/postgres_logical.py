@@ -843,8 +843,13 @@ class PostgresLogicalSource(Source):
         it lacks; refused when it publishes tables that are not configured. Then the slot."""
         cfg = self.config
         notes: list[str] = []
-        for statement in self._table_sql():
-            await conn.execute(statement)
+        for table, statement in zip(cfg.tables, self._table_sql(), strict=False):
+            # (An unqualified name that finds a table further along the search_path must not
+            # get a second one in its first schema.)
+            cur = await conn.execute("SELECT to_regclass(%s)", (parse_table_name(table).regclass_text(),))
+            found = await cur.fetchone()
+            if found is None or found[0] is None:
+                await conn.execute(statement)
         tables = await resolve_tables(conn, cfg.tables) if cfg.mode == "table" else []
         name = parse_identifier(cfg.publication)
         state = await _publication_state(conn, name)

@@ -570,16 +570,34 @@ class PostgresPollingSource(Source):
         finally:
             await conn.close()
 
-    def init_sql(self) -> list[sql.Composed]:
+    async def init_db(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
+        """`init_sql()`, on the table the server finds for the configured name when there is
+        one: `CREATE TABLE IF NOT EXISTS outbox` would create a second table in the first schema
+        of the search_path although the name already finds one further along it."""
+        cur = await conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.oid = to_regclass(%s)",
+            (self._name.regclass_text(),),
+        )
+        row = await cur.fetchone()
+        existing = QualifiedName(row[0], row[1]) if row else None
+        for statement in self.init_sql(existing):
+            await conn.execute(statement)
+        return []
+
+    def init_sql(self, existing: QualifiedName | None = None) -> list[sql.Composed]:
+        """The DDL of `init-db`; on `existing`, the table the configured name finds, when given
+        (it is then not created)."""
         cfg, cols = self.config, self._cols
-        table = self._name.identifier()
+        name = existing or self._name
+        table = name.identifier()
         statements: list[sql.Composed] = []
-        if cols == ColumnMapping().names():
+        if cols == ColumnMapping().names() and existing is None:
             statements.append(default_table_ddl(self._name))
         if cols.published_at and cfg.after_publish == "mark":
             statements.append(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}) WHERE {} IS NULL").format(
-                    sql.Identifier(derived_name(self._name.name, "_unpublished")),
+                    sql.Identifier(derived_name(name.name, "_unpublished")),
                     table,
                     sql.Identifier(cols.position),
                     sql.Identifier(cols.published_at),

@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 from relay.outbox import write_event
 from tests.conftest import StartRelay, run_cli
 from tests.harness.postgres import PostgresServer
-from tests.support import read_lines, wait_for, write_config
+from tests.support import read_lines, set_up_outbox_database, wait_for, write_config
 
 COMMANDS = (
     ("check",),
@@ -437,6 +437,29 @@ def test_an_unqualified_name_is_the_table_the_search_path_finds_in_init_db_check
     _ok(check, ("check", "--connect"))
     assert "other.outbox" in check.stdout
     expected = _insert(database, "other", "outbox", DEFAULT_COLUMNS, 7)
+    _ok(run_cli("run", "--drain", "-c", str(path), env=cli_env), ("run", "--drain"))
+    assert _relayed(out) == expected
+
+
+@pytest.mark.parametrize("kind", ["postgres-polling", "postgres-logical"])
+def test_init_db_never_makes_a_second_table_when_the_name_finds_one_further_along_the_search_path(
+    database: str, tmp_path: Path, cli_env: dict[str, str], kind: str
+) -> None:
+    """`CREATE TABLE IF NOT EXISTS outbox` looks only in the search_path's first schema: with
+    public.outbox there and a schema `app` first on the path, it would create app.outbox, and
+    the relay would then read that empty table."""
+    set_up_outbox_database(database)  # public.outbox and the dead-letter table
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app")
+    dsn = make_conninfo(database, options="-csearch_path=app,public")
+    key, written = ("table", "outbox") if kind == "postgres-polling" else ("tables", ["outbox"])
+    out = tmp_path / "out.jsonl"
+    path = write_config(tmp_path, _config(dsn, kind, out, **{key: written}))
+    _ok(run_cli("init-db", "-c", str(path), env=cli_env), ("init-db",))
+    with psycopg.connect(database) as conn:
+        made = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'app'").fetchone()
+    assert made == (0,), "init-db made a table in app"
+    expected = _insert(database, "public", "outbox", DEFAULT_COLUMNS, 3)
     _ok(run_cli("run", "--drain", "-c", str(path), env=cli_env), ("run", "--drain"))
     assert _relayed(out) == expected
 
