@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from relay.durations import Duration
 from relay.identifiers import TableName
+from relay.pgsession import Dsn
 from relay.registry import ConnectorConfig, broken_plugins, sink_plugins, source_plugins
 from relay.secrets import is_secret_key, scrubber
 
@@ -83,7 +84,7 @@ class DeadLetterConfig(StrictModel):
         default="outbox_relay_dead_letters",
         description="In the source's database; `init-db` creates it. name or schema.name as in SQL.",
     )
-    dsn: str | None = Field(default=None, description="Another database for it; default: the source's.")
+    dsn: Dsn | None = Field(default=None, description="Another database for it; default: the source's.")
 
 
 class LeaseConfig(StrictModel):

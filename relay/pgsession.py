@@ -19,10 +19,11 @@ are, so no conversion to UTF-8 is possible. `start_session` says so in one sente
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from psycopg import AsyncConnection
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import AfterValidator
 
 from relay.interfaces import Unsupported
 
@@ -33,6 +34,23 @@ PINNED_SETTINGS: tuple[tuple[str, str], ...] = (
     ("bytea_output", "hex"),
     ("extra_float_digits", "3"),
 )
+
+
+def _readable_dsn(value: str) -> str:
+    """A DSN libpq can read, checked when the config is loaded (never echoed: it may hold a
+    password), so that `check` refuses it instead of `run` retrying it forever."""
+    try:
+        conninfo_to_dict(value)
+    except Exception:
+        raise ValueError(
+            "is not a connection string libpq can read (key=value pairs, values with spaces in"
+            " single quotes, or a postgresql:// URL)"
+        ) from None
+    return value
+
+
+#: A libpq connection string or URL, as a config value.
+Dsn = Annotated[str, AfterValidator(_readable_dsn)]
 
 
 def session_conninfo(dsn: str) -> str:

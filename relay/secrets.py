@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from psycopg.conninfo import conninfo_to_dict
+
 #: What a secret is replaced with wherever text is shown.
 MASK = "***"
 # Settings whose value is a secret by their name: librdkafka's sasl.password, ssl.key.password,
@@ -19,6 +21,7 @@ _SECRET_KEY = re.compile(
 )
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
 _KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_KV_REST = re.compile(r"\bpassword\s*=\s*(.*)", re.IGNORECASE | re.DOTALL)
 
 
 def redact_url(text: str) -> str:
@@ -28,12 +31,24 @@ def redact_url(text: str) -> str:
 
 
 def passwords_in(text: str) -> list[str]:
-    """Every password written into a DSN or URL, raw and percent-decoded."""
+    """Every password written into a DSN or URL, raw and percent-decoded. A keyword DSN is read
+    as libpq reads it (`password='a b'` is one password with a space); one libpq cannot read
+    (`password=a b`, an unmatched quote) gives up everything after `password=`, whole and word by
+    word: libpq's error message quotes the words it stumbled on."""
     found: list[str] = []
     for match in _URL_PASSWORD.finditer(text):
         found.append(match["pw"])
     for match in _KV_PASSWORD.finditer(text):
         found.append(match["pw"].strip("'"))
+    if "password" in text.lower() and "://" not in text:
+        try:
+            value = conninfo_to_dict(text).get("password")
+            if value:
+                found.append(str(value))
+        except Exception:  # not a DSN libpq reads: everything after password= may be secret
+            for rest in _KV_REST.findall(text):
+                found.append(rest)
+                found.extend(word for token in rest.split() for word in (token, *token.split("'")))
     try:
         parts = urlsplit(text)
         if parts.password:

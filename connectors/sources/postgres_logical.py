@@ -58,6 +58,7 @@ from relay.identifiers import (
 from relay.interfaces import BacklogStats, ConnectorError, Source, Unsupported
 from relay.logs import get_logger
 from relay.outbox import message_content
+from relay.pgsession import Dsn
 from relay.registry import ConnectorConfig, SourcePlugin
 from relay.secrets import scrubber
 
@@ -79,7 +80,7 @@ class LogicalColumns(EventColumns):
 
 class PostgresLogicalConfig(ConnectorConfig):
     type: Literal["postgres-logical"]
-    dsn: str = Field(description="libpq connection string or URL; the user needs REPLICATION.")
+    dsn: Dsn = Field(description="libpq connection string or URL; the user needs REPLICATION.")
     slot: str = Field(default="outbox_relay", pattern=_SLOT, description="Lower-case letters, digits and _.")
     publication: Identifier = Field(
         default="outbox_relay", description="A name as in SQL: double-quote a mixed-case one."

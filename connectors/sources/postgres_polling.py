@@ -49,6 +49,7 @@ from relay.identifiers import (
 )
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
+from relay.pgsession import Dsn
 from relay.registry import ConnectorConfig, SourcePlugin
 from relay.secrets import scrubber
 
@@ -93,7 +94,7 @@ class ColumnMapping(EventColumns):
 
 class PostgresPollingConfig(ConnectorConfig):
     type: Literal["postgres-polling"]
-    dsn: str = Field(description="libpq connection string or postgresql:// URL.")
+    dsn: Dsn = Field(description="libpq connection string or postgresql:// URL.")
     table: TableName = Field(
         default="public.outbox",
         description="name or schema.name as in SQL: unquoted parts fold to lower case, double-quoted"

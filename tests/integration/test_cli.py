@@ -264,3 +264,22 @@ def test_check_masks_broker_secrets_given_as_producer_settings(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert "s3cr3t-pass" not in result.stdout + result.stderr
     assert '"sasl.password": "***"' in result.stdout
+
+
+def test_a_password_with_spaces_or_quotes_never_shows_and_an_unreadable_dsn_is_refused_by_check(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    env = {**cli_env, "DB_PASSWORD": "correct horse battery staple"}
+    unreadable = relay_config("host=127.0.0.1 port=1 password=${DB_PASSWORD}", {"type": "stdout"})
+    path = write_config(tmp_path, unreadable, "unreadable.yaml")
+    result = run_cli("check", "-c", str(path), env=env)
+    assert result.returncode == 2
+    assert "outboxes[0].source.dsn: is not a connection string libpq can read" in result.stderr
+    for word in ("correct", "horse", "battery", "staple"):
+        assert word not in result.stdout + result.stderr, word
+    readable = relay_config("host=127.0.0.1 port=1 password='${DB_PASSWORD}'", {"type": "stdout"})
+    path = write_config(tmp_path, readable, "readable.yaml")
+    for command in (("check",), ("check", "--connect"), ("status",)):
+        result = run_cli(*command, "-c", str(path), env=env)
+        for word in ("correct", "horse", "battery", "staple"):
+            assert word not in result.stdout + result.stderr, (command, word)
