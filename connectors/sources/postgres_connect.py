@@ -219,3 +219,22 @@ def missing_columns(
             )
         parts.append(part)
     return f"table {table} has no column for {', '.join(parts)}"
+
+
+# Each domain's base type (through domains over domains): a payload column may be declared as a
+# domain over bytea or jsonb, and is read as its base type.
+_DOMAIN_BASES = """
+WITH RECURSIVE chain(domain, base) AS (
+    SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd'
+  UNION ALL
+    SELECT chain.domain, t.typbasetype FROM chain JOIN pg_type t ON t.oid = chain.base WHERE t.typtype = 'd'
+)
+SELECT chain.domain::int8, chain.base::int8, format_type(chain.base, NULL)
+FROM chain JOIN pg_type t ON t.oid = chain.base WHERE t.typtype <> 'd'
+"""
+
+
+async def domain_bases(conn: psycopg.AsyncConnection[Any]) -> dict[int, tuple[int, str]]:
+    """domain type oid -> (base type oid, base type name), for every domain in the database."""
+    cur = await conn.execute(_DOMAIN_BASES)
+    return {int(domain): (int(base), str(name)) for domain, base, name in await cur.fetchall()}

@@ -36,6 +36,7 @@ from connectors.sources import pgoutput
 from connectors.sources.postgres_connect import (
     EventColumns,
     connect,
+    domain_bases,
     insert_event,
     missing_columns,
     null_column_defect,
@@ -146,6 +147,8 @@ class PostgresLogicalSource(Source):
         #: events: the configured tables as the server resolved them on start.
         self._tables: set[tuple[str, str]] = set()
         self._columns = config.columns.names()
+        #: Domain type oid -> its base type: a payload column declared as a domain over bytea.
+        self._domain_bases: dict[int, tuple[int, str]] = {}
         self._units: deque[_Unit] = deque()
         self._current: _Unit | None = None
         self._commit_time = 0.0
@@ -455,6 +458,7 @@ class PostgresLogicalSource(Source):
             # Not silent: every insert of this table would be lost otherwise; fail loudly instead.
             raise ConnectorError(f"table {relation.qualified_name} has no column(s) {', '.join(missing)}")
         payload_oid = relation.type_oids[index[cols.payload]]
+        payload_oid = self._domain_bases.get(payload_oid, (payload_oid, ""))[0]
         return _TableShape(
             (
                 index[cols.event_id],
@@ -818,6 +822,7 @@ class PostgresLogicalSource(Source):
         if problem:
             raise ConnectorError(problem)
         self._tables = set(tables)
+        self._domain_bases = await domain_bases(conn)
 
     def _table_sql(self) -> list[psql.Composed]:
         if self.config.mode == "table" and self._columns == LogicalColumns().names():

@@ -31,6 +31,7 @@ from connectors.sources.postgres_connect import (
     EventColumns,
     ResolvedTable,
     connect,
+    domain_bases,
     insert_event,
     missing_columns,
     null_column_defect,
@@ -171,11 +172,14 @@ class PostgresPollingSource(Source):
         table = await resolve_table(conn, self._name)
         try:
             cur = await conn.execute(
-                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int8 FROM pg_attribute a"
                 " WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
                 (table.oid,),
             )
-            types = dict(await cur.fetchall())
+            found = await cur.fetchall()
+            types = {name: type_name for name, type_name, _ in found}
+            type_oids = {name: int(oid) for name, _, oid in found}
+            bases = await domain_bases(conn)
         except psycopg.Error as exc:
             raise ConnectorError(scrubber.scrub(f"cannot inspect table {table.display()}: {exc}")) from None
         if not types:
@@ -185,7 +189,8 @@ class PostgresPollingSource(Source):
             raise ConnectorError(problem)
         await self._require_a_key_position(conn, table)
         self._table_oid = table.oid
-        payload_type = types[cols.payload]
+        # (A payload declared as a domain over bytea or jsonb is read as its base type.)
+        payload_type = bases.get(type_oids[cols.payload], (0, types[cols.payload]))[1]
         self._payload_is_bytes = payload_type == "bytea"
         self._content_type = {
             "json": "application/json",

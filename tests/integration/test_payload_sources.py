@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from connectors.sources.postgres_polling import default_table_ddl
@@ -316,3 +317,51 @@ def _decoded(line_payload: bytes | None, kind: str) -> bytes | None:
     import json
 
     return str(json.loads(line_payload)).encode()
+
+
+@pytest.mark.parametrize("source_type", ["postgres-polling", "postgres-logical"])
+async def test_a_payload_column_declared_as_a_domain_is_read_as_its_base_type(
+    dsn: str, tmp_path: Path, source_type: str
+) -> None:
+    """CREATE DOMAIN blob AS bytea: the bytes arrive as bytes, not as bytea's hex text; a domain
+    over a domain over jsonb stays JSON."""
+    from relay.runner import set_up_database
+    from tests.support import read_lines as read_file_lines
+    from tests.support import relay_config
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE DOMAIN blob AS bytea")
+        conn.execute("CREATE DOMAIN doc AS jsonb")
+        conn.execute("CREATE DOMAIN doc2 AS doc")
+        for table, kind in (("outbox_blob", "blob"), ("outbox_doc", "doc2")):
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+                    " event_id uuid NOT NULL DEFAULT gen_random_uuid(), aggregate_type text NOT NULL,"
+                    " aggregate_id text NOT NULL, event_type text NOT NULL, payload {} NOT NULL,"
+                    " headers jsonb NOT NULL DEFAULT '{{}}', created_at timestamptz NOT NULL DEFAULT now(),"
+                    " published_at timestamptz)"
+                ).format(sql.Identifier(table), sql.Identifier(kind))
+            )
+    expected = {"outbox_blob": ("payload_base64", "AAF/gP8="), "outbox_doc": ("payload", {"n": 1.1})}
+    for table in expected:
+        out = tmp_path / f"{table}.jsonl"
+        config = relay_config(dsn, {"type": "file", "path": str(out)}, table=table)
+        if source_type == "postgres-logical":
+            config["outboxes"][0]["source"] = {
+                "type": source_type, "dsn": dsn, "tables": [table], "slot": table, "publication": table,
+            }  # fmt: skip
+            outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+            await set_up_database(outbox, build_source(outbox, 0))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (aggregate_type, aggregate_id, event_type, payload)"
+                    " VALUES ('o', 'a', 'E', %s)"
+                ).format(sql.Identifier(table)),
+                (b"\x00\x01\x7f\x80\xff" if table == "outbox_blob" else '{"n": 1.10}',),
+            )
+        await run_relay_until(config, lambda _, o=out: bool(read_file_lines(o)))  # type: ignore[misc]
+        (line,) = read_file_lines(out)
+        key, value = expected[table]
+        assert line[key] == value, table
