@@ -85,8 +85,10 @@ def write_event(
     `'"OutBox"'` for a mixed-case name (see relay.identifiers); an unqualified name is found
     through the connection's search_path. A bad name raises relay.identifiers.IdentifierError.
 
-    `payload` is any JSON-serializable value, or a JSON document as str/bytes. It does not commit:
-    the caller's transaction decides.
+    `payload` is any JSON-serializable value, or a JSON document as str/bytes (UTF-8 text), for
+    a payload column of type json, jsonb or text. (Into a bytea payload column write the row
+    yourself with the bytes as a parameter: text sent there is read as bytea's escape format.)
+    It does not commit: the caller's transaction decides.
     """
     event_id, params = _params(aggregate_type, aggregate_id, event_type, payload, headers, event_id)
     conn_or_cursor.execute(_statement(table), params)
