@@ -75,6 +75,9 @@ class OutboxEvent:
     #: Failures that were the event's own (not transient), and when the first failure happened.
     rejections: int = field(default=0)
     first_failed_at: float | None = None
+    #: Whether the broker took other events while this one failed (in the same call, or since
+    #: its first failure): it fails on its own, not with the broker as a whole.
+    failed_amid_successes: bool = field(default=False)
 
     @property
     def created_at_iso(self) -> str:

@@ -87,8 +87,7 @@ class Pipeline:
         self._dispatch_done = asyncio.Event()
         self._closing_event = asyncio.Event()
         self._sink_failures = 0  # consecutive publish calls that raised
-        #: When the broker last took an event (wall clock): failing aggregates are held only
-        #: while others go through.
+        #: When the broker last took an event (wall clock, as `first_failed_at`).
         self._last_taken = 0.0
         self._sink_paused_until = 0.0
         self.started = False
@@ -281,14 +280,14 @@ class Pipeline:
         aggregate's events fill it (its lane grows while its first event is retried), or, in
         logical replication, events acknowledged behind it cannot be confirmed (confirmation is
         in commit order). Either way every other aggregate waits for it. Hold the lanes whose
-        first event keeps failing while the broker takes other events (not during an outage,
-        when nothing goes through anyway) in the store, in order: the window frees and the
-        others flow; the held ones are retried from there."""
+        first event fails on its own (the broker took other events meanwhile; not in an outage,
+        when nothing goes through and everything waits anyway) in the store, in order: the
+        window frees and the others flow; the held ones are retried from there."""
         if self._dead_letters is None or self._sink_paused_until > time.monotonic():
             return
         for key in self._lanes.waiting_keys():
             head = self._lanes.head(key)
-            if head is None or head.first_failed_at is None or head.first_failed_at >= self._last_taken:
+            if head is None or not head.failed_amid_successes:
                 continue
             self._log.warning(
                 "holding an aggregate whose first event keeps failing while it fills the in-flight window",
@@ -428,6 +427,7 @@ class Pipeline:
         # into the lane behind the failed one, acknowledged by the broker or not.
         stopped: set[tuple[str, str | None]] = set()
         ahead = 0
+        amid_successes = None in results
         for event, result in zip(batch, results, strict=True):
             if stopped and event.lane_key in stopped:
                 ahead += result is None
@@ -442,6 +442,10 @@ class Pipeline:
             event.attempts += 1
             if event.first_failed_at is None:
                 event.first_failed_at = now_wall
+            # Failing on its own: the broker took other events of this call, or some since it
+            # first failed (not so in an outage, when nothing goes through).
+            if amid_successes or self._last_taken > event.first_failed_at:
+                event.failed_amid_successes = True
             if not result.transient:
                 event.rejections += 1
             if self._dead_letters is not None and (
@@ -489,6 +493,8 @@ class Pipeline:
             self._m_failures.inc(failed)
         if retried:
             self._m_retries.inc(retried)
+            # A fetch waiting for room looks again: a lane waiting for a retry may be one to hold.
+            self._space_freed.set()
         self._dispatch_wake.set()
 
     # --- dead letters and acks ---------------------------------------------------------------

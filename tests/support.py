@@ -244,3 +244,40 @@ def outbox_events(dsn: str) -> list[OutboxEvent]:
         )
         for position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created in rows
     ]
+
+
+def wal_insert_position(dsn: str) -> int:
+    """Where the server's WAL ends now (written or not), as a number: what any later change
+    lies past."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def slot_confirmed(dsn: str, slot: str = "outbox_relay") -> int:
+    """The replication slot's confirmed_flush_lsn, as a number."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def pipeline_with_sink(config: dict[str, Any], sink: Any) -> Any:
+    """The pipeline of the config's first outbox, with `sink` instead of the configured one."""
+    from relay.pipeline import Pipeline
+    from relay.runner import build_dead_letter_store
+
+    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
+    return Pipeline(
+        outbox.name,
+        build_source(outbox, 0),
+        sink,
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letter=outbox.dead_letter,
+        dead_letters=build_dead_letter_store(outbox, 0),
+    )

@@ -282,14 +282,17 @@ class PostgresPollingSource(Source):
         base = sql.SQL("SELECT {select} FROM {table} WHERE {unpublished} AND {pos} ").format(
             select=select, table=table, unpublished=unpublished, pos=pos
         )
-        # The rows in the gaps (first, last), an index probe each, and above the highest position
-        # read; lowest positions first, at most LIMIT. (In the gaps' subquery the table's own
-        # columns come first: a column named like the gap's fields cannot be mistaken for them.)
+        # Above the highest position read, lowest first: the read while there is no gap.
+        self._queries["read"] = base + sql.SQL("> %s ORDER BY {} LIMIT %s").format(pos)
+        # The same, with the rows in the gaps (first, last): an index probe each (OFFSET 0 keeps
+        # the planner from turning the probes into a scan of the whole table), merged in
+        # position order. (In the gaps' subquery the table's own columns come first: a column
+        # named like the gap's fields cannot be mistaken for them.)
         in_gaps = sql.SQL(
             "SELECT r.* FROM unnest(%s::int8[], %s::int8[]) AS outbox_relay_gap(first, last),"
-            " LATERAL ({base} BETWEEN outbox_relay_gap.first AND outbox_relay_gap.last) AS r"
+            " LATERAL ({base} BETWEEN outbox_relay_gap.first AND outbox_relay_gap.last OFFSET 0) AS r"
         ).format(base=base)
-        self._queries["read"] = sql.SQL(
+        self._queries["read_gaps"] = sql.SQL(
             "SELECT * FROM (({in_gaps} ORDER BY 1 LIMIT %s) UNION ALL ({base} > %s ORDER BY {pos} LIMIT %s))"
             " AS rows ORDER BY 1 LIMIT %s"
         ).format(in_gaps=in_gaps, base=base, pos=pos)
@@ -371,11 +374,11 @@ class PostgresPollingSource(Source):
         cursor = self._cursor
         above, gaps = cursor.begin_read()
         try:
-            cur = await self._run(
-                "fetch",
-                "read",
-                ([g[0] for g in gaps], [g[1] for g in gaps], limit, above, limit, limit),
-            )
+            if gaps:
+                firsts, lasts = [g[0] for g in gaps], [g[1] for g in gaps]
+                cur = await self._run("fetch", "read_gaps", (firsts, lasts, limit, above, limit, limit))
+            else:
+                cur = await self._run("fetch", "read", (above, limit))
             rows = await cur.fetchall()
         except BaseException:
             cursor.abandon_read()

@@ -11,17 +11,15 @@ from typing import Any
 import psycopg
 from prometheus_client import REGISTRY
 
-from relay.config import parse_config
 from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import Sink
 from relay.outbox import write_event
-from relay.pipeline import Pipeline
-from relay.runner import build_dead_letter_store, build_source
 from tests.conftest import run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.support import (
     dead_letters,
     insert_events,
+    pipeline_with_sink,
     read_lines,
     relay_config,
     run_relay_until,
@@ -65,19 +63,6 @@ def _sample(name: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"outbox": "orders"})
 
 
-def _pipeline(config: dict[str, Any], sink: Sink) -> Pipeline:
-    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
-    return Pipeline(
-        outbox.name,
-        build_source(outbox, 0),
-        sink,
-        retry=outbox.retry,
-        tuning=outbox.pipeline,
-        dead_letter=outbox.dead_letter,
-        dead_letters=build_dead_letter_store(outbox, 0),
-    )
-
-
 def _write_poison_between(dsn: str) -> str:
     """order-1 gets: a normal event, the poison event, then three more; other aggregates flow."""
     insert_events(dsn, 300, aggregates=3)
@@ -100,7 +85,7 @@ async def test_poison_event_is_dead_lettered_after_n_refusals_while_other_aggreg
     def drained_and_counted(_: Any) -> bool:
         return unpublished(dsn) == 0 and _sample("outbox_relay_dead_letters") == 1.0
 
-    await run_relay_until(config, drained_and_counted, pipelines=[_pipeline(config, sink)])
+    await run_relay_until(config, drained_and_counted, pipelines=[pipeline_with_sink(config, sink)])
     assert _sample("outbox_relay_dead_lettered_total") == parked_before + 1
     assert sink.refusals == 3
     assert _sample("outbox_relay_retries_total") == retries_before + 2, "the third refusal parks it"
@@ -123,7 +108,7 @@ async def test_events_sent_in_one_call_behind_a_refused_event_are_published_agai
     config = relay_config(dsn, {"type": "stdout"})
     config["outboxes"][0]["dead_letter"] = {"after_attempts": 2}
     sink = _Refuses(keeps_order=True)  # so a call carries several events of order-1
-    pipeline = _pipeline(config, sink)
+    pipeline = pipeline_with_sink(config, sink)
     assert pipeline.per_aggregate_depth > 1
 
     def drained_and_parked(_: Any) -> bool:
@@ -152,7 +137,9 @@ async def test_block_keeps_the_poison_aggregate_stopped_while_the_others_flow(ds
     def others_done_and_poison_retried(_: Any) -> bool:
         return len(sink.delivered) == 300 and sink.refusals >= 5
 
-    await run_relay_until(config, others_done_and_poison_retried, pipelines=[_pipeline(config, sink)])
+    await run_relay_until(
+        config, others_done_and_poison_retried, pipelines=[pipeline_with_sink(config, sink)]
+    )
     assert "After" not in {e.event_type for e in sink.delivered}
     # The poison event and everything after it of its aggregate wait in the dead-letter table,
     # held in order; the outbox is drained.
@@ -169,7 +156,7 @@ async def test_an_outage_never_dead_letters_anything(dsn: str) -> None:
     config = relay_config(dsn, {"type": "stdout"})
     config["outboxes"][0]["dead_letter"] = {"after_attempts": 2}
     sink = _Refuses(transient=True)  # "the broker did not answer" for the poison event, many times
-    await run_relay_until(config, lambda _: sink.refusals >= 6, pipelines=[_pipeline(config, sink)])
+    await run_relay_until(config, lambda _: sink.refusals >= 6, pipelines=[pipeline_with_sink(config, sink)])
     assert await dead_letters(dsn) == []
 
 
@@ -202,7 +189,9 @@ async def test_replay_puts_a_dead_letter_back_once_and_the_cli_lists_shows_and_p
     poison = _write_poison_between(dsn)
     config = relay_config(dsn, {"type": "stdout"})
     config["outboxes"][0]["dead_letter"] = {"after_attempts": 1}
-    await run_relay_until(config, lambda _: unpublished(dsn) == 0, pipelines=[_pipeline(config, _Refuses())])
+    await run_relay_until(
+        config, lambda _: unpublished(dsn) == 0, pipelines=[pipeline_with_sink(config, _Refuses())]
+    )
     out = tmp_path / "out.jsonl"
     config["outboxes"][0]["sink"] = {"type": "file", "path": str(out)}
     path = write_config(tmp_path, config)
@@ -252,7 +241,7 @@ async def test_rows_missing_required_columns_are_each_dead_lettered_with_the_rea
         with psycopg.connect(dsn) as conn:
             return conn.execute("SELECT count(*) FROM loose WHERE done_at IS NULL").fetchone() == (0,)
 
-    await run_relay_until(config, all_settled, pipelines=[_pipeline(config, sink)])
+    await run_relay_until(config, all_settled, pipelines=[pipeline_with_sink(config, sink)])
     letters = {bytes(letter.payload): letter for letter in await dead_letters(dsn)}
     assert sorted(letters) == [b'{"n": 2}', b'{"n": 3}', b'{"n": 4}', b'{"n": 5}']
     assert [letters[b'{"n": 2}'].error, letters[b'{"n": 3}'].error] == ["event id is NULL"] * 2
@@ -280,7 +269,7 @@ async def test_a_poison_event_waits_unacknowledged_while_the_dead_letter_table_i
             held_since = float("inf")  # (done once)
         return left == 0
 
-    pipeline = _pipeline(config, sink)
+    pipeline = pipeline_with_sink(config, sink)
     await run_relay_until(config, recreate_the_table_once_the_rest_is_through, pipelines=[pipeline])
     assert held_since == float("inf"), "the poison event stayed unacknowledged until the table was back"
     assert [letter.event_id for letter in await dead_letters(dsn)] == [poison]

@@ -16,13 +16,20 @@ import psycopg
 
 from relay.config import parse_config
 from relay.events import Failure, OutboxEvent, PublishResult
-from relay.interfaces import Sink
+from relay.interfaces import ConnectorError, Sink
 from relay.outbox import write_event
-from relay.pipeline import Pipeline
-from relay.runner import build_dead_letter_store, build_source, set_up_database
+from relay.runner import build_source, set_up_database
 from tests.conftest import consume_event_ids, kafka_headers, run_cli
 from tests.harness.kafka import KafkaBroker
-from tests.support import dead_letters, relay_config, run_relay_until, write_config
+from tests.support import (
+    dead_letters,
+    pipeline_with_sink,
+    relay_config,
+    run_relay_until,
+    slot_confirmed,
+    wal_insert_position,
+    write_config,
+)
 
 
 def _logical(config: dict[str, Any], dsn: str) -> dict[str, Any]:
@@ -44,23 +51,6 @@ def _insert_others(dsn: str, count: int, aggregates: int) -> set[str]:
             (aggregates, count),
         ).fetchall()
     return {row[0] for row in rows}
-
-
-def _wal_insert_position(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def _slot_confirmed(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots"
-            " WHERE slot_name = 'outbox_relay'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _held(dsn: str) -> list[tuple[str, str]]:
@@ -91,10 +81,10 @@ async def test_block_holds_a_refused_aggregate_in_the_store_so_the_slot_advances
     others = _insert_others(dsn, 3000, aggregates=100)
     with psycopg.connect(dsn, autocommit=True) as conn:
         big.append(write_event(conn, "order", "big", "After", {"n": 4}))
-    written = _wal_insert_position(dsn)
+    written = wal_insert_position(dsn)
 
     def held_and_confirmed(_: Any) -> bool:
-        return len(_held(dsn)) == 4 and _slot_confirmed(dsn) >= written
+        return len(_held(dsn)) == 4 and slot_confirmed(dsn) >= written
 
     await run_relay_until(config, held_and_confirmed, timeout=90)
     assert _held(dsn) == [(event_id, "held") for event_id in big]
@@ -138,19 +128,6 @@ class _RefusesUntil(Sink):
         return results
 
 
-def _pipeline(config: dict[str, Any], sink: Sink) -> Pipeline:
-    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
-    return Pipeline(
-        outbox.name,
-        build_source(outbox, 0),
-        sink,
-        retry=outbox.retry,
-        tuning=outbox.pipeline,
-        dead_letter=outbox.dead_letter,
-        dead_letters=build_dead_letter_store(outbox, 0),
-    )
-
-
 async def test_held_events_survive_a_restart_and_go_out_in_order_with_the_ones_written_meanwhile(
     dsn: str,
 ) -> None:
@@ -161,7 +138,9 @@ async def test_held_events_survive_a_restart_and_go_out_in_order_with_the_ones_w
         x = [write_event(conn, "order", "x", "Poison", {"poison": True})]
         x.append(write_event(conn, "order", "x", "After", {"n": 2}))
     first = _RefusesUntil()
-    await run_relay_until(config, lambda _: len(_held(dsn)) == 2, pipelines=[_pipeline(config, first)])
+    await run_relay_until(
+        config, lambda _: len(_held(dsn)) == 2, pipelines=[pipeline_with_sink(config, first)]
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:  # written while no relay runs
         x.append(write_event(conn, "order", "x", "After", {"n": 3}))
     second = _RefusesUntil()
@@ -174,7 +153,7 @@ async def test_held_events_survive_a_restart_and_go_out_in_order_with_the_ones_w
                 written_while_running.append(write_event(conn, "order", "x", "After", {"n": 4}))
         return len(second.delivered) >= 4 and _held(dsn) == []
 
-    await run_relay_until(config, all_out, pipelines=[_pipeline(config, second)])
+    await run_relay_until(config, all_out, pipelines=[pipeline_with_sink(config, second)])
     assert [e.event_id for e in second.delivered] == x + written_while_running
     assert await dead_letters(dsn) == []
 
@@ -192,14 +171,14 @@ async def test_an_aggregate_that_keeps_failing_is_held_when_it_pins_the_slot_and
     with psycopg.connect(dsn, autocommit=True) as conn:
         poison = write_event(conn, "order", "x", "Poison", {"poison": True})
     others = _insert_others(dsn, 3000, aggregates=50)
-    written = _wal_insert_position(dsn)
+    written = wal_insert_position(dsn)
     sink = _RefusesUntil(transient=True)
     started = time.monotonic()
 
     def others_out(_: Any) -> bool:
-        return {e.event_id for e in sink.delivered} >= others and _slot_confirmed(dsn) >= written
+        return {e.event_id for e in sink.delivered} >= others and slot_confirmed(dsn) >= written
 
-    await run_relay_until(config, others_out, pipelines=[_pipeline(config, sink)], timeout=60)
+    await run_relay_until(config, others_out, pipelines=[pipeline_with_sink(config, sink)], timeout=60)
     assert time.monotonic() - started < 60
     assert _held(dsn) == [(poison, "held")]
 
@@ -249,7 +228,7 @@ async def test_a_crash_behind_a_failing_aggregate_sends_again_at_most_the_window
             ).fetchall()
             expected.update(row[0] for row in rows)
     sink = _RefusesAggregate("failing")
-    pipeline = _pipeline(config, sink)
+    pipeline = pipeline_with_sink(config, sink)
     stop, crash = asyncio.Event(), asyncio.Event()
     run = asyncio.create_task(pipeline.run(stop, abandon=crash))
     deadline = time.monotonic() + 60
@@ -262,7 +241,10 @@ async def test_a_crash_behind_a_failing_aggregate_sends_again_at_most_the_window
 
     sink.accept = True
     await run_relay_until(
-        config, lambda _: set(sink.delivered) >= expected, pipelines=[_pipeline(config, sink)], timeout=60
+        config,
+        lambda _: set(sink.delivered) >= expected,
+        pipelines=[pipeline_with_sink(config, sink)],
+        timeout=60,
     )
     again = len(sink.delivered[before:]) - len(set(sink.delivered[before:]) - set(sink.delivered[:before]))
     assert again <= window + per_transaction, f"{again} events were sent again"
@@ -283,7 +265,7 @@ async def test_a_long_held_aggregate_is_released_in_order_in_calls_of_several_ev
     of_x = [event_id for event_id, aggregate in rows if aggregate == "x"]
     sink = _RefusesAggregate("x")
     sink.keeps_order = True
-    pipeline = _pipeline(config, sink)
+    pipeline = pipeline_with_sink(config, sink)
     calls: list[int] = []
     publish = sink.publish
 
@@ -303,3 +285,41 @@ async def test_a_long_held_aggregate_is_released_in_order_in_calls_of_several_ev
     delivered_x = [event_id for event_id in dict.fromkeys(sink.delivered) if event_id in set(of_x)]
     assert delivered_x == of_x, "released in commit order"
     assert max(calls) > 1, "several held events per call to an order-keeping sink"
+
+
+class _Outage(Sink):
+    """Raises for every call (the broker as a whole is away) until `up` is set."""
+
+    kind = "test"
+
+    def __init__(self) -> None:
+        self.up = False
+        self.delivered: list[str] = []
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        await asyncio.sleep(0)
+        if not self.up:
+            raise ConnectorError("the broker does not answer")
+        self.delivered.extend(e.event_id for e in events)
+        return [None] * len(events)
+
+
+async def test_an_outage_that_fills_the_window_holds_nothing(dsn: str) -> None:
+    """Only an aggregate that fails while the broker takes others is held: in an outage nothing
+    goes through, and moving the whole window to the dead-letter table would gain nothing."""
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["pipeline"] = {"max_in_flight": 100}
+    config["outboxes"][0]["retry"] = {"initial": "10ms", "max": "50ms"}
+    expected = _insert_others(dsn, 500, aggregates=20)
+    sink = _Outage()
+    started = time.monotonic()
+
+    def outage_then_up(relay: Any) -> bool:
+        if not sink.up and time.monotonic() - started > 3:
+            assert relay.pipelines[0].held >= 100, "the window filled during the outage"
+            assert _held(dsn) == [], "an outage held aggregates"
+            sink.up = True
+        return set(sink.delivered) >= expected
+
+    await run_relay_until(config, outage_then_up, pipelines=[pipeline_with_sink(config, sink)], timeout=60)
+    assert _held(dsn) == []

@@ -12,7 +12,14 @@ import pytest
 
 from relay.config import parse_config
 from relay.runner import build_source
-from tests.support import dead_letters, read_lines, relay_config, run_relay_until
+from tests.support import (
+    dead_letters,
+    read_lines,
+    relay_config,
+    run_relay_until,
+    slot_confirmed,
+    wal_insert_position,
+)
 
 
 def _logical(dsn: str, out: Path, **source: Any) -> dict[str, Any]:
@@ -44,23 +51,6 @@ def _insert(dsn: str, count: int, table: str = "outbox", aggregate: str = "order
     return {row[0] for row in rows}
 
 
-def _wal_position(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def _slot_confirmed(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots"
-            " WHERE slot_name = 'outbox_relay'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def _run_while_refused(config: dict[str, Any], seconds: float = 3.0) -> None:
     """Run the relay for a while; it must say it is not ready the whole time after its start."""
     started = time.monotonic()
@@ -83,10 +73,10 @@ async def test_a_column_mapping_the_table_lacks_holds_the_slot_and_every_event_a
     broken = _logical(dsn, out, columns={"event_type": "kind"})
     _create_slot_and_publication(broken)
     expected = _insert(dsn, 50)
-    committed = _wal_position(dsn)  # (the end of the inserting transaction's commit record)
+    committed = wal_insert_position(dsn)  # (the end of the inserting transaction's commit record)
     await _run_while_refused(broken)
     assert read_lines(out) == []
-    assert _slot_confirmed(dsn) < committed, "the slot was confirmed past events that were never delivered"
+    assert slot_confirmed(dsn) < committed, "the slot was confirmed past events that were never delivered"
     fixed = _logical(dsn, out)
     await run_relay_until(fixed, lambda _: {line["event_id"] for line in read_lines(out)} >= expected)
 
@@ -101,10 +91,10 @@ async def test_inserts_into_a_published_table_the_config_does_not_name_hold_the_
         conn.execute("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')")
     config = _logical(dsn, out, tables=["public.outbox"])
     expected = _insert(dsn, 10, table="extra")
-    committed = _wal_position(dsn)
+    committed = wal_insert_position(dsn)
     expected |= _insert(dsn, 10)
     await _run_while_refused(config)
-    assert _slot_confirmed(dsn) < committed, "the slot was confirmed past inserts that were skipped"
+    assert slot_confirmed(dsn) < committed, "the slot was confirmed past inserts that were skipped"
     both = _logical(dsn, out, tables=["public.outbox", "public.extra"])
     await run_relay_until(both, lambda _: {line["event_id"] for line in read_lines(out)} >= expected)
 
@@ -220,7 +210,7 @@ async def test_a_table_dropped_from_the_publication_while_running_stops_the_rela
         if "altered" not in stage and {line["event_id"] for line in read_lines(out)} >= first:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("ALTER PUBLICATION outbox_relay DROP TABLE outbox")
-            stage["altered"] = _wal_position(dsn)
+            stage["altered"] = wal_insert_position(dsn)
             stage["unseen"] = _insert(dsn, 5)
             stage["at"] = time.monotonic()
         if "altered" in stage and time.monotonic() - stage["at"] > 3:
