@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from relay import json_span
 from relay.templates import FIELD_VALUES
 
@@ -30,8 +32,8 @@ def iso_utc(timestamp: float) -> str:
 
 
 # The range of times a message header can carry (Python's datetime: years 1 to 9999).
-_EARLIEST = datetime(1, 1, 2, tzinfo=UTC).timestamp()
-_LATEST = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+LATEST = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
 
 
 def checked_time(epoch: float | None, fallback: float) -> tuple[float, str | None]:
@@ -40,7 +42,7 @@ def checked_time(epoch: float | None, fallback: float) -> tuple[float, str | Non
     no ISO form for the `created_at` header, so the row is a defect (dead-lettered, not sent)."""
     if epoch is None:
         return fallback, None
-    if not _EARLIEST <= epoch <= _LATEST:  # (also false for NaN)
+    if not EARLIEST <= epoch <= LATEST:  # (also false for NaN)
         return fallback, f"created_at is not a representable time ({epoch} seconds since 1970)"
     return epoch, None
 
@@ -158,6 +160,12 @@ def headers_from_json(raw: str | bytes) -> tuple[dict[str, str], str | None]:
     """A row's `headers` JSON object as string headers (non-string values as their JSON text),
     or ({}, why it is unusable)."""
     document = raw.encode() if isinstance(raw, str) else bytes(raw)
+    try:  # the common case, fast: orjson read an object of strings (never a lone surrogate)
+        quick = orjson.loads(document)
+        if isinstance(quick, dict) and all(type(item) is str for item in quick.values()):
+            return quick, None
+    except orjson.JSONDecodeError:
+        pass
     try:
         value = json_span.parse(document)
     except ValueError:

@@ -39,6 +39,8 @@ from connectors.sources.postgres_connect import (
 )
 from connectors.sources.read_cursor import ReadCursor
 from relay.durations import Duration
+from relay.events import EARLIEST as _EARLIEST
+from relay.events import LATEST as _LATEST
 from relay.events import OutboxEvent, checked_time, headers_from_json
 from relay.identifiers import (
     ColumnName,
@@ -297,7 +299,7 @@ class PostgresPollingSource(Source):
             " AS rows ORDER BY 1 LIMIT %s"
         ).format(in_gaps=in_gaps, base=base, pos=pos)
         # Everything up to a position, unpublished and not held: the sweep. (`= ANY` of a
-        # constant array is hashed by PostgreSQL 14 and later; see `_conn` for why it stays constant.)
+        # constant array is hashed by PostgreSQL 14 and later; see `_sweep`.)
         self._queries["sweep"] = base + sql.SQL(
             "<= %s AND NOT ({} = ANY(%s::int8[])) ORDER BY {} LIMIT %s"
         ).format(pos, pos)
@@ -336,9 +338,6 @@ class PostgresPollingSource(Source):
                 # plan stable; a table without a usable index still gets a scan.
                 await conn.execute("SET enable_bitmapscan = off")
                 await conn.execute("SET enable_seqscan = off")
-                # Plan each read with its actual arguments, so the array of held positions is a
-                # constant that PostgreSQL hashes, not a parameter it scans for every row.
-                await conn.execute("SET plan_cache_mode = force_custom_plan")
             setattr(self, attr, conn)
         # (Also on a connection kept from a failed inspection: the table may exist by now.)
         if not self._queries:
@@ -350,6 +349,8 @@ class PostgresPollingSource(Source):
         which: Literal["fetch", "ack", "stats"],
         query: str | sql.SQL | sql.Composed,
         params: Sequence[Any],
+        *,
+        prepare: bool | None = None,
     ) -> psycopg.AsyncCursor[Any]:
         """Run a query on one of the connections; `query` may name one of the built queries
         (built once the table was inspected, which connecting does when needed)."""
@@ -357,7 +358,7 @@ class PostgresPollingSource(Source):
         if isinstance(query, str):
             query = self._queries[query]
         try:
-            return await conn.execute(query, params)
+            return await conn.execute(query, params, prepare=prepare)
         except psycopg.OperationalError:
             # Drop the connection: the next call reconnects (database restart, network cut).
             await conn.close()
@@ -411,7 +412,9 @@ class PostgresPollingSource(Source):
             return []
         self._last_sweep = time.monotonic()
         cursor = self._cursor
-        cur = await self._run("fetch", "sweep", (cursor.highest, list(self._held), limit))
+        # (Never prepared: planned with its arguments, the array of held positions is a constant
+        # that PostgreSQL hashes, not a parameter it scans for every row.)
+        cur = await self._run("fetch", "sweep", (cursor.highest, list(self._held), limit), prepare=False)
         rows = await cur.fetchall()
         self._caught_up = len(rows) < limit
         if rows:
@@ -449,8 +452,9 @@ class PostgresPollingSource(Source):
                 header_map, problem = headers_from_json(headers)
                 defect = defect or problem
             defect = defect or null_column_defect(event_id, agg_type, agg_id, event_type)
-            created, problem = checked_time(created, now)
-            defect = defect or problem
+            if created is None or not _EARLIEST <= created <= _LATEST:  # (else usable as it is)
+                created, problem = checked_time(created, now)
+                defect = defect or problem
             append(
                 OutboxEvent(
                     position,

@@ -110,16 +110,20 @@ class ReadCursor:
         settled = self._settled_before_read
         assert settled is not None, "end_read follows begin_read"
         self._settled_before_read = None
-        assert all(a < b for a, b in itertools.pairwise(returned)), "ascending, unique"
-        self.took(p for p in returned if p <= self.highest)
-        new = [p for p in returned if p > self.highest]
-        if new:
+        assert not returned or returned[0] <= returned[-1], "ascending"
+        split = bisect.bisect_right(returned, self.highest)
+        if split:
+            self.took(returned[:split])
+        new = returned[split:]
+        # (A run of consecutive positions, the common case, leaves no gap: no need to walk it.)
+        if new and new[-1] - self.highest != len(new) * self.step:
             mark = _Mark()
             previous = self.highest
             for position in new:
                 if position - previous > self.step:
                     self._gaps.append(_Gap(previous + 1, position - 1, mark))
                 previous = position
+        if new:
             self.highest = new[-1]
         # Gaps whose writers had all ended before this read began, and that it covered, hold
         # nothing more: whatever they will ever hold, it returned.
