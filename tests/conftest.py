@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
+from tests.harness.machine_servers import watch_machine_servers
 from tests.harness.nats import NatsServer, start_nats
 from tests.harness.postgres import PostgresServer, start_postgres
 from tests.harness.rabbitmq import RabbitBroker, delete, start_rabbitmq
@@ -27,6 +28,33 @@ from tests.harness.webhook import WebhookReceiver
 from tests.support import REPO, create_outbox_database, start_relay
 
 StartRelay = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_servers_left_as_they_were() -> Iterator[None]:
+    """Fails the run if any test stopped, restarted or reconfigured one of the machine's own
+    servers (PostgreSQL, RabbitMQ, NATS, Redis on their standard ports): tests may only do that to
+    servers they started (see tests/harness/machine_servers.py)."""
+    watched = watch_machine_servers()
+    try:
+        yield
+        changes = watched.changes()
+    finally:
+        watched.close()
+    _MACHINE_SERVERS_REPORT.append(
+        "the machine's own servers, left as they were: " + (", ".join(watched.watched) or "none ran")
+        if not changes
+        else "the test run changed the machine's own servers:\n  " + "\n  ".join(changes)
+    )
+    assert not changes, "the test run changed the machine's own servers:\n" + "\n".join(changes)
+
+
+_MACHINE_SERVERS_REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _MACHINE_SERVERS_REPORT:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +182,19 @@ def rabbit_names(url: str) -> Iterator[RabbitNames]:
         yield created
     finally:
         delete(url, queues=created.queues, exchanges=[created.exchange])
+
+
+def private_rabbitmq() -> Iterator[RabbitBroker]:
+    """For a fixture of tests that stop the broker, enable a plugin or add users: a private node
+    (never the machine's), or, where the rabbitmq-server package is missing, the shared broker,
+    for which `require_control` skips those tests."""
+    pytest.importorskip("pika")
+    try:
+        broker = start_rabbitmq(private=True)
+    except RuntimeError:
+        broker = start_rabbitmq()
+    with broker:
+        yield broker
 
 
 def require_control(rabbit: RabbitBroker) -> None:

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     exchange, queue = f"{prefix}.x", f"{prefix}.q"
     with (
         start_postgres() as pg,
-        start_rabbitmq(prefer_existing=args.system_node) as rabbit,
+        start_rabbitmq(private=not args.system_node) as rabbit,
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
     ):
         directory = Path(tmp)

@@ -4,13 +4,11 @@
 
 * an **external** broker named by ``RELAY_TEST_AMQP_URL`` (``owned`` False, never stopped by us:
   :meth:`RabbitBroker.stop` and :meth:`RabbitBroker.start` raise :class:`BrokerControlUnavailable`);
-* the **system node** answering on ``127.0.0.1:5672`` with guest/guest (``owned`` False). When
-  ``rabbitmqctl`` can reach it (as root or as the ``rabbitmq`` user, through Debian's wrapper in
-  /usr/sbin, which switches to the ``rabbitmq`` user and its Erlang cookie), ``stop`` and ``start``
-  are ``rabbitmqctl stop_app`` / ``start_app``: the Erlang VM stays up, the AMQP listener closes,
-  every client connection is closed with ``320 CONNECTION_FORCED``; durable exchanges and queues
-  and their persistent messages survive. ``close()`` starts the app again if a test left it
-  stopped, so the shared node is never left down;
+* the **system node** answering on ``127.0.0.1:5672`` with guest/guest (``owned`` False), which
+  other programs of this machine use too: tests publish to it and consume from it with exchanges
+  and queues of their own, and never stop, restart or reconfigure it (no ``stop_app``, no plugins,
+  no users): :meth:`RabbitBroker.stop`, :meth:`RabbitBroker.enable_plugin` and the like raise
+  :class:`BrokerControlUnavailable`, and a test that needs them uses ``start_rabbitmq(private=True)``;
 * a **private node** (``owned`` True) started from Debian's ``rabbitmq-server`` package with its own
   node name (``relaytest-<random>@localhost``), AMQP port, distribution port, epmd port, Erlang
   cookie, config, data and log directories, all under a fresh temporary directory; nothing of the
@@ -20,8 +18,8 @@
 
 Facts seen on Debian 12 (RabbitMQ 3.10.8, Erlang 25): a private node boots in ~4 s;
 ``rabbitmqctl await_startup`` fails at once (status 69) until the node has registered with epmd,
-so it is retried; ``stop_app`` takes ~0.5 s and ``start_app`` ~1 s on the system node; the plugin
-``rabbitmq_consistent_hash_exchange`` ships with the package but is not enabled on the system node.
+so it is retried; the plugin ``rabbitmq_consistent_hash_exchange`` ships with the package but is
+not enabled on the system node.
 
 An owned node never outlives the process that started it: ``close()`` stops it, an exit hook
 does the same if the caller forgot, and a watchdog process kills it if the caller is killed
@@ -72,8 +70,7 @@ __all__ = [
 
 AMQP_URL_ENV_VAR = "RELAY_TEST_AMQP_URL"
 PRIVATE_ENV_VAR = "RELAY_TEST_RABBITMQ_PRIVATE"
-"""Set to 1 to boot a private node even when the system node answers (restarts then stop a node
-of our own instead of the shared node's app)."""
+"""Set to 1 to boot a private node even where the system node would do."""
 SYSTEM_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 CONSISTENT_HASH_PLUGIN = "rabbitmq_consistent_hash_exchange"
 
@@ -116,8 +113,6 @@ class RabbitBroker(ClosesOnExit):
         self._ports = ports  # (amqp, distribution, epmd) of a private node
         self._process: subprocess.Popen[bytes] | None = None
         self._watchdog = Watchdog()
-        self._control_checked: str | None = None  # None: unchecked; "" ok; else why not
-        self._app_stopped = False
         self._closed = False
         self._exit_hook = ExitHook(self)
         self._exit_hook.arm()
@@ -134,25 +129,17 @@ class RabbitBroker(ClosesOnExit):
         return self._why_not_controllable() == ""
 
     def stop(self) -> None:
-        """Take the broker down (private node: the whole node; system node: ``stop_app``) and return
-        once it no longer accepts AMQP connections. Raises BrokerControlUnavailable."""
+        """Take the whole private node down and return once it no longer accepts AMQP connections.
+        Raises BrokerControlUnavailable for a broker this run did not start."""
         self._require_control("stop")
-        if self.owned:
-            self._stop_node()
-        else:
-            self._ctl("stop_app")
-            self._app_stopped = True
+        self._stop_node()
         _wait_port_closed(self._amqp_address(), 10.0)
 
     def start(self) -> None:
-        """Bring the broker back and return once it accepts AMQP logins. A no-op while it runs."""
+        """Bring the node back and return once it accepts AMQP logins. A no-op while it runs."""
         self._require_control("start")
-        if self.owned:
-            if self._process is None or self._process.poll() is not None:
-                self._spawn()
-        else:
-            self._ctl("start_app")
-            self._app_stopped = False
+        if self._process is None or self._process.poll() is not None:
+            self._spawn()
         wait_for_amqp(self.url, _AMQP_READY_TIMEOUT_S)
 
     def restart(self) -> None:
@@ -160,8 +147,7 @@ class RabbitBroker(ClosesOnExit):
         self.start()
 
     def enable_plugin(self, name: str) -> None:
-        """``rabbitmq-plugins enable NAME`` on this node (the system node's enabled_plugins file
-        is changed for good). Raises BrokerControlUnavailable."""
+        """``rabbitmq-plugins enable NAME`` on this private node. Raises BrokerControlUnavailable."""
         self._require_control("enable a plugin on")
         args = ["enable", name]
         self._run(self._script("rabbitmq-plugins"), *self._node_args(), *args)
@@ -199,7 +185,7 @@ class RabbitBroker(ClosesOnExit):
         return parts._replace(netloc=netloc).geturl()
 
     def close(self) -> None:
-        """Stop and delete a private node; restart the system node's app if we stopped it. Idempotent."""
+        """Stop and delete a private node; a no-op for a broker this run did not start. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -212,9 +198,6 @@ class RabbitBroker(ClosesOnExit):
                 self._watchdog.disarm()
                 if self.root is not None:
                     shutil.rmtree(self.root, ignore_errors=True)
-        elif self._app_stopped:
-            self._ctl("start_app")
-            self._app_stopped = False
 
     # -- private node --------------------------------------------------------------------------
 
@@ -341,14 +324,8 @@ class RabbitBroker(ClosesOnExit):
         """A shell command running `rabbitmqctl ACTION` against this broker (e.g. stop_app,
         start_app), for tools that take a command line such as `outbox-relay drill`."""
         self._require_control(action)
-        command = [self._script("rabbitmqctl"), *self._node_args(), action]
-        if self.owned:
-            command = [
-                "env",
-                *(f"{k}={v}" for k, v in self._env().items() if k.startswith(("RABBITMQ", "HOME"))),
-                *command,
-            ]
-        return shlex.join(command)
+        environment = (f"{k}={v}" for k, v in self._env().items() if k.startswith(("RABBITMQ", "HOME")))
+        return shlex.join(["env", *environment, self._script("rabbitmqctl"), *self._node_args(), action])
 
     def _node_args(self) -> list[str]:
         return ["-n", self.node] if self.owned and self.node else []
@@ -379,15 +356,10 @@ class RabbitBroker(ClosesOnExit):
             return "this RabbitBroker is closed"
         if self.owned:
             return ""
-        if self.url != SYSTEM_URL:
-            return f"{AMQP_URL_ENV_VAR} names an external broker; unset it to use a local node"
-        if self._control_checked is None:
-            try:
-                self._ctl("status")
-                self._control_checked = ""
-            except BrokerControlUnavailable as exc:
-                self._control_checked = f"rabbitmqctl cannot control the system node: {exc}"
-        return self._control_checked
+        return (
+            "this run did not start it, and a test never stops, restarts or reconfigures a server it"
+            " did not start (use start_rabbitmq(private=True))"
+        )
 
     def _require_control(self, action: str) -> None:
         why = self._why_not_controllable()
@@ -399,24 +371,24 @@ class RabbitBroker(ClosesOnExit):
         return parts.hostname or HOST, parts.port or 5672
 
 
-def start_rabbitmq(*, prefer_existing: bool | None = None, tmp_root: str | None = None) -> RabbitBroker:
+def start_rabbitmq(*, private: bool = False, tmp_root: str | None = None) -> RabbitBroker:
     """Return a running RabbitMQ broker for tests.
 
-    ``RELAY_TEST_AMQP_URL`` wins when set (RuntimeError if it does not accept a login). Otherwise,
-    with ``prefer_existing`` (default: unless ``RELAY_TEST_RABBITMQ_PRIVATE=1``), the system node on
-    127.0.0.1:5672 when it accepts guest/guest. Else
-    a private node is booted under a new directory in ``tmp_root`` (default: the system temp dir);
-    RuntimeError (with the install hint) when the rabbitmq-server package is missing.
+    With ``private`` (a test that stops the broker, enables a plugin or adds users), always a
+    private node. Otherwise ``RELAY_TEST_AMQP_URL`` wins when set (RuntimeError if it does not
+    accept a login), then the system node on 127.0.0.1:5672 when it accepts guest/guest (unless
+    ``RELAY_TEST_RABBITMQ_PRIVATE=1``). Else a private node is booted under a new directory in
+    ``tmp_root`` (default: the system temp dir); RuntimeError (with the install hint) when the
+    rabbitmq-server package is missing.
     """
-    external = os.environ.get(AMQP_URL_ENV_VAR)
+    external = None if private else os.environ.get(AMQP_URL_ENV_VAR)
     if external:
         try:
             wait_for_amqp(external, 10.0)
         except RuntimeError as exc:
             raise RuntimeError(f"{AMQP_URL_ENV_VAR} is set but {exc}") from None
         return RabbitBroker(external, owned=False)
-    if prefer_existing is None:
-        prefer_existing = os.environ.get(PRIVATE_ENV_VAR, "") not in ("1", "true", "yes")
+    prefer_existing = not private and os.environ.get(PRIVATE_ENV_VAR, "") not in ("1", "true", "yes")
     if prefer_existing and _amqp_login_works(SYSTEM_URL):
         return RabbitBroker(SYSTEM_URL, owned=False)
     if not (_LIB_BIN / "rabbitmq-server").is_file() and shutil.which("rabbitmq-server") is None:

@@ -4,12 +4,13 @@ against a real PostgreSQL and a real broker. It must report 0 lost and 0 order v
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import private_rabbitmq, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer
 from tests.harness.rabbitmq import RabbitBroker
@@ -53,11 +54,17 @@ def test_drill_against_kafka_with_kills_a_broker_pause_and_a_database_restart_lo
     _assert_survived(report, dsn)
 
 
+@pytest.fixture
+def private_rabbit() -> Iterator[RabbitBroker]:
+    yield from private_rabbitmq()
+
+
 def test_drill_against_rabbitmq_with_kills_a_broker_outage_and_a_database_restart_loses_nothing(
-    tmp_path: Path, pg: PostgresServer, dsn: str, rabbitmq: RabbitBroker
+    tmp_path: Path, pg: PostgresServer, dsn: str, private_rabbit: RabbitBroker
 ) -> None:
+    rabbitmq = private_rabbit
     if not (pg.owned and rabbitmq.controllable):
-        pytest.skip("stops the broker and restarts the database: needs servers this run controls")
+        pytest.skip("stops the broker and restarts the database: needs servers this run started")
     exchange = f"drill-{tmp_path.name}"
     sink = {"type": "rabbitmq", "url": rabbitmq.url, "exchange": exchange, "confirm_timeout": "3s"}
     report = _drill(

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from connectors.sources import pgoutput
 from relay.config import parse_config
@@ -384,11 +386,16 @@ def test_check_names_missing_replication_privilege_and_a_slot_in_use(
         relay.send_signal(signal.SIGTERM)
         relay.wait(timeout=20)
     assert relay.returncode == 0
+    role = f"relay_test_plain_{uuid.uuid4().hex[:12]}"  # a role of this test's own, dropped afterwards
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE ROLE plain_user LOGIN")
-    plain = psycopg.conninfo.make_conninfo(dsn, user="plain_user")
-    write_config(tmp_path, _config(plain, out))
-    check = run_cli("check", "-c", str(path), "--connect")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        plain = psycopg.conninfo.make_conninfo(dsn, user=role)
+        write_config(tmp_path, _config(plain, out))
+        check = run_cli("check", "-c", str(path), "--connect")
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
     assert check.returncode == 1
     assert "lacks the REPLICATION attribute" in check.stdout
 

@@ -30,6 +30,7 @@ pytest.importorskip("pika")
 from tests.conftest import (
     RabbitNames,
     StartRelay,
+    private_rabbitmq,
     rabbit_delivered,
     rabbit_names,
     require_control,
@@ -41,7 +42,6 @@ from tests.harness.rabbitmq import (
     declare_queue,
     drain_queue,
     queue_depth,
-    start_rabbitmq,
 )
 from tests.support import (
     assert_complete_and_ordered,
@@ -60,14 +60,7 @@ MAX_IN_FLIGHT = 10_000  # pipeline.max_in_flight default: the bound on repeats a
 
 @pytest.fixture(scope="module")
 def rabbit() -> Iterator[RabbitBroker]:
-    try:
-        broker = start_rabbitmq(prefer_existing=False)
-    except RuntimeError:  # no rabbitmq-server package here: the system node, if it answers
-        broker = start_rabbitmq()
-    try:
-        yield broker
-    finally:
-        broker.close()
+    yield from private_rabbitmq()
 
 
 @pytest.fixture

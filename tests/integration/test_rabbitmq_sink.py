@@ -20,14 +20,13 @@ from connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
 from relay.events import Failure
 from relay.interfaces import ConnectorError
 from relay.registry import sink_plugins
-from tests.conftest import RabbitNames, rabbit_delivered, rabbit_names, require_control
+from tests.conftest import RabbitNames, private_rabbitmq, rabbit_delivered, rabbit_names, require_control
 from tests.harness.rabbitmq import (
     BrokerControlUnavailable,
     RabbitBroker,
     declare_queue,
     delete,
     drain_queue,
-    start_rabbitmq,
 )
 from tests.sink_support import make_events, relay_events, relay_rounds_during, started_sink
 from tests.support import assert_complete_and_ordered
@@ -39,8 +38,7 @@ CONNECT_TIMEOUT = 3.0
 
 @pytest.fixture(scope="module")
 def rabbit() -> Iterator[RabbitBroker]:
-    with start_rabbitmq() as broker:
-        yield broker
+    yield from private_rabbitmq()
 
 
 @pytest.fixture
