@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import yaml
 
 from relay import __version__
 from relay.config import ConfigError, RelayConfig, config_json_schema, load_config
@@ -93,25 +94,42 @@ def run(config_path: Path, drain: bool) -> None:
 @cli.command()
 @CONFIG_OPTION
 @click.option("--connect", is_flag=True, help="Also connect to each database and broker.")
-def check(config_path: Path, connect: bool) -> None:
-    """Validate the config and print the effective settings (secrets masked)."""
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document, for machines.")
+def check(config_path: Path, connect: bool, as_json: bool) -> None:
+    """Validate the config and print the effective settings (secrets masked) as YAML."""
     config = _load(config_path)
     configure_logging("console", "warning")
-    failures = 0
+    report: list[dict[str, Any]] = []
     for index, outbox in enumerate(config.outboxes):
         try:
             source, sink = build_source(outbox, index), build_sink(outbox, index)
         except SetupError as exc:
             _fail(f"{config_path}: {exc}")
-        click.echo(f"outbox {outbox.name}:")
-        click.echo("  " + json.dumps(_masked(outbox.model_dump(mode="json")), sort_keys=True))
+        settings = _masked(outbox.model_dump(mode="json"))
         if sink.describe():
-            click.echo("  sink effective settings: " + json.dumps(_masked(sink.describe()), sort_keys=True))
+            settings["sink effective settings"] = _masked(sink.describe())
+        entry: dict[str, Any] = {"outbox": outbox.name, "settings": settings}
+        if not as_json:
+            click.echo(f"outbox {outbox.name}:")
+            click.echo(_as_yaml(settings, indent="  "), nl=False)
         if connect:
-            failures += _run_async(lambda s=source, k=sink: _connect_checks(s, k))  # type: ignore[misc]
-    if failures:
+            entry["connect"] = _run_async(lambda s=source, k=sink: _connect_checks(s, k))  # type: ignore[misc]
+            if not as_json:
+                for label, outcome in entry["connect"].items():
+                    click.echo(f"  {label}: " + "\n    ".join(outcome))
+        report.append(entry)
+    failed = any(o[0].startswith("FAILED") for e in report for o in e.get("connect", {}).values())
+    if as_json:
+        click.echo(json.dumps({"config": str(config_path), "ok": not failed, "outboxes": report}))
+    if failed:
         sys.exit(1)
-    click.echo(f"{config_path}: ok")
+    if not as_json:
+        click.echo(f"{config_path}: ok")
+
+
+def _as_yaml(value: Any, indent: str) -> str:
+    text = yaml.safe_dump(value, sort_keys=True, allow_unicode=True, default_flow_style=False, width=100)
+    return "".join(f"{indent}{line}\n" for line in text.splitlines())
 
 
 def _masked(value: Any) -> Any:
@@ -125,17 +143,16 @@ def _masked(value: Any) -> Any:
     return value
 
 
-async def _connect_checks(source: Any, sink: Any) -> int:
-    failures = 0
+async def _connect_checks(source: Any, sink: Any) -> dict[str, list[str]]:
+    """Per probe (database, sink): "ok" and its notes, or "FAILED: why"."""
+    outcome: dict[str, list[str]] = {}
     for label, probe in (("database", source.check), ("sink", sink.check)):
         try:
-            notes = await probe()
-            click.echo(f"  {label}: ok" + "".join(f"\n    {n}" for n in notes or []))
+            outcome[label] = ["ok", *(await probe() or [])]
         except (ConnectorError, OSError) as exc:
-            failures += 1
-            click.echo(scrubber.scrub(f"  {label}: FAILED: {exc}"))
+            outcome[label] = [scrubber.scrub(f"FAILED: {exc}")]
     await source.close()
-    return failures
+    return outcome
 
 
 @cli.command("init-db")
@@ -266,6 +283,7 @@ def dlq_list(config_path: Path, outbox_name: str | None, include_replayed: bool)
                     click.echo(
                         f"{letter.outbox} {letter.event_id} {letter.aggregate_type}/{letter.aggregate_id}"
                         f" {letter.event_type} state={letter.state} attempts={letter.attempts}"
+                        f" refusals={letter.refusals}/{outbox.dead_letter.after_attempts}"
                         f" last_failed={letter.last_failed_at:%Y-%m-%dT%H:%M:%SZ}{replayed}"
                         f" error={letter.error}"
                     )
@@ -283,11 +301,14 @@ def dlq_show(config_path: Path, outbox_name: str | None, event_ids: tuple[str, .
     """Everything stored about dead-lettered events, payload included, as JSON lines."""
     config = _load(config_path)
 
+    found: set[str] = set()
+
     async def main() -> None:
         for _, outbox in _dead_letter_targets(config, outbox_name):
             store = _store(outbox)
             try:
                 for letter in await store.entries(outbox.name, event_ids):
+                    found.add(letter.event_id)
                     shown = dataclasses.asdict(letter)
                     shown["payload"] = letter.payload.decode("utf-8", "replace")
                     click.echo(json.dumps(shown, default=str, sort_keys=True))
@@ -295,6 +316,15 @@ def dlq_show(config_path: Path, outbox_name: str | None, event_ids: tuple[str, .
                 await store.close()
 
     _run_dlq(main)
+    _fail_on_unknown(event_ids, found, outbox_name)
+
+
+def _fail_on_unknown(event_ids: tuple[str, ...], found: set[str], outbox_name: str | None) -> None:
+    """Exit 1 naming each event asked for by id that no dead-letter table holds."""
+    where = f"outbox {outbox_name}'s dead-letter table" if outbox_name else "any dead-letter table"
+    unknown = [event_id for event_id in dict.fromkeys(event_ids) if event_id not in found]
+    if unknown:
+        _fail([f"no such event in {where}: {event_id}" for event_id in unknown], code=1)
 
 
 @dlq.command("replay")
@@ -310,12 +340,20 @@ def dlq_replay(
         _fail("name the events with --event-id (repeatable), or pass --all")
     config = _load(config_path)
     configure_logging("console", "info")
+    found: set[str] = set()
 
     async def main() -> None:
         for index, outbox in _dead_letter_targets(config, outbox_name):
             store, source = _store(outbox), build_source(outbox, index)
             try:
-                for letter in await store.entries(outbox.name, event_ids, include_replayed=False):
+                for letter in await store.entries(outbox.name, event_ids, include_replayed=bool(event_ids)):
+                    found.add(letter.event_id)
+                    if letter.replayed_at is not None:
+                        click.echo(
+                            f"{outbox.name} {letter.event_id}: replayed already at"
+                            f" {letter.replayed_at:%Y-%m-%dT%H:%M:%SZ}, not replayed again"
+                        )
+                        continue
                     if letter.state == "held":
                         click.echo(
                             f"{outbox.name} {letter.event_id}: held, not replayed: the relay publishes held"
@@ -334,6 +372,7 @@ def dlq_replay(
                 await source.close()
 
     _run_dlq(main)
+    _fail_on_unknown(event_ids, found, outbox_name)
 
 
 @dlq.command("purge")
@@ -353,17 +392,20 @@ def dlq_purge(
     if not (event_ids or replayed_only or purge_all):
         _fail("name the events with --event-id, or pass --replayed or --all")
     config = _load(config_path)
+    found: set[str] = set()
 
     async def main() -> None:
         for _, outbox in _dead_letter_targets(config, outbox_name):
             store = _store(outbox)
             try:
                 removed = await store.purge(outbox.name, event_ids, replayed_only)
-                click.echo(f"{outbox.name}: {removed} dead letters purged")
+                found.update(removed)
+                click.echo(f"{outbox.name}: {len(removed)} dead letters purged")
             finally:
                 await store.close()
 
     _run_dlq(main)
+    _fail_on_unknown(event_ids, found, outbox_name)
 
 
 def _run_dlq(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -58,6 +58,7 @@ def create_table_sql(table: str = DEFAULT_TABLE) -> sql.Composed:
         "  replayed_at      timestamptz,\n"
         "  state            text        NOT NULL DEFAULT 'dead',\n"
         "  sendable         boolean     NOT NULL DEFAULT true,\n"
+        "  refusals         integer     NOT NULL DEFAULT 0,\n"
         "  UNIQUE (outbox, event_id)\n"
         ")"
     ).format(parse_table_name(table).identifier())
@@ -69,7 +70,8 @@ def upgrade_table_sql(table: str = DEFAULT_TABLE) -> list[sql.Composed]:
     return [
         sql.SQL(
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'dead',"
-            " ADD COLUMN IF NOT EXISTS sendable boolean NOT NULL DEFAULT true"
+            " ADD COLUMN IF NOT EXISTS sendable boolean NOT NULL DEFAULT true,"
+            " ADD COLUMN IF NOT EXISTS refusals integer NOT NULL DEFAULT 0"
         ).format(name.identifier()),
         sql.SQL(
             "CREATE INDEX IF NOT EXISTS {} ON {} (outbox, aggregate_type, aggregate_id, position)"
@@ -103,12 +105,15 @@ class DeadLetter:
     #: False for a row the relay could not turn into a message (a NULL aggregate id, invalid
     #: headers...): a held one is never published, only purged.
     sendable: bool = True
+    #: Of the `attempts` (every try, outages included), those the broker refused: what
+    #: `dead_letter.after_attempts` counts.
+    refusals: int = 0
 
 
 _COLUMNS = (
     "outbox, event_id, position, aggregate_type, aggregate_id, event_type, payload, content_type,"
     " headers, created_at, error, permanent, attempts, first_failed_at, last_failed_at,"
-    " dead_lettered_at, replayed_at, state, sendable"
+    " dead_lettered_at, replayed_at, state, sendable, refusals"
 )
 HELD = "held"
 DEAD = "dead"
@@ -175,10 +180,13 @@ class DeadLetterStore:
         event that failed again, or was held back behind its aggregate this time)."""
         conn = await self._connection()
         query = sql.SQL(
-            "INSERT INTO {table} (" + _COLUMNS.rsplit(", dead_lettered_at", 1)[0] + ", state, sendable)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            "INSERT INTO {table} ("
+            + _COLUMNS.rsplit(", dead_lettered_at", 1)[0]
+            + ", state, sendable, refusals)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (outbox, event_id) DO UPDATE SET error = excluded.error,"
             " permanent = excluded.permanent, attempts = excluded.attempts,"
+            " refusals = excluded.refusals,"
             " last_failed_at = excluded.last_failed_at, dead_lettered_at = now(), replayed_at = NULL,"
             " state = excluded.state, sendable = excluded.sendable WHERE {table}.state = 'dead'"
         ).format(table=self._table)
@@ -201,6 +209,7 @@ class DeadLetterStore:
                 datetime.now(UTC),
                 state,
                 e.defect is None,
+                e.rejections,
             )
             for e, error, permanent, state in events
         ]
@@ -268,18 +277,19 @@ class DeadLetterStore:
         event_id: str,
         error: str,
         attempts: int,
+        refusals: int,
         state: str = HELD,
         permanent: bool = False,
     ) -> None:
-        """A held event failed again: record why and how often; with `state` dead it is
-        dead-lettered (its aggregate moves on to the next held event)."""
+        """A held event failed again: record why and how often (tries, and refusals among them);
+        with `state` dead it is dead-lettered (its aggregate moves on to the next held event)."""
         conn = await self._connection()
         await conn.execute(
             sql.SQL(
-                "UPDATE {} SET error = %s, attempts = %s, last_failed_at = now(), state = %s, permanent = %s"
-                " WHERE outbox = %s AND event_id = %s AND state = 'held'"
+                "UPDATE {} SET error = %s, attempts = %s, refusals = %s, last_failed_at = now(),"
+                " state = %s, permanent = %s WHERE outbox = %s AND event_id = %s AND state = 'held'"
             ).format(self._table),
-            (error, attempts, state, permanent, outbox, event_id),
+            (error, attempts, refusals, state, permanent, outbox, event_id),
         )
 
     async def entries(
@@ -302,11 +312,14 @@ class DeadLetterStore:
             (outbox, event_id),
         )
 
-    async def purge(self, outbox: str | None, event_ids: Sequence[str], replayed_only: bool) -> int:
+    async def purge(self, outbox: str | None, event_ids: Sequence[str], replayed_only: bool) -> list[str]:
+        """Delete these dead letters for good; returns the ids of the events deleted."""
         conn = await self._connection()
         where, params = _where(outbox, event_ids, "replayed_at IS NOT NULL" if replayed_only else None)
-        cur = await conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(self._table, where), params)
-        return cur.rowcount
+        cur = await conn.execute(
+            sql.SQL("DELETE FROM {} WHERE {} RETURNING event_id").format(self._table, where), params
+        )
+        return [row[0] for row in await cur.fetchall()]
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -587,6 +587,7 @@ class Pipeline:
                     reason=reason,
                     permanent=permanent,
                     attempts=event.attempts,
+                    refusals=event.rejections,
                 )
             self._m_dead_lettered.inc(dead)
             self._ack_queue.extend(event for event, _, _, _ in batch)
@@ -671,10 +672,10 @@ class Pipeline:
         holding = self._holding
         holding.failures[key] += 1
         attempts = letter.attempts + 1
+        # Only the broker's refusals count towards after_attempts, as for events not held.
+        refusals = letter.refusals + (0 if result.transient else 1)
         self._m_failures.inc()
-        poison = result.permanent or (
-            not result.transient and holding.failures[key] >= self._dead_letter.after_attempts
-        )
+        poison = result.permanent or (not result.transient and refusals >= self._dead_letter.after_attempts)
         state = DEAD if poison and not self._block else HELD
         await self._until_done(
             partial(
@@ -683,6 +684,7 @@ class Pipeline:
                 letter.event_id,
                 result.reason,
                 attempts,
+                refusals,
                 state,
                 result.permanent,
             ),
@@ -696,6 +698,7 @@ class Pipeline:
                 aggregate_id=letter.aggregate_id,
                 reason=result.reason,
                 attempts=attempts,
+                refusals=refusals,
             )
             holding.failures.pop(key, None)
             holding.attempt_at(key, time.monotonic())

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import run_cli
 from tests.harness.postgres import PostgresServer
@@ -263,7 +264,7 @@ def test_check_masks_broker_secrets_given_as_producer_settings(tmp_path: Path) -
     result = run_cli("check", "-c", str(write_config(tmp_path, config)))
     assert result.returncode == 0, result.stderr
     assert "s3cr3t-pass" not in result.stdout + result.stderr
-    assert '"sasl.password": "***"' in result.stdout
+    assert "sasl.password: '***'" in result.stdout
 
 
 def test_a_password_with_spaces_or_quotes_never_shows_and_an_unreadable_dsn_is_refused_by_check(
@@ -283,3 +284,26 @@ def test_a_password_with_spaces_or_quotes_never_shows_and_an_unreadable_dsn_is_r
         result = run_cli(*command, "-c", str(path), env=env)
         for word in ("correct", "horse", "battery", "staple"):
             assert word not in result.stdout + result.stderr, (command, word)
+
+
+def test_check_prints_readable_yaml_and_with_json_one_document_for_machines_secrets_masked_in_both(
+    tmp_path: Path,
+) -> None:
+    config = relay_config("postgresql://relay:pa55word@localhost/db", {"type": "stdout"})
+    path = write_config(tmp_path, config)
+    text = run_cli("check", "-c", str(path))
+    assert text.returncode == 0, text.stderr
+    assert "pa55word" not in text.stdout
+    lines = text.stdout.splitlines()
+    assert lines[0] == "outbox orders:" and lines[-1] == f"{path}: ok"
+    assert max(len(line) for line in lines) < 120, "one setting a line, not one long JSON line"
+    settings = yaml.safe_load("\n".join(line[2:] for line in lines[1:-1]))
+    assert settings["source"]["dsn"] == "postgresql://relay:***@localhost/db"
+    assert settings["pipeline"]["max_in_flight"] == 10_000
+
+    machine = run_cli("check", "-c", str(path), "--json")
+    assert machine.returncode == 0, machine.stderr
+    document = json.loads(machine.stdout)
+    assert "pa55word" not in machine.stdout
+    assert document["ok"] is True and [o["outbox"] for o in document["outboxes"]] == ["orders"]
+    assert document["outboxes"][0]["settings"] == settings

@@ -206,7 +206,7 @@ async def test_replay_puts_a_dead_letter_back_once_and_the_cli_lists_shows_and_p
     assert replayed.returncode == 0, replayed.stderr
     assert f"orders {poison}: unmarked row" in replayed.stdout
     again = run_cli("dlq", "replay", "-c", str(path), "--event-id", poison)
-    assert again.stdout == "", "a replay happens once"
+    assert again.returncode == 0 and "not replayed again" in again.stdout, "a replay happens once"
     drained = run_cli("run", "-c", str(path), "--drain")
     assert drained.returncode == 0, drained.stderr
     assert [line["event_id"] for line in read_lines(out)] == [poison]
@@ -291,3 +291,70 @@ async def test_the_events_behind_a_defective_row_are_not_sent_ahead_of_it_in_the
     await run_relay_until(config, lambda _: unpublished(dsn) == 0)
     assert [line["event_id"] for line in read_lines(out)] == [ids[0], ids[2]]
     assert [letter.event_id for letter in await dead_letters(dsn)] == [ids[1]]
+
+
+class _FailsThenRefuses(_Refuses):
+    """For the poison event: the broker is unreachable for the first `outage` tries, then refuses."""
+
+    def __init__(self, outage: int) -> None:
+        super().__init__()
+        self.outage = outage
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        results = await super().publish(events)
+        for index, result in enumerate(results):
+            if result is not None and self.outage > 0:
+                self.outage -= 1
+                results[index] = Failure("broker unreachable", transient=True)
+        return results
+
+
+async def test_dlq_list_names_every_try_and_the_refusals_that_after_attempts_counts(
+    dsn: str, tmp_path: Path
+) -> None:
+    poison = _write_poison_between(dsn)
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 2}
+    config["outboxes"][0]["retry"] = {"initial": "10ms", "max": "20ms"}
+    sink = _FailsThenRefuses(outage=3)
+    await run_relay_until(
+        config, lambda _: unpublished(dsn) == 0, pipelines=[pipeline_with_sink(config, sink)]
+    )
+    [letter] = await dead_letters(dsn)
+    assert (letter.event_id, letter.attempts, letter.refusals) == (poison, 5, 2)
+    path = write_config(tmp_path, config)
+    listed = run_cli("dlq", "list", "-c", str(path))
+    assert "state=dead attempts=5 refusals=2/2 " in listed.stdout, listed.stdout
+    shown = run_cli("dlq", "show", "-c", str(path), "--event-id", poison)
+    assert '"attempts": 5' in shown.stdout and '"refusals": 2' in shown.stdout, shown.stdout
+
+
+async def test_dlq_show_replay_and_purge_say_no_such_event_for_an_unknown_id_and_exit_1(
+    dsn: str, tmp_path: Path
+) -> None:
+    poison = _write_poison_between(dsn)
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 1}
+    await run_relay_until(
+        config, lambda _: unpublished(dsn) == 0, pipelines=[pipeline_with_sink(config, _Refuses())]
+    )
+    path = write_config(tmp_path, config)
+    for command in ("show", "replay", "purge"):
+        result = run_cli("dlq", command, "-c", str(path), "--event-id", poison, "--event-id", "no-such-id")
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert result.stderr.splitlines()[-1] == "no such event in any dead-letter table: no-such-id"
+        assert "Traceback" not in result.stderr
+        done = {"show": poison, "replay": f"orders {poison}: unmarked row", "purge": "1 dead letters purged"}
+        assert done[command] in result.stdout, "the events that exist are still shown, replayed or purged"
+    result = run_cli("dlq", "show", "-c", str(path), "--outbox", "orders", "--event-id", poison)
+    assert result.returncode == 1, "purged: gone"
+    assert result.stderr.strip() == f"no such event in outbox orders's dead-letter table: {poison}"
+
+
+def test_init_db_makes_the_table_dlq_list_reads_for_a_block_config(dsn: str, tmp_path: Path) -> None:
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"on_poison": "block", "table": "app_held"}
+    path = write_config(tmp_path, config)
+    assert run_cli("init-db", "-c", str(path)).returncode == 0
+    listed = run_cli("dlq", "list", "-c", str(path))
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")
