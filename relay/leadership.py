@@ -20,6 +20,7 @@ from relay.backoff import Backoff
 from relay.interfaces import Unsupported
 from relay.logs import get_logger
 from relay.pgsession import session_conninfo, start_session
+from relay.problems import SetupProblems
 from relay.secrets import scrubber
 
 _RECONNECT = Backoff(initial=0.5, maximum=5.0)
@@ -53,6 +54,8 @@ class Lease:
         self._acquire_interval = acquire_interval
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._log = get_logger(outbox=outbox)
+        #: A login the database refuses, a database that does not exist: said as such.
+        self.problems = SetupProblems(outbox, self._log)
         self.held = False
         #: Whether the last attempt reached the database: a standby that cannot is not ready
         #: to take over.
@@ -92,6 +95,7 @@ class Lease:
                 row = await cur.fetchone()
                 attempt = 0
                 self.database_ok = True
+                self.problems.clear("database")
                 if row and row[0]:
                     self.held = True
                     return True
@@ -103,7 +107,8 @@ class Lease:
                 attempt += 1
                 self.database_ok = False
                 delay = _RECONNECT.delay(attempt)
-                self._log.warning("lease: database not reachable", error=scrubber.scrub(str(exc)))
+                if not self.problems.report("database", exc):
+                    self._log.warning("lease: database not reachable", error=scrubber.scrub(str(exc)))
                 await self._drop()
             try:
                 await asyncio.wait_for(stop.wait(), delay)

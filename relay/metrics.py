@@ -42,6 +42,12 @@ UP = Gauge(
     "1 when the outbox's database and broker answered on the last attempt.",
     ["outbox", "component"],
 )
+SETUP_PROBLEM = Gauge(
+    "outbox_relay_setup_problem",
+    "1 while the outbox cannot go on until its setup is fixed (a missing table, a refused login,"
+    " a missing privilege); the log and /readyz say what.",
+    ["outbox", "component"],
+)
 SLOT_LAG = Gauge(
     "outbox_relay_replication_slot_lag_bytes",
     "WAL the replication slot retains: pg_current_wal_lsn() - confirmed_flush_lsn.",

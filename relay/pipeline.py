@@ -32,6 +32,7 @@ from relay.holds import HeldAggregates
 from relay.interfaces import Sink, Source, Unsupported
 from relay.lanes import Lanes
 from relay.logs import get_logger
+from relay.problems import SetupProblems
 from relay.secrets import scrubber
 
 T = TypeVar("T")
@@ -77,6 +78,8 @@ class Pipeline:
         self._park_done = asyncio.Event()
         self._backoff = Backoff(retry.initial, retry.max, retry.multiplier)
         self._log = get_logger(outbox=name)
+        #: Setup mistakes that stop this outbox until fixed (relay.problems).
+        self.problems = SetupProblems(name, self._log)
         self._lanes = Lanes()
         self._held = 0  # fetched and not yet acknowledged to the source
         self._ack_queue: list[OutboxEvent] = []
@@ -187,7 +190,9 @@ class Pipeline:
 
     async def _start_connectors(self, stop: asyncio.Event) -> bool:
         for component, start in (("database", self.source.start), ("sink", self.sink.start)):
-            await self._until_done(start, f"{component} not reachable, retrying", stop=stop, database=False)
+            await self._until_done(
+                start, f"{component} not reachable, retrying", stop=stop, database=False, component=component
+            )
             if stop.is_set():
                 return False
         self.db_ok = self.sink_ok = True
@@ -523,12 +528,14 @@ class Pipeline:
         *,
         stop: asyncio.Event | None = None,
         database: bool = True,
+        component: str = "database",
         **fields: object,
     ) -> T | None:
         """Run `action` until it succeeds and return its result, backing off between attempts
         and logging each failure as `failing`; None once `stop` is set. Database writes pass no
         `stop`: the database may be restarting, and giving up would lose an acknowledgement (or
-        a dead letter). With `database`, the outcome also says whether the database is up."""
+        a dead letter). With `database`, the outcome also says whether the database is up. A
+        setup problem of `component` (see relay.problems) is reported as one, not as a retry."""
         attempt = 0
         while stop is None or not stop.is_set():
             try:
@@ -540,9 +547,14 @@ class Pipeline:
                 if database:
                     self._set_db(False)
                 delay = _CONNECT_BACKOFF.delay(attempt)
-                self._log.error(
-                    failing, error=describe_error(exc), attempt=attempt, retry_in=round(delay, 2), **fields
-                )
+                if not self.problems.report(component, exc):
+                    self._log.error(
+                        failing,
+                        error=describe_error(exc),
+                        attempt=attempt,
+                        retry_in=round(delay, 2),
+                        **fields,
+                    )
                 if stop is None:
                     await asyncio.sleep(delay)
                 else:
@@ -550,6 +562,7 @@ class Pipeline:
                 continue
             if database:
                 self._set_db(True)
+            self.problems.clear(component)
             return result
         return None
 

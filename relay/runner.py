@@ -194,14 +194,18 @@ class Relay:
         ready = True
         for index, (pipeline, role) in enumerate(zip(self.pipelines, self.roles, strict=True)):
             entry: dict[str, object] = {"role": role}
+            lease = self._leases.get(index)
             if role == "active":
                 entry |= {"started": pipeline.started, "database": pipeline.db_ok, "sink": pipeline.sink_ok}
                 ready = ready and pipeline.ready
+                problem = pipeline.problems.describe()
             else:
-                lease = self._leases.get(index)
                 database_ok = lease is not None and lease.database_ok
                 entry["database"] = database_ok
                 ready = ready and database_ok
+                problem = lease.problems.describe() if lease is not None else []
+            if problem:
+                entry["problems"] = problem
             detail[pipeline.name] = entry
         return ready, {"outboxes": detail}
 

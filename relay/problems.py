@@ -1,0 +1,136 @@
+"""Telling a setup mistake from an outage.
+
+A database that restarts or a network that drops heals by itself: the relay retries quietly and
+goes on. A missing table, a refused login or a missing privilege does not heal until an operator
+acts, and an operator must see it at once, not as one more "retrying" line. `setup_problem` says
+which of the two an error is; `SetupProblems` keeps the ones an outbox has now and makes them
+unmistakable in three places: one error line when a problem appears (repeated every minute while
+it lasts, not at every retry), /readyz (`problem` names it), and the gauge
+`outbox_relay_setup_problem{outbox,component}`. The relay still retries: the operator may fix the
+setup while it runs (run init-db, grant the privilege), and it then goes on without a restart.
+
+The server's error code says what happened where there is one; a failed login carries none
+(libpq reports it as text), so the English messages of PostgreSQL and of our own connectors are
+read too. Every pattern is linear: no nested quantifiers, nothing that backtracks.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from relay import metrics
+from relay.secrets import scrubber
+
+
+@dataclass(frozen=True, slots=True)
+class SetupProblem:
+    """A mistake in the setup: `kind` (a few words), `text` (the error, one line) and `fix`."""
+
+    kind: str
+    text: str
+    fix: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"problem": self.kind, "error": self.text, "fix": self.fix}
+
+
+_BY_SQLSTATE = {
+    "28000": "login refused",
+    "28P01": "login refused",
+    "3D000": "database does not exist",
+    "3F000": "schema does not exist",
+    "42501": "permission denied",
+    "42P01": "table does not exist",
+    "42703": "column does not exist",
+    "42704": "object does not exist",
+}
+_BY_TEXT = (
+    (
+        "login refused",
+        re.compile(r"password authentication failed|no pg_hba\.conf entry|role \"[^\"]*\" does not exist"),
+    ),
+    ("login refused", re.compile(r"authentication failed|password is required|no password supplied")),
+    # Brokers: RabbitMQ, Redis, NATS, Kafka (SASL) refusing the credentials they were given.
+    (
+        "login refused",
+        re.compile(r"ACCESS_REFUSED|refused the login|WRONGPASS|NOAUTH|[Aa]uthorization [Vv]iolation"),
+    ),
+    ("database does not exist", re.compile(r"database \"[^\"]*\" does not exist")),
+    ("permission denied", re.compile(r"permission denied|must be superuser|lacks the REPLICATION attribute")),
+    ("table does not exist", re.compile(r"table \S+ does not exist|relation \"[^\"]*\" does not exist")),
+    ("replication slot or publication missing", re.compile(r"replication slot \S+ is missing")),
+    ("replication slot or publication missing", re.compile(r"publication \"[^\"]*\" does not exist")),
+    ("column does not exist", re.compile(r"has no column|column \"[^\"]*\" does not exist")),
+)
+_FIXES = {
+    "login refused": "check the user and password the DSN gives",
+    "database does not exist": "check the database name the DSN gives",
+    "schema does not exist": "check the table's schema in the config, or run: outbox-relay init-db",
+    "permission denied": "grant the relay's role the privilege the message names",
+    "table does not exist": "run: outbox-relay init-db, or check the table's name in the config",
+    "column does not exist": "check the config's columns mapping against the table",
+    "object does not exist": "run: outbox-relay init-db, or check the names in the config",
+    "replication slot or publication missing": "run: outbox-relay init-db",
+}
+_LONGEST_TEXT = 2000  # what is matched and shown of an error's text
+
+
+def setup_problem(exc: BaseException) -> SetupProblem | None:
+    """The setup mistake `exc` reports, or None when it may heal by itself (an outage)."""
+    text = " ".join(str(exc).split())[:_LONGEST_TEXT] or type(exc).__name__
+    kind = _BY_SQLSTATE.get(str(getattr(exc, "sqlstate", None) or ""))
+    if kind is None:
+        kind = next((k for k, pattern in _BY_TEXT if pattern.search(text)), None)
+    if kind is None:
+        return None
+    return SetupProblem(kind, scrubber.scrub(text), _FIXES[kind])
+
+
+class SetupProblems:
+    """The setup problems one outbox has now, by component ("database", "sink"). Not
+    thread-safe: used from the event loop only."""
+
+    REPEAT_EVERY_S = 60.0
+
+    def __init__(self, outbox: str, log: Any) -> None:
+        self._outbox = outbox
+        self._log = log
+        self._now: dict[str, SetupProblem] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def report(self, component: str, exc: BaseException) -> bool:
+        """Record `exc` if it is a setup problem (True), logging it when it is new or a minute
+        has passed since it was last logged; False for an outage, which clears nothing."""
+        problem = setup_problem(exc)
+        if problem is None:
+            return False
+        now = time.monotonic()
+        if self._now.get(component) != problem or now - self._logged_at.get(component, 0.0) >= (
+            self.REPEAT_EVERY_S
+        ):
+            self._log.error(
+                "setup problem: the relay cannot go on until it is fixed (it keeps retrying)",
+                component=component,
+                problem=problem.kind,
+                error=problem.text,
+                fix=problem.fix,
+            )
+            self._logged_at[component] = now
+        self._now[component] = problem
+        metrics.SETUP_PROBLEM.labels(self._outbox, component).set(1)
+        return True
+
+    def clear(self, component: str) -> None:
+        """`component` works again: its problem, if it had one, is fixed."""
+        problem = self._now.pop(component, None)
+        if problem is not None:
+            self._logged_at.pop(component, None)
+            self._log.info("setup problem fixed", component=component, problem=problem.kind)
+            metrics.SETUP_PROBLEM.labels(self._outbox, component).set(0)
+
+    def describe(self) -> list[dict[str, str]]:
+        """The problems for /readyz: component, problem, error and fix of each (none: empty)."""
+        return [{"component": component, **p.as_dict()} for component, p in sorted(self._now.items())]

@@ -1,0 +1,153 @@
+"""A setup mistake that cannot heal by itself (a missing table, a refused login, a missing
+privilege) is unmistakable while the relay runs: one error line naming the cause (not a retry line
+per attempt), /readyz 503 naming it, and outbox_relay_setup_problem at 1; once an operator fixes
+it, the relay goes on by itself. A real PostgreSQL, the relay as a process."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from tests.conftest import StartRelay, run_cli
+from tests.support import (
+    free_port,
+    http_get,
+    insert_events,
+    read_lines,
+    relay_config,
+    stop_relay,
+    wait_for,
+    write_config,
+)
+
+
+def _config(dsn: str, out: Path, port: int, **source: Any) -> dict[str, Any]:
+    config = relay_config(dsn, {"type": "file", "path": str(out)}, **source)
+    config["http"] = {"host": "127.0.0.1", "port": port}
+    config["log"] = {"format": "json"}
+    return config
+
+
+def _readiness(port: int) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(http_get(f"http://127.0.0.1:{port}/readyz"))
+    return body
+
+
+def _problem_gauge(port: int) -> float | None:
+    for line in http_get(f"http://127.0.0.1:{port}/metrics").splitlines():
+        if line.startswith('outbox_relay_setup_problem{component="database",outbox="orders"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _problems(port: int) -> list[dict[str, str]]:
+    entry: dict[str, Any] = _readiness(port)["outboxes"]["orders"]
+    return list(entry.get("problems", []))
+
+
+def _log_lines(log: Path) -> list[dict[str, Any]]:
+    lines = []
+    for text in log.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            continue
+    return lines
+
+
+def _wait_for_problem(port: int, kind: str) -> dict[str, str]:
+    wait_for(lambda: any(p["problem"] == kind for p in _problems_or_none(port)), 30, f"problem {kind!r}")
+    [problem] = _problems(port)
+    return problem
+
+
+def _problems_or_none(port: int) -> list[dict[str, str]]:
+    try:
+        return _problems(port)
+    except (OSError, ValueError):
+        return []
+
+
+def _assert_said_once_not_per_retry(log: Path, kind: str) -> None:
+    lines = _log_lines(log)
+    said = [line for line in lines if line.get("problem") == kind and line["level"] == "error"]
+    assert len(said) == 1, said
+    retries = [line for line in lines if "not reachable" in str(line.get("event"))]
+    assert retries == [], "a setup mistake is not reported as an outage"
+
+
+def test_a_missing_table_is_named_in_the_log_readiness_and_a_metric_and_init_db_heals_it(
+    dsn: str, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    port = free_port()
+    out = tmp_path / "out.jsonl"
+    path = write_config(tmp_path, _config(dsn, out, port, table="app_events"))
+    relay = start_relay(path)
+    problem = _wait_for_problem(port, "table does not exist")
+    assert problem["component"] == "database"
+    assert "table app_events does not exist" in problem["error"] and "init-db" in problem["fix"]
+    assert _readiness(port)["ready"] is False
+    assert _problem_gauge(port) == 1.0
+    time.sleep(3)  # several retries: still one line
+    _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "table does not exist")
+
+    assert run_cli("init-db", "-c", str(path)).returncode == 0
+    insert_events(dsn, 5, table="app_events")
+    wait_for(lambda: len(read_lines(out)) == 5 if out.exists() else False, 30, "events after init-db")
+    assert _problems(port) == [] and _problem_gauge(port) == 0.0
+    wait_for(lambda: _readiness(port)["ready"], 10, "ready")
+    stop_relay(relay)
+    assert any(line["event"] == "setup problem fixed" for line in _log_lines(tmp_path / "relay-0.log"))
+
+
+def test_a_login_the_database_refuses_is_not_reported_as_unreachable(
+    dsn: str, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    port = free_port()
+    role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    refused = psycopg.conninfo.make_conninfo(dsn, user=role)
+    path = write_config(tmp_path, _config(refused, tmp_path / "out.jsonl", port))
+    start_relay(path)
+    problem = _wait_for_problem(port, "login refused")
+    assert f'role "{role}" does not exist' in problem["error"]
+    assert _readiness(port)["ready"] is False and _problem_gauge(port) == 1.0
+    time.sleep(3)
+    _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "login refused")
+
+
+def test_a_missing_privilege_is_named_and_a_grant_heals_it(
+    dsn: str, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    port = free_port()
+    out = tmp_path / "out.jsonl"
+    role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        insert_events(dsn, 3)
+        config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), out, port)
+        config["outboxes"][0]["dead_letter"] = {"on_poison": "dead_letter"}
+        relay = start_relay(write_config(tmp_path, config))
+        problem = _wait_for_problem(port, "permission denied")
+        assert "permission denied for table" in problem["error"], problem
+        assert _problem_gauge(port) == 1.0 and _readiness(port)["ready"] is False
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role))
+            )
+            conn.execute(
+                sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role))
+            )
+        wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "events after the grant")
+        assert _problems(port) == [] and _problem_gauge(port) == 0.0
+        stop_relay(relay)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
