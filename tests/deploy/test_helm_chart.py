@@ -501,6 +501,7 @@ def test_alert_rules(monitoring: Manifests) -> None:
         "OutboxRelayLagHigh",
         "OutboxRelayDeadLetters",
         "OutboxRelayNoLeader",
+        "OutboxRelaySetupProblem",
         "OutboxRelayReplicationSlotLagHigh",
         "OutboxRelayPublishFailures",
         "OutboxRelayAbsent",
@@ -519,6 +520,8 @@ def test_alert_rules(monitoring: Manifests) -> None:
     assert _selectors(rules["OutboxRelayLagHigh"]["expr"]) == ["outbox_relay_lag_seconds"]
     assert rules["OutboxRelayLagHigh"]["expr"].endswith("> 300")
     assert _selectors(rules["OutboxRelayDeadLetters"]["expr"]) == ["outbox_relay_dead_letters"]
+    assert _selectors(rules["OutboxRelaySetupProblem"]["expr"]) == ["outbox_relay_setup_problem"]
+    assert rules["OutboxRelaySetupProblem"]["labels"]["severity"] == "critical"
     assert rules["OutboxRelayReplicationSlotLagHigh"]["expr"].endswith("> 1000000000")
     assert "rate(outbox_relay_publish_failures_total" in rules["OutboxRelayPublishFailures"]["expr"]
     # Prometheus' own template syntax survives Helm's.
