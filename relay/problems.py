@@ -47,23 +47,22 @@ _BY_SQLSTATE = {
     "42703": "column does not exist",
     "42704": "object does not exist",
 }
-_BY_TEXT = (
-    (
-        "login refused",
-        re.compile(r"password authentication failed|no pg_hba\.conf entry|role \"[^\"]*\" does not exist"),
-    ),
-    ("login refused", re.compile(r"authentication failed|password is required|no password supplied")),
-    # Brokers: RabbitMQ, Redis, NATS, Kafka (SASL) refusing the credentials they were given.
-    (
-        "login refused",
-        re.compile(r"ACCESS_REFUSED|refused the login|WRONGPASS|NOAUTH|[Aa]uthorization [Vv]iolation"),
-    ),
-    ("database does not exist", re.compile(r"database \"[^\"]*\" does not exist")),
-    ("permission denied", re.compile(r"permission denied|must be superuser|lacks the REPLICATION attribute")),
-    ("table does not exist", re.compile(r"table \S+ does not exist|relation \"[^\"]*\" does not exist")),
-    ("replication slot or publication missing", re.compile(r"replication slot \S+ is missing")),
-    ("replication slot or publication missing", re.compile(r"publication \"[^\"]*\" does not exist")),
-    ("column does not exist", re.compile(r"has no column|column \"[^\"]*\" does not exist")),
+_BY_TEXT = tuple(
+    (kind, re.compile(pattern, re.IGNORECASE))
+    for kind, pattern in (
+        ("login refused", r"password authentication failed|no pg_hba\.conf entry|password is required"),
+        ("login refused", r"role \"[^\"]*\" does not exist|authentication failed|no password supplied"),
+        # Brokers (RabbitMQ, Redis, NATS, Kafka's SASL) refusing the credentials they were given.
+        ("login refused", r"ACCESS_REFUSED|refused the login|WRONGPASS|NOAUTH|authorization violation"),
+        ("login refused", r"SASL authentication error"),
+        ("permission denied", r"permission denied|must be superuser|lacks the REPLICATION attribute"),
+        ("permission denied", r"NOPERM|permissions violation|authorization failed"),
+        ("database does not exist", r"database \"[^\"]*\" does not exist"),
+        ("table does not exist", r"table \S+ does not exist|relation \"[^\"]*\" does not exist"),
+        ("replication slot or publication missing", r"replication slot \S+ is missing"),
+        ("replication slot or publication missing", r"publication \"[^\"]*\" does not exist"),
+        ("column does not exist", r"has no column|column \"[^\"]*\" does not exist"),
+    )
 )
 _FIXES = {
     "login refused": "check the user and password the DSN gives",

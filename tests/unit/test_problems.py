@@ -47,6 +47,10 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
         (_sqlstate("relation does not exist", "42P01"), "table does not exist"),
         (ConnectorError("RabbitMQ refused the login of user guest"), "login refused"),
         (ConnectorError("WRONGPASS invalid username-password pair"), "login refused"),
+        (ConnectorError("SASL authentication error: Authentication failed"), "login refused"),
+        (ConnectorError("nats: Authorization Violation"), "login refused"),
+        (ConnectorError("Broker: Topic authorization failed"), "permission denied"),
+        (ConnectorError("NOPERM no permissions to run the xadd command"), "permission denied"),
     ],
 )
 def test_setup_mistakes_are_told_apart_with_a_fix(error: BaseException, kind: str) -> None:
