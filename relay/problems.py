@@ -46,6 +46,7 @@ _BY_SQLSTATE = {
     "42P01": "table does not exist",
     "42703": "column does not exist",
     "42704": "object does not exist",
+    "25006": "database is read-only",
 }
 _BY_TEXT = tuple(
     (kind, re.compile(pattern, re.IGNORECASE))
@@ -58,6 +59,7 @@ _BY_TEXT = tuple(
         ("permission denied", r"permission denied|must be superuser|lacks the REPLICATION attribute"),
         ("permission denied", r"NOPERM|permissions violation|authorization failed"),
         ("database does not exist", r"database \"[^\"]*\" does not exist"),
+        ("database is read-only", r"read-only transaction|session is read-only"),
         ("table does not exist", r"table \S+ does not exist|relation \"[^\"]*\" does not exist"),
         ("replication slot or publication missing", r"replication slot \S+ is missing"),
         ("replication slot or publication missing", r"publication \"[^\"]*\" does not exist"),
@@ -67,6 +69,7 @@ _BY_TEXT = tuple(
 _FIXES = {
     "login refused": "check the user and password the DSN gives",
     "database does not exist": "check the database name the DSN gives",
+    "database is read-only": "point the DSN at the primary (or turn off default_transaction_read_only)",
     "schema does not exist": "check the table's schema in the config, or run: outbox-relay init-db",
     "permission denied": "grant the relay's role the privilege the message names",
     "table does not exist": "run: outbox-relay init-db, or check the table's name in the config",

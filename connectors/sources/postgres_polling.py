@@ -567,6 +567,9 @@ class PostgresPollingSource(Source):
             types = await self._inspect_table(conn)
             assert self._table is not None
             notes = [f"table {self._table.display()}: {len(types)} columns, mapping ok"]
+            problem = await self._cannot_write(conn)
+            if problem:
+                raise ConnectorError(problem)
             if self.position_caveat:
                 notes.append(f"warning: {self.position_caveat}")
             if self.config.notify:
@@ -582,6 +585,31 @@ class PostgresPollingSource(Source):
             return notes
         finally:
             await conn.close()
+
+    async def _cannot_write(self, conn: psycopg.AsyncConnection[Any]) -> str | None:
+        """Why `run` could read the table but never settle a row (a read-only session, a role
+        without the privilege), or None: said by check rather than found by run."""
+        settle = "UPDATE" if self.config.after_publish == "mark" else "DELETE"
+        cur = await conn.execute(
+            "SELECT current_setting('transaction_read_only') = 'on', current_user,"
+            " has_table_privilege(%s::oid, 'SELECT'), has_table_privilege(%s::oid, %s)",
+            (self._table_oid, self._table_oid, settle),
+        )
+        row = await cur.fetchone()
+        assert row is not None and self._table is not None
+        read_only, role, can_select, can_settle = row
+        if read_only:
+            return (
+                "the database session is read-only (a standby, or default_transaction_read_only):"
+                f" the relay must {settle} published rows; point the DSN at the primary"
+            )
+        lacking = [name for name, ok in (("SELECT", can_select), (settle, can_settle)) if not ok]
+        if lacking:
+            return (
+                f"permission denied: role {role} lacks {' and '.join(lacking)} on table"
+                f" {self._table.display()} (after_publish: {self.config.after_publish})"
+            )
+        return None
 
     async def init_db(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
         """`init_sql()`, on the table the server finds for the configured name when there is

@@ -151,3 +151,52 @@ def test_a_missing_privilege_is_named_and_a_grant_heals_it(
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_check_refuses_a_read_only_database_and_run_names_it_as_a_setup_problem(
+    dsn: str, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        database = conn.info.dbname
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                sql.Identifier(database)
+            )
+        )
+    insert_events_read_write(dsn, 3)
+    port = free_port()
+    path = write_config(tmp_path, _config(dsn, tmp_path / "out.jsonl", port))
+    check = run_cli("check", "-c", str(path), "--connect")
+    assert check.returncode == 1
+    assert "database: FAILED: the database session is read-only" in check.stdout, check.stdout
+    start_relay(path)
+    problem = _wait_for_problem(port, "database is read-only")
+    assert "read-only transaction" in problem["error"] and "primary" in problem["fix"]
+
+
+def test_check_names_a_privilege_the_role_lacks_to_settle_rows(dsn: str, tmp_path: Path) -> None:
+    role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT ON outbox TO {}").format(sql.Identifier(role)))
+    try:
+        config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), tmp_path / "out.jsonl", 0)
+        check = run_cli("check", "-c", str(write_config(tmp_path, config)), "--connect")
+        assert check.returncode == 1
+        expected = f"permission denied: role {role} lacks UPDATE on table public.outbox"
+        assert expected in check.stdout, check.stdout
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def insert_events_read_write(dsn: str, count: int) -> None:
+    """insert_events in a session that may write although the database defaults to read-only."""
+    with psycopg.connect(dsn, autocommit=True, options="-c default_transaction_read_only=off") as conn:
+        for i in range(count):
+            conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+                " VALUES ('order', %s, 'Created', '{}')",
+                (f"order-{i}",),
+            )
