@@ -44,9 +44,16 @@ CONFIG_OPTION = click.option(
 )
 
 
+#: Problems printed at most: the rest are counted (a file of unknown keys has one per key).
+MAX_PROBLEM_LINES = 20
+
+
 def _fail(lines: list[str] | str, code: int = 2) -> NoReturn:
-    for line in [lines] if isinstance(lines, str) else lines:
+    lines = [lines] if isinstance(lines, str) else lines
+    for line in lines[:MAX_PROBLEM_LINES]:
         click.echo(scrubber.scrub(line), err=True)
+    if len(lines) > MAX_PROBLEM_LINES:
+        click.echo(f"... and {len(lines) - MAX_PROBLEM_LINES} more problems", err=True)
     sys.exit(code)
 
 

@@ -11,16 +11,15 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from relay.durations import Duration
-from relay.identifiers import TableName
+from relay.identifiers import TableName, printable
 from relay.pgsession import Dsn
-from relay.registry import ConnectorConfig, broken_plugins, sink_plugins, source_plugins
+from relay.registry import Claim, ConnectorConfig, broken_plugins, sink_plugins, source_plugins
 from relay.secrets import is_secret_key, scrubber
 
 
@@ -161,14 +160,24 @@ def config_model() -> type[RelayConfig]:
 
 # --- environment interpolation -------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+_VAR = re.compile(r"\$\$\{|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<bad>\$\{)")
+_BAD_REFERENCE = (
+    "'${' starts no variable reference: write ${NAME} or ${NAME:-default} (NAME: letters, digits"
+    " and _, not starting with a digit), or $${ for a literal '${'"
+)
 
 
 def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
+            if match["bad"] is not None:
+                # (Nothing after it is echoed: it may be part of a password.)
+                problems.append(f"{path or '(top)'}: {_BAD_REFERENCE}")
+                return ""
             name, default = match["name"], match["default"]
+            if name is None:
+                return "${"
             if name in env:
                 return env[name]
             if default is not None:
@@ -185,14 +194,101 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[s
 
 
 def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
+    shown = _shown_key(key)
+    return f"{path}.{shown}" if path else shown
 
 
-# --- YAML that refuses duplicate keys ------------------------------------------------------------
+#: A key longer than this is cut in messages (an unknown key may be any text).
+_KEY_SHOWN = 80
 
 
-class _StrictLoader(yaml.SafeLoader):
-    pass
+def _shown_key(key: object) -> str:
+    """A mapping key for a one-line message: unprintable characters escaped, long ones cut."""
+    text = printable(str(key))
+    return text if len(text) <= _KEY_SHOWN else text[:_KEY_SHOWN] + "..."
+
+
+# --- YAML within limits, refusing duplicate keys --------------------------------------------------
+
+#: A config is small: these bound the time and memory of reading one, whatever the file holds.
+MAX_FILE_BYTES = 1024 * 1024
+#: Mappings and lists nested deeper than this are refused (a real config nests about 5 deep).
+MAX_DEPTH = 32
+#: Values in the document once every alias is expanded (a real config has tens per outbox).
+MAX_VALUES = 20_000
+
+
+class _PythonParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+
+if TYPE_CHECKING:
+    _Parser = _PythonParser
+else:
+    try:
+        # LibYAML scans and parses in C; PyYAML's Python scanner takes minutes on one long string.
+        from yaml import CParser as _Parser
+    except ImportError:  # PyYAML built without LibYAML
+        _Parser = _PythonParser
+
+
+class _StrictLoader(
+    yaml.composer.Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver, _Parser
+):
+    """A safe loader (PyYAML's composer on the parser's events) that refuses duplicate keys and,
+    while composing (before anything is constructed), a document nested deeper than MAX_DEPTH,
+    an alias inside the node it refers to, and a document whose aliases would expand it beyond
+    MAX_VALUES values."""
+
+    def __init__(self, stream: str) -> None:
+        _Parser.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self._depth = 0
+        self._values = 0
+        #: Expanded size (in values) of each anchored node composed so far.
+        self._sizes: dict[str, int] = {}
+        #: Anchors whose node is still being composed: an alias to one of them is a cycle.
+        self._open: set[str] = set()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        anchor: str | None = event.anchor
+        if isinstance(event, yaml.AliasEvent):
+            if anchor in self._open:
+                _refuse(f"alias *{anchor} is inside the node it refers to", event)
+            self._count(self._sizes.get(anchor or "", 1), event)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            _refuse(f"nested more than {MAX_DEPTH} levels deep", event)
+        before = self._values
+        self._count(1, event)
+        if anchor is not None:
+            self._open.add(anchor)
+        node = super().compose_node(parent, index)
+        if anchor is not None:
+            self._open.discard(anchor)
+            self._sizes[anchor] = self._values - before
+        self._depth -= 1
+        return node
+
+    def _count(self, values: int, event: Any) -> None:
+        self._values += values
+        if self._values > MAX_VALUES:
+            _refuse(
+                f"more than {MAX_VALUES} values once its aliases are expanded; a config is small"
+                " (an alias may repeat a small mapping a few times, not multiply the document)",
+                event,
+            )
+
+
+def _refuse(problem: str, event: Any) -> NoReturn:
+    raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -205,7 +301,7 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
     return loader.construct_mapping(node)
 
 
-_StrictLoader.add_constructor(
+_StrictLoader.add_constructor(  # type: ignore[type-var]
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _mapping_without_duplicates,
 )
@@ -287,6 +383,70 @@ def parse_config(data: Any, file: str = "relay.yaml", env: Mapping[str, str] | N
         raise ConfigError(_format_validation(file, exc)) from None
 
 
+def check_offline(config: RelayConfig, file: str = "relay.yaml") -> None:
+    """What a config means beyond its shape, checked without any network: each connector's own
+    `validate` hook (a client library's verdict on its settings), and no two outboxes reading
+    one table, replication slot or publication. Raises ConfigError."""
+    problems: list[str] = []
+    for index, outbox in enumerate(config.outboxes):
+        ends = (("source", outbox.source, source_plugins()), ("sink", outbox.sink, sink_plugins()))
+        for role, connector, plugins in ends:
+            plugin = plugins.get(connector.type)
+            if plugin is None or plugin.validate is None or plugin.missing_requirement() is not None:
+                continue  # (building the connector says which extra to install)
+            for key, reason in plugin.validate(connector):
+                where = f"outboxes[{index}].{role}"
+                problems.append(f"{file}: {_join(where, key) if key else where}: {reason}")
+    problems += [f"{file}: {problem}" for problem in shared_reads(config)]
+    if problems:
+        raise ConfigError(problems)
+
+
+def shared_reads(config: RelayConfig) -> list[str]:
+    """Two outboxes that read one table, slot or publication, as far as the config says: the
+    same name in the same database (an unqualified table name matches any schema's)."""
+    problems: list[str] = []
+    seen: list[tuple[int, Claim]] = []
+    for index, outbox in enumerate(config.outboxes):
+        for claim in outbox.source.claims():
+            for other_index, other in seen:
+                if other_index == index or not _same_place(claim, other):
+                    continue
+                problems.append(_shared_problem(config, index, claim, other_index, other))
+                break
+            seen.append((index, claim))
+    return problems
+
+
+def _same_place(a: Claim, b: Claim) -> bool:
+    if a.kind != b.kind or a.place != b.place or a.name != b.name:
+        return False
+    return a.schema == b.schema or a.schema is None or b.schema is None
+
+
+_WHY_ALONE = {
+    "table": "two outboxes on one table race for its events, and each sink gets only some of them",
+    "replication slot": "a slot streams to one reader at a time, and confirms what either one acknowledged",
+    "publication": "both outboxes would publish every event it sends",
+}
+
+
+def _shared_problem(config: RelayConfig, index: int, claim: Claim, other_index: int, other: Claim) -> str:
+    first = config.outboxes[other_index].name
+    where = f"outboxes[{index}].source.{claim.key}"
+    text = (
+        f"{where}: {claim.kind} {claim.shown} is also read by outbox '{first}'"
+        f" (outboxes[{other_index}].source.{other.key}: {other.shown}); {_WHY_ALONE.get(claim.kind, '')}."
+        f" Give each outbox its own {claim.kind}, or relay it from one outbox"
+    )
+    if claim.schema != other.schema:
+        text += (
+            " (an unqualified table name is found through the search_path and may be the same table;"
+            " if they differ, write each with its schema)"
+        )
+    return text
+
+
 def _remember_secrets(value: Any) -> None:
     if isinstance(value, str):
         scrubber.remember_from(value)
@@ -303,20 +463,41 @@ def _remember_secrets(value: Any) -> None:
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RelayConfig:
     """Read, interpolate and validate a config file. Raises ConfigError."""
     file = str(path)
+    text = _read_text(file)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{file}: cannot read the file: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{file}: the file is not UTF-8 text"]) from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # type: ignore[arg-type]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
-    return parse_config(data, file, env)
+        raise ConfigError([f"{where}: invalid YAML: {printable(problem)}"]) from None
+    except RecursionError:  # (MAX_DEPTH stops nesting long before; this is a last resort)
+        raise ConfigError([f"{file}: invalid YAML: nested too deep"]) from None
+    config = parse_config(data, file, env)
+    check_offline(config, file)
+    return config
+
+
+def _read_text(file: str) -> str:
+    """The file's text: at most MAX_FILE_BYTES of UTF-8 without NUL bytes, else one line why."""
+    try:
+        with open(file, "rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)
+    except IsADirectoryError:
+        raise ConfigError([f"{file}: is a directory, not a config file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read the file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            [f"{file}: the file is larger than {MAX_FILE_BYTES // 1024} KiB; a config file is small"]
+        )
+    if b"\x00" in raw:
+        raise ConfigError([f"{file}: the file is binary (it contains NUL bytes), not YAML text"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"the file is not UTF-8 text (byte {exc.start + 1} is not UTF-8)"
+        raise ConfigError([f"{file}: {problem}"]) from None
 
 
 def config_json_schema() -> dict[str, Any]:

@@ -19,6 +19,7 @@ are, so no conversion to UTF-8 is possible. `start_session` says so in one sente
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 from psycopg import AsyncConnection
@@ -40,17 +41,38 @@ def _readable_dsn(value: str) -> str:
     """A DSN libpq can read, checked when the config is loaded (never echoed: it may hold a
     password), so that `check` refuses it instead of `run` retrying it forever."""
     try:
-        conninfo_to_dict(value)
+        params = conninfo_to_dict(value)
     except Exception:
         raise ValueError(
             "is not a connection string libpq can read (key=value pairs, values with spaces in"
             " single quotes, or a postgresql:// URL)"
         ) from None
+    # libpq reads the port only when it connects: a bad one would fail every attempt.
+    for port in str(params.get("port") or "").split(","):
+        if port.strip() and not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("has a port that is not a number from 1 to 65535")
     return value
 
 
 #: A libpq connection string or URL, as a config value.
 Dsn = Annotated[str, AfterValidator(_readable_dsn)]
+
+
+def server_place(dsn: str) -> str:
+    """The server a DSN names, as far as its text and the PG* variables say (`host:port`):
+    equal for two spellings of one connection string; `check --connect` asks the servers."""
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "(local socket)")
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+    return f"{host.lower()}:{port}"
+
+
+def database_place(dsn: str) -> str:
+    """The database a DSN names (`host:port/database`), like `server_place`."""
+    params = conninfo_to_dict(dsn)
+    user = params.get("user") or os.environ.get("PGUSER") or ""
+    database = params.get("dbname") or os.environ.get("PGDATABASE") or user
+    return f"{server_place(dsn)}/{database}"
 
 
 def session_conninfo(dsn: str) -> str:

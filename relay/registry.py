@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -35,6 +35,31 @@ class ConnectorConfig(BaseModel):
         """What this source reads, for the lease key (see relay.leadership): a table, a slot."""
         return ""
 
+    def claims(self) -> list[Claim]:
+        """What this source reads that no other outbox may read (a table, a slot, a
+        publication), as far as the config alone tells; see `Claim`."""
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Something one outbox alone may read: two outboxes polling one table race for its rows
+    (each sink gets part of the events); a table both polled and replicated, or one slot or
+    publication streamed by two outboxes, delivers events twice or not at all."""
+
+    kind: str
+    #: Where it lives, as the config says: for a table or publication the database (host,
+    #: port, database name), for a replication slot the server (slots belong to the cluster).
+    place: str
+    #: The schema of a table; None when unqualified (found through the search_path).
+    schema: str | None
+    #: The name as the server reads it (folded or unquoted).
+    name: str
+    #: The config key it comes from, relative to the connector: `table`, `tables[1]`, `slot`.
+    key: str
+    #: How to show it in a message.
+    shown: str
+
 
 C = TypeVar("C", Source, Sink)
 
@@ -49,6 +74,9 @@ class Plugin(Generic[C]):
     extra: str | None = None
     #: For sinks: how `drill` reads back what was delivered (None: the sink cannot be drilled).
     reader: Callable[..., DeliveryReader] | None = None
+    #: Checks that need the client library but no network (a client's own settings), run by
+    #: every command when the config is loaded: (key relative to the connector, reason) pairs.
+    validate: Callable[[Any], Sequence[tuple[str, str]]] | None = None
 
     def missing_requirement(self) -> str | None:
         """The `pip install` hint when a required client library is not importable."""

@@ -19,7 +19,11 @@ MASK = "***"
 _SECRET_KEY = re.compile(
     r"password|secret|token|(^|\.)ssl\.key\.pem$|^sasl\.oauthbearer\.config$", re.IGNORECASE
 )
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+# (A scheme starts where a run of scheme characters starts: tried from inside the run too, a long
+# run without `://` took quadratic time.)
+_URL_PASSWORD = re.compile(
+    r"(?<![a-zA-Z0-9+.-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@"
+)
 _KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _KV_REST = re.compile(r"\bpassword\s*=\s*(.*)", re.IGNORECASE | re.DOTALL)
 

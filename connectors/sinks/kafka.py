@@ -95,6 +95,77 @@ def _check_template(template: str, what: str) -> None:
             )
 
 
+# One bootstrap server as librdkafka reads it: [protocol://]host[:port], an IPv6 host in brackets.
+_SERVER = re.compile(
+    r"^(?:(?P<protocol>[A-Za-z_]+)://)?(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*))"
+    r"(?::(?P<port>[0-9]{1,5}))?$"
+)
+_PROTOCOLS = frozenset({"plaintext", "ssl", "sasl_plaintext", "sasl_ssl"})
+
+
+def _check_bootstrap_servers(value: str) -> None:
+    """`host:port,host:port` as librdkafka reads it, refused here rather than retried forever."""
+    for entry in value.split(","):
+        server = entry.strip()
+        if not server:
+            raise ValueError("has an empty entry: write host:port,host:port")
+        shown = server if len(server) <= 80 else server[:80] + "..."
+        match = _SERVER.match(server)
+        if match is None:
+            raise ValueError(
+                f"{shown!r} is not host:port (a host name, an IPv4 address or [IPv6], and a port)"
+            )
+        if match["protocol"] and match["protocol"].lower() not in _PROTOCOLS:
+            raise ValueError(
+                f"{shown!r}: unknown protocol {match['protocol']!r} (known: {', '.join(sorted(_PROTOCOLS))};"
+                " set security.protocol under producer: instead)"
+            )
+        if match["port"] is not None and not 1 <= int(match["port"]) <= 65535:
+            raise ValueError(f"{shown!r}: the port must be between 1 and 65535")
+
+
+#: librdkafka names some settings by an alias in its messages.
+_SETTING_ALIASES = {
+    "queue.buffering.max.ms": "linger.ms",
+    "compression.codec": "compression.type",
+    "queue.buffering.max.messages": "queue.buffering.max.messages",
+    "request.required.acks": "acks",
+}
+_QUOTED = re.compile(r'["`]([A-Za-z0-9._-]+)["`]')
+
+
+def validate_offline(config: KafkaSinkConfig) -> list[tuple[str, str]]:
+    """librdkafka's own verdict on the producer settings, without contacting any broker (the
+    producer is created without bootstrap servers and dropped at once): (key, reason) pairs."""
+    import logging
+
+    from confluent_kafka import KafkaException, Producer
+
+    settings: dict[str, Any] = dict(config.producer_settings())
+    del settings["bootstrap.servers"]
+    silent = logging.getLogger("outbox_relay.kafka.validate")
+    silent.addHandler(logging.NullHandler())
+    silent.propagate = False
+    settings["logger"] = silent  # (the warning that no broker is configured goes nowhere)
+    try:
+        Producer(settings)
+    except (KafkaException, ValueError, TypeError) as exc:
+        text = scrubber.scrub(_kafka_text(exc))
+        return [(_setting_key(text, config), f"librdkafka refuses the producer settings: {text}")]
+    return []
+
+
+def _setting_key(message: str, config: KafkaSinkConfig) -> str:
+    """The config key a librdkafka message is about (it quotes the setting's name)."""
+    for name in _QUOTED.findall(message):
+        if name == "message.timeout.ms":
+            return "delivery_timeout"
+        for candidate in (name, _SETTING_ALIASES.get(name, name)):
+            if candidate in config.producer:
+                return f"producer.{candidate}"
+    return "producer"
+
+
 def _truthy(value: ProducerValue) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes", "on")
@@ -128,6 +199,12 @@ class KafkaSinkConfig(ConnectorConfig):
         gt=0,
         description="How long one event may wait for its delivery report before it counts as failed.",
     )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _valid_bootstrap_servers(cls, value: str) -> str:
+        _check_bootstrap_servers(value)
+        return value
 
     @field_validator("topic")
     @classmethod
@@ -808,4 +885,5 @@ plugin = SinkPlugin(
     requires=("confluent_kafka",),
     extra="kafka",
     reader=KafkaReader,
+    validate=validate_offline,
 )

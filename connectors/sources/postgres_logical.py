@@ -59,8 +59,8 @@ from relay.identifiers import (
 from relay.interfaces import BacklogStats, ConnectorError, Source, Unsupported
 from relay.logs import get_logger
 from relay.outbox import message_content
-from relay.pgsession import Dsn
-from relay.registry import ConnectorConfig, SourcePlugin
+from relay.pgsession import Dsn, database_place, server_place
+from relay.registry import Claim, ConnectorConfig, SourcePlugin
 from relay.secrets import scrubber
 
 HEARTBEAT_PREFIX = "outbox_relay_heartbeat"
@@ -107,6 +107,26 @@ class PostgresLogicalConfig(ConnectorConfig):
 
     def lease_scope(self) -> str:
         return f"slot {self.slot}"
+
+    def claims(self) -> list[Claim]:
+        database = database_place(self.dsn)
+        found = [
+            Claim("replication slot", server_place(self.dsn), None, self.slot, "slot", self.slot),
+            Claim(
+                "publication",
+                database,
+                None,
+                parse_identifier(self.publication),
+                "publication",
+                quote_ident(parse_identifier(self.publication)),
+            ),
+        ]
+        if self.mode == "table":
+            for index, text in enumerate(self.tables):
+                table = parse_table_name(text)
+                key = f"tables[{index}]"
+                found.append(Claim("table", database, table.schema, table.name, key, table.display()))
+        return found
 
 
 class _Unit:

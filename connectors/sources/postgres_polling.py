@@ -52,8 +52,8 @@ from relay.identifiers import (
 )
 from relay.interfaces import BacklogStats, ConnectorError, Source
 from relay.logs import get_logger
-from relay.pgsession import Dsn
-from relay.registry import ConnectorConfig, SourcePlugin
+from relay.pgsession import Dsn, database_place
+from relay.registry import Claim, ConnectorConfig, SourcePlugin
 from relay.secrets import scrubber
 
 # Transactions that may still insert rows: those holding the table's RowExclusiveLock (granted;
@@ -116,6 +116,10 @@ class PostgresPollingConfig(ConnectorConfig):
 
     def lease_scope(self) -> str:
         return f"table {parse_table_name(self.table).display()}"
+
+    def claims(self) -> list[Claim]:
+        table = parse_table_name(self.table)
+        return [Claim("table", database_place(self.dsn), table.schema, table.name, "table", table.display())]
 
 
 def _text_column(name: str) -> sql.Composable:

@@ -1,0 +1,512 @@
+"""Bad config files, generated: every one is refused by `check` (and `run`) with exit code 2, a
+line that names the key (or what is wrong with the file), no traceback, a bounded number of
+lines, in bounded time and memory. Most run in this process through the CLI's click command (the
+interpreter starts once); a handful run as real `outbox-relay` processes, whose memory is
+measured by the kernel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from relay.cli import cli
+
+#: Bounds per file: generous (a good file takes well under a second), the bugs took minutes and GBs.
+TIME_BOUND_S = 10.0
+PYTHON_MEMORY_BOUND = 100 * 1024 * 1024  # peak of Python allocations while checking one file
+PROCESS_MEMORY_BOUND_KB = 300 * 1024  # maxrss of one `outbox-relay check` process
+MAX_LINES = 25
+
+DSN = "postgresql://relay:s3cret-pw@db.example:5432/app"
+
+
+def _outbox(name: str = "orders", **parts: Any) -> dict[str, Any]:
+    outbox: dict[str, Any] = {
+        "name": name,
+        "source": {"type": "postgres-polling", "dsn": DSN},
+        "sink": {"type": "stdout"},
+    }
+    for key, value in parts.items():
+        if isinstance(value, dict) and isinstance(outbox.get(key), dict):
+            outbox[key] = {**outbox[key], **value}
+        else:
+            outbox[key] = value
+    return outbox
+
+
+def _config(*outboxes: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"outboxes": list(outboxes) or [_outbox()], **top}
+
+
+SINKS: dict[str, dict[str, Any]] = {
+    "stdout": {"type": "stdout"},
+    "file": {"type": "file", "path": "/tmp/out.jsonl"},
+    "kafka": {"type": "kafka", "bootstrap_servers": "localhost:9092"},
+    "rabbitmq": {"type": "rabbitmq", "url": "amqp://guest:guest@localhost:5672/"},
+    "nats": {"type": "nats", "servers": ["nats://localhost:4222"]},
+    "redis": {"type": "redis", "url": "redis://localhost:6379/0"},
+    "webhook": {"type": "webhook", "url": "https://hooks.example/events"},
+}
+LOGICAL = {"type": "postgres-logical", "dsn": DSN}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    #: Writes the bad file (or makes the bad path) in the directory, returns the path to pass.
+    make: Callable[[Path], Path]
+    #: Texts the refusal must contain: the key, or what is wrong with the file; and the reason.
+    expected: tuple[str, ...]
+
+
+def _yaml(data: Any) -> Callable[[Path], Path]:
+    def make(directory: Path) -> Path:
+        path = directory / "relay.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return make
+
+
+def _text(text: str) -> Callable[[Path], Path]:
+    def make(directory: Path) -> Path:
+        path = directory / "relay.yaml"
+        path.write_text(text)
+        return path
+
+    return make
+
+
+def _bytes(data: bytes) -> Callable[[Path], Path]:
+    def make(directory: Path) -> Path:
+        path = directory / "relay.yaml"
+        path.write_bytes(data)
+        return path
+
+    return make
+
+
+def _laughs(levels: int) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels + 1):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]")
+    lines.append(f"outboxes: *l{levels}")
+    return "\n".join(lines) + "\n"
+
+
+def _unknown_keys_file(size: int) -> str:
+    good = yaml.safe_dump(_config(), sort_keys=False)
+    lines, total, i = [good], len(good), 0
+    while total < size:
+        line = f"unknown_key_{i:08d}: {i}\n"
+        lines.append(line)
+        total += len(line)
+        i += 1
+    return "".join(lines)
+
+
+def _cases() -> list[Case]:
+    cases: list[Case] = []
+
+    def add(name: str, make: Callable[[Path], Path], *expected: str) -> None:
+        cases.append(Case(name, make, expected))
+
+    # Unknown keys, at every level of the file.
+    add("unknown top key", _yaml(_config(outboxs=[])), "outboxs: unknown key")
+    add("unknown outbox key", _yaml(_config(_outbox(sinks=[]))), "outboxes[0].sinks: unknown key")
+    add(
+        "unknown polling key",
+        _yaml(_config(_outbox(source={"poll_intervall": "1s"}))),
+        "outboxes[0].source.poll_intervall: unknown key",
+    )
+    add(
+        "unknown column key",
+        _yaml(_config(_outbox(source={"columns": {"payloads": "body"}}))),
+        "outboxes[0].source.columns.payloads: unknown key",
+    )
+    add(
+        "unknown logical key",
+        _yaml(_config(_outbox(source={**LOGICAL, "slots": "x"}))),
+        "outboxes[0].source.slots: unknown key",
+    )
+    for section in ("retry", "pipeline", "dead_letter", "lease"):
+        add(
+            f"unknown {section} key",
+            _yaml(_config(_outbox(**{section: {"sometimes": 1}}))),
+            f"outboxes[0].{section}.sometimes: unknown key",
+        )
+    for section in ("http", "log"):
+        add(
+            f"unknown {section} key",
+            _yaml(_config(**{section: {"colour": 1}})),
+            f"{section}.colour: unknown key",
+        )
+    for sink, settings in SINKS.items():
+        add(
+            f"unknown {sink} sink key",
+            _yaml(_config(_outbox(sink={**settings, "compress": True}))),
+            "outboxes[0].sink.compress: unknown key",
+        )
+
+    # Wrong types and values out of range.
+    add("outboxes a mapping", _yaml({"outboxes": {"name": "x"}}), "outboxes:")
+    add("outboxes empty", _yaml({"outboxes": []}), "outboxes: must have at least 1")
+    add("top level a list", _yaml([1, 2]), "the top level must be a mapping")
+    add("empty file", _text(""), "the file is empty")
+    add("batch size text", _yaml(_config(_outbox(source={"batch_size": "many"}))), "source.batch_size:")
+    add("batch size list", _yaml(_config(_outbox(source={"batch_size": [1]}))), "source.batch_size:")
+    add("port text", _yaml(_config(http={"port": "nine"})), "http.port:")
+    add("port too large", _yaml(_config(http={"port": 70000})), "http.port: must be <= 65535")
+    add("lease enabled maybe", _yaml(_config(_outbox(lease={"enabled": "maybe"}))), "lease.enabled:")
+    add("log level", _yaml(_config(log={"level": "loud"})), "log.level: must be one of")
+    add("on_poison", _yaml(_config(_outbox(dead_letter={"on_poison": "explode"}))), "dead_letter.on_poison:")
+    add("attempts zero", _yaml(_config(_outbox(dead_letter={"after_attempts": 0}))), "after_attempts")
+    add("bad outbox name", _yaml(_config(_outbox(name="has space"))), "outboxes[0].name: must match")
+    add("duplicate key", _text("outboxes: []\noutboxes: []\n"), "duplicate key 'outboxes'")
+    add("yaml syntax", _text("outboxes: [\n  - name: {\n"), "invalid YAML")
+    add(
+        "kafka producer list value",
+        _yaml(_config(_outbox(sink={**SINKS["kafka"], "producer": {"linger.ms": [1]}}))),
+        "outboxes[0].sink.producer",
+    )
+    add(
+        "key with a line break",
+        _text("outboxes: []\n'bad\\nkey': 1\n"),
+        "bad\\nkey: unknown key",
+    )
+    add("very long key", _text("outboxes: []\n? " + "k" * 100_000 + "\n: 1\n"), "kkkkkkkk...: unknown key")
+
+    # Durations.
+    for value, shown in (
+        (".inf", "not infinity"),
+        ("-.inf", "must not be negative"),
+        (".nan", "not NaN"),
+        ("'-5s'", "is not a duration"),
+        ("'5 parsecs'", "is not a duration"),
+        ("1" + "0" * 400, "not infinity"),
+        ("'99999999h'", "must be at most 7 days"),
+        ("true", "must be a duration"),
+    ):
+        add(
+            f"duration {value[:12]}",
+            _text(
+                "outboxes:\n  - name: o\n"
+                f"    source: {{type: postgres-polling, dsn: 'host=db', poll_interval: {value}}}\n"
+                "    sink: {type: stdout}\n"
+            ),
+            "outboxes[0].source.poll_interval: ",
+            shown,
+        )
+    add("retry max below initial", _yaml(_config(_outbox(retry={"initial": "5s", "max": "1s"}))), "retry")
+    add(
+        "shutdown grace inf",
+        _text("outboxes: []\nshutdown_grace: .inf\n"),
+        "shutdown_grace: must be a finite",
+    )
+
+    # Environment references.
+    for value in ("${DB", "${}", "${1DB}", "pre${DB", "a${DB:-x"):
+        add(
+            f"env {value}",
+            _yaml(_config(_outbox(source={"table": value}))),
+            "outboxes[0].source.table: '${' starts no variable reference",
+        )
+    add(
+        "env unset",
+        _yaml(_config(_outbox(source={"dsn": "${OUTBOX_RELAY_FUZZ_UNSET}"}))),
+        "outboxes[0].source.dsn: environment variable OUTBOX_RELAY_FUZZ_UNSET is not set",
+    )
+
+    # URLs, DSNs, servers, names.
+    for dsn in ("not a dsn", "host=db port", "postgresql://db:notaport/x", "host=db port=70000"):
+        add(f"dsn {dsn}", _yaml(_config(_outbox(source={"dsn": dsn}))), "outboxes[0].source.dsn: ")
+    for servers in (
+        "localhost:notaport",
+        "localhost:9092,,localhost:9093",
+        "localhost:99999",
+        "a b:1",
+        "gopher://h:1",
+    ):
+        add(
+            f"kafka bootstrap {servers}",
+            _yaml(_config(_outbox(sink={**SINKS["kafka"], "bootstrap_servers": servers}))),
+            "outboxes[0].sink.bootstrap_servers:",
+        )
+    for producer, key in (
+        ({"no.such.setting": 1}, "producer.no.such.setting"),
+        ({"linger.ms": "abc"}, "producer.linger.ms"),
+        ({"enable.idempotence": "maybe"}, "producer.enable.idempotence"),
+        ({"compression.type": "zzz"}, "producer.compression.type"),
+        ({"security.protocol": "nope", "sasl.password": "hunter2"}, "producer.security.protocol"),
+    ):
+        add(
+            f"kafka producer {next(iter(producer))}",
+            _yaml(_config(_outbox(sink={**SINKS["kafka"], "producer": producer}))),
+            f"outboxes[0].sink.{key}: librdkafka refuses",
+        )
+    for sink, key, value in (
+        ("rabbitmq", "url", "http://guest:guest@localhost/"),
+        ("rabbitmq", "url", "amqp://"),
+        ("nats", "servers", ["nats://localhost:port"]),
+        ("nats", "servers", ["ftp://localhost:4222"]),
+        ("redis", "url", "ftp://localhost"),
+        ("webhook", "url", "ftp://hooks.example"),
+        ("webhook", "url", "https://"),
+    ):
+        add(
+            f"{sink} {key} {value}",
+            _yaml(_config(_outbox(sink={**SINKS[sink], key: value}))),
+            f"outboxes[0].sink.{key}:",
+        )
+    add(
+        "table three parts", _yaml(_config(_outbox(source={"table": "a.b.c"}))), "source.table: has more than"
+    )
+    add(
+        "table open quote",
+        _yaml(_config(_outbox(source={"table": '"outbox'}))),
+        "source.table: has an unbalanced",
+    )
+
+    # Two outboxes that read one table, slot or publication.
+    for first, second in (
+        ("outbox", "PUBLIC.OUTBOX"),
+        ('"outbox"', "public.outbox"),
+        ("public.outbox", "outbox"),
+    ):
+        add(
+            f"one table as {first} and {second}",
+            _yaml(_config(_outbox("a", source={"table": first}), _outbox("b", source={"table": second}))),
+            "outboxes[1].source.table: table",
+        )
+    add(
+        "polled and replicated table",
+        _yaml(_config(_outbox("a"), _outbox("b", source={**LOGICAL, "tables": ["Public.Outbox"]}))),
+        "outboxes[1].source.tables[0]: table public.outbox is also read by outbox 'a'",
+    )
+    add(
+        "one slot",
+        _yaml(
+            _config(
+                _outbox("a", source={**LOGICAL, "publication": "p1", "tables": ["t1"]}),
+                _outbox("b", source={**LOGICAL, "publication": "p2", "tables": ["t2"]}),
+            )
+        ),
+        "outboxes[1].source.slot: replication slot outbox_relay is also read by outbox 'a'",
+    )
+    add(
+        "one publication",
+        _yaml(
+            _config(
+                _outbox("a", source={**LOGICAL, "slot": "s1", "mode": "message"}),
+                _outbox("b", source={**LOGICAL, "slot": "s2", "mode": "message"}),
+            )
+        ),
+        "outboxes[1].source.publication: publication outbox_relay is also read by outbox 'a'",
+    )
+
+    # Bombs, huge and binary files.
+    add("nested 500 deep", _text("outboxes: " + "[" * 500 + "]" * 500 + "\n"), "nested more than")
+    add(
+        "mappings 40 deep",
+        _text("outboxes:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 41))),
+        "nested more",
+    )
+    add("billion laughs 9 levels", _text(_laughs(9)), "values once its aliases are expanded")
+    add("laughs 5 levels", _text(_laughs(5)), "values once its aliases are expanded")
+    add("alias inside itself", _text("a: &a [1, *a]\noutboxes: *a\n"), "alias *a is inside the node")
+    add("10 MB of unknown keys", _text(_unknown_keys_file(10 * 1024 * 1024)), "larger than 1024 KiB")
+    add(
+        "900 KB of unknown keys",
+        _text(_unknown_keys_file(900 * 1024)),
+        "values once its aliases are expanded",
+    )
+    add("9,000 unknown keys", _text(_unknown_keys_file(9_000 * 24)), ": unknown key", "more problems")
+    add("one 1000 KB string", _text('outboxes: "' + "x" * 1_000_000 + '"\n'), "outboxes: ")
+    add("binary file", _bytes(bytes(range(256)) * 64), "binary (it contains NUL bytes)")
+    add("latin-1 file", _bytes("outboxes: []\nname: café\n".encode("latin-1")), "not UTF-8 text")
+    add("control characters", _bytes(b"outboxes: [\x07]\n"), "invalid YAML")
+
+    # Paths that are not a readable file.
+    add("directory", lambda d: d, "directory")
+    add("missing file", lambda d: d / "missing.yaml", "No such file or directory")
+    add("path below a file", lambda d: _text("x")(d) / "below.yaml", "Not a directory")
+    add("dangling symlink", lambda d: _symlink(d / "dangling.yaml", d / "nowhere"), "No such file")
+    add("symlink loop", lambda d: _symlink(d / "loop.yaml", d / "loop.yaml"), "symbolic links")
+    add("name too long", lambda d: d / ("x" * 300 + ".yaml"), "File name too long")
+    return cases
+
+
+def _symlink(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+CASES = _cases()
+
+
+def test_the_fuzz_covers_at_least_sixty_bad_configs() -> None:
+    assert len(CASES) >= 60, len(CASES)
+    assert len({case.name for case in CASES}) == len(CASES)
+
+
+class Hung(BaseException):
+    """Raised in the test by SIGALRM: `check` or `run` did not return."""
+
+
+def _hung(signum: int, frame: Any) -> None:
+    raise Hung(f"did not return within {TIME_BOUND_S * 3} s")
+
+
+def _assert_refused(case: Case, code: int, output: str, seconds: float) -> None:
+    lines = output.splitlines()
+    assert code == 2, (case.name, code, output[:2000])
+    assert "Traceback" not in output, (case.name, output[:3000])
+    for expected in case.expected:
+        assert expected in output, (case.name, expected, output[:2000])
+    assert 1 <= len(lines) <= MAX_LINES, (case.name, len(lines), output[:2000])
+    assert seconds < TIME_BOUND_S, (case.name, seconds)
+    for secret in ("s3cret-pw", "hunter2"):
+        assert secret not in output, (case.name, output[:2000])
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_every_generated_bad_config_is_refused_with_exit_2_naming_the_key_quickly_and_in_bounded_memory(
+    tmp_path: Path, command: str
+) -> None:
+    runner = CliRunner()
+    for index, case in enumerate(CASES):
+        directory = tmp_path / f"case-{index}"
+        directory.mkdir()
+        path = case.make(directory)
+        # tracemalloc slows Python down a few times: the big files are measured as processes.
+        traced = case.name not in PROCESS_CASES
+        if traced:
+            tracemalloc.start()
+        started = time.monotonic()
+        signal.signal(signal.SIGALRM, _hung)
+        signal.setitimer(signal.ITIMER_REAL, TIME_BOUND_S * 3)
+        try:
+            result = runner.invoke(cli, [command, "-c", str(path)])
+            seconds = time.monotonic() - started
+            _, peak = tracemalloc.get_traced_memory() if traced else (0, 0)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            tracemalloc.stop()
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            case.name,
+            repr(result.exception),
+        )
+        _assert_refused(case, result.exit_code, result.output, seconds)
+        assert peak < PYTHON_MEMORY_BOUND, (case.name, peak)
+
+
+#: The ones that run as real processes: the bombs and huge files (memory measured by the kernel).
+PROCESS_CASES = [
+    "nested 500 deep",
+    "billion laughs 9 levels",
+    "10 MB of unknown keys",
+    "900 KB of unknown keys",
+    "9,000 unknown keys",
+    "one 1000 KB string",
+    "binary file",
+    "directory",
+    "kafka producer no.such.setting",
+    "one table as outbox and PUBLIC.OUTBOX",
+]
+
+
+@pytest.mark.parametrize("name", PROCESS_CASES)
+def test_a_bad_config_stops_the_outbox_relay_process_with_exit_2_in_bounded_time_and_memory(
+    tmp_path: Path, name: str
+) -> None:
+    (case,) = [c for c in CASES if c.name == name]
+    path = case.make(tmp_path)
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "check", "-c", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    killer = threading.Timer(TIME_BOUND_S * 3, process.kill)
+    killer.start()
+    try:
+        assert process.stdout is not None
+        output = process.stdout.read()
+        # wait4: this child's own maxrss, measured by the kernel.
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        killer.cancel()
+        if process.stdout is not None:
+            process.stdout.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.monotonic() - started
+    maxrss_kb = usage.ru_maxrss
+    _assert_refused(case, process.returncode, output.decode("utf-8", "replace"), seconds)
+    assert maxrss_kb < PROCESS_MEMORY_BOUND_KB, (name, maxrss_kb)
+
+
+def test_a_good_config_still_passes_check(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    sinks = [
+        _outbox(f"o{i}", source={"table": f"t{i}"}, sink=settings)
+        for i, settings in enumerate(SINKS.values())
+    ]
+    path.write_text(yaml.safe_dump(_config(*sinks), sort_keys=False))
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith(": ok")
+
+
+def test_an_alias_that_repeats_a_small_mapping_is_still_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        "outboxes:\n"
+        "  - name: a\n"
+        "    source: &src {type: postgres-polling, dsn: 'host=db dbname=app', table: a}\n"
+        "    sink: &sink {type: stdout}\n"
+        "    retry: &retry {initial: 1s, max: 10s}\n"
+        "  - name: b\n"
+        "    source: {type: postgres-polling, dsn: 'host=db dbname=app', table: b}\n"
+        "    sink: *sink\n"
+        "    retry: *retry\n"
+    )
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_literal_dollar_brace_is_written_with_two_dollars(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        "outboxes:\n  - name: a\n"
+        "    source: {type: postgres-polling, dsn: 'host=db password=a$${b'}\n"
+        "    sink: {type: stdout}\n"
+    )
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "a${b" not in result.output  # (a password: masked)
+
+
+def test_more_problems_than_fit_are_counted_not_printed(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(_unknown_keys_file(4_000))
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    lines = result.output.splitlines()
+    assert result.exit_code == 2
+    assert len(lines) == 21, lines
+    assert lines[0] == f"{path}: unknown_key_00000000: unknown key"
+    assert lines[-1].startswith("... and ") and lines[-1].endswith(" more problems")
+    assert int(lines[-1].split()[2]) > 100
