@@ -86,7 +86,9 @@ class Pipeline:
         self._space_freed = asyncio.Event()
         self._dispatch_done = asyncio.Event()
         self._closing_event = asyncio.Event()
-        self._sink_failures = 0  # consecutive publish calls that raised
+        self._sink_failures = 0  # consecutive publish calls the broker did not answer
+        #: When a publish call last heard from the broker (monotonic).
+        self._last_heard = 0.0
         #: When the broker last took an event (wall clock, as `first_failed_at`).
         self._last_taken = 0.0
         self._sink_paused_until = 0.0
@@ -376,31 +378,19 @@ class Pipeline:
         else:
             sendable = batch
         started = time.perf_counter()
+        called_at = time.monotonic()
         results: Sequence[PublishResult]
+        whole_call_failed = False
         try:
             results = await self.sink.publish(sendable) if sendable else []
             if len(results) != len(sendable):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
-            if sendable:  # (a call with only defect rows heard nothing from the broker)
-                self._set_sink(True)
-                self._sink_failures = 0
         except Exception as exc:
-            self._set_sink(False)
-            reason = describe_error(exc)
-            self._sink_failures += 1
-            pause = _CONNECT_BACKOFF.delay(self._sink_failures)
-            self._sink_paused_until = max(self._sink_paused_until, time.monotonic() + pause)
-            self._log.error(
-                "publish failed",
-                error=reason,
-                events=len(sendable),
-                attempt=self._sink_failures,
-                retry_in=round(pause, 2),
-            )
-            results = [Failure(reason, transient=True)] * len(sendable)
-            whole_call_failed = True
+            results = [Failure(describe_error(exc), transient=True)] * len(sendable)
+            whole_call_failed = self._broker_outcome(called_at, results, raised=True)
         else:
-            whole_call_failed = False
+            if sendable:  # (a call with only defect rows heard nothing from the broker)
+                whole_call_failed = self._broker_outcome(called_at, results)
         self._m_publish.observe(time.perf_counter() - started)
         if len(sendable) != len(batch):
             by_event = dict(zip(map(id, sendable), results, strict=True))
@@ -640,12 +630,16 @@ class Pipeline:
             holding.attempt_at(key, now + self._backoff.maximum)
             return
         events = [held_event(letter) for letter in sendable]
+        called_at = time.monotonic()
         try:
             results = list(await self.sink.publish(events))
             if len(results) != len(events):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(events)} events")
         except Exception as exc:
             results = [Failure(describe_error(exc), transient=True)] * len(events)
+            self._broker_outcome(called_at, results, raised=True)
+        else:
+            self._broker_outcome(called_at, results)
         taken = list(itertools.takewhile(lambda result: result is None, results))
         if taken:
             released = [letter.event_id for letter in sendable[: len(taken)]]
@@ -762,6 +756,46 @@ class Pipeline:
             self._m_db_up.set(1 if ok else 0)
             if ok:
                 self._log.info("database reachable again")
+
+    def _broker_outcome(
+        self, called_at: float, results: Sequence[PublishResult], *, raised: bool = False
+    ) -> bool:
+        """Record what one publish call (begun at `called_at`, monotonic) says about the broker,
+        for readiness and `outbox_relay_up{component="sink"}`; True when the broker as a whole
+        did not answer it (the caller then logs the call once rather than each event).
+
+        The broker is up when it took an event or answered about one: a refusal of an event,
+        permanent or not, is an answer. It is down when the call raised, or when every result is
+        a transient failure (no acknowledgement in time, a lost or refused connection, "try
+        again later"): whatever the sink, that is a broker not accepting work, and an outage
+        must not look ready because `publish` returned. A call that began before another one
+        heard from the broker says nothing newer about it and leaves the state as it is, so that
+        concurrent calls straddling a recovery do not flap it. The state changes on the first
+        answer either way, with no hysteresis of its own: probes (failureThreshold) and alerts
+        (`for:`) smooth flapping where it is read, from the truth of each call.
+
+        A silent call also pauses dispatching as a whole (backing off up to 10 s) rather than
+        letting each event's own retry hammer a broker that answers nobody."""
+        if not raised and any(result is None or not result.transient for result in results):
+            self._last_heard = time.monotonic()
+            self._sink_failures = 0
+            self._set_sink(True)
+            return False
+        if called_at < self._last_heard:
+            return False  # (the broker answered a later call: this one's failures are its own)
+        reason = next((r.reason for r in results if r is not None), "no result")
+        self._sink_failures += 1
+        pause = _CONNECT_BACKOFF.delay(self._sink_failures)
+        self._sink_paused_until = max(self._sink_paused_until, time.monotonic() + pause)
+        self._set_sink(False)
+        self._log.error(
+            "publish failed: the broker did not answer" if not raised else "publish failed",
+            error=reason,
+            events=len(results),
+            attempt=self._sink_failures,
+            retry_in=round(pause, 2),
+        )
+        return True
 
     def _set_sink(self, ok: bool) -> None:
         if ok != self.sink_ok:
