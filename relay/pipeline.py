@@ -387,10 +387,10 @@ class Pipeline:
                 raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
         except Exception as exc:
             results = [Failure(describe_error(exc), transient=True)] * len(sendable)
-            whole_call_failed = self._broker_outcome(called_at, results, raised=True)
+            whole_call_failed = self._broker_outcome(called_at, sendable, results, raised=True)
         else:
             if sendable:  # (a call with only defect rows heard nothing from the broker)
-                whole_call_failed = self._broker_outcome(called_at, results)
+                self._broker_outcome(called_at, sendable, results)
         self._m_publish.observe(time.perf_counter() - started)
         if len(sendable) != len(batch):
             by_event = dict(zip(map(id, sendable), results, strict=True))
@@ -637,9 +637,11 @@ class Pipeline:
                 raise RuntimeError(f"sink returned {len(results)} results for {len(events)} events")
         except Exception as exc:
             results = [Failure(describe_error(exc), transient=True)] * len(events)
-            self._broker_outcome(called_at, results, raised=True)
         else:
-            self._broker_outcome(called_at, results)
+            # Only as evidence the broker is up: a held aggregate fails on its own, so its
+            # retries failing say nothing about the broker (dispatched calls tell an outage).
+            if any(result is None or not result.transient for result in results):
+                self._broker_outcome(called_at, events, results)
         taken = list(itertools.takewhile(lambda result: result is None, results))
         if taken:
             released = [letter.event_id for letter in sendable[: len(taken)]]
@@ -758,44 +760,53 @@ class Pipeline:
                 self._log.info("database reachable again")
 
     def _broker_outcome(
-        self, called_at: float, results: Sequence[PublishResult], *, raised: bool = False
+        self,
+        called_at: float,
+        events: Sequence[OutboxEvent],
+        results: Sequence[PublishResult],
+        *,
+        raised: bool = False,
     ) -> bool:
         """Record what one publish call (begun at `called_at`, monotonic) says about the broker,
-        for readiness and `outbox_relay_up{component="sink"}`; True when the broker as a whole
-        did not answer it (the caller then logs the call once rather than each event).
+        for readiness and `outbox_relay_up{component="sink"}` (see `Sink` for what results
+        mean). Returns True when the call raised: the caller logs it once, not once per event.
 
-        The broker is up when it took an event or answered about one: a refusal of an event,
-        permanent or not, is an answer. It is down when the call raised, or when every result is
-        a transient failure (no acknowledgement in time, a lost or refused connection, "try
-        again later"): whatever the sink, that is a broker not accepting work, and an outage
-        must not look ready because `publish` returned. A call that began before another one
-        heard from the broker says nothing newer about it and leaves the state as it is, so that
-        concurrent calls straddling a recovery do not flap it. The state changes on the first
-        answer either way, with no hysteresis of its own: probes (failureThreshold) and alerts
-        (`for:`) smooth flapping where it is read, from the truth of each call.
-
-        A silent call also pauses dispatching as a whole (backing off up to 10 s) rather than
-        letting each event's own retry hammer a broker that answers nobody."""
+        Up when the broker took an event or answered about one (a refusal of an event,
+        permanent or not, is an answer). Down when the call raised, or when every result is a
+        transient failure: whatever the sink, that is a broker not accepting work, and an outage
+        must not look ready because `publish` returned. The state follows each call, with no
+        hysteresis of its own (probes' failureThreshold and alerts' `for:` smooth it where it
+        is read), except where a call's silence says nothing new about the broker as a whole:
+        - the call began before another one heard from the broker (concurrent calls straddling
+          a recovery must not turn it back down);
+        - every event of it already failed while the broker took others (an aggregate failing
+          on its own, retried alone, must not flap readiness at each retry).
+        A raising call also pauses dispatching as a whole (backing off up to 10 s)."""
         if not raised and any(result is None or not result.transient for result in results):
             self._last_heard = time.monotonic()
             self._sink_failures = 0
             self._set_sink(True)
             return False
-        if called_at < self._last_heard:
-            return False  # (the broker answered a later call: this one's failures are its own)
         reason = next((r.reason for r in results if r is not None), "no result")
-        self._sink_failures += 1
-        pause = _CONNECT_BACKOFF.delay(self._sink_failures)
-        self._sink_paused_until = max(self._sink_paused_until, time.monotonic() + pause)
+        if raised:
+            self._sink_failures += 1
+            pause = _CONNECT_BACKOFF.delay(self._sink_failures)
+            self._sink_paused_until = max(self._sink_paused_until, time.monotonic() + pause)
+            self._log.error(
+                "publish failed",
+                error=reason,
+                events=len(results),
+                attempt=self._sink_failures,
+                retry_in=round(pause, 2),
+            )
+        if called_at < self._last_heard or (
+            not raised and all(event.failed_amid_successes for event in events)
+        ):
+            return raised
+        if self.sink_ok and not raised:
+            self._log.error("the broker answers no event: not ready", error=reason, events=len(results))
         self._set_sink(False)
-        self._log.error(
-            "publish failed: the broker did not answer" if not raised else "publish failed",
-            error=reason,
-            events=len(results),
-            attempt=self._sink_failures,
-            retry_in=round(pause, 2),
-        )
-        return True
+        return raised
 
     def _set_sink(self, ok: bool) -> None:
         if ok != self.sink_ok:
