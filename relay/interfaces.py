@@ -53,7 +53,23 @@ class Sink(ABC):
       re-sends the later ones of its aggregate after it, whatever their results.
     - Raising from `publish` means the whole call failed (for example the broker is unreachable);
       the pipeline treats every event of the call as failed and retries them.
+    - Results are also what readiness (`/readyz`) and `outbox_relay_up{component="sink"}` are made
+      of: the broker is up after a call in which it took an event (None) or answered about one
+      (a `Failure` that is not `transient`: a refusal, permanent or not, is an answer), and down
+      after a call that raised or whose every result is `transient`. So a `Failure` is transient
+      exactly when the broker as a whole did not answer (no acknowledgement in time, a connection
+      lost or refused, the broker saying "try again later"), never for an event's own fault.
+    - `publish` returns (or raises) within a bound set by the sink's own configuration (its
+      acknowledgement, request or socket timeout), also when the broker accepts connections and
+      never answers: a hung call would hold readiness and its events forever.
+    - There is no separate reconnection probe: the events a down broker did not take stay first
+      in their aggregates and are retried with backoff (`retry.max` apart at most), and the first
+      one it takes marks it up again. A relay with nothing to publish has nothing that failed,
+      so it is never left down while idle.
     - `close()` flushes whatever was accepted and releases the connection.
+
+    The shared contract suite (tests/contract) checks each of these against the sink's real
+    server, an outage included.
     """
 
     #: Label for metrics and logs, normally the connector type.

@@ -39,7 +39,8 @@ BATCH_SECONDS = Histogram(
 )
 UP = Gauge(
     "outbox_relay_up",
-    "1 when the outbox's database and broker answered on the last attempt.",
+    "1 when the outbox's database answered, and its broker took or refused an event, on the last "
+    "attempt; 0 when every event of the last publish got no answer from the broker.",
     ["outbox", "component"],
 )
 SETUP_PROBLEM = Gauge(

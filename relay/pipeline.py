@@ -89,7 +89,9 @@ class Pipeline:
         self._space_freed = asyncio.Event()
         self._dispatch_done = asyncio.Event()
         self._closing_event = asyncio.Event()
-        self._sink_failures = 0  # consecutive publish calls that raised
+        self._sink_failures = 0  # consecutive publish calls the broker did not answer
+        #: When a publish call last heard from the broker (monotonic).
+        self._last_heard = 0.0
         #: When the broker last took an event (wall clock, as `first_failed_at`).
         self._last_taken = 0.0
         self._sink_paused_until = 0.0
@@ -381,31 +383,19 @@ class Pipeline:
         else:
             sendable = batch
         started = time.perf_counter()
+        called_at = time.monotonic()
         results: Sequence[PublishResult]
+        whole_call_failed = False
         try:
             results = await self.sink.publish(sendable) if sendable else []
             if len(results) != len(sendable):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
-            if sendable:  # (a call with only defect rows heard nothing from the broker)
-                self._set_sink(True)
-                self._sink_failures = 0
         except Exception as exc:
-            self._set_sink(False)
-            reason = describe_error(exc)
-            self._sink_failures += 1
-            pause = _CONNECT_BACKOFF.delay(self._sink_failures)
-            self._sink_paused_until = max(self._sink_paused_until, time.monotonic() + pause)
-            self._log.error(
-                "publish failed",
-                error=reason,
-                events=len(sendable),
-                attempt=self._sink_failures,
-                retry_in=round(pause, 2),
-            )
-            results = [Failure(reason, transient=True)] * len(sendable)
-            whole_call_failed = True
+            results = [Failure(describe_error(exc), transient=True)] * len(sendable)
+            whole_call_failed = self._broker_outcome(called_at, sendable, results, raised=True)
         else:
-            whole_call_failed = False
+            if sendable:  # (a call with only defect rows heard nothing from the broker)
+                self._broker_outcome(called_at, sendable, results)
         self._m_publish.observe(time.perf_counter() - started)
         if len(sendable) != len(batch):
             by_event = dict(zip(map(id, sendable), results, strict=True))
@@ -654,12 +644,18 @@ class Pipeline:
             holding.attempt_at(key, now + self._backoff.maximum)
             return
         events = [held_event(letter) for letter in sendable]
+        called_at = time.monotonic()
         try:
             results = list(await self.sink.publish(events))
             if len(results) != len(events):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(events)} events")
         except Exception as exc:
             results = [Failure(describe_error(exc), transient=True)] * len(events)
+        else:
+            # Only as evidence the broker is up: a held aggregate fails on its own, so its
+            # retries failing say nothing about the broker (dispatched calls tell an outage).
+            if any(result is None or not result.transient for result in results):
+                self._broker_outcome(called_at, events, results)
         taken = list(itertools.takewhile(lambda result: result is None, results))
         if taken:
             released = [letter.event_id for letter in sendable[: len(taken)]]
@@ -778,6 +774,55 @@ class Pipeline:
             self._m_db_up.set(1 if ok else 0)
             if ok:
                 self._log.info("database reachable again")
+
+    def _broker_outcome(
+        self,
+        called_at: float,
+        events: Sequence[OutboxEvent],
+        results: Sequence[PublishResult],
+        *,
+        raised: bool = False,
+    ) -> bool:
+        """Record what one publish call (begun at `called_at`, monotonic) says about the broker,
+        for readiness and `outbox_relay_up{component="sink"}` (see `Sink` for what results
+        mean). Returns True when the call raised: the caller logs it once, not once per event.
+
+        Up when the broker took an event or answered about one (a refusal of an event,
+        permanent or not, is an answer). Down when the call raised, or when every result is a
+        transient failure: whatever the sink, that is a broker not accepting work, and an outage
+        must not look ready because `publish` returned. The state follows each call, with no
+        hysteresis of its own (probes' failureThreshold and alerts' `for:` smooth it where it
+        is read), except where a call's silence says nothing new about the broker as a whole:
+        - the call began before another one heard from the broker (concurrent calls straddling
+          a recovery must not turn it back down);
+        - every event of it already failed while the broker took others (an aggregate failing
+          on its own, retried alone, must not flap readiness at each retry).
+        A raising call also pauses dispatching as a whole (backing off up to 10 s)."""
+        if not raised and any(result is None or not result.transient for result in results):
+            self._last_heard = time.monotonic()
+            self._sink_failures = 0
+            self._set_sink(True)
+            return False
+        reason = next((r.reason for r in results if r is not None), "no result")
+        if raised:
+            self._sink_failures += 1
+            pause = _CONNECT_BACKOFF.delay(self._sink_failures)
+            self._sink_paused_until = max(self._sink_paused_until, time.monotonic() + pause)
+            self._log.error(
+                "publish failed",
+                error=reason,
+                events=len(results),
+                attempt=self._sink_failures,
+                retry_in=round(pause, 2),
+            )
+        if called_at < self._last_heard or (
+            not raised and all(event.failed_amid_successes for event in events)
+        ):
+            return raised
+        if self.sink_ok and not raised:
+            self._log.error("the broker answers no event: not ready", error=reason, events=len(results))
+        self._set_sink(False)
+        return raised
 
     def _set_sink(self, ok: bool) -> None:
         if ok != self.sink_ok:

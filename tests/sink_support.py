@@ -8,12 +8,12 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from relay.events import OutboxEvent
-from relay.interfaces import ConnectorError, Sink
+from relay.interfaces import BacklogStats, ConnectorError, Sink, Source
 from tests.harness.process import Server
 from tests.support import REPO
 
@@ -49,6 +49,62 @@ def make_events(
         )
         for i in range(start, start + count)
     ]
+
+
+class ListSource(Source):
+    """A source in memory, so that a sink's test puts a real pipeline in front of it without a
+    database: `add` writes events as an application would; `acked` is what was acknowledged."""
+
+    kind = "list"
+
+    def __init__(self) -> None:
+        self._events: list[OutboxEvent] = []
+        self._handed = 0
+        self._arrived = asyncio.Event()
+        self.acked: list[OutboxEvent] = []
+
+    def add(self, events: Sequence[OutboxEvent]) -> None:
+        self._events += events
+        self._arrived.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._events) - len(self.acked)
+
+    async def start(self) -> None:
+        pass
+
+    async def fetch(self, limit: int) -> list[OutboxEvent]:
+        events = self._events[self._handed : self._handed + limit]
+        self._handed += len(events)
+        return events
+
+    async def ack(self, events: Sequence[OutboxEvent]) -> None:
+        self.acked += events
+
+    async def wait_for_events(self) -> None:
+        self._arrived.clear()
+        if self._handed == len(self._events):
+            waiter = asyncio.ensure_future(self._arrived.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=0.1)
+            finally:
+                waiter.cancel()
+
+    @property
+    def caught_up(self) -> bool:
+        return self._handed == len(self._events)
+
+    async def backlog(self) -> BacklogStats:
+        return BacklogStats(pending=self.pending, oldest_age_seconds=0.0)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (without blocking the event loop) until `condition()` holds; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

@@ -3,19 +3,27 @@
 One backend = one entry in `BACKENDS`: how to build a working sink, how to build one whose
 destination is broken, and how to read back what was delivered. Brokers join this list with their
 own real servers (Watermill's pub/sub test suite is the model): a backend's parameters name the
-fixtures it needs, like a test's, so only the backends that run start a server."""
+fixtures it needs, like a test's, so only the backends that run start a server.
+
+A backend with a server also says how to reach that server through a TCP proxy the test can cut
+(`Backend.outage`): what the relay reports while its broker is away is part of the contract."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
+from urllib.parse import urlsplit
 
 import pytest
+from prometheus_client import REGISTRY
 
 from connectors.sinks.file import FileSink, FileSinkConfig
 from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
@@ -24,8 +32,10 @@ from connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
 from connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
 from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
 from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
+from relay.config import PipelineConfig, RetryConfig
 from relay.events import OutboxEvent
 from relay.interfaces import Sink
+from relay.pipeline import Pipeline
 from tests.conftest import (
     kafka_message_as_line,
     nats_message_as_line,
@@ -33,13 +43,27 @@ from tests.conftest import (
     redis_entry_as_line,
     webhook_request_as_lines,
 )
-from tests.harness.kafka import KafkaBroker
+from tests.harness.kafka import KafkaBroker, start_kafka_behind
 from tests.harness.nats import NatsServer, read_stream
+from tests.harness.proxy import SwitchableProxy
 from tests.harness.rabbitmq import RabbitBroker, declare_queue, delete, drain_queue, queue_depth
 from tests.harness.redis import RedisServer, unique_prefix
 from tests.harness.webhook import WebhookReceiver
-from tests.sink_support import make_events
+from tests.sink_support import ListSource, eventually, make_events
 from tests.support import read_lines
+
+
+@dataclass
+class Outage:
+    """A sink whose broker is reached through a proxy: `refuse()` makes the broker unreachable
+    (open connections cut, new ones refused), `silence()` makes it hang (connections accepted,
+    never answered), `restore()` brings it back as it was. `read_back` reads what it delivered."""
+
+    sink: Sink
+    read_back: Callable[[], list[dict[str, Any]]]
+    refuse: Callable[[], None]
+    silence: Callable[[], None]
+    restore: Callable[[], None]
 
 
 @dataclass
@@ -47,6 +71,40 @@ class Backend:
     sink: Sink
     read_back: Callable[[], list[dict[str, Any]]]
     broken: Callable[[], Sink]
+    #: How to take the broker away and give it back; None only for a sink without a server.
+    outage: Callable[[], AbstractContextManager[Outage]] | None
+
+
+# Port 1 on loopback refuses connections.
+_REFUSING_PORT = 1
+
+
+@contextmanager
+def _behind_proxy(
+    port: int, sink: Callable[[int], Sink], read_back: Callable[[], list[dict[str, Any]]]
+) -> Iterator[Outage]:
+    """An outage of the server on `port`: `sink(proxy_port)` builds a sink that reaches it
+    through a proxy this test owns (the server itself is never stopped or reconfigured)."""
+    with SwitchableProxy(port) as proxy:
+        yield Outage(
+            sink(proxy.port),
+            read_back,
+            refuse=lambda: proxy.switch(_REFUSING_PORT),
+            silence=proxy.silence,
+            restore=lambda: proxy.switch(port),
+        )
+
+
+def _with_port(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit(":", 1)[0] if parts.port is not None else parts.netloc
+    return parts._replace(netloc=f"{host}:{port}").geturl()
+
+
+def _port_of(url: str) -> int:
+    port = urlsplit(url).port
+    assert port is not None, f"{url} names no port"
+    return port
 
 
 def _file_backend(tmp_path: Path) -> Iterator[Backend]:
@@ -57,6 +115,7 @@ def _file_backend(tmp_path: Path) -> Iterator[Backend]:
         FileSink(FileSinkConfig(type="file", path=str(path))),
         lambda: read_lines(path),
         lambda: FileSink(FileSinkConfig(type="file", path=str(broken))),
+        None,  # no server to take away
     )
 
 
@@ -72,7 +131,10 @@ def _stdout_backend(tmp_path: Path) -> Iterator[Backend]:
 
     try:
         yield Backend(
-            StdoutSink(StdoutSinkConfig(type="stdout"), stream=stream), lambda: read_lines(path), broken
+            StdoutSink(StdoutSinkConfig(type="stdout"), stream=stream),
+            lambda: read_lines(path),
+            broken,
+            None,  # no server to take away
         )
     finally:
         stream.close()
@@ -103,8 +165,37 @@ def _kafka_backend(kafka: KafkaBroker) -> Iterator[Backend]:
             messages = more
         return [kafka_message_as_line(m) for m in messages]  # by partition then offset
 
+    @contextmanager
+    def outage() -> Iterator[Outage]:
+        # A broker of its own, which advertises the proxy's address: a Kafka client connects to
+        # the addresses the cluster advertises, so a proxy in front of a shared broker would be
+        # bypassed after the bootstrap.
+        if not kafka.owned:
+            pytest.skip("an external Kafka cluster cannot be put behind a proxy")
+        with SwitchableProxy(_REFUSING_PORT) as proxy, start_kafka_behind(proxy) as behind:
+            target = behind.port
+            assert target is not None
+            behind.create_topic(topic, partitions=3)
+
+            def behind_read_back() -> list[dict[str, Any]]:
+                messages = behind.consume_all(topic, 1, timeout=10)
+                while messages:
+                    more = behind.consume_all(topic, len(messages) + 1, timeout=1.0)
+                    if len(more) <= len(messages):
+                        break
+                    messages = more
+                return [kafka_message_as_line(m) for m in messages]
+
+            yield Outage(
+                sink(behind.bootstrap_servers, 3.0),
+                behind_read_back,
+                refuse=lambda: proxy.switch(_REFUSING_PORT),
+                silence=proxy.silence,
+                restore=lambda: proxy.switch(target),
+            )
+
     # Port 1 on loopback refuses connections: start() cannot reach any broker.
-    yield Backend(sink(kafka.bootstrap_servers, 10.0), read_back, lambda: sink("127.0.0.1:1", 1.0))
+    yield Backend(sink(kafka.bootstrap_servers, 10.0), read_back, lambda: sink("127.0.0.1:1", 1.0), outage)
 
 
 def _rabbitmq_backend(rabbitmq: RabbitBroker) -> Iterator[Backend]:
@@ -122,8 +213,14 @@ def _rabbitmq_backend(rabbitmq: RabbitBroker) -> Iterator[Backend]:
     first = sink(rabbitmq.url)
     declare_queue(rabbitmq.url, queue, exchange, "#", exchange_type="topic")
     try:
-        # Port 1 on loopback refuses connections: start() cannot reach any broker.
-        yield Backend(first, read_back, lambda: sink("amqp://guest:guest@127.0.0.1:1/"))
+        port = _port_of(rabbitmq.url)
+        yield Backend(
+            first,
+            read_back,
+            # Port 1 on loopback refuses connections: start() cannot reach any broker.
+            lambda: sink("amqp://guest:guest@127.0.0.1:1/"),
+            lambda: _behind_proxy(port, lambda via: sink(_with_port(rabbitmq.url, via)), read_back),
+        )
     finally:
         delete(rabbitmq.url, queues=[queue], exchanges=[exchange])
 
@@ -132,7 +229,7 @@ def _nats_backend(nats_server: NatsServer) -> Iterator[Backend]:
     # A stream and subjects of this test's own: the server may be shared.
     stream, prefix = f"CONTRACT_{uuid.uuid4().hex}", f"contract-{uuid.uuid4().hex}"
 
-    def sink(url: str) -> Sink:
+    def sink(url: str, ack_timeout: float = 5) -> Sink:
         return NatsSink(
             NatsSinkConfig(
                 type="nats",
@@ -140,7 +237,7 @@ def _nats_backend(nats_server: NatsServer) -> Iterator[Backend]:
                 stream=stream,
                 subject=prefix + ".{aggregate_type}.{event_type}",
                 connect_timeout=2,
-                ack_timeout=5,
+                ack_timeout=ack_timeout,
             )
         )
 
@@ -150,8 +247,14 @@ def _nats_backend(nats_server: NatsServer) -> Iterator[Backend]:
         ]
 
     try:
-        # Port 1 on loopback refuses connections: start() cannot reach any server.
-        yield Backend(sink(nats_server.url), read_back, lambda: sink("nats://127.0.0.1:1"))
+        port = _port_of(nats_server.url)
+        yield Backend(
+            sink(nats_server.url),
+            read_back,
+            # Port 1 on loopback refuses connections: start() cannot reach any server.
+            lambda: sink("nats://127.0.0.1:1"),
+            lambda: _behind_proxy(port, lambda via: sink(_with_port(nats_server.url, via), 2), read_back),
+        )
     finally:
         nats_server.delete_stream(stream)
 
@@ -161,7 +264,9 @@ def _redis_backend(redis_server: RedisServer) -> Iterator[Backend]:
 
     def sink(url: str) -> Sink:
         return RedisStreamsSink(
-            RedisSinkConfig(type="redis", url=url, stream=prefix + ".{aggregate_type}", connect_timeout=2)
+            RedisSinkConfig(
+                type="redis", url=url, stream=prefix + ".{aggregate_type}", connect_timeout=2, timeout=2
+            )
         )
 
     def read_back() -> list[dict[str, Any]]:
@@ -174,16 +279,22 @@ def _redis_backend(redis_server: RedisServer) -> Iterator[Backend]:
             client.close()
 
     try:
-        # Port 1 on loopback refuses connections: start() cannot reach any server.
-        yield Backend(sink(redis_server.url), read_back, lambda: sink("redis://127.0.0.1:1/0"))
+        port = _port_of(redis_server.url)
+        yield Backend(
+            sink(redis_server.url),
+            read_back,
+            # Port 1 on loopback refuses connections: start() cannot reach any server.
+            lambda: sink("redis://127.0.0.1:1/0"),
+            lambda: _behind_proxy(port, lambda via: sink(_with_port(redis_server.url, via)), read_back),
+        )
     finally:
         redis_server.delete_matching(f"{prefix}*")
 
 
 def _webhook_backends(mode: Literal["event", "batch"]) -> Callable[..., Iterator[Backend]]:
     def backend(webhook_receiver: WebhookReceiver) -> Iterator[Backend]:
-        def sink(url: str) -> Sink:
-            return WebhookSink(WebhookSinkConfig(type="webhook", url=url, mode=mode, timeout=5))
+        def sink(url: str, timeout: float = 5) -> Sink:
+            return WebhookSink(WebhookSinkConfig(type="webhook", url=url, mode=mode, timeout=timeout))
 
         def read_back() -> list[dict[str, Any]]:
             # In arrival order: an aggregate's next event is sent only after the previous one was
@@ -192,8 +303,16 @@ def _webhook_backends(mode: Literal["event", "batch"]) -> Callable[..., Iterator
                 line for request in webhook_receiver.received() for line in webhook_request_as_lines(request)
             ]
 
-        # Port 1 on loopback refuses connections: every request fails to connect.
-        yield Backend(sink(webhook_receiver.url), read_back, lambda: sink("http://127.0.0.1:1/hook"))
+        port = _port_of(webhook_receiver.url)
+        yield Backend(
+            sink(webhook_receiver.url),
+            read_back,
+            # Port 1 on loopback refuses connections: every request fails to connect.
+            lambda: sink("http://127.0.0.1:1/hook"),
+            lambda: _behind_proxy(
+                port, lambda via: sink(_with_port(webhook_receiver.url, via), 2), read_back
+            ),
+        )
 
     return backend
 
@@ -301,3 +420,68 @@ async def test_close_flushes_everything_that_was_acknowledged(backend: Backend) 
         await backend.sink.publish(_events(100, aggregates=100, start=start))
     await backend.sink.close()
     assert len(backend.read_back()) == 300
+
+
+def _sink_up(outbox: str) -> float | None:
+    return REGISTRY.get_sample_value("outbox_relay_up", {"outbox": outbox, "component": "sink"})
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+async def test_while_the_broker_is_away_and_events_wait_the_relay_is_not_ready_and_recovers_once_it_is_back(
+    backend: Backend, how: str
+) -> None:
+    """Readiness and `outbox_relay_up{component="sink"}` follow what the broker did: down while
+    it refuses connections (or accepts them and never answers) and events wait, up again once
+    it is back, with every event delivered once and in order per aggregate."""
+    if backend.outage is None:
+        pytest.skip("no server to take away")
+    outbox = f"contract-{uuid.uuid4().hex[:12]}"  # gauges of this test's own
+    with backend.outage() as outage:
+        source = ListSource()
+        pipeline = Pipeline(
+            outbox,
+            source,
+            outage.sink,
+            retry=RetryConfig(initial=0.05, max=0.5),
+            tuning=PipelineConfig(stats_interval=0.1),
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(pipeline.run(stop))
+        try:
+            before = _events(10, aggregates=5)
+            source.add(before)
+            await eventually(lambda: source.pending == 0, 60, "the events before the outage acknowledged")
+            assert pipeline.ready and _sink_up(outbox) == 1
+
+            outage.refuse() if how == "refused" else outage.silence()
+            during = _events(20, aggregates=5, start=11)
+            source.add(during)
+            await eventually(
+                lambda: not pipeline.ready and _sink_up(outbox) == 0,
+                60,
+                "the relay not ready and outbox_relay_up{component=sink} 0 while the broker is away",
+            )
+            # It stays so for as long as the broker is away and events wait, however many
+            # publish calls come back with nothing but transient failures meanwhile.
+            watch_until = time.monotonic() + 3
+            while time.monotonic() < watch_until:
+                assert source.pending == 20, "an event was acknowledged while the broker was away"
+                assert not pipeline.ready and _sink_up(outbox) == 0, "marked up while the broker is away"
+                await asyncio.sleep(0.05)
+
+            outage.restore()
+            await eventually(
+                lambda: source.pending == 0 and pipeline.ready and _sink_up(outbox) == 1,
+                90,
+                "every event acknowledged, and ready with outbox_relay_up{component=sink} 1 again",
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 60)
+        delivered = outage.read_back()
+    ids = [message["event_id"] for message in delivered]
+    assert sorted(ids) == sorted(e.event_id for e in before + during), "lost or repeated events"
+    per_aggregate: dict[str, list[int]] = {}
+    for message in delivered:
+        per_aggregate.setdefault(message["aggregate_id"], []).append(message["position"])
+    assert all(positions == sorted(positions) for positions in per_aggregate.values())

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from tests.harness.process import HOST, OwnedProcess, Server, port_accepts, start_owned
+from tests.harness.proxy import SwitchableProxy
 
 __all__ = [
     "BOOTSTRAP_ENV_VAR",
@@ -47,6 +48,7 @@ __all__ = [
     "consume_all",
     "create_topic",
     "start_kafka",
+    "start_kafka_behind",
 ]
 
 BOOTSTRAP_ENV_VAR = "KAFKA_BOOTSTRAP_SERVERS"
@@ -141,6 +143,22 @@ def start_kafka(tmp_root: str | None = None) -> KafkaBroker:
 
     process = start_owned("kafka", command, _answers_metadata, tmp_root=tmp_root, env=_child_env())
     return KafkaBroker(f"{HOST}:{process.port}", owned=True, process=process)
+
+
+def start_kafka_behind(proxy: SwitchableProxy, tmp_root: str | None = None) -> KafkaBroker:
+    """A private tansu broker reached only through `proxy`: it advertises the proxy's port, so
+    that clients connect through the proxy after bootstrapping too, and cutting the proxy cuts
+    the broker off entirely. `bootstrap_servers` is the proxy's address."""
+    binary = _find_binary()
+
+    def command(port: int, root: Path) -> list[str]:
+        proxy.switch(port)
+        advertised = f"tcp://{HOST}:{proxy.port}"
+        listen = ["--listener-url", f"tcp://{HOST}:{port}", "--advertised-listener-url", advertised]
+        return [binary, "broker", *listen, "--storage-engine", "memory://tansu/"]
+
+    process = start_owned("kafka", command, _answers_metadata, tmp_root=tmp_root, env=_child_env())
+    return KafkaBroker(f"{HOST}:{proxy.port}", owned=True, process=process)
 
 
 def _answers_metadata(port: int) -> bool:

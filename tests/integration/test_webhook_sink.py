@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -22,16 +26,22 @@ from relay.events import Failure
 from relay.outbox import write_event
 from relay.registry import sink_plugins
 from tests.conftest import webhook_request_as_lines
+from tests.harness.proxy import SwitchableProxy
 from tests.harness.webhook import Reply, Request, WebhookReceiver
 from tests.sink_support import make_events, missing_extra_message, relay_events, started_sink
 from tests.support import (
     assert_complete_and_ordered,
     dead_letters,
     event_ids,
+    free_port,
+    http_get,
     insert_events,
     relay_config,
     run_relay_until,
+    stop_relay,
     unpublished,
+    wait_for,
+    write_config,
 )
 
 TIMEOUT = 2.0
@@ -325,3 +335,55 @@ def test_a_missing_webhook_extra_is_reported_with_the_pip_install_line() -> None
         "outboxes[0].sink.type: sink type 'webhook' needs: "
         "pip install 'outbox-relay[webhook]' (missing httpx)"
     )
+
+
+def test_readyz_answers_503_with_the_sink_down_while_the_receiver_is_unreachable_and_200_once_it_is_back(
+    dsn: str, webhook_receiver: WebhookReceiver, start_relay: Any, tmp_path: Path
+) -> None:
+    """End to end over HTTP: `outbox-relay run` with the receiver behind a proxy the test cuts.
+    While events wait and the receiver refuses connections, /readyz is 503 with `"sink": false`
+    and /metrics has outbox_relay_up{component="sink"} 0; both recover once it is back, and
+    every event reaches it once, in order per aggregate."""
+    receiver_port = urlsplit(webhook_receiver.url).port
+    assert receiver_port is not None
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sink_up = 'outbox_relay_up{component="sink",outbox="orders"}'
+    with SwitchableProxy(receiver_port) as proxy:
+        url = webhook_receiver.url.replace(f":{receiver_port}", f":{proxy.port}")
+        config = relay_config(dsn, {"type": "webhook", "url": url, "timeout": "2s"})
+        config["http"] = {"port": port, "host": "127.0.0.1"}
+        config["outboxes"][0]["retry"] = {"initial": "50ms", "max": "500ms"}
+        relay = start_relay(write_config(tmp_path, config))
+        insert_events(dsn, 10, aggregates=5)
+        wait_for(lambda: unpublished(dsn) == 0, 60, "the events before the outage published")
+        assert json.loads(http_get(base + "/readyz"))["outboxes"]["orders"]["sink"] is True
+        assert f"{sink_up} 1.0" in http_get(base + "/metrics")
+
+        proxy.switch(1)  # port 1 on loopback refuses connections
+        insert_events(dsn, 20, aggregates=5)
+
+        def down() -> bool:
+            ready = json.loads(http_get(base + "/readyz"))
+            return ready["ready"] is False and ready["outboxes"]["orders"]["sink"] is False
+
+        wait_for(down, 60, "/readyz 503 with the sink down while the receiver is unreachable")
+        assert f"{sink_up} 0.0" in http_get(base + "/metrics")
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as alive:
+            assert alive.status == 200  # alive all along: not ready is not dead
+        try:
+            urllib.request.urlopen(base + "/readyz", timeout=5)
+            raise AssertionError("/readyz answered 2xx while the receiver was unreachable")
+        except urllib.error.HTTPError as error:
+            assert error.code == 503
+        assert unpublished(dsn) == 20
+
+        proxy.switch(receiver_port)
+        wait_for(
+            lambda: unpublished(dsn) == 0 and json.loads(http_get(base + "/readyz"))["ready"] is True,
+            60,
+            "every event published and /readyz 200 again",
+        )
+        assert f"{sink_up} 1.0" in http_get(base + "/metrics")
+        stop_relay(relay)
+    assert assert_complete_and_ordered(_lines(webhook_receiver), event_ids(dsn)) == 0
