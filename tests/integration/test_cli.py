@@ -283,3 +283,18 @@ def test_a_password_with_spaces_or_quotes_never_shows_and_an_unreadable_dsn_is_r
         result = run_cli(*command, "-c", str(path), env=env)
         for word in ("correct", "horse", "battery", "staple"):
             assert word not in result.stdout + result.stderr, (command, word)
+
+
+def test_check_with_a_dsn_of_a_megabyte_answers_in_seconds_and_never_shows_its_password(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    secret = "hunter2-Very-Secret"
+    long_dsn = f"postgresql://app:{secret}@127.0.0.1:1/db?application_name=" + "a" * 1_000_000
+    path = write_config(tmp_path, relay_config(long_dsn, {"type": "stdout"}))
+    started = time.monotonic()
+    result = run_cli("check", "-c", str(path), env=cli_env, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert elapsed < 15, f"check took {elapsed:.0f}s"
+    assert secret not in result.stdout + result.stderr
+    assert "postgresql://app:***@127.0.0.1:1/db?application_name=aaa" in result.stdout
