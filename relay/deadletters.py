@@ -170,9 +170,10 @@ class DeadLetterStore:
         return self._conn
 
     async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool, str]]) -> None:
-        """Store (event, error, permanent, state) rows. A row already `held` stays as it is (the
-        event came again after a crash); a `dead` row is updated, not duplicated (a replayed
-        event that failed again, or was held back behind its aggregate this time)."""
+        """Store (event, error, permanent, state) rows, secrets masked in the error. A row
+        already `held` stays as it is (the event came again after a crash); a `dead` row is
+        updated, not duplicated (a replayed event that failed again, or was held back behind its
+        aggregate this time)."""
         conn = await self._connection()
         query = sql.SQL(
             "INSERT INTO {table} (" + _COLUMNS.rsplit(", dead_lettered_at", 1)[0] + ", state, sendable)"
@@ -194,7 +195,7 @@ class DeadLetterStore:
                 e.content_type,
                 orjson.dumps(e.headers).decode(),
                 _ts(e.created_at),
-                error,
+                scrubber.scrub(error),
                 permanent,
                 e.attempts,
                 _ts(e.first_failed_at or e.created_at),
@@ -279,7 +280,7 @@ class DeadLetterStore:
                 "UPDATE {} SET error = %s, attempts = %s, last_failed_at = now(), state = %s, permanent = %s"
                 " WHERE outbox = %s AND event_id = %s AND state = 'held'"
             ).format(self._table),
-            (error, attempts, state, permanent, outbox, event_id),
+            (scrubber.scrub(error), attempts, state, permanent, outbox, event_id),
         )
 
     async def entries(
