@@ -211,9 +211,9 @@ def status(config_path: Path) -> None:
             try:
                 # No start(): status must not open a replication stream or take over anything.
                 for line in await source.status_lines():
-                    click.echo(f"{outbox.name}: {line}")
+                    click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
                 for line in await _parked_lines(outbox, index):
-                    click.echo(f"{outbox.name}: {line}")
+                    click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
             except (ConnectorError, OSError) as exc:
                 failures += 1
                 click.echo(scrubber.scrub(f"{outbox.name}: unavailable: {exc}"))
@@ -287,12 +287,15 @@ def dlq_list(config_path: Path, outbox_name: str | None, include_replayed: bool)
                     replayed = (
                         f" replayed={letter.replayed_at:%Y-%m-%dT%H:%M:%SZ}" if letter.replayed_at else ""
                     )
+                    # (A row stored by an older version may hold a secret: shown masked.)
                     click.echo(
-                        f"{letter.outbox} {letter.event_id} {letter.aggregate_type}/{letter.aggregate_id}"
-                        f" {letter.event_type} state={letter.state} attempts={letter.attempts}"
-                        f" refusals={letter.refusals}/{outbox.dead_letter.after_attempts}"
-                        f" last_failed={letter.last_failed_at:%Y-%m-%dT%H:%M:%SZ}{replayed}"
-                        f" error={letter.error}"
+                        scrubber.scrub(
+                            f"{letter.outbox} {letter.event_id} {letter.aggregate_type}/{letter.aggregate_id}"
+                            f" {letter.event_type} state={letter.state} attempts={letter.attempts}"
+                            f" refusals={letter.refusals}/{outbox.dead_letter.after_attempts}"
+                            f" last_failed={letter.last_failed_at:%Y-%m-%dT%H:%M:%SZ}{replayed}"
+                            f" error={letter.error}"
+                        )
                     )
             finally:
                 await store.close()
@@ -318,7 +321,8 @@ def dlq_show(config_path: Path, outbox_name: str | None, event_ids: tuple[str, .
                     found.add(letter.event_id)
                     shown = dataclasses.asdict(letter)
                     shown["payload"] = letter.payload.decode("utf-8", "replace")
-                    click.echo(json.dumps(shown, default=str, sort_keys=True))
+                    # Each text masked before JSON escapes it (a stored row may hold a secret).
+                    click.echo(json.dumps(_masked(shown), default=str, sort_keys=True))
             finally:
                 await store.close()
 

@@ -175,9 +175,10 @@ class DeadLetterStore:
         return self._conn
 
     async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool, str]]) -> None:
-        """Store (event, error, permanent, state) rows. A row already `held` stays as it is (the
-        event came again after a crash); a `dead` row is updated, not duplicated (a replayed
-        event that failed again, or was held back behind its aggregate this time)."""
+        """Store (event, error, permanent, state) rows, secrets masked in the error. A row
+        already `held` stays as it is (the event came again after a crash); a `dead` row is
+        updated, not duplicated (a replayed event that failed again, or was held back behind its
+        aggregate this time)."""
         conn = await self._connection()
         query = sql.SQL(
             "INSERT INTO {table} ("
@@ -202,7 +203,7 @@ class DeadLetterStore:
                 e.content_type,
                 orjson.dumps(e.headers).decode(),
                 _ts(e.created_at),
-                error,
+                scrubber.scrub(error),
                 permanent,
                 e.attempts,
                 _ts(e.first_failed_at or e.created_at),
@@ -289,7 +290,7 @@ class DeadLetterStore:
                 "UPDATE {} SET error = %s, attempts = %s, refusals = %s, last_failed_at = now(),"
                 " state = %s, permanent = %s WHERE outbox = %s AND event_id = %s AND state = 'held'"
             ).format(self._table),
-            (error, attempts, refusals, state, permanent, outbox, event_id),
+            (scrubber.scrub(error), attempts, refusals, state, permanent, outbox, event_id),
         )
 
     async def entries(

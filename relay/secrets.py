@@ -1,14 +1,21 @@
-"""Keeps passwords out of logs, errors and `check` output.
+"""Keeps passwords out of logs, errors, stored rows and `check` output.
 
 Two layers: `redact_url` rewrites a DSN or URL for display, and `SecretScrubber` remembers every
-password found in the loaded config so that any text (an exception message from a client library,
-a log field) can be scrubbed even when the library echoed the password in a form we did not expect.
+secret found in the loaded config, in every form a client library or a receiver may echo it
+(raw, percent-encoded and decoded, base64 of `user:password` and of the password alone, the
+credential of an `Authorization` header), so that any text (an exception message from a client
+library, a response body, a log field) can be scrubbed.
+
+Every scan here is linear in the length of the text: no pattern can backtrack over what it
+already read, so a value of megabytes costs milliseconds, not minutes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -19,19 +26,42 @@ MASK = "***"
 _SECRET_KEY = re.compile(
     r"password|secret|token|(^|\.)ssl\.key\.pem$|^sasl\.oauthbearer\.config$", re.IGNORECASE
 )
-# (A scheme starts where a run of scheme characters starts: tried from inside the run too, a long
-# run without `://` took quadratic time.)
-_URL_PASSWORD = re.compile(
-    r"(?<![a-zA-Z0-9+.-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@"
+# `://user:password@` of a URL. The password run and the `@` after it are matched whatever
+# follows (`@?`), so a run without `@` is read once and given back unchanged (see _masked_url):
+# every character is read a bounded number of times, even in megabytes of `x://u:x://u:...`.
+_URL_CREDENTIALS = re.compile(r"://(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)(?P<at>@?)")
+# `password=...` of a keyword DSN; the quoted form is the unrolled loop `'[^'\\]*(?:\\.[^'\\]*)*'`,
+# which has one way to match any text.
+_KV_PASSWORD = re.compile(
+    r"(?P<key>\b(?ai:password)\s*=\s*)(?P<pw>'[^'\\]*(?:\\.[^'\\]*)*'|\S+)", re.IGNORECASE
 )
-_KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _KV_REST = re.compile(r"\bpassword\s*=\s*(.*)", re.IGNORECASE | re.DOTALL)
+# Secrets shorter than this are not remembered: masking every "ab" would make text unreadable.
+_SHORTEST = 3
+
+
+def _masked_url(match: re.Match[str]) -> str:
+    return f"://{match['user']}:{MASK}@" if match["at"] else match[0]
+
+
+def _may_hold_keyword_password(text: str) -> bool:
+    return "password" in text.lower()
 
 
 def redact_url(text: str) -> str:
     """Replace passwords in URL-style (`scheme://user:pw@host`) and key=value DSNs with ***."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
-    return _KV_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", text)
+    if "://" in text:
+        text = _URL_CREDENTIALS.sub(_masked_url, text)
+    if _may_hold_keyword_password(text):
+        text = _KV_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", text)
+    return text
+
+
+def credentials_in(text: str) -> list[tuple[str, str]]:
+    """The (user, password) pairs written into URLs in `text`, as written (percent-encoded)."""
+    if "://" not in text:
+        return []
+    return [(m["user"], m["pw"]) for m in _URL_CREDENTIALS.finditer(text) if m["at"]]
 
 
 def passwords_in(text: str) -> list[str]:
@@ -39,9 +69,7 @@ def passwords_in(text: str) -> list[str]:
     as libpq reads it (`password='a b'` is one password with a space); one libpq cannot read
     (`password=a b`, an unmatched quote) gives up everything after `password=`, whole and word by
     word: libpq's error message quotes the words it stumbled on."""
-    found: list[str] = []
-    for match in _URL_PASSWORD.finditer(text):
-        found.append(match["pw"])
+    found: list[str] = [password for _, password in credentials_in(text)]
     for match in _KV_PASSWORD.finditer(text):
         found.append(match["pw"].strip("'"))
     if "password" in text.lower() and "://" not in text:
@@ -62,6 +90,29 @@ def passwords_in(text: str) -> list[str]:
     return [p for p in {*found, *(unquote(p) for p in found)} if p]
 
 
+def _b64(text: str) -> str:
+    """Standard base64 of the UTF-8 bytes, without the padding (so an unpadded copy matches too)."""
+    return base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii").rstrip("=")
+
+
+def secret_forms(secret: str) -> set[str]:
+    """The forms a secret is seen in: as written, percent-decoded, percent-encoded (as a URL
+    carries it), and base64 of each."""
+    plain = {s for s in (secret, unquote(secret)) if len(s) >= _SHORTEST}
+    forms = plain | {quote(p, safe="") for p in plain}
+    return forms | {_b64(f) for f in forms}
+
+
+def credential_forms(user: str, password: str) -> set[str]:
+    """The forms of a user and password pair: the password's (`secret_forms`), and base64 of
+    `user:password` as HTTP Basic auth (and SASL/PLAIN-style clients) send it."""
+    forms = secret_forms(password)
+    for u in {user, unquote(user)}:
+        for p in {password, unquote(password)}:
+            forms.add(_b64(f"{u}:{p}"))
+    return forms
+
+
 class SecretScrubber:
     """Process-wide memory of secrets to remove from any text shown to a person."""
 
@@ -72,23 +123,70 @@ class SecretScrubber:
         self._ordered: tuple[str, ...] = ()
 
     def remember_from(self, text: str) -> None:
-        self._add(passwords_in(text))
+        """Every password in the DSNs and URLs of `text`, with every form of it."""
+        forms: set[str] = set()
+        for password in passwords_in(text):
+            forms |= secret_forms(password)
+        for user, password in credentials_in(text):
+            forms |= credential_forms(user, password)
+        self._add(forms)
 
     def remember(self, secret: str) -> None:
-        """A value known to be secret (a setting named like a password)."""
-        self._add([secret])
+        """A value known to be secret (a setting named like a password), in every form."""
+        self._add(secret_forms(secret))
 
-    def _add(self, secrets: list[str]) -> None:
-        new = {s for s in secrets if len(s) >= 3} - self._secrets
+    def remember_credentials(self, user: str, password: str) -> None:
+        """A user and password pair (Basic auth): the password and `user:password` in every form."""
+        self._add(credential_forms(user, password))
+
+    def remember_authorization(self, value: str) -> None:
+        """An `Authorization`-style header value: the whole value, the credential after its
+        scheme (`Bearer <token>`), and for `Basic <base64>` the password inside."""
+        self.remember(value.strip())
+        scheme, _, credential = value.strip().partition(" ")
+        credential = credential.strip()
+        if not credential:
+            return
+        self.remember(credential)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credential, validate=True).decode()
+            except (binascii.Error, ValueError, UnicodeDecodeError):
+                return
+            user, _, password = decoded.partition(":")
+            self.remember_credentials(user, password)
+
+    def _add(self, secrets: set[str]) -> None:
+        new = {s for s in secrets if len(s) >= _SHORTEST} - self._secrets
         if new:
             self._secrets |= new
             self._ordered = tuple(sorted(self._secrets, key=len, reverse=True))
 
+    @property
+    def longest(self) -> int:
+        return len(self._ordered[0]) if self._ordered else 0
+
     def scrub(self, text: str) -> str:
+        """`text` with every password pattern and every remembered secret masked (linear in the
+        length of `text` for each remembered secret)."""
         text = redact_url(text)
         for secret in self._ordered:
-            text = text.replace(secret, MASK)
+            if secret in text:
+                text = text.replace(secret, MASK)
         return text
+
+    def scrub_shortened(self, text: str, limit: int) -> str:
+        """`scrub(text)` cut to about `limit` characters, with a note of the original length when
+        cut. Only the kept part (and a margin) is scrubbed, so a value of megabytes costs as
+        little as a short one, and no secret is cut in two: a secret that starts in the kept part
+        is masked whole, and what may be the start of one in the margin is dropped."""
+        if len(text) <= limit:
+            return self.scrub(text)
+        margin = max(self.longest, 256)
+        shown = self.scrub(text[: limit + margin])
+        # The last `margin` characters may hold the beginning of a secret cut off by the window.
+        shown = shown[: min(limit, max(len(shown) - margin, 0))]
+        return f"{shown}... [{len(text)} characters, cut]"
 
 
 scrubber = SecretScrubber()

@@ -37,7 +37,6 @@ can say which extra to install) on an installation without the `webhook` extra.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import re
 import time
@@ -47,7 +46,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from connectors.sinks.jsonlines import encode_line
 from relay.durations import Duration
@@ -90,20 +89,9 @@ def is_secret_header(name: str) -> bool:
 
 
 def remember_header_secret(value: str) -> None:
-    """Keep a credential header's value out of every text shown: the whole value, the credential
-    after an auth scheme (`Bearer <token>`), and the password inside `Basic <base64>`."""
-    scrubber.remember(value)
-    scheme, _, credential = value.strip().partition(" ")
-    credential = credential.strip()
-    if not credential:
-        return
-    scrubber.remember(credential)
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(credential, validate=True).decode()
-        except (ValueError, UnicodeDecodeError):
-            return
-        scrubber.remember(decoded.partition(":")[2])
+    """Keep a credential header's value out of every text shown, in every form: the whole value,
+    the credential after an auth scheme (`Bearer <token>`), the pair inside `Basic <base64>`."""
+    scrubber.remember_authorization(value)
 
 
 def _secret_query_name(name: str) -> bool:
@@ -121,6 +109,15 @@ def remember_url_secrets(url: str) -> None:
     for name, value in query:
         if _secret_query_name(name):
             scrubber.remember(value)
+
+
+def _has_credentials(url: str) -> bool:
+    """The URL carries a user or password (httpx then sends them as HTTP Basic auth)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return bool(parts.username or parts.password)
 
 
 def redact_webhook_url(url: str) -> str:
@@ -191,10 +188,19 @@ class WebhookSinkConfig(ConnectorConfig):
 
     @field_validator("headers")
     @classmethod
-    def _valid_headers(cls, value: dict[str, str]) -> dict[str, str]:
+    def _valid_headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         for name, header in value.items():
             if is_secret_header(name):
                 remember_header_secret(header)
+        url = info.data.get("url")
+        for name in value:
+            if name.lower() == "authorization" and url is not None and _has_credentials(url):
+                raise ValueError(
+                    f"header {name} conflicts with the user and password in url"
+                    f" {redact_webhook_url(url)!r}: they would replace it (HTTP Basic auth);"
+                    " keep one of them"
+                )
+        for name, header in value.items():
             if not _TOKEN.match(name):
                 raise ValueError(f"header name {name!r} is not a valid HTTP header name")
             if name.lower() in _OWNED_HEADERS:
@@ -396,7 +402,8 @@ class WebhookSink(Sink):
         if 200 <= status < 300:
             return None, status
         reason = f"webhook {self._display_url} answered {status} {response.reason_phrase}".rstrip()
-        excerpt = scrubber.scrub(response.text[:_BODY_EXCERPT].strip())
+        # Scrubbed before it is cut: a cut must not leave the start of a secret it split unmasked.
+        excerpt = scrubber.scrub_shortened(response.text.strip(), _BODY_EXCERPT)
         if excerpt:
             reason += f": {excerpt}"
         if status in _TRANSIENT_STATUS or status >= 500:

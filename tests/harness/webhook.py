@@ -40,6 +40,7 @@ _PHRASES = {
     204: "No Content",
     302: "Found",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     408: "Request Timeout",
     409: "Conflict",

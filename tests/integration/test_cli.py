@@ -309,3 +309,18 @@ def test_check_prints_readable_yaml_and_with_json_one_document_for_machines_secr
     assert "pa55word" not in machine.stdout
     assert document["ok"] is True and [o["outbox"] for o in document["outboxes"]] == ["orders"]
     assert document["outboxes"][0]["settings"] == settings
+
+
+def test_check_with_a_dsn_of_a_megabyte_answers_in_seconds_and_never_shows_its_password(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    secret = "hunter2-Very-Secret"
+    long_dsn = f"postgresql://app:{secret}@127.0.0.1:1/db?application_name=" + "a" * 1_000_000
+    path = write_config(tmp_path, relay_config(long_dsn, {"type": "stdout"}))
+    started = time.monotonic()
+    result = run_cli("check", "-c", str(path), env=cli_env, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert elapsed < 15, f"check took {elapsed:.0f}s"
+    assert secret not in result.stdout + result.stderr
+    assert "postgresql://app:***@127.0.0.1:1/db?application_name=aaa" in result.stdout

@@ -5,6 +5,7 @@ acknowledgement is a real 2xx over a real connection."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -13,7 +14,7 @@ import uuid
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import psycopg
 import pytest
@@ -25,7 +26,7 @@ from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig, batch_key, 
 from relay.events import Failure
 from relay.outbox import write_event
 from relay.registry import sink_plugins
-from tests.conftest import webhook_request_as_lines
+from tests.conftest import run_cli, webhook_request_as_lines
 from tests.harness.proxy import SwitchableProxy
 from tests.harness.webhook import Reply, Request, WebhookReceiver
 from tests.sink_support import make_events, missing_extra_message, relay_events, started_sink
@@ -387,3 +388,78 @@ def test_readyz_answers_503_with_the_sink_down_while_the_receiver_is_unreachable
         assert f"{sink_up} 1.0" in http_get(base + "/metrics")
         stop_relay(relay)
     assert assert_complete_and_ordered(_lines(webhook_receiver), event_ids(dsn)) == 0
+
+
+def _echo_every_header(status: int) -> Any:
+    """A receiver that refuses every request and echoes all its headers in the body, the
+    Authorization header first (as many real receivers do in their 401 and 400 answers)."""
+
+    def reply(request: Request) -> Reply:
+        headers = sorted(request.headers.items(), key=lambda item: item[0] != "authorization")
+        body = "\n".join(f"{name}: {value}" for name, value in headers)
+        return Reply(status, body.encode())
+
+    return reply
+
+
+async def test_credentials_in_the_webhook_url_never_show_in_any_form_in_the_dead_letter_row_logs_or_dlq(
+    dsn: str, webhook_receiver: WebhookReceiver, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    user, password = "hook-user", f"p@ss w/{uuid.uuid4().hex[:12]}"
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    forms = {
+        "raw": password,
+        "percent-encoded": quote(password, safe=""),
+        "base64 of user:password": basic.rstrip("="),
+        "base64 of the password": base64.b64encode(password.encode()).decode().rstrip("="),
+    }
+    url = webhook_receiver.url.replace("http://", f"http://{user}:{quote(password, safe='')}@")
+    webhook_receiver.respond_with(_echo_every_header(401))
+    insert_events(dsn, 1, aggregates=1)
+    path = write_config(tmp_path, relay_config(dsn, {"type": "webhook", "url": url, "timeout": TIMEOUT}))
+    run = run_cli("run", "--drain", "-c", str(path), env=cli_env, timeout=90)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert webhook_receiver.received()[0].headers["authorization"] == f"Basic {basic}"  # it was sent
+    (letter,) = await dead_letters(dsn)
+    assert "answered 401" in letter.error and "authorization: Basic ***" in letter.error
+    shown = run_cli("dlq", "show", "-c", str(path), env=cli_env)
+    listed = run_cli("dlq", "list", "-c", str(path), env=cli_env)
+    assert shown.returncode == listed.returncode == 0, shown.stderr + listed.stderr
+    assert "answered 401" in shown.stdout and "answered 401" in listed.stdout
+    # A row stored by a version that did not mask it is masked when shown.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE outbox_relay_dead_letters SET error = error || %s",
+            (" " + " ".join(forms.values()) + f" Basic {basic}",),
+        )
+    shown_old = run_cli("dlq", "show", "-c", str(path), env=cli_env)
+    listed_old = run_cli("dlq", "list", "-c", str(path), env=cli_env)
+    texts = {
+        "dead-letter row": letter.error,
+        "relay logs": run.stdout + run.stderr,
+        "dlq show": shown.stdout + shown.stderr,
+        "dlq list": listed.stdout + listed.stderr,
+        "dlq show of an old row": shown_old.stdout + shown_old.stderr,
+        "dlq list of an old row": listed_old.stdout + listed_old.stderr,
+    }
+    for where, text in texts.items():
+        for form, value in forms.items():
+            assert value not in text, f"{form} of the password in the {where}"
+
+
+def test_a_webhook_with_credentials_in_its_url_and_an_authorization_header_is_refused_naming_the_key(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    sink = {
+        "type": "webhook",
+        "url": f"https://svc:{password}@hooks.example.com/outbox",
+        "headers": {"Authorization": "Bearer tok-configured"},
+    }
+    path = write_config(tmp_path, relay_config("postgresql://localhost/db", sink))
+    for command in ("check", "run"):
+        result = run_cli(command, "-c", str(path), env=cli_env)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "outboxes[0].sink.headers: header Authorization conflicts with" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert password not in result.stdout + result.stderr and "tok-configured" not in result.stderr

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import base64
+import time
+
+import pytest
+
 from relay.secrets import SecretScrubber, redact_url
 
 
@@ -23,3 +28,99 @@ def test_settings_named_like_secrets_are_recognised() -> None:
         assert is_secret_key(name), name
     for name in ("acks", "linger.ms", "sasl.username", "bootstrap_servers"):
         assert not is_secret_key(name), name
+
+
+# --- linear time, whatever the text -------------------------------------------------------------
+
+MB = 1_000_000
+
+
+def _shapes(size: int) -> dict[str, str]:
+    """Texts that made the old URL-password pattern backtrack (quadratic time), and log-like text
+    with a URL to mask every 100 characters, each `size` characters long."""
+    many_urls = ("amqp://app:s3cr3t@rabbit:5672/ " + "retrying in 2s " * 5 + "." * 14) * (size // 100 + 1)
+    return {
+        "one long word (no ://)": "a" * size,
+        "a password run without @": "x://u:" * (size // 6),
+        "a user run without : or @": "x://" + "u" * size,
+        "keyword DSNs with open quotes": ("password='\\'" + "k" * 50 + " ") * (size // 63),
+        "many URLs with passwords": many_urls[:size],
+    }
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", [MB, 10 * MB], ids=["1MB", "10MB"])
+def test_scrubbing_a_value_of_megabytes_takes_linear_time_whatever_its_shape(size: int) -> None:
+    scrubber = SecretScrubber()
+    scrubber.remember_from("postgresql://app:hunter2-secret@db/x")
+    for shape, text in _shapes(size).items():
+        started = time.perf_counter()
+        scrubbed = scrubber.scrub(text)
+        elapsed = time.perf_counter() - started
+        assert elapsed < 2.0, f"{shape}: {elapsed:.1f}s for {len(text)} characters"
+        if shape == "many URLs with passwords":
+            assert "s3cr3t" not in scrubbed and scrubbed.startswith("amqp://app:***@rabbit:5672/ ")
+
+
+@pytest.mark.timeout(120)
+def test_remembering_the_passwords_of_a_dsn_of_megabytes_takes_linear_time() -> None:
+    long_dsn = "postgresql://app:pw-" + "p" * MB + "@db/x?application_name=" + "a" * MB
+    started = time.perf_counter()
+    scrubber = SecretScrubber()
+    scrubber.remember_from(long_dsn)
+    shown = scrubber.scrub(long_dsn)
+    assert time.perf_counter() - started < 2.0
+    assert shown == "postgresql://app:***@db/x?application_name=" + "a" * MB
+
+
+def test_url_passwords_are_masked_as_before_and_text_without_one_is_left_alone() -> None:
+    cases = {
+        "see http://host://x:y@h": "see http://host:***@h",
+        "nats://a:b@h1, nats://c:d@h2": "nats://a:***@h1, nats://c:***@h2",
+        "x://u:p q@h": "x://u:p q@h",
+        "a://b/c:d@e": "a://b/c:d@e",
+        "redis://:pw-only@h": "redis://:***@h",
+        "plain text: no url, user:pass@host": "plain text: no url, user:pass@host",
+    }
+    for text, shown in cases.items():
+        assert redact_url(text) == shown, text
+
+
+# --- every form of a secret ---------------------------------------------------------------------
+
+
+def test_every_form_of_a_url_password_is_masked_raw_percent_encoded_decoded_and_base64() -> None:
+    scrubber = SecretScrubber()
+    scrubber.remember_from("https://hook-user:p%40ss%20w%C3%B6rd@hooks.example.com/x")
+    password = "p@ss wörd"
+    forms = [
+        password,
+        "p%40ss%20w%C3%B6rd",
+        base64.b64encode(f"hook-user:{password}".encode()).decode(),  # HTTP Basic auth
+        base64.b64encode(password.encode()).decode(),
+    ]
+    for form in forms:
+        text = f"401 Unauthorized: got {form!r} in Authorization"
+        assert form not in scrubber.scrub(text), form
+
+
+def test_an_authorization_header_is_masked_whole_by_its_credential_and_by_the_password_inside() -> None:
+    scrubber = SecretScrubber()
+    basic = base64.b64encode(b"svc:open-sesame-42").decode()
+    scrubber.remember_authorization(f"Basic {basic}")
+    scrubber.remember_authorization("Bearer tok-123456789")
+    for text in (basic, "open-sesame-42", "tok-123456789", "Authorization: Bearer tok-123456789"):
+        assert scrubber.scrub(text).count("***") >= 1 and "sesame" not in scrubber.scrub(text)
+        assert "tok-1" not in scrubber.scrub(text)
+
+
+def test_a_cut_value_never_shows_the_beginning_of_a_secret_wherever_the_cut_falls() -> None:
+    scrubber = SecretScrubber()
+    secret = "S3CRET-" + "z" * 40
+    scrubber.remember(secret)
+    limit = 100
+    for offset in range(0, 500):
+        text = "." * offset + secret + "." * 1000
+        shown = scrubber.scrub_shortened(text, limit)
+        assert "S3CR" not in shown, offset
+        assert len(shown) < limit + 60 and f"[{len(text)} characters, cut]" in shown
