@@ -258,6 +258,7 @@ def test_check_masks_broker_secrets_given_as_producer_settings(tmp_path: Path) -
         "type": "kafka",
         "bootstrap_servers": "127.0.0.1:9092",
         "producer": {
+            "sasl.mechanism": "PLAIN",
             "sasl.username": "relay",
             "sasl.password": "s3cr3t-pass",
             "security.protocol": "SASL_SSL",
