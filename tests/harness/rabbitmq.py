@@ -324,7 +324,9 @@ class RabbitBroker(ClosesOnExit):
         """A shell command running `rabbitmqctl ACTION` against this broker (e.g. stop_app,
         start_app), for tools that take a command line such as `outbox-relay drill`."""
         self._require_control(action)
-        environment = (f"{k}={v}" for k, v in self._env().items() if k.startswith(("RABBITMQ", "HOME")))
+        environment = (
+            f"{k}={v}" for k, v in self._env().items() if k.startswith(("RABBITMQ", "HOME", "ERL_"))
+        )
         return shlex.join(["env", *environment, self._script("rabbitmqctl"), *self._node_args(), action])
 
     def _node_args(self) -> list[str]:

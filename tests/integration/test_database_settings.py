@@ -130,8 +130,13 @@ def test_a_database_in_another_encoding_is_delivered_as_utf8(
         _outbox("table", dsn, files["table"], "postgres-logical"),
     ]
     message = _outbox("message", dsn, files["message"], "postgres-logical", mode="message")
-    path = _write(tmp_path, *outboxes, message)
-    _init_db(path)
+    # One config each: two outboxes on one table would race for its events (check refuses it).
+    configs = {
+        outbox["name"]: _write(tmp_path, outbox, name=f"{outbox['name']}.yaml")
+        for outbox in (*outboxes, message)
+    }
+    for config in configs.values():
+        _init_db(config)
     payload = json.dumps({"text": text, "price": 1.10}, ensure_ascii=False).replace("1.1", "1.10")
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
@@ -144,20 +149,19 @@ def test_a_database_in_another_encoding_is_delivered_as_utf8(
         message_id = emit_event(conn, "order", text, "Created", payload, {"note": text})
 
     if encoding == "LATIN1":
-        run = run_cli("run", "-c", str(path), "--drain", timeout=120)
+        run = run_cli("run", "-c", str(configs["message"]), "--drain", timeout=120)
         assert run.returncode == 0, run.stderr[-3000:]
         assert read_lines(files["message"]) == {message_id: payload.encode()}
         assert json.loads(files["message"].read_text())["aggregate_id"] == text
     else:
-        check = run_cli("check", "-c", str(_write(tmp_path, message, name="message.yaml")), "--connect")
+        check = run_cli("check", "-c", str(configs["message"]), "--connect")
         assert check.returncode == 1
         assert f"its encoding {encoding} is neither UTF8 nor a single-byte encoding" in check.stdout
-        run = run_cli("run", "-c", str(path), "--drain", timeout=120)
+        run = run_cli("run", "-c", str(configs["message"]), "--drain", timeout=120)
         assert run.returncode == 2
-        assert "outboxes[2] (message): message mode cannot read WAL messages" in run.stderr
-        # The other outboxes stopped with it: run them alone.
-        tables = _write(tmp_path, *outboxes, name="tables.yaml")
-        run = run_cli("run", "-c", str(tables), "--drain", timeout=120)
+        assert "outboxes[0] (message): message mode cannot read WAL messages" in run.stderr
+    for kind in ("polling", "table"):
+        run = run_cli("run", "-c", str(configs[kind]), "--drain", timeout=120)
         assert run.returncode == 0, run.stderr[-3000:]
     for kind in ("polling", "table"):
         assert read_lines(files[kind]) == {event_id: rendered.encode()}, kind
@@ -208,12 +212,15 @@ def test_database_defaults_for_the_settings_the_relay_reads_change_nothing_deliv
         conn.execute("ALTER TABLE app.events ALTER COLUMN payload TYPE bytea USING payload::text::bytea")
     with_path = psycopg.conninfo.make_conninfo(dsn, options="-c search_path=app,public")
     files = {kind: tmp_path / f"{kind}.jsonl" for kind in ("polling", "table")}
-    path = _write(
-        tmp_path,
-        _outbox("polling", with_path, files["polling"], "postgres-polling", table="events"),
-        _outbox("table", dsn, files["table"], "postgres-logical", tables=["app.events"]),
-    )
-    _init_db(path)
+    configs = [
+        _write(tmp_path, outbox, name=f"{outbox['name']}.yaml")
+        for outbox in (
+            _outbox("polling", with_path, files["polling"], "postgres-polling", table="events"),
+            _outbox("table", dsn, files["table"], "postgres-logical", tables=["app.events"]),
+        )
+    ]
+    for config in configs:
+        _init_db(config)
     created = {
         "2024-02-29 23:59:59.123456+00": "2024-02-29T23:59:59.123456+00:00",
         "1999-12-31 18:15:00.000001+00": "1999-12-31T18:15:00.000001+00:00",
@@ -229,8 +236,9 @@ def test_database_defaults_for_the_settings_the_relay_reads_change_nothing_deliv
             ).fetchone()
             assert row is not None
             expected[row[0]] = iso
-    run = run_cli("run", "-c", str(path), "--drain", timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
+    for config in configs:
+        run = run_cli("run", "-c", str(config), "--drain", timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
     for kind, out in files.items():
         assert read_lines(out) == dict.fromkeys(expected, BYTES_PAYLOAD), kind
         times = {line["event_id"]: line["headers"]["created_at"] for line in map(json.loads, out.open())}
