@@ -116,11 +116,17 @@ class Failure:
     `transient`: the broker as a whole did not answer (timeout, lost connection); such failures
     say nothing about the event, so they never count toward dead-lettering it: an outage must
     not empty the outbox into the dead-letter table.
+    `setup`: the broker refused the relay itself, not the event (its credentials or its
+    permissions: HTTP 401/403, an ACL, a SASL failure). A mistake in the setup that waits for an
+    operator: set with `transient` (nothing is dead-lettered for it: a revoked permission must
+    not empty the outbox either), and reported as a setup problem of the sink (relay.problems)
+    until the broker takes an event again.
     """
 
     reason: str
     permanent: bool = False
     transient: bool = False
+    setup: bool = False
 
 
 # A sink returns, per event and in the order given, None for "acknowledged by the broker" or a

@@ -798,10 +798,14 @@ class Pipeline:
         - every event of it already failed while the broker took others (an aggregate failing
           on its own, retried alone, must not flap readiness at each retry).
         A raising call also pauses dispatching as a whole (backing off up to 10 s)."""
-        if not raised and any(result is None or not result.transient for result in results):
+        refused = next((r for r in results if r is not None and r.setup), None)
+        if refused is not None:  # (the broker answered, refusing the relay: never "up")
+            self.problems.report_refusal("sink", refused.reason)
+        elif not raised and any(result is None or not result.transient for result in results):
             self._last_heard = time.monotonic()
             self._sink_failures = 0
             self._set_sink(True)
+            self.problems.clear("sink")
             return False
         reason = next((r.reason for r in results if r is not None), "no result")
         if raised:
@@ -816,7 +820,12 @@ class Pipeline:
                 retry_in=round(pause, 2),
             )
         if called_at < self._last_heard or (
-            not raised and all(event.failed_amid_successes for event in events)
+            not raised
+            and refused is None
+            and all(event.failed_amid_successes for event in events)
+            # ...as long as the broker took something lately: once it has not for as long as
+            # the longest backoff, these retries are all there is to hear from it.
+            and time.monotonic() - self._last_heard <= self._backoff.maximum
         ):
             return raised
         if self.sink_ok and not raised:

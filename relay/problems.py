@@ -56,6 +56,7 @@ _BY_TEXT = tuple(
         # Brokers (RabbitMQ, Redis, NATS, Kafka's SASL) refusing the credentials they were given.
         ("login refused", r"ACCESS_REFUSED|refused the login|WRONGPASS|NOAUTH|authorization violation"),
         ("login refused", r"SASL authentication error"),
+        ("virtual host does not exist", r"vhost \S+ not found|refused access to the virtual host"),
         ("permission denied", r"permission denied|must be superuser|lacks the REPLICATION attribute"),
         ("permission denied", r"NOPERM|permissions violation|authorization failed"),
         ("database does not exist", r"database \"[^\"]*\" does not exist"),
@@ -69,6 +70,7 @@ _BY_TEXT = tuple(
 _FIXES = {
     "login refused": "check the user and password the DSN gives",
     "database does not exist": "check the database name the DSN gives",
+    "virtual host does not exist": "check the virtual host the URL gives, or create it on the broker",
     "database is read-only": "point the DSN at the primary (or turn off default_transaction_read_only)",
     "schema does not exist": "check the table's schema in the config, or run: outbox-relay init-db",
     "permission denied": "grant the relay's role the privilege the message names",
@@ -76,7 +78,11 @@ _FIXES = {
     "column does not exist": "check the config's columns mapping against the table",
     "object does not exist": "run: outbox-relay init-db, or check the names in the config",
     "replication slot or publication missing": "run: outbox-relay init-db",
+    "broker refused the relay": "check the sink's credentials and what the broker permits them",
 }
+#: The kind of a sink's `Failure(setup=True)`: the broker refused the relay's credentials or
+#: permissions for an event.
+BROKER_REFUSED = "broker refused the relay"
 _LONGEST_TEXT = 2000  # what is matched and shown of an error's text
 
 
@@ -109,9 +115,21 @@ class SetupProblems:
         problem = setup_problem(exc)
         if problem is None:
             return False
+        self._record(component, problem)
+        return True
+
+    def report_refusal(self, component: str, reason: str) -> None:
+        """The broker refused the relay itself for an event (a `Failure` with `setup`)."""
+        text = " ".join(reason.split())[:_LONGEST_TEXT]
+        self._record(component, SetupProblem(BROKER_REFUSED, scrubber.scrub(text), _FIXES[BROKER_REFUSED]))
+
+    def _record(self, component: str, problem: SetupProblem) -> None:
         now = time.monotonic()
-        if self._now.get(component) != problem or now - self._logged_at.get(component, 0.0) >= (
-            self.REPEAT_EVERY_S
+        previous = self._now.get(component)
+        if (
+            previous is None
+            or previous.kind != problem.kind
+            or now - self._logged_at.get(component, 0.0) >= self.REPEAT_EVERY_S
         ):
             self._log.error(
                 "setup problem: the relay cannot go on until it is fixed (it keeps retrying)",
@@ -123,7 +141,6 @@ class SetupProblems:
             self._logged_at[component] = now
         self._now[component] = problem
         metrics.SETUP_PROBLEM.labels(self._outbox, component).set(1)
-        return True
 
     def clear(self, component: str) -> None:
         """`component` works again: its problem, if it had one, is fixed."""

@@ -49,6 +49,7 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
         (ConnectorError("WRONGPASS invalid username-password pair"), "login refused"),
         (ConnectorError("SASL authentication error: Authentication failed"), "login refused"),
         (ConnectorError("nats: Authorization Violation"), "login refused"),
+        (ConnectorError("(530) 'NOT_ALLOWED - vhost adv_x not found'"), "virtual host does not exist"),
         (ConnectorError("Broker: Topic authorization failed"), "permission denied"),
         (ConnectorError("NOPERM no permissions to run the xadd command"), "permission denied"),
     ],
