@@ -51,7 +51,9 @@ def test_a_fenced_producer_is_replaced_and_the_event_is_not_blamed() -> None:
         KafkaError._AUTHENTICATION,
     ],
 )
-def test_an_authorization_or_sasl_refusal_is_a_setup_failure_that_never_dead_letters_the_event(code: int) -> None:
+def test_an_authorization_or_sasl_refusal_is_a_setup_failure_that_never_dead_letters_the_event(
+    code: int,
+) -> None:
     failure, _ = _failure(code)
     assert failure.setup and failure.transient and not failure.permanent
     assert "outbox.orders" in failure.reason and KafkaError(code).name() in failure.reason
