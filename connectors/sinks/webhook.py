@@ -40,13 +40,14 @@ can say which extra to install) on an installation without the `webhook` extra.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import re
 import time
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import Field, ValidationInfo, field_validator
@@ -109,9 +110,15 @@ def remember_url_secrets(url: str) -> None:
     of a webhook URL out of every text shown."""
     scrubber.remember_from(url)
     try:
-        query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return
+    if parts.username or parts.password:
+        # The Authorization header httpx sends for them, whole, in every form (a receiver may
+        # echo the header rather than the pair).
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        scrubber.remember_authorization("Basic " + base64.b64encode(pair.encode()).decode())
     for name, value in query:
         if _secret_query_name(name):
             scrubber.remember(value)

@@ -14,7 +14,7 @@ import uuid
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import psycopg
 import pytest
@@ -499,7 +499,7 @@ async def test_credentials_in_the_webhook_url_never_show_in_any_form_in_the_dead
     assert run.returncode == 0, run.stderr[-2000:]
     assert webhook_receiver.received()[0].headers["authorization"] == f"Basic {basic}"  # it was sent
     (letter,) = await dead_letters(dsn)
-    assert "answered 400" in letter.error and "authorization: Basic ***" in letter.error
+    assert "answered 400" in letter.error and "authorization: ***" in letter.error
     shown = run_cli("dlq", "show", "-c", str(path), env=cli_env)
     listed = run_cli("dlq", "list", "-c", str(path), env=cli_env)
     assert shown.returncode == listed.returncode == 0, shown.stderr + listed.stderr
@@ -523,6 +523,77 @@ async def test_credentials_in_the_webhook_url_never_show_in_any_form_in_the_dead
     for where, text in texts.items():
         for form, value in forms.items():
             assert value not in text, f"{form} of the password in the {where}"
+
+
+def _echoings(value: str) -> dict[str, str]:
+    """`value` as a receiver may echo it: percent-encoded (quote, quote_plus), inside a JSON
+    string (with and without `\\/`, as PHP's json_encode writes `/`), and as base64url."""
+    dumped = json.dumps(value)[1:-1]
+    return {
+        "quote": quote(value, safe=""),
+        "quote_plus": quote_plus(value),
+        "json": dumped,
+        "json with \\/": dumped.replace("/", "\\/"),
+        "base64url": base64.urlsafe_b64encode(value.encode()).decode().rstrip("="),
+    }
+
+
+@pytest.mark.parametrize("credential", ["bearer", "basic"])
+async def test_a_credential_echoed_percent_encoded_json_escaped_or_base64url_never_shows_anywhere(
+    dsn: str, webhook_receiver: WebhookReceiver, tmp_path: Path, cli_env: dict[str, str], credential: str
+) -> None:
+    """The receiver answers 400 to each event with the Authorization header it got in one more
+    encoding (one per event, so that no body is cut before its secret): none of them is in the
+    dead-letter rows, the relay's logs or what `dlq list` and `dlq show` print."""
+    if credential == "bearer":
+        token = f"Tok/en+{uuid.uuid4().hex[:8]}Secret/Val="
+        sink: dict[str, Any] = {"type": "webhook", "url": webhook_receiver.url, "timeout": TIMEOUT}
+        sink["headers"] = {"Authorization": f"Bearer {token}"}
+        values = {"token": token, "header": f"Bearer {token}"}
+    else:
+        user, password = "relay", f"pa>>ss~{uuid.uuid4().hex[:8]}"
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        url = webhook_receiver.url.replace("http://", f"http://{user}:{quote(password, safe='')}@")
+        sink = {"type": "webhook", "url": url, "timeout": TIMEOUT}
+        values = {"password": password, "user:password": f"{user}:{password}", "base64": basic}
+        values["header"] = f"Basic {basic}"
+    forms = {
+        f"{form} of the {name}": text for name, v in values.items() for form, text in _echoings(v).items()
+    }
+    if credential == "basic":
+        assert (
+            forms["quote_plus of the header"].startswith("Basic+")
+            and "%2B" in forms["quote_plus of the header"]
+        )
+    order = list(forms)
+    assigned: dict[str, str] = {}
+
+    def echo(request: Request) -> Reply:
+        form = assigned.setdefault(request.headers["idempotency-key"], order[len(assigned) % len(order)])
+        return Reply(400, f"refused; you sent {forms[form]} as your credential".encode())
+
+    webhook_receiver.respond_with(echo)
+    insert_events(dsn, len(forms), aggregates=len(forms))
+    path = write_config(tmp_path, relay_config(dsn, sink))
+    run = run_cli("run", "--drain", "-c", str(path), env=cli_env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    letters = await dead_letters(dsn)
+    assert len(letters) == len(forms), letters
+    assert all("you sent ***" in letter.error for letter in letters), [
+        x.error[-80:] for x in letters if "you sent ***" not in x.error
+    ]
+    shown = run_cli("dlq", "show", "-c", str(path), env=cli_env)
+    listed = run_cli("dlq", "list", "-c", str(path), env=cli_env)
+    assert shown.returncode == listed.returncode == 0, shown.stderr + listed.stderr
+    texts = {
+        "dead-letter rows": " ".join(letter.error for letter in letters),
+        "relay logs": run.stdout + run.stderr,
+        "dlq show": shown.stdout + shown.stderr,
+        "dlq list": listed.stdout + listed.stderr,
+    }
+    for where, text in texts.items():
+        for form, value in forms.items():
+            assert value not in text, f"{form} in the {where}"
 
 
 def test_a_webhook_with_credentials_in_its_url_and_an_authorization_header_is_refused_naming_the_key(
