@@ -120,7 +120,7 @@ def check(config_path: Path, connect: bool, as_json: bool) -> None:
             click.echo(f"outbox {outbox.name}:")
             click.echo(_as_yaml(settings, indent="  "), nl=False)
         if connect:
-            entry["connect"] = _run_async(lambda s=source, k=sink: _connect_checks(s, k))  # type: ignore[misc]
+            entry["connect"] = _run_async(lambda s=source, k=sink, o=outbox: _connect_checks(s, k, o))  # type: ignore[misc]
             if not as_json:
                 for label, outcome in entry["connect"].items():
                     click.echo(f"  {label}: " + "\n    ".join(outcome))
@@ -150,10 +150,14 @@ def _masked(value: Any) -> Any:
     return value
 
 
-async def _connect_checks(source: Any, sink: Any) -> dict[str, list[str]]:
-    """Per probe (database, sink): "ok" and its notes, or "FAILED: why"."""
+async def _connect_checks(source: Any, sink: Any, outbox: Any) -> dict[str, list[str]]:
+    """Per probe (database, dead letters, sink): "ok" and its notes, or "FAILED: why"."""
     outcome: dict[str, list[str]] = {}
-    for label, probe in (("database", source.check), ("sink", sink.check)):
+    probes = [("database", source.check), ("sink", sink.check)]
+    dsn = outbox.dead_letter_dsn()
+    if dsn is not None:  # (its own database when dead_letter.dsn names one)
+        probes.insert(1, ("dead letters", DeadLetterStore(dsn, outbox.dead_letter.table).check))
+    for label, probe in probes:
         try:
             outcome[label] = ["ok", *(await probe() or [])]
         except (ConnectorError, OSError) as exc:

@@ -27,11 +27,14 @@ from psycopg import sql
 
 from relay.events import OutboxEvent
 from relay.identifiers import derived_name, parse_table_name
-from relay.interfaces import Unsupported
+from relay.interfaces import ConnectorError, Unsupported
 from relay.pgsession import session_conninfo, start_session
 from relay.secrets import scrubber
 
 DEFAULT_TABLE = "outbox_relay_dead_letters"
+# What the relay does to dead-letter rows: park (INSERT, UPDATE), read and replay (SELECT,
+# UPDATE), release held events and purge (DELETE).
+_PRIVILEGES = ("INSERT", "SELECT", "UPDATE", "DELETE")
 
 
 def create_table_sql(table: str = DEFAULT_TABLE) -> sql.Composed:
@@ -153,6 +156,7 @@ class DeadLetterStore:
     def __init__(self, dsn: str, table: str = DEFAULT_TABLE) -> None:
         self._dsn = dsn
         self._table = parse_table_name(table).identifier()
+        self._table_name = parse_table_name(table)
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
@@ -321,6 +325,45 @@ class DeadLetterStore:
             sql.SQL("DELETE FROM {} WHERE {} RETURNING event_id").format(self._table, where), params
         )
         return [row[0] for row in await cur.fetchall()]
+
+    async def check(self) -> list[str]:
+        """Connect, and check that the table exists and that the session may INSERT, SELECT,
+        UPDATE and DELETE its rows (what parking, holding, replay and purge do). Raises
+        ConnectorError saying what is wrong; secrets masked."""
+        try:
+            conn = await self._connection()
+            regclass, name = self._table_name.regclass_text(), self._table_name.display()
+            cur = await conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL, current_setting('transaction_read_only') = 'on',"
+                " current_user",
+                (regclass,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            exists, read_only, role = row
+            if not exists:
+                raise ConnectorError(f"table {name} does not exist (run: outbox-relay init-db)")
+            if read_only:
+                raise ConnectorError(
+                    "the session is read-only (a standby, or default_transaction_read_only): "
+                    "point dead_letter.dsn at the primary"
+                )
+            cur = await conn.execute(
+                "SELECT privilege FROM unnest(%s::text[]) AS privilege"
+                " WHERE NOT has_table_privilege(to_regclass(%s), privilege)",
+                (list(_PRIVILEGES), regclass),
+            )
+            missing = [privilege for (privilege,) in await cur.fetchall()]
+        except psycopg.Error as exc:
+            raise ConnectorError(scrubber.scrub(" ".join(str(exc).split()))) from None
+        finally:
+            await self.close()
+        if missing:
+            raise ConnectorError(
+                f"role {role} may not {', '.join(missing)} on table {name}: "
+                f"GRANT {', '.join(_PRIVILEGES)} ON {name} TO {role}"
+            )
+        return [f"table {name}: {', '.join(_PRIVILEGES)} granted"]
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -210,7 +210,7 @@ class Pipeline:
         assert store is not None
         keys = await self._until_done(
             partial(store.held_aggregates, self.name),
-            "cannot read held events, retrying (does the dead-letter table exist? run init-db)",
+            "cannot read held events, retrying",
             stop=stop,
         )
         if keys is None:

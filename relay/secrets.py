@@ -1,10 +1,12 @@
 """Keeps passwords out of logs, errors, stored rows and `check` output.
 
 Two layers: `redact_url` rewrites a DSN or URL for display, and `SecretScrubber` remembers every
-secret found in the loaded config, in every form a client library or a receiver may echo it
-(raw, percent-encoded and decoded, base64 of `user:password` and of the password alone, the
-credential of an `Authorization` header), so that any text (an exception message from a client
-library, a response body, a log field) can be scrubbed.
+secret found in the loaded config, in every form a client library or a receiver may echo it, so
+that any text (an exception message from a client library, a response body, a log field) can be
+scrubbed. The forms are systematic: each plain form (the secret as written and percent-decoded,
+base64 and base64url of it and of `user:password`, the credential of an `Authorization` header)
+in each encoding a receiver may echo it in (as is, percent-encoded with `quote` and with
+`quote_plus`, inside a JSON string with and without `\\/` for `/`): a fixed set per secret.
 
 Every scan here is linear in the length of the text: no pattern can backtrack over what it
 already read, so a value of megabytes costs milliseconds, not minutes.
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
-from urllib.parse import SplitResult, quote, unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -95,22 +98,78 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii").rstrip("=")
 
 
+def _b64url(text: str) -> str:
+    """base64url (`-` and `_` for `+` and `/`) of the UTF-8 bytes, without the padding."""
+    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii").rstrip("=")
+
+
+# How `quote(safe="")`, `quote()` (keeps `/`) and `quote_plus()` (space as `+`) write each byte
+# (as a latin-1 character) they encode: `str.translate` applies them in C, where urllib's `quote`
+# runs Python code per byte, so a secret of megabytes is encoded in a fraction of a second.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_QUOTE = {b: f"%{b:02X}" for b in range(256) if b not in _UNRESERVED}
+_QUOTE_PATH = {b: text for b, text in _QUOTE.items() if b != ord("/")}
+_QUOTE_PLUS = {**_QUOTE, ord(" "): "+"}
+_ONLY_UNRESERVED = re.compile(r"[A-Za-z0-9_.~\-]*")
+
+
+def _percent(text: str, table: dict[int, str]) -> str:
+    """`text` percent-encoded as urllib's `quote` (`_QUOTE`, `_QUOTE_PATH`) or `quote_plus`
+    (`_QUOTE_PLUS`) does it."""
+    return text.encode("utf-8", "surrogatepass").decode("latin-1").translate(table)
+
+
+_URLSAFE = str.maketrans("+/", "-_")
+
+
+def _encoded(plain: str) -> set[str]:
+    """`plain` in every encoding a receiver or a client library may echo it in: as is,
+    percent-encoded (`quote` with nothing safe, `quote` keeping `/`, `quote_plus`), and as the
+    inside of a JSON string (non-ASCII escaped or not, `/` as is or as `\\/`, as PHP writes it).
+    Encodings that cannot differ from one already made are skipped (cheap checks first)."""
+    forms = {plain}
+    if not _ONLY_UNRESERVED.fullmatch(plain):
+        forms.add(_percent(plain, _QUOTE))
+        if "/" in plain:
+            forms.add(_percent(plain, _QUOTE_PATH))
+        if " " in plain:
+            forms.add(_percent(plain, _QUOTE_PLUS))
+    dumped = {json.dumps(plain)[1:-1]}
+    if not plain.isascii():
+        dumped.add(json.dumps(plain, ensure_ascii=False)[1:-1])
+    for text in dumped:
+        forms.add(text)
+        if "/" in text:
+            forms.add(text.replace("/", "\\/"))
+    return forms
+
+
+def _plain_and_encoded(plain: set[str]) -> set[str]:
+    """Each plain form, its base64 (also of its percent-encoded form), base64url of each plain
+    form and of each base64 form, each in every encoding (`_encoded`): a few dozen forms, fixed
+    per secret."""
+    encoded = {b64 for p in plain for b64 in (_b64(p), _b64(_percent(p, _QUOTE)))}
+    # base64url: of each plain form's bytes (base64's `+/` as `-_`), and of a base64 form too.
+    bases = plain | encoded | {b.translate(_URLSAFE) for b in encoded} | {_b64url(b) for b in encoded}
+    forms: set[str] = set()
+    for base in bases:
+        if len(base) >= _SHORTEST:
+            forms |= _encoded(base)
+    return forms
+
+
 def secret_forms(secret: str) -> set[str]:
-    """The forms a secret is seen in: as written, percent-decoded, percent-encoded (as a URL
-    carries it), and base64 of each."""
-    plain = {s for s in (secret, unquote(secret)) if len(s) >= _SHORTEST}
-    forms = plain | {quote(p, safe="") for p in plain}
-    return forms | {_b64(f) for f in forms}
+    """The forms a secret is seen in: as written and percent-decoded, base64 and base64url of
+    each, each of those in every encoding a receiver may echo (`_encoded`)."""
+    return _plain_and_encoded({s for s in (secret, unquote(secret)) if len(s) >= _SHORTEST})
 
 
 def credential_forms(user: str, password: str) -> set[str]:
-    """The forms of a user and password pair: the password's (`secret_forms`), and base64 of
-    `user:password` as HTTP Basic auth (and SASL/PLAIN-style clients) send it."""
-    forms = secret_forms(password)
-    for u in {user, unquote(user)}:
-        for p in {password, unquote(password)}:
-            forms.add(_b64(f"{u}:{p}"))
-    return forms
+    """The forms of a user and password pair: the password's (`secret_forms`), and
+    `user:password` with its base64 (as HTTP Basic auth and SASL/PLAIN-style clients send it),
+    in every encoding."""
+    pairs = {f"{u}:{p}" for u in {user, unquote(user)} for p in {password, unquote(password)}}
+    return secret_forms(password) | _plain_and_encoded(pairs)
 
 
 class SecretScrubber:

@@ -296,8 +296,6 @@ _PERMANENT = frozenset(
         "MSG_SIZE_TOO_LARGE",
         "_MSG_SIZE_TOO_LARGE",
         "RECORD_LIST_TOO_LARGE",
-        "TOPIC_AUTHORIZATION_FAILED",
-        "CLUSTER_AUTHORIZATION_FAILED",
         "UNKNOWN_TOPIC_OR_PART",
         "_UNKNOWN_TOPIC",
         "_UNKNOWN_PARTITION",
@@ -320,12 +318,27 @@ _PRODUCER_BROKEN = frozenset(
         "UNKNOWN_PRODUCER_ID",
     }
 )
+# The cluster refuses the relay itself (its principal's ACLs, its SASL credentials), not the
+# event: every event would get the same answer until an operator grants or fixes it.
+_REFUSED_THE_RELAY = frozenset(
+    {
+        "TOPIC_AUTHORIZATION_FAILED",
+        "CLUSTER_AUTHORIZATION_FAILED",
+        "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+        "SASL_AUTHENTICATION_FAILED",
+        "_AUTHENTICATION",
+    }
+)
 _HINTS = {
     "MSG_SIZE_TOO_LARGE": "the event is larger than message.max.bytes of the producer or the topic",
     "_MSG_TIMED_OUT": "no delivery report within delivery_timeout: broker unreachable or too slow",
     "UNKNOWN_TOPIC_OR_PART": "the topic does not exist and the broker did not create it",
     "_UNKNOWN_TOPIC": "the topic does not exist and the broker did not create it",
     "TOPIC_AUTHORIZATION_FAILED": "the relay's principal may not write to the topic",
+    "CLUSTER_AUTHORIZATION_FAILED": "the relay's principal lacks a cluster permission "
+    "(IdempotentWrite, with enable.idempotence)",
+    "SASL_AUTHENTICATION_FAILED": "check sasl.username and sasl.password",
+    "_AUTHENTICATION": "check sasl.username and sasl.password",
     "TOPIC_EXCEPTION": "the broker refused the topic name",
 }
 
@@ -355,13 +368,19 @@ _TRANSIENT = frozenset(
 
 def _outcome(topic: str, err: KafkaError) -> _Outcome:
     name = err.name()
-    permanent = name not in _RETRIABLE_ANYWAY and (
-        name in _PERMANENT or name.startswith(("INVALID_", "_INVALID"))
+    refused = name in _REFUSED_THE_RELAY
+    permanent = not refused and (
+        name not in _RETRIABLE_ANYWAY and (name in _PERMANENT or name.startswith(("INVALID_", "_INVALID")))
     )
     hint = _HINTS.get(name)
     detail = f"{err.str()} ({name})" + (f": {hint}" if hint else "")
     return _Outcome(
-        Failure(f"kafka topic {topic!r}: {detail}", permanent=permanent, transient=name in _TRANSIENT),
+        Failure(
+            f"kafka topic {topic!r}: {scrubber.scrub(detail)}",
+            permanent=permanent,
+            transient=refused or name in _TRANSIENT,
+            setup=refused,
+        ),
         producer_broken=name in _PRODUCER_BROKEN or err.fatal(),
     )
 

@@ -259,12 +259,32 @@ class _Link:
     #: Connection errors since the last successful (re)connect: only the first one is a warning.
     errors: int = 0
 
-    def fail_waiting(self, reason: str) -> None:
-        """Settle every event still waiting for a PubAck as a transient failure."""
-        waiting, self.waiting = self.waiting, {}
-        failure = Failure(reason, transient=True)
+    def fail_waiting(self, reason: str, *, setup: bool = False, subject: str | None = None) -> None:
+        """Settle every event still waiting for a PubAck (on `subject` only, when given) as a
+        transient failure; `setup`: the server refused the relay's permissions for it."""
+        failure = Failure(reason, transient=True, setup=setup)
+        if subject is None:
+            waiting, self.waiting = self.waiting, {}
+        else:
+            waiting = {token: entry for token, entry in self.waiting.items() if entry[2] == subject}
+            for token in waiting:
+                del self.waiting[token]
         for call, index, _subject in waiting.values():
             call.settle(index, failure)
+
+
+# The server refuses the relay's user a publish (or the subscription its PubAcks come back on):
+# `-ERR 'Permissions Violation for Publish to "orders.created"'`. It sends nothing else about the
+# message, so without this the event would wait for ack_timeout and pass for an outage.
+_PERMISSIONS_VIOLATION = re.compile(r"permissions violation for (\w+) to \"([^\"]*)\"", re.IGNORECASE)
+
+
+def permissions_violation(exc: BaseException | None) -> tuple[str, str] | None:
+    """(operation, subject) of a NATS permissions violation, or None for another error."""
+    if exc is None:
+        return None
+    match = _PERMISSIONS_VIOLATION.search(str(exc))
+    return (match[1].lower(), match[2]) if match else None
 
 
 def _reply_result(data: bytes, headers: dict[str, str] | None, subject: str, stream: str) -> PublishResult:
@@ -451,6 +471,17 @@ class NatsSink(Sink):
         client = link.client
 
         async def on_error(exc: Exception) -> None:
+            violation = permissions_violation(exc)
+            if violation is not None:
+                operation, subject = violation
+                log.error("NATS refused the relay's user", error=_explain(exc))
+                link.fail_waiting(
+                    f"NATS refused the relay's user: {_explain(exc)} (grant it {operation} permission "
+                    f"on {subject!r})",
+                    setup=True,
+                    subject=subject if operation == "publish" else None,
+                )
+                return
             # nats-py reports every failed reconnect attempt; one warning per outage is enough.
             link.errors += 1
             if link.errors == 1:
@@ -461,6 +492,9 @@ class NatsSink(Sink):
         async def on_disconnected() -> None:
             # Replies to what was published on the lost connection will not come: fail those
             # events now rather than after ack_timeout (a re-send is deduplicated by Nats-Msg-Id).
+            violation = permissions_violation(client.last_error)
+            if violation is not None:  # (nats-py closes the connection on some versions' wording)
+                link.fail_waiting(f"NATS refused the relay's user: {_explain(client.last_error)}", setup=True)
             link.fail_waiting("connection to NATS lost before the PubAck")
             if not client.is_closed:
                 log.warning("disconnected from NATS, reconnecting")

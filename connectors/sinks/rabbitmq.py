@@ -210,6 +210,8 @@ class _Link:
         self.next_tag = 1
         self.unconfirmed: dict[int, _InFlight] = {}  # insertion order is delivery-tag order
         self.lost_reason: str | None = None
+        #: The broker closed the channel refusing the relay's permissions (403 ACCESS_REFUSED).
+        self.refused = False
         self.waiters: set[asyncio.Future[Any]] = set()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -217,12 +219,16 @@ class _Link:
     def usable(self) -> bool:
         return self.lost_reason is None and self.channel is not None and self.channel.is_open
 
-    def lost(self, reason: str) -> None:
-        """The connection or channel is gone: nothing still unconfirmed will ever be confirmed."""
+    def lost(self, reason: str, *, refused: bool = False) -> None:
+        """The connection or channel is gone: nothing still unconfirmed will ever be confirmed.
+        `refused`: the broker closed it refusing the relay's permissions, not for an outage."""
         if self.lost_reason is None:
             self.lost_reason = reason
+            self.refused = refused
         failure = Failure(
-            f"RabbitMQ did not confirm the event before the connection was lost: {reason}", transient=True
+            f"RabbitMQ did not confirm the event before the connection was lost: {reason}",
+            transient=True,
+            setup=self.refused,
         )
         unconfirmed, self.unconfirmed = self.unconfirmed, {}
         for flight in unconfirmed.values():
@@ -238,7 +244,7 @@ class _Link:
             self.closed.set_result(None)
 
     def on_channel_closed(self, _channel: Any, exc: BaseException) -> None:
-        self.lost(_explain(exc, self.exchange))
+        self.lost(_explain(exc, self.exchange), refused=_refuses_the_relay(exc))
         # One channel per connection: without it the connection is of no use, and closing it lets
         # the next call start from a clean connection.
         connection = self.connection
@@ -292,6 +298,20 @@ def _unroutable_reason(exchange: str, routing_key: str, reply_code: int, reply_t
     return f"unroutable: {where}; RabbitMQ returned the message ({reply_code} {reply_text})"
 
 
+class _RelayRefused(ConnectorError):
+    """The broker refused the relay's permissions while the link was set up (declaring or
+    checking the exchange): a setup problem, not an outage."""
+
+
+def _refuses_the_relay(exc: BaseException) -> bool:
+    """The broker closed the channel with 403 ACCESS_REFUSED: the relay's user may not
+    configure, write to or read the exchange (its permissions on the virtual host), whatever
+    the event."""
+    from pika import exceptions as pe
+
+    return isinstance(exc, pe.ChannelClosedByBroker) and exc.reply_code == _REPLY_ACCESS_REFUSED
+
+
 def _explain(exc: BaseException, exchange: str) -> str:
     """One sentence for a pika error, secrets scrubbed."""
     from pika import exceptions as pe
@@ -319,6 +339,8 @@ def _explain(exc: BaseException, exchange: str) -> str:
             message += " (enable it: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)"
         elif code == _REPLY_ACCESS_REFUSED and "Login was refused" in text:
             message = f"RabbitMQ refused the login (wrong user or password): {code} {text}"
+        elif code == _REPLY_ACCESS_REFUSED:
+            message += " (grant the relay's user configure and write permissions on the exchange)"
     elif isinstance(exc, pe.ProbableAuthenticationError):
         message = f"RabbitMQ refused the login (wrong user or password?): {exc}"
     elif isinstance(exc, pe.ProbableAccessDeniedError):
@@ -412,11 +434,18 @@ class RabbitMQSink(Sink):
         Returns None for an event only when RabbitMQ confirmed it with basic.ack and did not
         return it as unroutable. Raises ConnectorError when no connection can be opened (the
         pipeline retries the whole call, with backoff); a connection lost midway turns the
-        unconfirmed events into failures.
+        unconfirmed events into failures. A channel the broker closes with 403 ACCESS_REFUSED
+        (the relay's user may not declare or write to the exchange) fails every event as a
+        transient `setup` failure: the relay's permissions, not the events, are wrong.
         """
         if not events:
             return []
-        link = await self._ensure_link()
+        try:
+            link = await self._ensure_link()
+        except _RelayRefused as exc:
+            # The broker answered, refusing the relay's permissions: every event waits for an
+            # operator (a setup problem), none is blamed.
+            return [Failure(str(exc), transient=True, setup=True)] * len(events)
         loop = asyncio.get_running_loop()
         call = _Call(len(events), loop.create_future())
         tags: list[int] = []
@@ -454,6 +483,7 @@ class RabbitMQSink(Sink):
                 call.results[index] = Failure(
                     f"not published: connection to RabbitMQ lost ({link.lost_reason or 'channel closed'})",
                     transient=True,
+                    setup=link.refused,
                 )
                 continue
             tag = link.next_tag
@@ -588,7 +618,8 @@ class RabbitMQSink(Sink):
                 )
         except ConnectorError as exc:
             await self._close_link(link)
-            raise ConnectorError(f"RabbitMQ at {self._display_url}: {exc}") from None
+            refused = _RelayRefused if link.refused else ConnectorError
+            raise refused(f"RabbitMQ at {self._display_url}: {exc}") from None
         except BaseException:
             await self._close_link(link)
             raise

@@ -14,9 +14,10 @@ every standard header) and `payload` (the payload bytes, unchanged). With `maxle
 trimmed approximately (`XADD ... MAXLEN ~ n`), which Redis does cheaply in whole macro nodes.
 
 One call is one pipeline (no MULTI): every XADD of the call is written in one go and the replies
-are read back in order, one round trip per call. A command Redis refuses (WRONGTYPE, NOPERM, OOM,
-READONLY ...) fails only its own event; a connection lost or timed out fails every event of the
-call that has no reply yet, as a transient failure (a re-sent entry may then appear twice:
+are read back in order, one round trip per call. A command Redis refuses (WRONGTYPE, OOM,
+READONLY ...) fails only its own event; NOPERM (ACL), NOAUTH and WRONGPASS refuse the relay's
+user, not the event: transient failures marked `setup`. A connection lost or timed out fails
+every event of the call that has no reply yet, as a transient failure (a re-sent entry may then appear twice:
 consumers dedupe by `event_id`). redis-py's own retries are off: the relay retries with backoff.
 
 Redis Cluster is not supported (one server, or a primary behind a fixed address).
@@ -50,10 +51,15 @@ _TRANSIENT_REPLIES = frozenset(
     {"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"}
 )
 # Error replies that re-sending the same entry to the same key cannot fix.
-_PERMANENT_REPLIES = frozenset({"WRONGTYPE", "NOPERM"})
+_PERMANENT_REPLIES = frozenset({"WRONGTYPE"})
+# Error replies that refuse the relay's user (its ACL, its login), not the entry: every entry
+# would get the same answer until an operator fixes the user.
+_REFUSED_REPLIES = frozenset({"NOPERM", "NOAUTH", "WRONGPASS"})
 _HINTS = {
     "WRONGTYPE": "the key exists and is not a stream",
     "NOPERM": "the relay's Redis user may not run XADD on this key (ACL)",
+    "NOAUTH": "the server wants a login: give the user and password in url",
+    "WRONGPASS": "the server refused the user and password that url gives",
     "OOM": "Redis reached maxmemory; trim the streams (maxlen) or raise maxmemory",
     "READONLY": "the server is a read-only replica; point url at the primary",
     "MOVED": "this is a Redis Cluster, which the sink does not support",
@@ -97,13 +103,33 @@ class RedisSinkConfig(ConnectorConfig):
         return value
 
 
+def _reply_code(exc: Exception, text: str) -> str:
+    """The error code of a reply (its first word). redis-py strips it from the errors it has a
+    class for (NOPERM, NOAUTH, WRONGPASS), so those are known by their class."""
+    from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
+
+    if isinstance(exc, NoPermissionError | AuthorizationError):
+        return "NOPERM"
+    if isinstance(exc, AuthenticationError):
+        return "NOAUTH" if "required" in text.lower() else "WRONGPASS"
+    return text.split(" ", 1)[0].upper() if text else ""
+
+
 def _reply_failure(exc: Exception, stream: str) -> Failure:
-    """The failure an error reply to one XADD stands for."""
+    """The failure an error reply to one XADD (or the login before it) stands for."""
     text = scrubber.scrub(str(exc).strip())
-    word = text.split(" ", 1)[0].upper() if text else ""
+    word = _reply_code(exc, text)
     hint = _HINTS.get(word)
+    if word in _REFUSED_REPLIES and not text.upper().startswith(word):
+        text = f"{word} {text}"
     reason = f"redis stream {stream!r}: {text or type(exc).__name__}" + (f": {hint}" if hint else "")
-    return Failure(reason, permanent=word in _PERMANENT_REPLIES, transient=word in _TRANSIENT_REPLIES)
+    refused = word in _REFUSED_REPLIES
+    return Failure(
+        reason,
+        permanent=word in _PERMANENT_REPLIES,
+        transient=refused or word in _TRANSIENT_REPLIES,
+        setup=refused,
+    )
 
 
 def _explain(exc: BaseException) -> str:
@@ -157,8 +183,8 @@ class RedisStreamsSink(Sink):
         """XADD every event in one pipeline; None for an event whose XADD returned an id."""
         if not events:
             return []
+        from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
         from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import RedisError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
         if self._client is None:
@@ -171,6 +197,10 @@ class RedisStreamsSink(Sink):
             pipe.xadd(stream, entry_fields(event), maxlen=maxlen, approximate=True)
         try:
             replies = await pipe.execute(raise_on_error=False)
+        except (AuthenticationError, AuthorizationError) as exc:
+            # The server refused the relay's login (a rotated password, a disabled user) when
+            # the client reconnected: the relay's setup, not an outage and not the events.
+            return [_reply_failure(exc, stream) for stream in streams]
         except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             failure = Failure(f"redis at {self._display_url}: {_explain(exc)}", transient=True)
             return [failure] * len(events)

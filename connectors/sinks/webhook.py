@@ -27,8 +27,11 @@ Outcomes: 2xx acks. 408, 425, 429 and 5xx, timeouts and network errors are trans
 (the receiver as a whole is not taking requests; they never dead-letter an event). A `Retry-After`
 on such a response (seconds or an HTTP date) is honoured: no request goes out before then (up to
 `max_retry_after`); events of the call that were not sent yet, and calls made meanwhile, fail at
-once as transient with the remaining wait in the reason. Other 4xx are permanent failures (the
-receiver refuses this event: it is dead-lettered); 3xx and other codes are plain failures.
+once as transient with the remaining wait in the reason. 401, 403 and 407 refuse the relay itself
+(its credentials or permissions), not the event: transient failures marked `setup` (nothing is
+dead-lettered; the relay reports a setup problem of the sink and is not ready until the receiver
+takes an event again). Other 4xx are permanent failures (the receiver refuses this event: it is
+dead-lettered); 3xx and other codes are plain failures.
 
 `httpx` is imported inside methods only, so that a config naming this sink validates (and `check`
 can say which extra to install) on an installation without the `webhook` extra.
@@ -37,13 +40,14 @@ can say which extra to install) on an installation without the `webhook` extra.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import re
 import time
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import Field, ValidationInfo, field_validator
@@ -80,6 +84,9 @@ _STANDARD = {
 ROW_HEADER_PREFIX = "X-Outbox-Header-"
 _TRACE_CONTEXT = ("traceparent", "tracestate")
 _TRANSIENT_STATUS = frozenset({408, 425, 429})
+# The receiver (or a proxy before it) refuses the relay's credentials or permissions, not the
+# event: every event would get the same answer until an operator fixes the setup.
+_REFUSED_STATUS = frozenset({401, 403, 407})
 _BODY_EXCERPT = 200
 
 
@@ -103,9 +110,15 @@ def remember_url_secrets(url: str) -> None:
     of a webhook URL out of every text shown."""
     scrubber.remember_from(url)
     try:
-        query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return
+    if parts.username or parts.password:
+        # The Authorization header httpx sends for them, whole, in every form (a receiver may
+        # echo the header rather than the pair).
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        scrubber.remember_authorization("Basic " + base64.b64encode(pair.encode()).decode())
     for name, value in query:
         if _secret_query_name(name):
             scrubber.remember(value)
@@ -414,6 +427,8 @@ class WebhookSink(Sink):
                 self._not_before = max(self._not_before, time.monotonic() + wait)
                 reason += f" (Retry-After: {header.strip()}, waiting {wait:g}s)"
             return Failure(reason, transient=True), status
+        if status in _REFUSED_STATUS:
+            return Failure(reason, transient=True, setup=True), status
         if 400 <= status < 500:
             return Failure(reason, permanent=True), status
         return Failure(reason), status

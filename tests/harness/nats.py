@@ -147,13 +147,18 @@ def _binary() -> str:
 
 
 def start_nats(
-    *, private: bool = False, tmp_root: str | None = None, max_payload: int | None = None
+    *,
+    private: bool = False,
+    tmp_root: str | None = None,
+    max_payload: int | None = None,
+    config: str | None = None,
 ) -> NatsServer:
     """A NATS server with JetStream: ``RELAY_TEST_NATS_URL``, else the one on 127.0.0.1:4222 when it
     answers with JetStream, else (or with ``private``) a private one on a free port. With
     ``max_payload`` (bytes; the server's default is 1 MB) always a private one that takes
-    messages that large."""
-    if not private and max_payload is None:
+    messages that large; with ``config`` (text of a nats-server config file, for example an
+    ``authorization`` block with users and permissions) always a private one that reads it."""
+    if not private and max_payload is None and config is None:
         external = os.environ.get(NATS_URL_ENV_VAR)
         if external:
             if not _jetstream_enabled(external):
@@ -166,10 +171,11 @@ def start_nats(
     def command(port: int, root: Path) -> list[str]:
         store = root / "jetstream"
         options = [binary, "-a", HOST, "-p", str(port), "-js", "-sd", str(store), "-n", f"relay-test-{port}"]
-        if max_payload is not None:  # (no command-line flag for it: a config file)
-            config = root / "nats.conf"
-            config.write_text(f"max_payload: {max_payload}\n")
-            options += ["-c", str(config)]
+        if max_payload is not None or config is not None:  # (no command-line flag: a config file)
+            path = root / "nats.conf"
+            limit = f"max_payload: {max_payload}\n" if max_payload is not None else ""
+            path.write_text(limit + (config or ""))
+            options += ["-c", str(path)]
         return options
 
     process = start_owned("nats", command, lambda p: _answers(f"nats://{HOST}:{p}"), tmp_root=tmp_root)

@@ -172,6 +172,11 @@ class RabbitBroker(ClosesOnExit):
         self._ctl("add_user", user, password)
         self._ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
 
+    def set_permissions(self, user: str, configure: str, write: str, read: str) -> None:
+        """Set `user`'s permissions on vhost "/" (regular expressions; "^$" grants nothing)."""
+        self._require_control("set permissions on")
+        self._ctl("set_permissions", "-p", "/", user, configure, write, read)
+
     def delete_user(self, user: str) -> None:
         self._require_control("delete a user from")
         self._ctl("delete_user", user)

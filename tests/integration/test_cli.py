@@ -6,10 +6,13 @@ import json
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 import yaml
+from psycopg import sql
 
 from tests.conftest import run_cli
 from tests.harness.postgres import PostgresServer
@@ -96,6 +99,82 @@ def test_password_never_appears_in_logs_errors_or_check_output(
     for text in (check.stdout, check.stderr, log.read_text()):
         assert secret not in text
     assert "app:***@" in check.stdout
+
+
+def _dead_letters_line(check_stdout: str) -> str:
+    lines = [line for line in check_stdout.splitlines() if line.strip().startswith("dead letters:")]
+    assert len(lines) == 1, check_stdout
+    return lines[0]
+
+
+def test_check_connect_fails_naming_the_dead_letter_database_when_it_is_down_never_showing_its_password(
+    dsn: str, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    secret = f"dl-{uuid.uuid4().hex}"
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {
+        "dsn": f"postgresql://app:{secret}@127.0.0.1:1/dl?connect_timeout=1"
+    }
+    check = run_cli("check", "-c", str(write_config(tmp_path, config)), "--connect", env=cli_env)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "FAILED" in _dead_letters_line(check.stdout)
+    assert "database: ok" in check.stdout
+    assert secret not in check.stdout + check.stderr
+
+
+def test_a_dead_letter_database_that_is_down_is_retried_as_an_outage_without_pointing_at_init_db(
+    dsn: str, tmp_path: Path
+) -> None:
+    config = relay_config(dsn, {"type": "stdout"})
+    config["outboxes"][0]["dead_letter"] = {"dsn": "postgresql://app@127.0.0.1:1/dl?connect_timeout=1"}
+    log = tmp_path / "relay.log"
+    relay = start_relay(write_config(tmp_path, config), log=log)
+    try:
+        wait_for(lambda: log.read_text().count("cannot read held events") >= 2, 60, "retries")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(timeout=20)
+    assert "init-db" not in log.read_text(), "an outage is not a setup mistake"
+
+
+def test_check_connect_names_a_missing_dead_letter_table_and_a_missing_privilege_on_it(
+    pg: PostgresServer, dsn: str, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    elsewhere = pg.create_database()
+    role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    try:
+        config = relay_config(dsn, {"type": "stdout"})
+        config["outboxes"][0]["dead_letter"] = {"dsn": elsewhere}
+        path = write_config(tmp_path, config)
+        check = run_cli("check", "-c", str(path), "--connect", env=cli_env)
+        assert check.returncode == 1, check.stdout + check.stderr
+        line = _dead_letters_line(check.stdout)
+        assert "FAILED" in line and "outbox_relay_dead_letters does not exist" in line and "init-db" in line
+
+        assert run_cli("init-db", "-c", str(path), env=cli_env).returncode == 0
+        check = run_cli("check", "-c", str(path), "--connect", env=cli_env)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert _dead_letters_line(check.stdout).split(":", 1)[1].strip() == "ok"
+
+        with psycopg.connect(elsewhere, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+            conn.execute(
+                sql.SQL("GRANT SELECT, INSERT, UPDATE ON outbox_relay_dead_letters TO {}").format(
+                    sql.Identifier(role)
+                )
+            )
+        config["outboxes"][0]["dead_letter"] = {"dsn": psycopg.conninfo.make_conninfo(elsewhere, user=role)}
+        check = run_cli("check", "-c", str(write_config(tmp_path, config)), "--connect", env=cli_env)
+        assert check.returncode == 1, check.stdout + check.stderr
+        line = _dead_letters_line(check.stdout)
+        assert "FAILED" in line and "may not DELETE" in line and "GRANT" in line, line
+    finally:
+        with psycopg.connect(elsewhere, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            if exists:
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        pg.drop_database(elsewhere)
 
 
 def test_init_db_is_idempotent_and_can_print_its_sql(pg: PostgresServer, tmp_path: Path) -> None:

@@ -90,6 +90,50 @@ def _started(url: str, names: Names, **settings: Any) -> AbstractAsyncContextMan
     return started_sink(NatsSink(_config(url, names, **settings)))
 
 
+_USERS = """
+authorization {
+  users = [
+    {user: admin, password: admin-pw}
+    {user: relay, password: relay-pw-secret,
+     permissions: {publish: {allow: [">"], deny: ["denied.>"]}, subscribe: {allow: ["_INBOX.>"]}}}
+  ]
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def nats_with_users() -> Iterator[NatsServer]:
+    """A private server whose user `relay` may not publish on `denied.>`."""
+    with start_nats(private=True, config=_USERS) as server:
+        yield server
+
+
+async def test_a_subject_the_user_may_not_publish_on_fails_events_as_a_setup_problem_not_an_outage(
+    nats_with_users: NatsServer,
+) -> None:
+    token = uuid.uuid4().hex[:10]
+    url = nats_with_users.url.replace("nats://", "nats://relay:relay-pw-secret@")
+    settings: dict[str, Any] = {
+        "type": "nats",
+        "servers": url,
+        "stream": f"DENIED_{token}",
+        "subject": "denied.{aggregate_type}",
+        "ack_timeout": ACK_TIMEOUT,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "reconnect_wait": 0.2,
+    }
+    started = time.monotonic()
+    async with started_sink(NatsSink(NatsSinkConfig(**settings))) as sink:
+        for _ in range(2):  # and again on the connection made after the refusal
+            results = await sink.publish(make_events(3, aggregates=3))
+            for result in results:
+                assert isinstance(result, Failure), "a refused publish is never an acknowledgement"
+                assert result.setup and result.transient and not result.permanent, result
+                assert "ermissions violation" in result.reason.lower() or "Permissions" in result.reason
+                assert "relay-pw-secret" not in result.reason
+    assert time.monotonic() - started < 30, "the refusal does not hang"
+
+
 def _delivered(url: str, names: Names) -> list[dict[str, Any]]:
     return [nats_message_as_line(headers, data) for _, headers, data in read_stream(url, names.stream)]
 

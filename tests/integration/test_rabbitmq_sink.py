@@ -210,6 +210,55 @@ async def test_a_channel_closed_by_the_broker_fails_the_call_and_the_next_call_d
     assert [m["properties"]["message_id"] for m in delivered] == [e.event_id for e in events]
 
 
+@pytest.fixture
+def limited_user(rabbit: RabbitBroker) -> Iterator[tuple[str, str]]:
+    """A user of the private node whose permissions a test changes; (user, password)."""
+    require_control(rabbit)
+    user, password = f"relaytest-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    rabbit.add_user(user, password)
+    try:
+        yield user, password
+    finally:
+        rabbit.delete_user(user)
+
+
+async def test_a_user_that_may_not_write_to_the_exchange_fails_events_as_a_setup_problem_until_granted(
+    rabbit: RabbitBroker, names: RabbitNames, limited_user: tuple[str, str]
+) -> None:
+    user, password = limited_user
+    rabbit.set_permissions(user, ".*", "^$", ".*")  # may declare, may not publish
+    async with _started_sink(rabbit.url_for(user, password), names) as sink:
+        queue = names.queue()
+        declare_queue(rabbit.url, queue, names.exchange, "#")
+        for _ in range(2):  # the refusal closing the channel, then the next call on a new one
+            results = await sink.publish(make_events(3, aggregates=3))
+            for result in results:
+                assert isinstance(result, Failure), "a refused publish is never an acknowledgement"
+                assert result.setup and result.transient and not result.permanent, result
+                assert "ACCESS_REFUSED" in result.reason and password not in result.reason
+        rabbit.set_permissions(user, ".*", ".*", ".*")  # the operator grants it
+        events = make_events(3, aggregates=3, start=10)
+        assert await sink.publish(events) == [None] * 3
+    delivered = drain_queue(rabbit.url, queue, 3, timeout=2.0)
+    assert [m["properties"]["message_id"] for m in delivered] == [e.event_id for e in events]
+
+
+async def test_a_user_that_may_not_declare_the_exchange_fails_events_as_a_setup_problem_not_an_outage(
+    rabbit: RabbitBroker, names: RabbitNames, limited_user: tuple[str, str]
+) -> None:
+    user, password = limited_user
+    rabbit.set_permissions(user, "^$", ".*", ".*")  # may not declare
+    sink = RabbitMQSink(_config(rabbit.url_for(user, password), names))
+    try:
+        results = await sink.publish(make_events(2, aggregates=2))
+    finally:
+        await sink.close()
+    for result in results:
+        assert isinstance(result, Failure)
+        assert result.setup and result.transient and not result.permanent, result
+        assert "ACCESS_REFUSED" in result.reason and password not in result.reason
+
+
 # --- outages ------------------------------------------------------------------------------------
 
 

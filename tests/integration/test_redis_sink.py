@@ -155,6 +155,69 @@ async def test_a_key_of_another_type_fails_only_its_own_event_permanently(
 # --- outages ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def acl_redis() -> Iterator[RedisServer]:
+    """A private server whose users the tests change (never the machine's own server)."""
+    with start_redis(private=True) as server:
+        yield server
+
+
+def _acl_user(server: RedisServer, user: str, password: str, *rules: str) -> str:
+    """Create (or change) an ACL user on `server`; its URL."""
+    admin = redis.Redis.from_url(server.url)
+    try:
+        admin.acl_setuser(
+            user,
+            enabled=True,
+            reset_passwords=True,
+            passwords=[f"+{password}"],
+            keys=["*"],
+            commands=list(rules),
+        )
+    finally:
+        admin.close()
+    return server.url.replace("redis://", f"redis://{user}:{password}@")
+
+
+async def test_an_acl_user_lacking_xadd_fails_every_event_as_a_setup_problem_until_it_is_granted(
+    acl_redis: RedisServer,
+) -> None:
+    user, password = f"relay-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    url = _acl_user(acl_redis, user, password, "+@all", "-xadd")
+    events = make_events(6, aggregates=3)
+    async with _started(url, unique_prefix("acl")) as sink:
+        results = await sink.publish(events)
+        for result in results:
+            assert isinstance(result, Failure), "a refused XADD is never an acknowledgement"
+            assert result.setup and result.transient and not result.permanent
+            assert "NOPERM" in result.reason and password not in result.reason
+        _acl_user(acl_redis, user, password, "+@all")  # the operator grants XADD
+        assert await sink.publish(events) == [None] * len(events)
+
+
+async def test_a_password_changed_under_the_relay_fails_events_as_a_setup_problem_not_as_an_outage(
+    acl_redis: RedisServer,
+) -> None:
+    user, password = f"relay-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    url = _acl_user(acl_redis, user, password, "+@all")
+    events = make_events(4, aggregates=2)
+    async with _started(url, unique_prefix("auth")) as sink:
+        assert await sink.publish(events) == [None] * len(events)
+        _acl_user(acl_redis, user, f"other-{uuid.uuid4().hex}", "+@all")  # the password rotated
+        admin = redis.Redis.from_url(acl_redis.url)
+        try:
+            admin.client_kill_filter(user=user)  # the relay must log in again
+        finally:
+            admin.close()
+        lost = await sink.publish(events)  # (the killed connection: an outage, then the login)
+        assert all(isinstance(result, Failure) and result.transient for result in lost)
+        results = await sink.publish(events)
+        for result in results:
+            assert isinstance(result, Failure)
+            assert result.setup and result.transient and not result.permanent, result
+            assert "WRONGPASS" in result.reason and password not in result.reason
+
+
 async def test_a_stopped_server_gives_transient_failures_and_nothing_acknowledged_is_lost_after_its_restart(
     durable_redis: RedisServer, prefix: str
 ) -> None:

@@ -14,7 +14,7 @@ import uuid
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import psycopg
 import pytest
@@ -134,10 +134,10 @@ async def test_a_batch_refused_for_one_event_is_narrowed_down_so_only_that_event
 async def test_a_batch_the_receiver_refuses_as_such_fails_whole_after_one_split(
     webhook_receiver: WebhookReceiver,
 ) -> None:
-    webhook_receiver.respond_with(lambda _: Reply(401, b"bad token"))
+    webhook_receiver.respond_with(lambda _: Reply(404, b"no such hook"))
     async with _started(webhook_receiver.url, mode="batch") as sink:
         results = await sink.publish(make_events(100, aggregates=100))
-    assert all(isinstance(r, Failure) and r.permanent and "401" in r.reason for r in results)
+    assert all(isinstance(r, Failure) and r.permanent and "404" in r.reason for r in results)
     assert len(webhook_receiver.received()) == 3  # the batch and its two halves, nothing more
 
 
@@ -217,6 +217,22 @@ async def test_a_400_fails_only_its_own_event_permanently_and_the_others_are_ack
     failure = results[3]
     assert isinstance(failure, Failure) and failure.permanent and not failure.transient
     assert "answered 400 Bad Request" in failure.reason and "schema violation" in failure.reason
+
+
+@pytest.mark.parametrize("status", [401, 403, 407])
+@pytest.mark.parametrize("mode", ["event", "batch"])
+async def test_a_receiver_refusing_the_relays_credentials_fails_events_as_a_setup_problem_never_as_poison(
+    webhook_receiver: WebhookReceiver, status: int, mode: str
+) -> None:
+    webhook_receiver.respond_with(lambda _: Reply(status, b"credentials refused"))
+    async with _started(webhook_receiver.url, mode=mode) as sink:
+        results = await sink.publish(make_events(6, aggregates=3))
+    for result in results:
+        assert isinstance(result, Failure), "a refusal is never an acknowledgement"
+        assert result.setup and result.transient and not result.permanent
+        assert f"answered {status}" in result.reason
+    if mode == "batch":
+        assert len(webhook_receiver.received()) == 1, "a refusal of the relay is not narrowed down"
 
 
 async def test_a_slow_receiver_times_out_as_a_transient_failure_within_the_timeout(
@@ -304,7 +320,7 @@ async def test_a_secret_header_is_sent_but_masked_in_describe_and_never_logged(
         [result] = await sink.publish(make_events(1, aggregates=1))
     assert described["headers"] == {"Authorization": "***", "X-Api-Key": "***", "X-Tenant": "t1"}
     assert "sig=***" in str(described["url"])
-    assert isinstance(result, Failure) and result.permanent and "401" in result.reason
+    assert isinstance(result, Failure) and result.setup and "401" in result.reason
     captured = capfd.readouterr()
     for text in (repr(described), result.reason, captured.out, captured.err):
         assert token not in text and key not in text
@@ -390,6 +406,68 @@ def test_readyz_answers_503_with_the_sink_down_while_the_receiver_is_unreachable
     assert assert_complete_and_ordered(_lines(webhook_receiver), event_ids(dsn)) == 0
 
 
+def test_a_receiver_answering_401_dead_letters_nothing_turns_readiness_false_naming_the_sink_until_it_accepts(
+    dsn: str, webhook_receiver: WebhookReceiver, start_relay: Any, tmp_path: Path
+) -> None:
+    """`outbox-relay run` against a receiver that answers 401 to everything (a revoked token):
+    no event is dead-lettered however often it is retried, /readyz is 503 with a problem naming
+    the sink, and outbox_relay_setup_problem{component="sink"} is 1. Once the receiver accepts
+    again, every event arrives once, in order per aggregate, and the problem clears."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    gauge = 'outbox_relay_setup_problem{component="sink",outbox="orders"}'
+    accepted: list[Request] = []
+    refusing = True
+
+    def answer(request: Request) -> Reply | None:
+        if refusing:
+            return Reply(401, b'{"error": "invalid token"}')
+        accepted.append(request)
+        return None
+
+    webhook_receiver.respond_with(answer)
+    config = relay_config(dsn, {"type": "webhook", "url": webhook_receiver.url, "timeout": "2s"})
+    config["http"] = {"port": port, "host": "127.0.0.1"}
+    config["outboxes"][0]["retry"] = {"initial": "20ms", "max": "100ms"}
+    config["outboxes"][0]["dead_letter"] = {"after_attempts": 2}
+    insert_events(dsn, 30, aggregates=5)
+    relay = start_relay(write_config(tmp_path, config))
+
+    def refused_as_setup() -> bool:
+        try:
+            ready = json.loads(http_get(base + "/readyz"))
+        except (OSError, ValueError):
+            return False
+        problems = ready["outboxes"]["orders"].get("problems", [])
+        return ready["ready"] is False and any(p["component"] == "sink" for p in problems)
+
+    wait_for(refused_as_setup, 60, "/readyz naming the sink's setup problem")
+    # Many more refusals than after_attempts: still nothing is parked.
+    wait_for(lambda: len(webhook_receiver.received()) >= 50, 60, "the relay retrying the refused events")
+    (problem,) = json.loads(http_get(base + "/readyz"))["outboxes"]["orders"]["problems"]
+    assert problem["problem"] == "broker refused the relay" and "answered 401" in problem["error"]
+    assert f"{gauge} 1.0" in http_get(base + "/metrics")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(base + "/readyz", timeout=5)
+    assert refused.value.code == 503
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (parked,) = conn.execute("SELECT count(*) FROM outbox_relay_dead_letters").fetchone() or (None,)
+    assert parked == 0, "a refused credential dead-lettered events"
+    assert unpublished(dsn) == 30
+
+    refusing = False
+    wait_for(
+        lambda: unpublished(dsn) == 0 and json.loads(http_get(base + "/readyz"))["ready"] is True,
+        60,
+        "every event published and /readyz 200 once the receiver accepts",
+    )
+    assert f"{gauge} 0.0" in http_get(base + "/metrics")
+    assert "problems" not in json.loads(http_get(base + "/readyz"))["outboxes"]["orders"]
+    stop_relay(relay)
+    delivered = [line for request in accepted for line in webhook_request_as_lines(request)]
+    assert assert_complete_and_ordered(delivered, event_ids(dsn)) == 0, "every event once"
+
+
 def _echo_every_header(status: int) -> Any:
     """A receiver that refuses every request and echoes all its headers in the body, the
     Authorization header first (as many real receivers do in their 401 and 400 answers)."""
@@ -414,18 +492,18 @@ async def test_credentials_in_the_webhook_url_never_show_in_any_form_in_the_dead
         "base64 of the password": base64.b64encode(password.encode()).decode().rstrip("="),
     }
     url = webhook_receiver.url.replace("http://", f"http://{user}:{quote(password, safe='')}@")
-    webhook_receiver.respond_with(_echo_every_header(401))
+    webhook_receiver.respond_with(_echo_every_header(400))
     insert_events(dsn, 1, aggregates=1)
     path = write_config(tmp_path, relay_config(dsn, {"type": "webhook", "url": url, "timeout": TIMEOUT}))
     run = run_cli("run", "--drain", "-c", str(path), env=cli_env, timeout=90)
     assert run.returncode == 0, run.stderr[-2000:]
     assert webhook_receiver.received()[0].headers["authorization"] == f"Basic {basic}"  # it was sent
     (letter,) = await dead_letters(dsn)
-    assert "answered 401" in letter.error and "authorization: Basic ***" in letter.error
+    assert "answered 400" in letter.error and "authorization: ***" in letter.error
     shown = run_cli("dlq", "show", "-c", str(path), env=cli_env)
     listed = run_cli("dlq", "list", "-c", str(path), env=cli_env)
     assert shown.returncode == listed.returncode == 0, shown.stderr + listed.stderr
-    assert "answered 401" in shown.stdout and "answered 401" in listed.stdout
+    assert "answered 400" in shown.stdout and "answered 400" in listed.stdout
     # A row stored by a version that did not mask it is masked when shown.
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
@@ -445,6 +523,77 @@ async def test_credentials_in_the_webhook_url_never_show_in_any_form_in_the_dead
     for where, text in texts.items():
         for form, value in forms.items():
             assert value not in text, f"{form} of the password in the {where}"
+
+
+def _echoings(value: str) -> dict[str, str]:
+    """`value` as a receiver may echo it: percent-encoded (quote, quote_plus), inside a JSON
+    string (with and without `\\/`, as PHP's json_encode writes `/`), and as base64url."""
+    dumped = json.dumps(value)[1:-1]
+    return {
+        "quote": quote(value, safe=""),
+        "quote_plus": quote_plus(value),
+        "json": dumped,
+        "json with \\/": dumped.replace("/", "\\/"),
+        "base64url": base64.urlsafe_b64encode(value.encode()).decode().rstrip("="),
+    }
+
+
+@pytest.mark.parametrize("credential", ["bearer", "basic"])
+async def test_a_credential_echoed_percent_encoded_json_escaped_or_base64url_never_shows_anywhere(
+    dsn: str, webhook_receiver: WebhookReceiver, tmp_path: Path, cli_env: dict[str, str], credential: str
+) -> None:
+    """The receiver answers 400 to each event with the Authorization header it got in one more
+    encoding (one per event, so that no body is cut before its secret): none of them is in the
+    dead-letter rows, the relay's logs or what `dlq list` and `dlq show` print."""
+    if credential == "bearer":
+        token = f"Tok/en+{uuid.uuid4().hex[:8]}Secret/Val="
+        sink: dict[str, Any] = {"type": "webhook", "url": webhook_receiver.url, "timeout": TIMEOUT}
+        sink["headers"] = {"Authorization": f"Bearer {token}"}
+        values = {"token": token, "header": f"Bearer {token}"}
+    else:
+        user, password = "relay", f"pa>>ss~{uuid.uuid4().hex[:8]}"
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        url = webhook_receiver.url.replace("http://", f"http://{user}:{quote(password, safe='')}@")
+        sink = {"type": "webhook", "url": url, "timeout": TIMEOUT}
+        values = {"password": password, "user:password": f"{user}:{password}", "base64": basic}
+        values["header"] = f"Basic {basic}"
+    forms = {
+        f"{form} of the {name}": text for name, v in values.items() for form, text in _echoings(v).items()
+    }
+    if credential == "basic":
+        assert (
+            forms["quote_plus of the header"].startswith("Basic+")
+            and "%2B" in forms["quote_plus of the header"]
+        )
+    order = list(forms)
+    assigned: dict[str, str] = {}
+
+    def echo(request: Request) -> Reply:
+        form = assigned.setdefault(request.headers["idempotency-key"], order[len(assigned) % len(order)])
+        return Reply(400, f"refused; you sent {forms[form]} as your credential".encode())
+
+    webhook_receiver.respond_with(echo)
+    insert_events(dsn, len(forms), aggregates=len(forms))
+    path = write_config(tmp_path, relay_config(dsn, sink))
+    run = run_cli("run", "--drain", "-c", str(path), env=cli_env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    letters = await dead_letters(dsn)
+    assert len(letters) == len(forms), letters
+    assert all("you sent ***" in letter.error for letter in letters), [
+        x.error[-80:] for x in letters if "you sent ***" not in x.error
+    ]
+    shown = run_cli("dlq", "show", "-c", str(path), env=cli_env)
+    listed = run_cli("dlq", "list", "-c", str(path), env=cli_env)
+    assert shown.returncode == listed.returncode == 0, shown.stderr + listed.stderr
+    texts = {
+        "dead-letter rows": " ".join(letter.error for letter in letters),
+        "relay logs": run.stdout + run.stderr,
+        "dlq show": shown.stdout + shown.stderr,
+        "dlq list": listed.stdout + listed.stderr,
+    }
+    for where, text in texts.items():
+        for form, value in forms.items():
+            assert value not in text, f"{form} in the {where}"
 
 
 def test_a_webhook_with_credentials_in_its_url_and_an_authorization_header_is_refused_naming_the_key(

@@ -39,3 +39,28 @@ def test_a_fenced_producer_is_replaced_and_the_event_is_not_blamed() -> None:
     failure, broken = _failure(KafkaError._FENCED)
     assert broken
     assert not failure.permanent
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError._AUTHENTICATION,
+    ],
+)
+def test_an_authorization_or_sasl_refusal_is_a_setup_failure_that_never_dead_letters_the_event(
+    code: int,
+) -> None:
+    failure, _ = _failure(code)
+    assert failure.setup and failure.transient and not failure.permanent
+    assert "outbox.orders" in failure.reason and KafkaError(code).name() in failure.reason
+
+
+def test_a_topic_authorization_failure_says_what_the_principal_lacks() -> None:
+    failure, _ = _failure(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    assert "may not write to the topic" in failure.reason
+    sasl, _ = _failure(KafkaError.SASL_AUTHENTICATION_FAILED)
+    assert "sasl.username" in sasl.reason

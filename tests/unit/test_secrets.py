@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
+from urllib.parse import quote, quote_plus
 
 import pytest
 
-from relay.secrets import SecretScrubber, redact_url
+from relay.secrets import SecretScrubber, redact_url, secret_forms
 
 
 def test_url_and_keyword_dsn_passwords_are_masked() -> None:
@@ -124,3 +126,48 @@ def test_a_cut_value_never_shows_the_beginning_of_a_secret_wherever_the_cut_fall
         shown = scrubber.scrub_shortened(text, limit)
         assert "S3CR" not in shown, offset
         assert len(shown) < limit + 60 and f"[{len(text)} characters, cut]" in shown
+
+
+def _echoed(value: str) -> dict[str, str]:
+    """How a receiver may echo `value`: as is, percent-encoded (quote, quote_plus), as the inside
+    of a JSON string (with and without `\\/` for `/`), and as base64url."""
+    dumped = json.dumps(value)[1:-1]
+    return {
+        "raw": value,
+        "quote safe=''": quote(value, safe=""),
+        "quote": quote(value),
+        "quote_plus": quote_plus(value),
+        "json": dumped,
+        "json with \\/": dumped.replace("/", "\\/"),
+        "base64url": base64.urlsafe_b64encode(value.encode()).decode().rstrip("="),
+    }
+
+
+def test_a_bearer_token_is_masked_in_every_encoding_a_receiver_may_echo_it_in() -> None:
+    scrubber = SecretScrubber()
+    scrubber.remember_authorization("Bearer Tok/en+Secret/Val=")
+    assert scrubber.scrub('{"token": "Tok\\/en+Secret\\/Val="}') == '{"token": "***"}'
+    for value in ("Tok/en+Secret/Val=", "Bearer Tok/en+Secret/Val="):
+        for form, echoed in _echoed(value).items():
+            shown = scrubber.scrub(f"got <{echoed}>")
+            assert echoed not in shown and "Secret" not in shown, (form, shown)
+
+
+def test_basic_credentials_are_masked_in_every_encoding_of_the_pair_and_of_its_base64() -> None:
+    scrubber = SecretScrubber()
+    user, password = "relay", "pa>>ss~wd"
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    assert "+" in basic  # cmVsYXk6cGE+PnNzfndk: percent-encoding changes it
+    scrubber.remember_credentials(user, password)
+    assert scrubber.scrub("Authorization=Basic+cmVsYXk6cGE%2BPnNzfndk") == "Authorization=Basic+***"
+    for value in (password, f"{user}:{password}", basic, basic.rstrip("=")):
+        for form, echoed in _echoed(value).items():
+            shown = scrubber.scrub(f"got <{echoed}>")
+            assert echoed not in shown, (value, form, shown)
+
+
+def test_the_forms_percent_encoded_by_the_scrubber_are_exactly_what_urllib_makes_of_them() -> None:
+    for value in ("p@ss wörd/1+2=3~_.-", "Tok/en+Secret/Val=", "a b\tc\x00\U0001f600"):
+        forms = secret_forms(value)
+        for encoded in (quote(value, safe=""), quote(value), quote_plus(value)):
+            assert encoded in forms, (value, encoded)
