@@ -391,6 +391,8 @@ class Pipeline:
             if len(results) != len(sendable):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
         except Exception as exc:
+            # (A login refused on reconnect is a setup problem, said as one; an outage is not.)
+            self.problems.report("sink", exc)
             results = [Failure(describe_error(exc), transient=True)] * len(sendable)
             whole_call_failed = self._broker_outcome(called_at, sendable, results, raised=True)
         else:
