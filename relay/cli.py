@@ -34,12 +34,25 @@ from relay.secrets import is_secret_key, scrubber
 
 T = TypeVar("T")
 
+
+class _ConfigPath(click.ParamType):  # type: ignore[type-arg]
+    """A path taken as given: click.Path would turn an empty one into '.' (a directory)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        return Path(text) if text else ""
+
+
 CONFIG_OPTION = click.option(
     "-c",
     "--config",
     "config_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_ConfigPath(),
     help="The relay's YAML config file.",
 )
 
