@@ -41,7 +41,12 @@ class RetryConfig(StrictModel):
 
     initial: Duration = Field(default=0.1, gt=0, description="First backoff ceiling.")
     max: Duration = Field(default=30.0, gt=0, description="Largest backoff ceiling.")
-    multiplier: float = Field(default=2.0, ge=1.0)
+    multiplier: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description="Growth of the ceiling per attempt; more than 10 reaches max after an attempt or two.",
+    )
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> RetryConfig:
@@ -54,17 +59,27 @@ class PipelineConfig(StrictModel):
     """How much the relay holds in memory and how it batches publishes."""
 
     max_in_flight: int = Field(
-        default=10_000, ge=1, description="Events held between fetch and source ack; bounds memory."
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Events held between fetch and source ack; bounds memory (a million events is"
+        " gigabytes already).",
     )
-    publish_batch_size: int = Field(default=1_000, ge=1, description="Events per sink call.")
+    publish_batch_size: int = Field(default=1_000, ge=1, le=100_000, description="Events per sink call.")
     publish_concurrency: int = Field(default=2, ge=1, le=64, description="Sink calls at once.")
     per_aggregate_in_flight: int = Field(
         default=100,
         ge=1,
+        le=100_000,
         description="Consecutive events of one aggregate in one sink call, for sinks that keep a "
         "call's order (1 with on_poison: block): what a hot aggregate moves per broker round trip.",
     )
-    stats_interval: Duration = Field(default=5.0, gt=0, description="How often pending and lag are measured.")
+    stats_interval: Duration = Field(
+        default=5.0,
+        ge=0.1,
+        description="How often pending and lag are measured (a query each time: at least 100ms, so an"
+        " idle relay does not keep the database busy).",
+    )
 
 
 class DeadLetterConfig(StrictModel):
@@ -73,6 +88,7 @@ class DeadLetterConfig(StrictModel):
     after_attempts: int = Field(
         default=10,
         ge=1,
+        le=1_000_000,  # (the count is stored in an integer column; `on_poison: block` never parks)
         description="Refusals by the broker before the event is parked; outages do not count.",
     )
     on_poison: Literal["dead_letter", "block"] = Field(
@@ -92,7 +108,10 @@ class LeaseConfig(StrictModel):
 
     enabled: bool = Field(default=True, description="Off only when a single relay runs, ever.")
     check_interval: Duration = Field(
-        default=1.0, gt=0, description="How often the active relay confirms it still holds the lease."
+        default=1.0,
+        ge=0.1,
+        description="How often the active relay confirms it still holds the lease (a query each time:"
+        " at least 100ms, so an idle relay does not spin).",
     )
 
 
@@ -603,12 +622,13 @@ def _read_text(file: str) -> str:
         if not stat.S_ISREG(mode):
             raise ConfigError([_not_regular(file, mode)]) from None
         raise ConfigError([f"{file}: cannot read the file: {exc.strerror or exc}"]) from None
-    with open(fd, "rb", closefd=True) as stream:
-        mode = os.fstat(fd).st_mode
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
         if stat.S_ISDIR(mode):
             raise ConfigError([f"{file}: is a directory, not a config file"])
-        if not stat.S_ISREG(mode):
-            raise ConfigError([_not_regular(file, mode)])
+        raise ConfigError([_not_regular(file, mode)])
+    with open(fd, "rb", closefd=True) as stream:
         try:
             raw = stream.read(MAX_FILE_BYTES + 1)
         except OSError as exc:

@@ -156,7 +156,10 @@ class NatsSinkConfig(ConnectorConfig):
     )
     connect_timeout: Duration = Field(default=5.0, gt=0, description="Bound on connecting to a server.")
     reconnect_wait: Duration = Field(
-        default=1.0, gt=0, description="Pause between reconnect attempts after a connection was lost."
+        default=1.0,
+        ge=0.01,
+        description="Pause between reconnect attempts after a connection was lost (at least 10ms: a server"
+        " that is down must not make the relay spin).",
     )
 
     @field_validator("servers", mode="before")

@@ -503,9 +503,8 @@ def _cases() -> list[Case]:
     )
     add(
         "one table twice in tables",
-        _yaml(_config(_outbox(source={**LOGICAL, "tables": ["t", "public.T"]}))),
-        "outboxes[0].source.tables[1]: ",
-        "twice",
+        _yaml(_config(_outbox(source={**LOGICAL, "tables": ["public.t", "PUBLIC.T"]}))),
+        "outboxes[0].source.tables: table public.t is listed twice (tables[0] and tables[1])",
     )
 
     # Paths that are not a readable file.
