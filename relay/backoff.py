@@ -17,8 +17,12 @@ class Backoff:
     def ceiling(self, attempt: int) -> float:
         """Upper bound of the delay before retry number `attempt` (1-based)."""
         exponent = max(attempt - 1, 0)
-        # Cap the exponent: multiplier**exponent overflows long before it matters.
-        return min(self.maximum, self.initial * self.multiplier ** min(exponent, 64))
+        try:
+            # (A float power: an int multiplier would build a huge integer for a late attempt.)
+            grown = self.initial * float(self.multiplier) ** exponent
+        except OverflowError:  # past any float, so past the maximum
+            return self.maximum
+        return min(self.maximum, grown)
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         return (rng or random).uniform(0.0, self.ceiling(attempt))

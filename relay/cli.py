@@ -34,12 +34,25 @@ from relay.secrets import is_secret_key, scrubber
 
 T = TypeVar("T")
 
+
+class _ConfigPath(click.ParamType):  # type: ignore[type-arg]
+    """A path taken as given: click.Path would turn an empty one into '.' (a directory)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        return Path(text) if text else ""
+
+
 CONFIG_OPTION = click.option(
     "-c",
     "--config",
     "config_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_ConfigPath(),
     help="The relay's YAML config file.",
 )
 
@@ -117,13 +130,11 @@ def check(config_path: Path, connect: bool, as_json: bool) -> None:
             settings["sink effective settings"] = _masked(sink.describe())
         entry: dict[str, Any] = {"outbox": outbox.name, "settings": settings}
         if not as_json:
-            click.echo(f"outbox {outbox.name}:")
-            click.echo(_as_yaml(settings, indent="  "), nl=False)
+            click.echo(_as_yaml({f"outbox {outbox.name}": settings}, indent=""), nl=False)
         if connect:
             entry["connect"] = _run_async(lambda s=source, k=sink, o=outbox: _connect_checks(s, k, o))  # type: ignore[misc]
             if not as_json:
-                for label, outcome in entry["connect"].items():
-                    click.echo(f"  {label}: " + "\n    ".join(outcome))
+                click.echo(_connect_yaml(entry["connect"]), nl=False)
         report.append(entry)
     failed = any(o[0].startswith("FAILED") for e in report for o in e.get("connect", {}).values())
     if as_json:
@@ -131,12 +142,48 @@ def check(config_path: Path, connect: bool, as_json: bool) -> None:
     if failed:
         sys.exit(1)
     if not as_json:
-        click.echo(f"{config_path}: ok")
+        click.echo(_as_yaml({str(config_path): "ok"}, indent=""), nl=False)
 
 
 def _as_yaml(value: Any, indent: str) -> str:
     text = yaml.safe_dump(value, sort_keys=True, allow_unicode=True, default_flow_style=False, width=100)
     return "".join(f"{indent}{line}\n" for line in text.splitlines())
+
+
+class _Verbatim(str):
+    """A message shown as written: a YAML literal block when plain style would need quotes (a
+    colon, quotes, a leading indicator), so that the text stays greppable and the output YAML."""
+
+
+class _CheckDumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_verbatim(dumper: yaml.SafeDumper, text: _Verbatim) -> yaml.Node:
+    plain = (
+        not any(mark in text for mark in (": ", " #", "'", '"', "\\"))
+        and text[:1] not in "-?:,[]{}#&*!|>'\"%@` "
+    )
+    plain = plain and not text.endswith(":") and text.isprintable() and text == text.strip()
+    return dumper.represent_scalar("tag:yaml.org,2002:str", str(text), style=None if plain else "|")
+
+
+_CheckDumper.add_representer(_Verbatim, _represent_verbatim)
+
+
+def _connect_yaml(outcomes: dict[str, list[str]]) -> str:
+    """The `connect:` part of an outbox in check's text output: per probe `ok: true` and its
+    notes, or `ok: false` and the error."""
+    shown: dict[str, Any] = {}
+    for label, outcome in outcomes.items():
+        if outcome[0].startswith("FAILED"):
+            shown[label] = {"ok": False, "error": _Verbatim(outcome[0].removeprefix("FAILED: "))}
+        else:
+            shown[label] = {"ok": True, "notes": [_Verbatim(note) for note in outcome[1:]]}
+    text = yaml.dump(
+        {"connect": shown}, Dumper=_CheckDumper, sort_keys=False, allow_unicode=True, width=2**30
+    )
+    return "".join(f"  {line}\n" for line in text.splitlines())
 
 
 def _masked(value: Any) -> Any:

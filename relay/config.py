@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Union
@@ -40,7 +41,12 @@ class RetryConfig(StrictModel):
 
     initial: Duration = Field(default=0.1, gt=0, description="First backoff ceiling.")
     max: Duration = Field(default=30.0, gt=0, description="Largest backoff ceiling.")
-    multiplier: float = Field(default=2.0, ge=1.0)
+    multiplier: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description="Growth of the ceiling per attempt; more than 10 reaches max after an attempt or two.",
+    )
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> RetryConfig:
@@ -53,17 +59,27 @@ class PipelineConfig(StrictModel):
     """How much the relay holds in memory and how it batches publishes."""
 
     max_in_flight: int = Field(
-        default=10_000, ge=1, description="Events held between fetch and source ack; bounds memory."
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Events held between fetch and source ack; bounds memory (a million events is"
+        " gigabytes already).",
     )
-    publish_batch_size: int = Field(default=1_000, ge=1, description="Events per sink call.")
+    publish_batch_size: int = Field(default=1_000, ge=1, le=100_000, description="Events per sink call.")
     publish_concurrency: int = Field(default=2, ge=1, le=64, description="Sink calls at once.")
     per_aggregate_in_flight: int = Field(
         default=100,
         ge=1,
+        le=100_000,
         description="Consecutive events of one aggregate in one sink call, for sinks that keep a "
         "call's order (1 with on_poison: block): what a hot aggregate moves per broker round trip.",
     )
-    stats_interval: Duration = Field(default=5.0, gt=0, description="How often pending and lag are measured.")
+    stats_interval: Duration = Field(
+        default=5.0,
+        ge=0.1,
+        description="How often pending and lag are measured (a query each time: at least 100ms, so an"
+        " idle relay does not keep the database busy).",
+    )
 
 
 class DeadLetterConfig(StrictModel):
@@ -72,6 +88,7 @@ class DeadLetterConfig(StrictModel):
     after_attempts: int = Field(
         default=10,
         ge=1,
+        le=1_000_000,  # (the count is stored in an integer column; `on_poison: block` never parks)
         description="Refusals by the broker before the event is parked; outages do not count.",
     )
     on_poison: Literal["dead_letter", "block"] = Field(
@@ -91,7 +108,10 @@ class LeaseConfig(StrictModel):
 
     enabled: bool = Field(default=True, description="Off only when a single relay runs, ever.")
     check_interval: Duration = Field(
-        default=1.0, gt=0, description="How often the active relay confirms it still holds the lease."
+        default=1.0,
+        ge=0.1,
+        description="How often the active relay confirms it still holds the lease (a query each time:"
+        " at least 100ms, so an idle relay does not spin).",
     )
 
 
@@ -167,6 +187,12 @@ _BAD_REFERENCE = (
 )
 
 
+_NESTED_REFERENCE = (
+    "a default value cannot contain '${': write ${NAME:-default} with a plain default (references"
+    " do not nest)"
+)
+
+
 def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
     if isinstance(value, str):
 
@@ -178,6 +204,10 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[s
             name, default = match["name"], match["default"]
             if name is None:
                 return "${"
+            if default is not None and "${" in default:
+                # (Nested references are not read: the first '}' would end the outer one.)
+                problems.append(f"{path or '(top)'}: {_NESTED_REFERENCE}")
+                return ""
             if name in env:
                 return env[name]
             if default is not None:
@@ -285,6 +315,74 @@ class _StrictLoader(
                 " (an alias may repeat a small mapping a few times, not multiply the document)",
                 event,
             )
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's constructors raise plain Python errors for some values (an integer of more
+        than 4300 digits, a date with month 13): each becomes invalid YAML at the value."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError, ArithmeticError, LookupError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {exc}", node.start_mark
+            ) from None
+
+
+#: The tag of a key written as text (a `<<` merge key is a mapping merged in).
+_TEXT_TAGS = (yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, "tag:yaml.org,2002:merge")
+_KEY_KINDS = {
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:int": "a number",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:timestamp": "a date",
+}
+
+
+def _text_problems(node: yaml.Node, path: str, seen: set[int], problems: list[tuple[yaml.Mark, str]]) -> None:
+    """Keys that are not text (a list, a mapping, `true`, `8080`, `~`) and text that is not
+    Unicode (a lone surrogate written as an escape), with their key path, before anything is
+    constructed: a config's keys are names, and every text must be encodable as UTF-8."""
+    if id(node) in seen:  # (an alias: checked where its anchor is)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        problem = _lone_surrogate(node.value)
+        if problem:
+            problems.append((node.start_mark, f"{path or '(top)'}: {problem}"))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _text_problems(item, f"{path}[{index}]", seen, problems)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            where = path or "(top)"
+            if isinstance(key, yaml.SequenceNode | yaml.MappingNode):
+                kind = "a list" if isinstance(key, yaml.SequenceNode) else "a mapping"
+                problems.append((key.start_mark, f"{where}: a key must be text, not {kind}"))
+                continue
+            text = key.value if isinstance(key, yaml.ScalarNode) else ""
+            shown = _shown_key(text)
+            problem = _lone_surrogate(text)
+            if problem:
+                problems.append((key.start_mark, f"{where}: key {shown}: {problem}"))
+                continue
+            if key.tag not in _TEXT_TAGS:
+                kind = _KEY_KINDS.get(key.tag, f"tagged {key.tag}")
+                problems.append(
+                    (key.start_mark, f"{where}: key {shown} is {kind}, not text (quote it: '{shown}')")
+                )
+                continue
+            _text_problems(value, _join(path, text), seen, problems)
+
+
+def _lone_surrogate(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = f"\\u{ord(text[exc.start]):04x}"
+        return f"contains {code}, a lone surrogate: not a character (write the character itself)"
+    return None
 
 
 def _refuse(problem: str, event: Any) -> NoReturn:
@@ -464,29 +562,77 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     """Read, interpolate and validate a config file. Raises ConfigError."""
     file = str(path)
     text = _read_text(file)
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # type: ignore[arg-type]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: invalid YAML: {printable(problem)}"]) from None
-    except RecursionError:  # (MAX_DEPTH stops nesting long before; this is a last resort)
-        raise ConfigError([f"{file}: invalid YAML: nested too deep"]) from None
+    data = _parse_yaml(text, file)
     config = parse_config(data, file, env)
     check_offline(config, file)
     return config
 
 
+def _parse_yaml(text: str, file: str) -> Any:
+    """The document's data; ConfigError for anything the YAML does not allow or the config
+    cannot hold (keys that are not text), each with its line and column."""
+    try:
+        loader = _StrictLoader(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(file, exc)]) from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        found: list[tuple[yaml.Mark, str]] = []
+        _text_problems(node, "", set(), found)
+        if found:
+            raise ConfigError([f"{_at(file, mark)}: {problem}" for mark, problem in found])
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(file, exc)]) from None
+    except RecursionError:  # (MAX_DEPTH stops nesting long before; this is a last resort)
+        raise ConfigError([f"{file}: invalid YAML: nested too deep"]) from None
+    except (ValueError, TypeError, OverflowError, ArithmeticError, LookupError) as exc:
+        # (construct_object turns these into YAML errors with a position; this is a last resort)
+        raise ConfigError([f"{file}: invalid YAML: {printable(str(exc))}"]) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(file: str, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{_at(file, mark)}: invalid YAML: {printable(problem)}"
+
+
+def _at(file: str, mark: yaml.Mark | None) -> str:
+    return f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
+
+
 def _read_text(file: str) -> str:
     """The file's text: at most MAX_FILE_BYTES of UTF-8 without NUL bytes, else one line why."""
+    if not file:
+        raise ConfigError(["no config file given (pass its path with -c)"])
     try:
-        with open(file, "rb") as stream:
-            raw = stream.read(MAX_FILE_BYTES + 1)
+        # Without blocking: opening a FIFO for reading waits for a writer, forever.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except IsADirectoryError:
         raise ConfigError([f"{file}: is a directory, not a config file"]) from None
     except OSError as exc:
+        try:  # (a socket cannot be opened at all: say what it is)
+            mode = os.stat(file).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise ConfigError([_not_regular(file, mode)]) from None
         raise ConfigError([f"{file}: cannot read the file: {exc.strerror or exc}"]) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise ConfigError([f"{file}: is a directory, not a config file"])
+        raise ConfigError([_not_regular(file, mode)])
+    with open(fd, "rb", closefd=True) as stream:
+        try:
+            raw = stream.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError([f"{file}: cannot read the file: {exc.strerror or exc}"]) from None
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(
             [f"{file}: the file is larger than {MAX_FILE_BYTES // 1024} KiB; a config file is small"]
@@ -498,6 +644,20 @@ def _read_text(file: str) -> str:
     except UnicodeDecodeError as exc:
         problem = f"the file is not UTF-8 text (byte {exc.start + 1} is not UTF-8)"
         raise ConfigError([f"{file}: {problem}"]) from None
+
+
+def _not_regular(file: str, mode: int) -> str:
+    return f"{file}: is {_file_kind(mode)}, not a regular file; a config is a file"
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def config_json_schema() -> dict[str, Any]:

@@ -63,8 +63,10 @@ def server_place(dsn: str) -> str:
     equal for two spellings of one connection string; `check --connect` asks the servers."""
     params = conninfo_to_dict(dsn)
     host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "(local socket)")
-    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
-    return f"{host.lower()}:{port}"
+    port = str(params.get("port") or os.environ.get("PGPORT") or "")
+    # Ports as numbers (libpq reads 05432 as 5432), the default where one is left out.
+    ports = ",".join(str(int(p)) if p.strip().isdigit() else (p.strip() or "5432") for p in port.split(","))
+    return f"{host.lower()}:{ports}"
 
 
 def database_place(dsn: str) -> str:

@@ -18,7 +18,7 @@ from io import FileIO
 from typing import Literal
 
 import orjson
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from connectors.sinks.jsonlines import encode_lines
 from relay.events import OutboxEvent, PublishResult
@@ -30,6 +30,15 @@ class FileSinkConfig(ConnectorConfig):
     type: Literal["file"]
     path: str = Field(min_length=1, description="File to append JSON lines to; created if missing.")
     fsync: bool = Field(default=False, description="fsync after every batch.")
+
+    @field_validator("path")
+    @classmethod
+    def _not_a_directory(cls, value: str) -> str:
+        if os.path.isdir(value):
+            raise ValueError(
+                f"{value} is a directory: name a file in it, e.g. {os.path.join(value, 'events.jsonl')}"
+            )
+        return value
 
 
 class FileSink(Sink):
@@ -84,9 +93,17 @@ class FileSink(Sink):
             os.ftruncate(self._file.fileno(), self._size)
 
     async def check(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.config.path))
-        if not os.access(directory, os.W_OK):
-            raise ConnectorError(f"cannot write to {directory}")
+        path = self.config.path
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ConnectorError(f"cannot create {path}: directory {directory} does not exist")
+        if os.path.isdir(path):
+            raise ConnectorError(f"cannot append to {path}: it is a directory")
+        if os.path.exists(path):
+            if not os.access(path, os.W_OK):
+                raise ConnectorError(f"cannot append to {path}: not writable")
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            raise ConnectorError(f"cannot create {path}: directory {directory} is not writable")
 
     async def close(self) -> None:
         if self._file is not None:

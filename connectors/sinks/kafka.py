@@ -87,12 +87,30 @@ _VALID_TOPICS_KEPT = 10_000
 
 
 def _check_template(template: str, what: str) -> None:
-    for literal in check_template(template, what):
-        if what == "topic" and not _TOPIC_LITERAL.match(literal):
+    literals = check_template(template, what)
+    if what != "topic":
+        return
+    for literal in literals:
+        if not _TOPIC_LITERAL.match(literal):
             raise ValueError(
                 f"topic template {template!r} has characters Kafka refuses in topic names "
                 "(allowed: letters, digits, '.', '_', '-')"
             )
+    static = "".join(literals) if len(literals) == 1 and "{" not in template.replace("{{", "") else None
+    if static is not None and (static in (".", "..") or not _TOPIC_NAME.match(static)):
+        raise ValueError(f"topic {_shown_topic(static)!r} is not a topic name Kafka allows: {_TOPIC_RULE}")
+    if sum(map(len, literals)) > 249:
+        raise ValueError(
+            f"topic template {_shown_topic(template)!r} renders topics longer than Kafka allows:"
+            f" {_TOPIC_RULE}"
+        )
+
+
+_TOPIC_RULE = "1 to 249 letters, digits, '.', '_' or '-', and not '.' or '..'"
+
+
+def _shown_topic(text: str) -> str:
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 # One bootstrap server as librdkafka reads it: [protocol://]host[:port], an IPv6 host in brackets.

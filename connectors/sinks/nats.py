@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import re
+import string
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from relay.durations import Duration
 from relay.events import Failure, OutboxEvent, PublishResult
@@ -107,6 +108,34 @@ def default_subjects(template: str) -> list[str]:
     return [".".join(tokens)]
 
 
+def _literal_prefix(template: str) -> str:
+    """The text of a subject template before its first field (all of it without fields)."""
+    first = next(iter(string.Formatter().parse(template)), None)
+    return "" if first is None else first[0]
+
+
+def _may_cover(stream_subject: str, template: str) -> bool:
+    """Whether a stream subject (with NATS wildcards `*` and `>`) matches the subjects the template
+    renders, as far as its literal prefix tells: the whole subject when it has no field, else the
+    complete tokens before the first field (what follows depends on each event)."""
+    pattern = stream_subject.split(".")
+    prefix = _literal_prefix(template)
+    has_field = prefix != template.replace("{{", "{").replace("}}", "}")
+    tokens = prefix.split(".")
+    if has_field:
+        tokens = tokens[:-1]  # (the token the field is in is not known)
+    for index, token in enumerate(tokens):
+        if index >= len(pattern):
+            return False
+        if pattern[index] == ">":
+            return True
+        if pattern[index] not in ("*", token):
+            return False
+    if has_field:
+        return len(pattern) > len(tokens)
+    return len(pattern) == len(tokens)
+
+
 def subject_problem(subject: str) -> str | None:
     """Why a rendered subject cannot be published to, or None."""
     if not subject:
@@ -156,7 +185,10 @@ class NatsSinkConfig(ConnectorConfig):
     )
     connect_timeout: Duration = Field(default=5.0, gt=0, description="Bound on connecting to a server.")
     reconnect_wait: Duration = Field(
-        default=1.0, gt=0, description="Pause between reconnect attempts after a connection was lost."
+        default=1.0,
+        ge=0.01,
+        description="Pause between reconnect attempts after a connection was lost (at least 10ms: a server"
+        " that is down must not make the relay spin).",
     )
 
     @field_validator("servers", mode="before")
@@ -206,6 +238,21 @@ class NatsSinkConfig(ConnectorConfig):
             raise ValueError(
                 f"stream {value!r} is not a valid JetStream stream name "
                 "(no whitespace, '.', '*', '>', '/' or '\\')"
+            )
+        return value
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects_cover_the_subject(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        subject, declare = info.data.get("subject"), info.data.get("declare")
+        if not value or subject is None or not declare:
+            return value  # (a stream the relay does not create is checked by check --connect)
+        if not any(_may_cover(stream_subject, subject) for stream_subject in value):
+            prefix = _literal_prefix(subject)
+            raise ValueError(
+                f"no subject in it covers {prefix!r} (where subject template {subject!r} publishes):"
+                " JetStream would refuse every event with 'no stream matches subject'; add one such"
+                f" as {default_subjects(subject)[0]!r}"
             )
         return value
 

@@ -81,6 +81,7 @@ class RedisSinkConfig(ConnectorConfig):
     maxlen: int | None = Field(
         default=None,
         gt=0,
+        le=2**63 - 1,  # (Redis reads it as a 64-bit integer and refuses every XADD above)
         description="Trim each stream to about this many entries (XADD MAXLEN ~); unset keeps everything.",
     )
     timeout: Duration = Field(

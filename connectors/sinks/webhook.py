@@ -62,6 +62,9 @@ from relay.secrets import is_secret_key, parse_url_setting, redact_url, scrubber
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name (RFC 9110 token)
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
+#: What a static header value may hold: visible ASCII, space and tab (httpx encodes str values as
+#: ASCII, and refuses anything else on every request).
+_NOT_ASCII_VALUE = re.compile(r"[^\t\x20-\x7e]")
 # Static headers whose value is a credential, by name (besides password/secret/token).
 _SECRET_HEADER = re.compile(r"authorization|cookie|api[-_]?key|auth|signature|credential", re.IGNORECASE)
 # Headers the sink sets itself, per request.
@@ -220,6 +223,12 @@ class WebhookSinkConfig(ConnectorConfig):
                 raise ValueError(f"header {name} cannot be set here: {_OWNED_HEADERS[name.lower()]}")
             if _BAD_VALUE.search(header):
                 raise ValueError(f"header {name} has a line break or NUL in its value")
+            if _NOT_ASCII_VALUE.search(header):
+                # (The value is not echoed: it may be a credential.)
+                raise ValueError(
+                    f"header {name} has a character HTTP headers cannot carry in its value: write"
+                    " visible ASCII only (percent-encode or base64 other text)"
+                )
         return value
 
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import pq
 from psycopg import sql as psql
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from connectors.sources import pgoutput
 from connectors.sources.postgres_connect import (
@@ -69,6 +69,10 @@ HEARTBEAT_PREFIX = "outbox_relay_heartbeat"
 _CONFIRMED: dict[tuple[str, str], tuple[tuple[str, str], int]] = {}
 _JSON_OIDS = {114, 3802}
 _BYTEA_OID = 17
+_MESSAGE_MODE = (
+    "{key} is read in mode: table only; mode: message takes events from"
+    " pg_logical_emit_message (message_prefix), not from tables: remove {key} or use mode: table"
+)
 #: PostgreSQL's own rule for replication slot names.
 _SLOT = r"^[a-z0-9_]{1,63}$"
 
@@ -96,14 +100,54 @@ class PostgresLogicalConfig(ConnectorConfig):
     message_prefix: str = Field(default="outbox", min_length=1)
     columns: LogicalColumns = LogicalColumns()
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="Events per fetch at most.")
-    poll_interval: Duration = Field(default=0.5, gt=0, description="Longest wait for WAL data.")
+    poll_interval: Duration = Field(
+        default=0.5,
+        ge=0.01,
+        description="Longest wait for WAL data (at least 10ms: an idle relay must not spin).",
+    )
     heartbeat_interval: Duration = Field(
-        default=10.0, ge=0, description="Emit a WAL message this often so an idle slot advances; 0: off."
+        default=10.0,
+        ge=0,
+        description="Emit a WAL message this often so an idle slot advances; 0: off (else at least 100ms:"
+        " each one writes WAL).",
     )
     status_interval: Duration = Field(
-        default=5.0, gt=0, description="Standby status updates at least this often (< wal_sender_timeout)."
+        default=5.0,
+        ge=0.1,
+        description="Standby status updates at least this often (< wal_sender_timeout; at least 100ms).",
     )
     connect_timeout: Duration = Field(default=5.0, gt=0)
+
+    # (Field validators run only for keys the file sets: the defaults of `tables` and `columns`
+    # stay valid in message mode.)
+    @field_validator("tables")
+    @classmethod
+    def _tables_once_in_table_mode(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("mode") == "message":
+            raise ValueError(_MESSAGE_MODE.format(key="tables"))
+        seen: dict[tuple[str | None, str], int] = {}
+        for index, text in enumerate(value):
+            table = parse_table_name(text)
+            first = seen.setdefault((table.schema, table.name), index)
+            if first != index:
+                raise ValueError(
+                    f"table {table.display()} is listed twice (tables[{first}] and tables[{index}])"
+                )
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_in_table_mode(cls, value: LogicalColumns, info: ValidationInfo) -> LogicalColumns:
+        if info.data.get("mode") == "message":
+            raise ValueError(_MESSAGE_MODE.format(key="columns"))
+        return value
+
+    @field_validator("heartbeat_interval")
+    @classmethod
+    def _heartbeat_off_or_sparse(cls, value: float) -> float:
+        if 0 < value < 0.1:
+            raise ValueError("must be 0 (off) or at least 0.1 (100ms): each heartbeat writes WAL")
+        return value
 
     def lease_scope(self) -> str:
         return f"slot {self.slot}"

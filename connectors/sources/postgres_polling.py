@@ -104,7 +104,12 @@ class PostgresPollingConfig(ConnectorConfig):
         " ones are kept as written; an unqualified name is looked up through the search_path.",
     )
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="Rows per fetch at most.")
-    poll_interval: Duration = Field(default=0.2, gt=0, description="Fallback when no NOTIFY arrives.")
+    poll_interval: Duration = Field(
+        default=0.2,
+        ge=0.01,
+        description="Fallback when no NOTIFY arrives (at least 10ms: a query each time, an idle relay"
+        " must not spin).",
+    )
     after_publish: Literal["mark", "delete"] = "mark"
     columns: ColumnMapping = ColumnMapping()
     notify: bool = Field(default=True, description="LISTEN for the trigger that init-db installs.")

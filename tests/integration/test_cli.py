@@ -87,7 +87,7 @@ def test_password_never_appears_in_logs_errors_or_check_output(
     path = write_config(tmp_path, relay_config(dead_dsn, {"type": "stdout"}))
     check = run_cli("check", "-c", str(path), "--connect", env=cli_env)
     assert check.returncode == 1
-    assert "FAILED" in check.stdout
+    assert yaml.safe_load(check.stdout)["outbox orders"]["connect"]["database"]["ok"] is False
     log = tmp_path / "relay.log"
     relay = start_relay(path, log=log)
     # Several reconnect attempts logged (waiting for them, not a fixed time: a loaded machine
@@ -389,6 +389,39 @@ def test_check_prints_readable_yaml_and_with_json_one_document_for_machines_secr
     assert "pa55word" not in machine.stdout
     assert document["ok"] is True and [o["outbox"] for o in document["outboxes"]] == ["orders"]
     assert document["outboxes"][0]["settings"] == settings
+
+
+def test_check_connect_prints_yaml_that_parses_for_a_passing_and_a_failing_connect(
+    dsn: str, tmp_path: Path
+) -> None:
+    good = write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(tmp_path / "out.jsonl")}))
+    passing = run_cli("check", "-c", str(good), "--connect")
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    document = yaml.safe_load(passing.stdout)
+    connect = document["outbox orders"]["connect"]
+    assert connect["database"]["ok"] is True and "NOTIFY trigger present" in connect["database"]["notes"]
+    assert connect["sink"] == {"ok": True, "notes": []}
+    assert document[str(good)] == "ok"
+    assert document["outbox orders"]["source"]["table"] == "public.outbox"
+
+    # A file sink in a directory that does not exist: check --connect says so (run could not start).
+    missing = tmp_path / "no-such-dir" / "out.jsonl"
+    bad = write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(missing)}), "bad.yaml")
+    failing = run_cli("check", "-c", str(bad), "--connect")
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    connect = yaml.safe_load(failing.stdout)["outbox orders"]["connect"]
+    assert connect["database"]["ok"] is True
+    assert connect["sink"] == {
+        "ok": False,
+        "error": f"cannot create {missing}: directory {missing.parent} does not exist",
+    }
+    assert str(bad) not in yaml.safe_load(failing.stdout)
+
+    machine = run_cli("check", "-c", str(bad), "--connect", "--json")
+    assert machine.returncode == 1
+    document = json.loads(machine.stdout)
+    assert document["ok"] is False
+    assert document["outboxes"][0]["connect"]["sink"][0].startswith("FAILED: cannot create")
 
 
 def test_check_with_a_dsn_of_a_megabyte_answers_in_seconds_and_never_shows_its_password(

@@ -6,7 +6,9 @@ measured by the kernel."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -338,6 +340,171 @@ def _cases() -> list[Case]:
     add("latin-1 file", _bytes("outboxes: []\nname: café\n".encode("latin-1")), "not UTF-8 text")
     add("control characters", _bytes(b"outboxes: [\x07]\n"), "invalid YAML")
 
+    # Keys that are not text, values the YAML constructor cannot build.
+    good = (
+        "outboxes:\n  - name: o\n    source: {type: postgres-polling, dsn: 'host=db'}\n"
+        "    sink: {type: stdout}\n"
+    )
+    add(
+        "list as key",
+        _text(good + "? [a, b]\n: 1\n"),
+        "relay.yaml:5:3: (top): a key must be text, not a list",
+    )
+    add(
+        "mapping as key",
+        _text(good + "? {a: 1}\n: 1\n"),
+        "relay.yaml:5:3: (top): a key must be text, not a mapping",
+    )
+    add(
+        "mapping as nested key",
+        _text(good + "http: {? {a: 1}\n: 1}\n"),
+        "relay.yaml:5:10: http: a key must be text, not a mapping",
+    )
+    add(
+        "list as key in a list item",
+        _text("outboxes:\n  - name: o\n    ? [x]\n    : 1\n"),
+        "outboxes[0]: a key must be text, not a list",
+    )
+    add("boolean key", _text(good + "true: 1\n"), "(top): key true is a boolean, not text (quote it")
+    add("number key", _text(good + "http: {8080: 1}\n"), "http: key 8080 is a number, not text (quote it")
+    add("null key", _text(good + "~: 1\n"), "(top): key ~ is null, not text")
+    add(
+        "lone surrogate key", _text(good + '"a\\udc80": 1\n'), "(top): key a\\udc80: contains \\udc80, a lone"
+    )
+    add(
+        "lone surrogate value",
+        _text(good.replace("{type: stdout}", '{type: file, path: "/tmp/\\ud800"}')),
+        "outboxes[0].sink.path: contains \\ud800, a lone surrogate",
+    )
+    add(
+        "integer of 4301 digits",
+        _text(good + "x: 1" + "0" * 4300 + "\n"),
+        "relay.yaml:5:4: invalid YAML",
+        "4300",
+    )
+    add("month 13", _text(good + "x: 2001-13-01\n"), "relay.yaml:5:4: invalid YAML")
+
+    # Nested environment references (a default cannot hold a reference).
+    for value in ("${OUTBOX_RELAY_FUZZ_UNSET:-${HOME}}", "${HOME:-${HOME}}", "${HOME:-a$${b}"):
+        add(
+            f"env nested {value[:12]}",
+            _yaml(_config(_outbox(source={"table": value}))),
+            "outboxes[0].source.table: a default value cannot contain '${'",
+        )
+
+    # Numbers that overflow or spin.
+    add(
+        "multiplier 1e200",
+        _text(good.replace("sink:", "retry: {multiplier: 1e200}\n    sink:")),
+        "retry.multiplier: must be <= 10",
+    )
+    for section, key, value in (
+        ("pipeline", "max_in_flight", 10**30),
+        ("pipeline", "publish_batch_size", 10**12),
+        ("pipeline", "per_aggregate_in_flight", 10**12),
+        ("dead_letter", "after_attempts", 10**30),
+    ):
+        add(f"{key} huge", _yaml(_config(_outbox(**{section: {key: value}}))), f"{section}.{key}: must be <=")
+    add(
+        "redis maxlen huge",
+        _yaml(_config(_outbox(sink={**SINKS["redis"], "maxlen": 10**30}))),
+        "sink.maxlen: must be <=",
+    )
+    for section, key, shown in (
+        ("source", "poll_interval", "0.01"),
+        ("lease", "check_interval", "0.1"),
+        ("pipeline", "stats_interval", "0.1"),
+    ):
+        add(
+            f"{key} tiny",
+            _yaml(_config(_outbox(**{section: {key: "0.001ms"}}))),
+            f"{section}.{key}: must be >= {shown}",
+        )
+    for key, shown in (("poll_interval", "0.01"), ("status_interval", "0.1"), ("heartbeat_interval", "0.1")):
+        add(
+            f"logical {key} tiny",
+            _yaml(_config(_outbox(source={**LOGICAL, key: "0.001ms"}))),
+            f"outboxes[0].source.{key}: must be ",
+            shown,
+        )
+    add(
+        "nats reconnect_wait tiny",
+        _yaml(_config(_outbox(sink={**SINKS["nats"], "reconnect_wait": "0.001ms"}))),
+        "sink.reconnect_wait: must be >= 0.01",
+    )
+
+    # Sink settings every event would fail on.
+    for value in ("café", "a\u2028b", "\x7f"):
+        add(
+            f"webhook header value {value!r}",
+            _yaml(_config(_outbox(sink={**SINKS["webhook"], "headers": {"X-Name": value}}))),
+            "outboxes[0].sink.headers: header X-Name has a character HTTP headers cannot carry",
+        )
+    for topic in (".", "..", "t" * 250, "{aggregate_type}" + "t" * 250):
+        add(
+            f"kafka topic {topic[:20]}",
+            _yaml(_config(_outbox(sink={**SINKS["kafka"], "topic": topic}))),
+            "outboxes[0].sink.topic: ",
+            "Kafka",
+        )
+    add(
+        "nats subject outside the stream subjects",
+        _yaml(
+            _config(
+                _outbox(
+                    sink={**SINKS["nats"], "subject": "adv.cfg.{aggregate_type}", "subjects": ["other.>"]}
+                )
+            )
+        ),
+        "outboxes[0].sink.subjects: no subject in it covers 'adv.cfg.",
+    )
+    add(
+        "nats static subject outside the stream subjects",
+        _yaml(_config(_outbox(sink={**SINKS["nats"], "subject": "a.b", "subjects": ["a.c", "a.b.>", "a"]}))),
+        "outboxes[0].sink.subjects: no subject in it covers 'a.b'",
+    )
+    add(
+        "file path a directory",
+        _yaml(_config(_outbox(sink={"type": "file", "path": "/tmp"}))),
+        "outboxes[0].sink.path: /tmp is a directory",
+    )
+
+    # Two outboxes on one table, the port written differently or left out.
+    for first, second in (
+        ("host=db port=05432 dbname=app", "host=db port=5432 dbname=app"),
+        ("host=db dbname=app", "postgresql://db:5432/app"),
+        ("postgresql://db:05432/app", "host=db dbname=app"),
+    ):
+        add(
+            f"one table at {first} and {second}",
+            _yaml(
+                _config(
+                    _outbox("a", source={"dsn": first, "table": "t"}),
+                    _outbox("b", source={"dsn": second, "table": "t"}),
+                )
+            ),
+            "outboxes[1].source.table: table t is also read by outbox 'a'",
+        )
+
+    # Logical source settings that would be ignored.
+    add(
+        "logical message mode with tables",
+        _yaml(_config(_outbox(source={**LOGICAL, "mode": "message", "tables": ["t"]}))),
+        "outboxes[0].source.tables: ",
+        "message",
+    )
+    add(
+        "logical message mode with columns",
+        _yaml(_config(_outbox(source={**LOGICAL, "mode": "message", "columns": {"payload": "body"}}))),
+        "outboxes[0].source.columns: ",
+        "message",
+    )
+    add(
+        "one table twice in tables",
+        _yaml(_config(_outbox(source={**LOGICAL, "tables": ["public.t", "PUBLIC.T"]}))),
+        "outboxes[0].source.tables: table public.t is listed twice (tables[0] and tables[1])",
+    )
+
     # Paths that are not a readable file.
     add("directory", lambda d: d, "directory")
     add("missing file", lambda d: d / "missing.yaml", "No such file or directory")
@@ -345,7 +512,23 @@ def _cases() -> list[Case]:
     add("dangling symlink", lambda d: _symlink(d / "dangling.yaml", d / "nowhere"), "No such file")
     add("symlink loop", lambda d: _symlink(d / "loop.yaml", d / "loop.yaml"), "symbolic links")
     add("name too long", lambda d: d / ("x" * 300 + ".yaml"), "File name too long")
+    add("fifo", _fifo, "is a FIFO, not a regular file")
+    add("socket", _socket, "is a socket, not a regular file")
+    add("char device", lambda d: Path("/dev/zero"), "/dev/zero: is a character device, not a regular file")
     return cases
+
+
+def _fifo(directory: Path) -> Path:
+    path = directory / "relay.yaml"
+    os.mkfifo(path)
+    return path
+
+
+def _socket(directory: Path) -> Path:
+    path = directory / "relay.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+    return path
 
 
 def _symlink(link: Path, target: Path) -> Path:
@@ -423,6 +606,7 @@ PROCESS_CASES = [
     "one 1000 KB string",
     "binary file",
     "directory",
+    "fifo",
     "kafka producer no.such.setting",
     "one table as outbox and PUBLIC.OUTBOX",
 ]
@@ -477,6 +661,14 @@ def test_a_bad_config_stops_the_outbox_relay_process_with_exit_2_in_bounded_time
     maxrss_kb = int(rss_file.read_text())
     _assert_refused(case, process.returncode, output.decode("utf-8", "replace"), seconds)
     assert maxrss_kb < PROCESS_MEMORY_BOUND_KB, (name, maxrss_kb)
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_an_empty_config_path_is_refused_as_no_config_file_given(command: str) -> None:
+    result = CliRunner().invoke(cli, [command, "-c", ""])
+    assert result.exit_code == 2, result.output
+    assert "no config file given" in result.output, result.output
+    assert "directory" not in result.output
 
 
 def test_a_good_config_still_passes_check(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 
 from relay.outbox import emit_event, write_event
@@ -100,7 +101,8 @@ def test_a_sql_ascii_database_is_refused_in_one_sentence_by_init_db_check_and_ru
 
     check = run_cli("check", "-c", str(path), "--connect")
     assert check.returncode == 1
-    assert f"  database: FAILED: {sentence}" in check.stdout
+    failed = yaml.safe_load(check.stdout)["outbox orders"]["connect"]["database"]
+    assert failed["ok"] is False and failed["error"].startswith(sentence), failed
     assert "Traceback" not in check.stdout + check.stderr
 
     run = run_cli("run", "-c", str(path), timeout=60)

@@ -201,7 +201,10 @@ async def test_a_subject_owned_by_another_stream_is_refused_because_the_expected
         pass
     try:
         subjects = [f"{names.prefix}.>"]  # a stream of its own, so as not to overlap with other's
-        async with _started(nats_server.url, names, subject=other.subject, subjects=subjects) as sink:
+        async with _started(nats_server.url, names, subjects=subjects):
+            pass
+        # (declare: false: a stream the relay declares must cover the subject, which check refuses)
+        async with _started(nats_server.url, names, subject=other.subject, declare=False) as sink:
             [result] = await sink.publish(make_events(1, aggregates=1))
         assert isinstance(result, Failure) and result.permanent
         assert "expected stream does not match" in result.reason

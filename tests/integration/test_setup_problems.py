@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import yaml
 from psycopg import sql
 
 from tests.conftest import StartRelay, run_cli
@@ -168,7 +169,8 @@ def test_check_refuses_a_read_only_database_and_run_names_it_as_a_setup_problem(
     path = write_config(tmp_path, _config(dsn, tmp_path / "out.jsonl", port))
     check = run_cli("check", "-c", str(path), "--connect")
     assert check.returncode == 1
-    assert "database: FAILED: the database session is read-only" in check.stdout, check.stdout
+    failed = yaml.safe_load(check.stdout)["outbox orders"]["connect"]["database"]
+    assert failed["ok"] is False and failed["error"].startswith("the database session is read-only"), failed
     start_relay(path)
     problem = _wait_for_problem(port, "database is read-only")
     assert "read-only transaction" in problem["error"] and "primary" in problem["fix"]

@@ -52,6 +52,14 @@ def test_backoff_grows_exponentially_to_its_cap_with_full_jitter() -> None:
     assert max(delays) - min(delays) > 0.1  # jittered, not a constant
 
 
+def test_a_backoff_ceiling_that_would_overflow_a_float_is_the_maximum_not_an_overflow_error() -> None:
+    huge = Backoff(initial=0.1, maximum=30.0, multiplier=1e200)
+    assert [huge.ceiling(n) for n in (1, 2, 3, 100)] == [0.1, 30.0, 30.0, 30.0]
+    doubling = Backoff(initial=0.1, maximum=30.0, multiplier=2)  # (an int: no big-integer power)
+    assert doubling.ceiling(10**9) == 30.0
+    assert 0.0 <= huge.delay(5) <= 30.0
+
+
 def test_with_depth_a_lane_hands_out_its_next_events_in_order_and_only_once_all_are_settled() -> None:
     lanes = Lanes()
     a = [_event(i, "a") for i in range(1, 6)]
