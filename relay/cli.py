@@ -132,11 +132,12 @@ def check(config_path: Path, connect: bool, as_json: bool) -> None:
         if not as_json:
             click.echo(_as_yaml({f"outbox {outbox.name}": settings}, indent=""), nl=False)
         if connect:
-            entry["connect"] = _run_async(lambda s=source, k=sink, o=outbox: _connect_checks(s, k, o))  # type: ignore[misc]
+            outcomes = _run_async(lambda s=source, k=sink, o=outbox: _connect_checks(s, k, o))  # type: ignore[misc]
+            entry["connect"] = _connect_shape(outcomes)
             if not as_json:
                 click.echo(_connect_yaml(entry["connect"]), nl=False)
         report.append(entry)
-    failed = any(o[0].startswith("FAILED") for e in report for o in e.get("connect", {}).values())
+    failed = any(not probe["ok"] for e in report for probe in e.get("connect", {}).values())
     if as_json:
         click.echo(json.dumps({"config": str(config_path), "ok": not failed, "outboxes": report}))
     if failed:
@@ -171,15 +172,27 @@ def _represent_verbatim(dumper: yaml.SafeDumper, text: _Verbatim) -> yaml.Node:
 _CheckDumper.add_representer(_Verbatim, _represent_verbatim)
 
 
-def _connect_yaml(outcomes: dict[str, list[str]]) -> str:
-    """The `connect:` part of an outbox in check's text output: per probe `ok: true` and its
+def _connect_shape(outcomes: dict[str, list[str]]) -> dict[str, Any]:
+    """The `connect:` part of an outbox, the same in YAML and JSON: per probe `ok: true` and its
     notes, or `ok: false` and the error."""
-    shown: dict[str, Any] = {}
+    shape: dict[str, Any] = {}
     for label, outcome in outcomes.items():
         if outcome[0].startswith("FAILED"):
-            shown[label] = {"ok": False, "error": _Verbatim(outcome[0].removeprefix("FAILED: "))}
+            shape[label] = {"ok": False, "error": outcome[0].removeprefix("FAILED: ")}
         else:
-            shown[label] = {"ok": True, "notes": [_Verbatim(note) for note in outcome[1:]]}
+            shape[label] = {"ok": True, "notes": outcome[1:]}
+    return shape
+
+
+def _connect_yaml(shape: dict[str, Any]) -> str:
+    """`_connect_shape` as check's text output shows it (messages kept greppable)."""
+    shown = {
+        label: {
+            key: [_Verbatim(n) for n in v] if key == "notes" else _Verbatim(v) if key == "error" else v
+            for key, v in probe.items()
+        }
+        for label, probe in shape.items()
+    }
     text = yaml.dump(
         {"connect": shown}, Dumper=_CheckDumper, sort_keys=False, allow_unicode=True, width=2**30
     )
@@ -321,6 +334,15 @@ def _store(outbox: Any) -> DeadLetterStore:
     return DeadLetterStore(outbox.dead_letter_dsn(), outbox.dead_letter.table)
 
 
+_LIST_FIELD = 200  # characters of one field on a `dlq list` line
+
+
+def _listed(value: object) -> str:
+    """A field of a `dlq list` line: cut to a screen's worth (`dlq show` has it all), masked (a
+    row stored by an older version may hold a secret)."""
+    return scrubber.scrub_shortened(str(value), _LIST_FIELD)
+
+
 @dlq.command("list")
 @CONFIG_OPTION
 @OUTBOX_OPTION
@@ -338,15 +360,15 @@ def dlq_list(config_path: Path, outbox_name: str | None, include_replayed: bool)
                     replayed = (
                         f" replayed={letter.replayed_at:%Y-%m-%dT%H:%M:%SZ}" if letter.replayed_at else ""
                     )
-                    # (A row stored by an older version may hold a secret: shown masked.)
+
+                    cut = _listed
                     click.echo(
-                        scrubber.scrub(
-                            f"{letter.outbox} {letter.event_id} {letter.aggregate_type}/{letter.aggregate_id}"
-                            f" {letter.event_type} state={letter.state} attempts={letter.attempts}"
-                            f" refusals={letter.refusals}/{outbox.dead_letter.after_attempts}"
-                            f" last_failed={letter.last_failed_at:%Y-%m-%dT%H:%M:%SZ}{replayed}"
-                            f" error={letter.error}"
-                        )
+                        f"{cut(letter.outbox)} {cut(letter.event_id)}"
+                        f" {cut(letter.aggregate_type)}/{cut(letter.aggregate_id)}"
+                        f" {cut(letter.event_type)} state={letter.state} attempts={letter.attempts}"
+                        f" refusals={letter.refusals}/{outbox.dead_letter.after_attempts}"
+                        f" last_failed={letter.last_failed_at:%Y-%m-%dT%H:%M:%SZ}{replayed}"
+                        f" error={cut(letter.error)}"
                     )
             finally:
                 await store.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from relay import metrics
 from relay.backoff import Backoff
 from relay.interfaces import Unsupported
 from relay.logs import get_logger
@@ -57,9 +58,19 @@ class Lease:
         #: A login the database refuses, a database that does not exist: said as such.
         self.problems = SetupProblems(outbox, self._log)
         self.held = False
-        #: Whether the last attempt reached the database: a standby that cannot is not ready
-        #: to take over.
-        self.database_ok = False
+        self._database_ok = False
+        self._m_database_up = metrics.UP.labels(outbox, "database")
+
+    @property
+    def database_ok(self) -> bool:
+        """Whether the last attempt reached the database: a standby that cannot is not ready to
+        take over (and `outbox_relay_up{component="database"}` says the same as /readyz)."""
+        return self._database_ok
+
+    @database_ok.setter
+    def database_ok(self, ok: bool) -> None:
+        self._database_ok = ok
+        self._m_database_up.set(1 if ok else 0)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
@@ -134,6 +145,7 @@ class Lease:
                 row = await cur.fetchone()
             except (psycopg.Error, TimeoutError) as exc:
                 self.held = False
+                self.database_ok = False
                 await self._drop()
                 raise LeaseLost(scrubber.scrub(f"{type(exc).__name__}: {exc}")) from None
             if not row or not row[0]:

@@ -462,8 +462,8 @@ class Pipeline:
             delay = self._backoff.delay(event.attempts)
             lanes.failed(event, time.monotonic() + delay)
             retried += 1
-            if not log_each and event.defect is None:
-                continue
+            if result.setup or (not log_each and event.defect is None):
+                continue  # (a refusal of the relay itself is said once, as a setup problem)
             self._log.warning(
                 "event not acknowledged, will retry",
                 event_id=event.event_id,

@@ -88,13 +88,15 @@ _LONGEST_TEXT = 2000  # what is matched and shown of an error's text
 
 def setup_problem(exc: BaseException) -> SetupProblem | None:
     """The setup mistake `exc` reports, or None when it may heal by itself (an outage)."""
-    text = " ".join(str(exc).split())[:_LONGEST_TEXT] or type(exc).__name__
+    # Scrubbed before its white space is folded: a secret holding two spaces or a tab is found.
+    text = " ".join(scrubber.scrub_shortened(str(exc), _LONGEST_TEXT).split())[:_LONGEST_TEXT]
+    text = text or type(exc).__name__
     kind = _BY_SQLSTATE.get(str(getattr(exc, "sqlstate", None) or ""))
     if kind is None:
         kind = next((k for k, pattern in _BY_TEXT if pattern.search(text)), None)
     if kind is None:
         return None
-    return SetupProblem(kind, scrubber.scrub(text), _FIXES[kind])
+    return SetupProblem(kind, text, _FIXES[kind])
 
 
 class SetupProblems:
@@ -120,8 +122,8 @@ class SetupProblems:
 
     def report_refusal(self, component: str, reason: str) -> None:
         """The broker refused the relay itself for an event (a `Failure` with `setup`)."""
-        text = " ".join(reason.split())[:_LONGEST_TEXT]
-        self._record(component, SetupProblem(BROKER_REFUSED, scrubber.scrub(text), _FIXES[BROKER_REFUSED]))
+        text = " ".join(scrubber.scrub_shortened(reason, _LONGEST_TEXT).split())[:_LONGEST_TEXT]
+        self._record(component, SetupProblem(BROKER_REFUSED, text, _FIXES[BROKER_REFUSED]))
 
     def _record(self, component: str, problem: SetupProblem) -> None:
         now = time.monotonic()

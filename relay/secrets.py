@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import json
 import re
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -120,6 +121,9 @@ def _percent(text: str, table: dict[int, str]) -> str:
 
 
 _URLSAFE = str.maketrans("+/", "-_")
+_LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
+_HTML_SPECIAL = re.compile(r"[&<>]")
+_GO_JSON = str.maketrans({"&": "\\u0026", "<": "\\u003c", ">": "\\u003e"})
 
 
 def _encoded(plain: str) -> set[str]:
@@ -134,13 +138,25 @@ def _encoded(plain: str) -> set[str]:
             forms.add(_percent(plain, _QUOTE_PATH))
         if " " in plain:
             forms.add(_percent(plain, _QUOTE_PLUS))
+    # Lower-case hex digits: percent-encoding is case-insensitive, and some encoders write them so.
+    forms |= {_LOWER_HEX.sub(lambda m: m[0].lower(), f) for f in list(forms) if "%" in f}
     dumped = {json.dumps(plain)[1:-1]}
     if not plain.isascii():
         dumped.add(json.dumps(plain, ensure_ascii=False)[1:-1])
-    for text in dumped:
-        forms.add(text)
+    for text in list(dumped):
         if "/" in text:
-            forms.add(text.replace("/", "\\/"))
+            dumped.add(text.replace("/", "\\/"))
+        if _HTML_SPECIAL.search(text):  # as Go's encoding/json writes it: \u0026 \u003c \u003e
+            dumped.add(text.translate(_GO_JSON))
+    forms |= dumped
+    if _HTML_SPECIAL.search(plain) or "'" in plain or '"' in plain:  # as an HTML page shows it
+        forms |= {
+            html.escape(plain),
+            html.escape(plain, quote=False),
+            html.escape(plain).replace("&#x27;", "&#39;"),
+        }
+    data = plain.encode("utf-8", "surrogatepass")  # as hex, as some libraries dump bytes
+    forms |= {data.hex(), data.hex().upper()}
     return forms
 
 

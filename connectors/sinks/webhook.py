@@ -93,9 +93,30 @@ _REFUSED_STATUS = frozenset({401, 403, 407})
 _BODY_EXCERPT = 200
 
 
+# Static headers whose value is shown (by `check`, in logs): well-known ones that carry no
+# credential. Every other header may (x-functions-key, Ocp-Apim-Subscription-Key, X-Access-Key,
+# a vendor's own name...): its value is treated as a secret.
+_PLAIN_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "cache-control",
+        "content-encoding",
+        "content-language",
+        "user-agent",
+        "x-request-id",
+        "x-correlation-id",
+        "x-source",
+        "x-tenant-id",
+    }
+)
+
+
 def is_secret_header(name: str) -> bool:
-    """A static header whose value must never be shown."""
-    return is_secret_key(name) or bool(_SECRET_HEADER.search(name))
+    """A static header whose value must never be shown: any but the well-known plain ones."""
+    lowered = name.lower()
+    return lowered not in _PLAIN_HEADERS or is_secret_key(name) or bool(_SECRET_HEADER.search(name))
 
 
 def remember_header_secret(value: str) -> None:
@@ -412,8 +433,11 @@ class WebhookSink(Sink):
         import httpx
 
         try:
-            response = await self._client.post(self.config.url, content=body, headers=headers)
-        except httpx.TimeoutException:
+            # httpx's timeout bounds each read; a receiver that answers a byte at a time would
+            # hold the call (and readiness) forever: the whole request gets the same bound.
+            async with asyncio.timeout(self.config.timeout):
+                response = await self._client.post(self.config.url, content=body, headers=headers)
+        except (httpx.TimeoutException, TimeoutError):
             return Failure(
                 f"webhook {self._display_url}: no response within {self.config.timeout:g}s (timeout)",
                 transient=True,

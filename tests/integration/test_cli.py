@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -101,10 +102,10 @@ def test_password_never_appears_in_logs_errors_or_check_output(
     assert "app:***@" in check.stdout
 
 
-def _dead_letters_line(check_stdout: str) -> str:
-    lines = [line for line in check_stdout.splitlines() if line.strip().startswith("dead letters:")]
-    assert len(lines) == 1, check_stdout
-    return lines[0]
+def _connect(check_stdout: str, probe: str) -> dict[str, Any]:
+    """One probe of `check --connect`'s YAML: {ok: true, notes: [...]} or {ok: false, error}."""
+    found: dict[str, Any] = yaml.safe_load(check_stdout)["outbox orders"]["connect"][probe]
+    return found
 
 
 def test_check_connect_fails_naming_the_dead_letter_database_when_it_is_down_never_showing_its_password(
@@ -117,8 +118,8 @@ def test_check_connect_fails_naming_the_dead_letter_database_when_it_is_down_nev
     }
     check = run_cli("check", "-c", str(write_config(tmp_path, config)), "--connect", env=cli_env)
     assert check.returncode == 1, check.stdout + check.stderr
-    assert "FAILED" in _dead_letters_line(check.stdout)
-    assert "database: ok" in check.stdout
+    assert _connect(check.stdout, "dead letters")["ok"] is False
+    assert _connect(check.stdout, "database")["ok"] is True
     assert secret not in check.stdout + check.stderr
 
 
@@ -148,13 +149,14 @@ def test_check_connect_names_a_missing_dead_letter_table_and_a_missing_privilege
         path = write_config(tmp_path, config)
         check = run_cli("check", "-c", str(path), "--connect", env=cli_env)
         assert check.returncode == 1, check.stdout + check.stderr
-        line = _dead_letters_line(check.stdout)
-        assert "FAILED" in line and "outbox_relay_dead_letters does not exist" in line and "init-db" in line
+        probe = _connect(check.stdout, "dead letters")
+        assert probe["ok"] is False
+        assert "outbox_relay_dead_letters does not exist" in probe["error"] and "init-db" in probe["error"]
 
         assert run_cli("init-db", "-c", str(path), env=cli_env).returncode == 0
         check = run_cli("check", "-c", str(path), "--connect", env=cli_env)
         assert check.returncode == 0, check.stdout + check.stderr
-        assert _dead_letters_line(check.stdout).split(":", 1)[1].strip() == "ok"
+        assert _connect(check.stdout, "dead letters")["ok"] is True
 
         with psycopg.connect(elsewhere, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
@@ -166,8 +168,10 @@ def test_check_connect_names_a_missing_dead_letter_table_and_a_missing_privilege
         config["outboxes"][0]["dead_letter"] = {"dsn": psycopg.conninfo.make_conninfo(elsewhere, user=role)}
         check = run_cli("check", "-c", str(write_config(tmp_path, config)), "--connect", env=cli_env)
         assert check.returncode == 1, check.stdout + check.stderr
-        line = _dead_letters_line(check.stdout)
-        assert "FAILED" in line and "may not DELETE" in line and "GRANT" in line, line
+        probe = _connect(check.stdout, "dead letters")
+        assert probe["ok"] is False and "may not DELETE" in probe["error"] and "GRANT" in probe["error"], (
+            probe
+        )
     finally:
         with psycopg.connect(elsewhere, autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
@@ -421,7 +425,7 @@ def test_check_connect_prints_yaml_that_parses_for_a_passing_and_a_failing_conne
     assert machine.returncode == 1
     document = json.loads(machine.stdout)
     assert document["ok"] is False
-    assert document["outboxes"][0]["connect"]["sink"][0].startswith("FAILED: cannot create")
+    assert document["outboxes"][0]["connect"] == connect, "the same shape as the YAML's"
 
 
 def test_check_with_a_dsn_of_a_megabyte_answers_in_seconds_and_never_shows_its_password(

@@ -117,6 +117,9 @@ def test_a_login_the_database_refuses_is_not_reported_as_unreachable(
     start_relay(path)
     problem = _wait_for_problem(port, "login refused")
     assert f'role "{role}" does not exist' in problem["error"]
+    # A standby that cannot reach its database says so in the metric too, not only in /readyz.
+    up = 'outbox_relay_up{component="database",outbox="orders"} 0.0'
+    assert up in http_get(f"http://127.0.0.1:{port}/metrics").splitlines()
     assert _readiness(port)["ready"] is False and _problem_gauge(port) == 1.0
     time.sleep(3)
     _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "login refused")

@@ -612,3 +612,54 @@ def test_a_webhook_with_credentials_in_its_url_and_an_authorization_header_is_re
         assert "outboxes[0].sink.headers: header Authorization conflicts with" in result.stderr
         assert "Traceback" not in result.stderr
         assert password not in result.stdout + result.stderr and "tok-configured" not in result.stderr
+
+
+async def test_a_receiver_that_answers_a_byte_at_a_time_fails_the_call_within_its_timeout() -> None:
+    """httpx bounds each read; a receiver sending its headers a byte every half second would hold
+    the call, and readiness, forever. The whole request is bounded by `timeout`."""
+    import asyncio
+
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(65536)
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(120):
+                await writer.drain()
+                await asyncio.sleep(0.5)
+                writer.write(b"x")
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(dribble, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with _started(f"http://127.0.0.1:{port}/hook", timeout="1s") as sink:
+            started = time.monotonic()
+            [result] = await sink.publish(make_events(1, aggregates=1))
+            took = time.monotonic() - started
+    finally:
+        server.close()
+    assert isinstance(result, Failure) and result.transient and "timeout" in result.reason, result
+    assert took < 10, f"the call took {took:.1f}s: not bounded by its timeout"  # liveness, not speed
+
+
+def test_check_masks_static_headers_of_any_name_but_the_well_known_plain_ones(tmp_path: Path) -> None:
+    secrets = {
+        "x-functions-key": "FuncKeySecret123",
+        "Ocp-Apim-Subscription-Key": "ApimSecret456",
+        "X-Access-Key": "AccessSecret789",
+        "X-Vendor": "VendorSecret000",
+    }
+    headers = {**secrets, "User-Agent": "shop/1.0", "Accept": "application/json"}
+    config = relay_config(
+        "postgresql://localhost/db", {"type": "webhook", "url": "http://h/x", "headers": headers}
+    )
+    path = write_config(tmp_path, config)
+    for extra in ((), ("--json",)):
+        result = run_cli("check", "-c", str(path), *extra)
+        assert result.returncode == 0, result.stderr
+        for value in secrets.values():
+            assert value not in result.stdout
+        assert "shop/1.0" in result.stdout, "a plain header stays readable"

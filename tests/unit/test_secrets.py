@@ -171,3 +171,32 @@ def test_the_forms_percent_encoded_by_the_scrubber_are_exactly_what_urllib_makes
         forms = secret_forms(value)
         for encoded in (quote(value, safe=""), quote(value), quote_plus(value)):
             assert encoded in forms, (value, encoded)
+
+
+@pytest.mark.parametrize(
+    ("secret", "echoed"),
+    [
+        ("T0ken&abc<def>", "T0ken\\u0026abc\\u003cdef\\u003e"),  # Go's encoding/json
+        ("T0ken&abc<def>", "T0ken&amp;abc&lt;def&gt;"),  # an HTML error page
+        ('it\'s"x"&y', "it&#x27;s&quot;x&quot;&amp;y"),
+        ('it\'s"x"&y', "it&#39;s&quot;x&quot;&amp;y"),
+        ("Pa/ss+w0rd&x", "Pa%2fss%2bw0rd%26x"),  # percent-encoding in lower case
+        ("Pa/ss+w0rd&x", "50612f73732b773072642678"),  # the bytes as hex
+        ("Pa/ss+w0rd&x", "50612F73732B773072642678"),
+    ],
+)
+def test_a_secret_echoed_html_escaped_go_json_escaped_lower_case_percent_encoded_or_as_hex_is_masked(
+    secret: str, echoed: str
+) -> None:
+    scrubber = SecretScrubber()
+    scrubber.remember(secret)
+    assert scrubber.scrub(f"the receiver said: {echoed}.") == "the receiver said: ***."
+
+
+def test_a_secret_with_two_spaces_or_a_tab_is_masked_in_a_setup_problem() -> None:
+    from relay.problems import setup_problem
+    from relay.secrets import scrubber
+
+    scrubber.remember("two  spaces\tsecret")
+    problem = setup_problem(RuntimeError("authentication failed for two  spaces\tsecret"))
+    assert problem is not None and "spaces" not in problem.text

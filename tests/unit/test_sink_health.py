@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
+import pytest
+
 from relay.config import PipelineConfig, RetryConfig
 from relay.events import Failure, OutboxEvent, PublishResult
 from relay.interfaces import Sink
@@ -79,9 +81,9 @@ async def test_a_broker_gone_while_one_aggregate_fails_on_its_own_turns_the_rela
         await eventually(lambda: pipeline.ready and source.pending == 0, 10, "ready and drained")
 
 
-async def test_a_broker_refusing_the_relays_credentials_is_a_setup_problem_and_nothing_is_dead_lettered() -> (
-    None
-):
+async def test_a_broker_refusing_the_relays_credentials_is_a_setup_problem_said_once_nothing_parked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     sink = _Scripted(lambda event: Failure("answered 401 Unauthorized", transient=True, setup=True))
     async with _running(sink, "health-setup") as (pipeline, source):
         source.add(make_events(5, aggregates=5))
@@ -92,6 +94,8 @@ async def test_a_broker_refusing_the_relays_credentials_is_a_setup_problem_and_n
         await eventually(lambda: not pipeline.ready, 10, "not ready")
         await asyncio.sleep(1.0)  # many retries: still waiting, none dead-lettered or dropped
         assert source.pending == 5 and sink.taken == []
+        said = capsys.readouterr().out
+        assert said.count("setup problem: ") == 1 and "will retry" not in said, "said once, no retry lines"
         sink.answer = lambda event: None
         await eventually(lambda: source.pending == 0, 10, "delivered once the credentials work")
         assert pipeline.problems.describe() == [] and pipeline.ready
