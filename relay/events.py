@@ -117,10 +117,10 @@ class Failure:
     say nothing about the event, so they never count toward dead-lettering it: an outage must
     not empty the outbox into the dead-letter table.
     `setup`: the broker refused the relay itself, not the event (its credentials or its
-    permissions: HTTP 401/403, an ACL, a SASL failure). A mistake in the setup that waits for an
-    operator: set with `transient` (nothing is dead-lettered for it: a revoked permission must
-    not empty the outbox either), and reported as a setup problem of the sink (relay.problems)
-    until the broker takes an event again.
+    permissions: HTTP 401/403, an ACL, a SASL failure; or no stream takes the subject). A
+    mistake in the setup that waits for an operator: set with `transient` (nothing is
+    dead-lettered for it: a revoked permission must not empty the outbox either), and reported
+    as a setup problem of the sink (relay.problems) until the broker takes an event again.
     """
 
     reason: str

@@ -338,10 +338,14 @@ def _reply_result(data: bytes, headers: dict[str, str] | None, subject: str, str
     """The outcome a JetStream reply to a publish stands for."""
     status = (headers or {}).get("Status", "")
     if status == "503":
+        # No stream takes the subject: a stream missing or not listing it (the setup), or
+        # JetStream not serving yet after a restart. Either way the event waits, said as a setup
+        # problem; it is not the event's fault, and dead-lettering would empty the outbox.
         return Failure(
             f"no JetStream stream matches subject {subject!r} (no responders); "
             f"the stream {stream!r} must list it in its subjects",
-            permanent=True,
+            transient=True,
+            setup=True,
         )
     try:
         reply = orjson.loads(data)

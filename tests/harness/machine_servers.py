@@ -9,8 +9,8 @@ start of the run, and :meth:`MachineServers.changes` compares it with one taken 
 A fingerprint holds what a stop, a restart or a reconfiguration changes:
 
 * PostgreSQL: the postmaster's start time, the time the configuration was last loaded, every
-  setting not at its default (session-only sources excluded), the roles and the databases that
-  existed at the start (a test's own ``relay_test_*`` databases come and go);
+  setting not at its default (session-only sources excluded), and the roles (databases are not
+  compared: other programs create and drop their own while the tests run);
 * RabbitMQ: an AMQP connection held open for the whole run (``stop_app`` and a restart close it
   with ``CONNECTION_FORCED``), the node's enabled-plugins file, and its users and vhosts when
   ``rabbitmqctl`` may read them;
@@ -116,11 +116,6 @@ def _postgres(port: int) -> Fingerprint:
                 f" WHERE source NOT IN ({', '.join(_SESSION_SOURCES)}) ORDER BY name"
             ),
             "roles": rows("SELECT rolname FROM pg_roles ORDER BY 1"),
-            "databases": [
-                name
-                for name in rows("SELECT datname FROM pg_database ORDER BY 1")
-                if not name.startswith("relay_test_")
-            ],
         }
 
 

@@ -146,7 +146,8 @@ def _logical_outbox(dsn: str, mode: str, out: Path) -> dict[str, Any]:
             "mode": mode,
             "slot": f"payload_{mode}",
             "publication": f"payload_{mode}",
-            "tables": [f"public.outbox_{kind}" for kind in _TYPES],
+            # (message mode reads WAL messages, not tables: it refuses a `tables` list)
+            **({"tables": [f"public.outbox_{kind}" for kind in _TYPES]} if mode == "table" else {}),
             "poll_interval": "100ms",
         },
         "sink": {"type": "file", "path": str(out)},
