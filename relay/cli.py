@@ -31,6 +31,7 @@ from relay.runner import (
     tune_garbage_collector,
 )
 from relay.secrets import is_secret_key, scrubber
+from relay.shared_reads import shared_reads_on_servers
 
 T = TypeVar("T")
 
@@ -104,6 +105,10 @@ def run(config_path: Path, drain: bool) -> None:
     async def main() -> int:
         return await relay.run(drain=drain)
 
+    if len(config.outboxes) > 1:  # (what the config alone shows was refused when it loaded)
+        shared = _run_async(lambda: shared_reads_on_servers(config))
+        if shared:
+            _fail([f"{config_path}: {problem}" for problem in shared])
     tune_garbage_collector()
     code = _run_async(main)
     if relay.refusals:
@@ -138,8 +143,17 @@ def check(config_path: Path, connect: bool, as_json: bool) -> None:
                 click.echo(_connect_yaml(entry["connect"]), nl=False)
         report.append(entry)
     failed = any(not probe["ok"] for e in report for probe in e.get("connect", {}).values())
+    document: dict[str, Any] = {"config": str(config_path), "outboxes": report}
+    if connect and len(config.outboxes) > 1:
+        # Two spellings of one server, or a search_path, can hide a table two outboxes read.
+        shared = _run_async(lambda: shared_reads_on_servers(config))
+        if shared:
+            failed = True
+            document["shared reads"] = shared
+            if not as_json:
+                click.echo(_connect_yaml_list("shared reads", shared), nl=False)
     if as_json:
-        click.echo(json.dumps({"config": str(config_path), "ok": not failed, "outboxes": report}))
+        click.echo(json.dumps({**document, "ok": not failed}))
     if failed:
         sys.exit(1)
     if not as_json:
@@ -197,6 +211,18 @@ def _connect_yaml(shape: dict[str, Any]) -> str:
         {"connect": shown}, Dumper=_CheckDumper, sort_keys=False, allow_unicode=True, width=2**30
     )
     return "".join(f"  {line}\n" for line in text.splitlines())
+
+
+def _connect_yaml_list(key: str, lines: list[str]) -> str:
+    """A top-level list of messages in check's text output, kept greppable."""
+    text = yaml.dump(
+        {key: [_Verbatim(line) for line in lines]},
+        Dumper=_CheckDumper,
+        sort_keys=False,
+        allow_unicode=True,
+        width=2**30,
+    )
+    return text
 
 
 def _masked(value: Any) -> Any:

@@ -510,7 +510,7 @@ def shared_reads(config: RelayConfig) -> list[str]:
             for other_index, other in seen:
                 if other_index == index or not _same_place(claim, other):
                     continue
-                problems.append(_shared_problem(config, index, claim, other_index, other))
+                problems.append(shared_problem(config, index, claim, other_index, other))
                 break
             seen.append((index, claim))
     return problems
@@ -529,7 +529,8 @@ _WHY_ALONE = {
 }
 
 
-def _shared_problem(config: RelayConfig, index: int, claim: Claim, other_index: int, other: Claim) -> str:
+def shared_problem(config: RelayConfig, index: int, claim: Claim, other_index: int, other: Claim) -> str:
+    """The sentence refusing `claim` of outbox `index`, which outbox `other_index` reads too."""
     first = config.outboxes[other_index].name
     where = f"outboxes[{index}].source.{claim.key}"
     text = (
