@@ -329,7 +329,12 @@ class WebhookSink(Sink):
 
         client = self._new_client()
         try:
-            await client.head(self.config.url)
+            async with asyncio.timeout(self.config.timeout):  # (the whole answer, as in _post)
+                await client.head(self.config.url)
+        except TimeoutError:
+            raise ConnectorError(
+                f"webhook {self._display_url}: no complete answer within {self.config.timeout:g}s"
+            ) from None
         except httpx.HTTPError as exc:
             raise ConnectorError(f"webhook {self._display_url}: {_explain(exc)}") from None
         finally:
