@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import stat
 import time
 from collections.abc import Sequence
 from io import FileIO
@@ -38,7 +39,34 @@ class FileSinkConfig(ConnectorConfig):
             raise ValueError(
                 f"{value} is a directory: name a file in it, e.g. {os.path.join(value, 'events.jsonl')}"
             )
+        problem = not_a_regular_file(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def not_a_regular_file(path: str, mode: int | None = None) -> str | None:
+    """Why the sink cannot append to `path` as a file, or None: it exists (following symlinks)
+    and is not a regular file. A FIFO would block the relay on open and on every write."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return None  # (missing: created on start; unreadable: start says why)
+    if stat.S_ISREG(mode):
+        return None
+    return f"{path} is {_kind(mode)}, not a regular file: the file sink appends to a regular file"
 
 
 class FileSink(Sink):
@@ -53,12 +81,35 @@ class FileSink(Sink):
         self._size = 0
 
     async def start(self) -> None:
+        path = self.config.path
+        problem = not_a_regular_file(path)
+        if problem is not None:
+            raise ConnectorError(f"cannot append to {problem}")
+        # Without blocking: the path may have become a FIFO since, and opening one waits for a
+        # reader (forever, the event loop with it); what is opened is checked before any write.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            _drop_torn_last_line(self.config.path)
-            self._file = open(self.config.path, "ab", buffering=0)  # noqa: SIM115 - held for the sink's life
-            self._size = os.fstat(self._file.fileno()).st_size
+            fd = os.open(path, flags, 0o666)
         except OSError as exc:
-            raise ConnectorError(f"cannot open {self.config.path}: {exc.strerror}") from None
+            problem = not_a_regular_file(path)
+            raise ConnectorError(
+                f"cannot append to {problem}" if problem else f"cannot open {path}: {exc.strerror}"
+            ) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            problem = not_a_regular_file(path, mode)
+            if problem is not None:
+                raise ConnectorError(f"cannot append to {problem}")
+            os.set_blocking(fd, True)
+            _drop_torn_last_line(path)
+            self._file = open(fd, "ab", buffering=0, closefd=True)  # noqa: SIM115 - held for the sink's life
+            self._size = os.fstat(fd).st_size
+        except OSError as exc:
+            os.close(fd)
+            raise ConnectorError(f"cannot open {path}: {exc.strerror}") from None
+        except ConnectorError:
+            os.close(fd)
+            raise
 
     async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
         if self._file is None:
@@ -99,6 +150,9 @@ class FileSink(Sink):
             raise ConnectorError(f"cannot create {path}: directory {directory} does not exist")
         if os.path.isdir(path):
             raise ConnectorError(f"cannot append to {path}: it is a directory")
+        problem = not_a_regular_file(path)
+        if problem is not None:
+            raise ConnectorError(f"cannot append to {problem}")
         if os.path.exists(path):
             if not os.access(path, os.W_OK):
                 raise ConnectorError(f"cannot append to {path}: not writable")

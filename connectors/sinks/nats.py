@@ -136,6 +136,54 @@ def _may_cover(stream_subject: str, template: str) -> bool:
     return len(pattern) == len(tokens)
 
 
+def _words_problem(subject: str, what: str, shown: str | None = None) -> str | None:
+    """Why a subject (or a stream subject, or a template's words) is not one NATS takes, or None:
+    whitespace, an empty word, or a `$` start (`$JS.`, `$SYS.`: the server's own subjects)."""
+    what = f"{what} {shown if shown is not None else repr(subject)}"
+    if any(c.isspace() for c in subject):
+        return f"{what} contains whitespace"
+    if any(word == "" for word in subject.split(".")):
+        return f"{what} has an empty word ('..', or a '.' at its start or end)"
+    if subject.startswith("$"):
+        return f"{what} starts with '$': those subjects belong to the server ($JS, $SYS)"
+    return None
+
+
+def subjects_collide(first: str, second: str) -> bool:
+    """Whether some subject matches both stream subjects (NATS wildcards `*` one word, `>` the rest):
+    JetStream refuses a stream whose subjects overlap."""
+    a, b = first.split("."), second.split(".")
+    for x, y in zip(a, b, strict=False):
+        if ">" in (x, y):
+            return True
+        if x != y and "*" not in (x, y):
+            return False
+    return len(a) == len(b)
+
+
+def stream_subjects_problems(config: NatsSinkConfig) -> list[tuple[str, str]]:
+    """What is wrong with the subjects of the stream the relay would create (declare: true), as
+    (key, reason) pairs: a subject starting with a wildcard (`>`, `*.>`) captures every subject
+    on the server, `$JS.API` included, and breaks JetStream for every client."""
+    if not config.declare:
+        return []
+    given = config.subjects is not None
+    key = "subjects" if given else "subject"
+    for stream_subject in config.stream_subjects():
+        if stream_subject.split(".")[0] in ("*", ">"):
+            source = "" if given else f" (derived from subject template {config.subject!r})"
+            return [
+                (
+                    key,
+                    f"the stream would be created on {stream_subject!r}{source}, which starts with a "
+                    "wildcard and would capture every subject on the server, $JS.API included; give "
+                    "the subject a literal first word (e.g. 'outbox.{aggregate_type}') or list "
+                    "subjects: explicitly",
+                )
+            ]
+    return []
+
+
 def subject_problem(subject: str) -> str | None:
     """Why a rendered subject cannot be published to, or None."""
     if not subject:
@@ -229,6 +277,10 @@ class NatsSinkConfig(ConnectorConfig):
                     f"subject template {value!r} has whitespace or a wildcard ('*', '>'); "
                     "messages are published to concrete subjects"
                 )
+        # The words of the template as written (a field's value may hold dots, not its braces).
+        problem = _words_problem(_FIELD.sub("x", value), "subject template", repr(value))
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("stream")
@@ -244,6 +296,24 @@ class NatsSinkConfig(ConnectorConfig):
     @field_validator("subjects")
     @classmethod
     def _subjects_cover_the_subject(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        seen: dict[str, int] = {}
+        for index, stream_subject in enumerate(value or []):
+            problem = _words_problem(stream_subject, "stream subject")
+            if problem is not None:
+                raise ValueError(f"subjects[{index}]: {problem}")
+            if stream_subject in seen:
+                raise ValueError(
+                    f"{stream_subject!r} is listed twice (subjects[{seen[stream_subject]}] and "
+                    f"subjects[{index}]); JetStream refuses duplicate subjects"
+                )
+            for other, at in seen.items():
+                if subjects_collide(other, stream_subject):
+                    raise ValueError(
+                        f"subjects[{at}] {other!r} and subjects[{index}] {stream_subject!r} overlap"
+                        " (some subject matches both); JetStream refuses overlapping subjects: keep"
+                        " the wider one"
+                    )
+            seen[stream_subject] = index
         subject, declare = info.data.get("subject"), info.data.get("declare")
         if not value or subject is None or not declare:
             return value  # (a stream the relay does not create is checked by check --connect)
@@ -634,4 +704,11 @@ class NatsSink(Sink):
         link.fail_waiting("connection to NATS closed by the relay")
 
 
-plugin = SinkPlugin(type="nats", config=NatsSinkConfig, factory=NatsSink, requires=("nats",), extra="nats")
+plugin = SinkPlugin(
+    type="nats",
+    config=NatsSinkConfig,
+    factory=NatsSink,
+    requires=("nats",),
+    extra="nats",
+    validate=stream_subjects_problems,
+)

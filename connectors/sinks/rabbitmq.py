@@ -772,6 +772,30 @@ class RabbitMQReader(DeliveryReader):
         self._connection = None
 
 
+def validate_offline(config: RabbitMQSinkConfig) -> list[tuple[str, str]]:
+    """pika's own reading of the url (its URL options), without connecting; and an exchange the
+    relay would declare under the `amq.` prefix, which RabbitMQ reserves for itself and refuses
+    to declare (ACCESS_REFUSED on every connect). (key, reason) pairs."""
+    import pika
+
+    problems: list[tuple[str, str]] = []
+    try:
+        pika.URLParameters(config.url)
+    except (ValueError, TypeError) as exc:
+        shown = redact_url(config.url)
+        problems.append(("url", f"pika refuses url {shown!r}: {scrubber.scrub(str(exc))}"))
+    if config.declare and config.exchange.startswith("amq."):
+        problems.append(
+            (
+                "exchange",
+                f"exchange {config.exchange!r} starts with 'amq.', a prefix RabbitMQ reserves: it refuses"
+                " to declare such an exchange; name another one, or set declare: false to publish to"
+                " one of its predeclared amq.* exchanges",
+            )
+        )
+    return problems
+
+
 plugin = SinkPlugin(
     type="rabbitmq",
     config=RabbitMQSinkConfig,
@@ -779,4 +803,5 @@ plugin = SinkPlugin(
     requires=("pika",),
     extra="rabbitmq",
     reader=RabbitMQReader,
+    validate=validate_offline,
 )

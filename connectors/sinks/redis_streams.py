@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import Field, field_validator
@@ -285,10 +286,39 @@ class RedisStreamsSink(Sink):
             self._log.warning("closing the Redis connection failed", error=_explain(exc))
 
 
+def validate_offline(config: RedisSinkConfig) -> list[tuple[str, str]]:
+    """redis-py's own reading of the url, without connecting (its parser; the client is built and
+    dropped), plus what that parser lets through silently: a database that is not a number in
+    the path (it would use database 0), a protocol other than 2 or 3, a unix:// URL without a
+    socket path. (key, reason) pairs."""
+    from redis import Redis
+    from redis.connection import parse_url
+
+    shown = redact_url(config.url)
+    try:
+        settings = parse_url(config.url)  # type: ignore[no-untyped-call]
+        Redis.from_url(config.url)
+    except (ValueError, TypeError) as exc:
+        return [("url", f"redis-py refuses url {shown!r}: {scrubber.scrub(str(exc))}")]
+    parts = urlsplit(config.url)
+    if parts.scheme == "unix":
+        if not settings.get("path"):
+            return [("url", f"url {shown!r} names no socket path (unix:///path/to/redis.sock)")]
+    else:
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            return [("url", f"url {shown!r}: the database in the path must be a number, not {database!r}")]
+    protocol = settings.get("protocol")
+    if protocol is not None and str(protocol) not in ("2", "3"):
+        return [("url", f"url {shown!r}: protocol must be 2 or 3, not {protocol!r}")]
+    return []
+
+
 plugin = SinkPlugin(
     type="redis",
     config=RedisSinkConfig,
     factory=RedisStreamsSink,
     requires=("redis",),
     extra="redis",
+    validate=validate_offline,
 )

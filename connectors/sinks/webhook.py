@@ -221,6 +221,10 @@ class WebhookSinkConfig(ConnectorConfig):
         parts = parse_url_setting(value, ("http", "https"), shown)
         if not parts.hostname:
             raise ValueError(f"url {shown!r} must be an http:// or https:// URL with a host")
+        if any(c.isspace() for c in parts.hostname):
+            raise ValueError(f"url {shown!r}: the host contains whitespace")
+        if parts.port == 0:
+            raise ValueError(f"url {shown!r}: port 0 cannot be connected to")
         return value
 
     @field_validator("headers")
@@ -237,6 +241,14 @@ class WebhookSinkConfig(ConnectorConfig):
                     f" {redact_webhook_url(url)!r}: they would replace it (HTTP Basic auth);"
                     " keep one of them"
                 )
+        seen: dict[str, str] = {}
+        for name in value:
+            if name.lower() in seen:
+                raise ValueError(
+                    f"headers {seen[name.lower()]} and {name} are one header (HTTP header names ignore"
+                    " case): both would be sent; keep one"
+                )
+            seen[name.lower()] = name
         for name, header in value.items():
             if not _TOKEN.match(name):
                 raise ValueError(f"header name {name!r} is not a valid HTTP header name")

@@ -469,6 +469,118 @@ def _cases() -> list[Case]:
         "outboxes[0].sink.path: /tmp is a directory",
     )
 
+    # Sink settings that `run` would loop on or mishandle.
+    for template in ("{aggregate_type}", "x{aggregate_type}", "{aggregate_type}.{event_type}"):
+        add(
+            f"nats declared stream on a wildcard from {template}",
+            _yaml(_config(_outbox(sink={**SINKS["nats"], "subject": template}))),
+            "outboxes[0].sink.subject: the stream would be created on ",
+            "literal first word",
+        )
+    add(
+        "nats declared stream subjects starting with a wildcard",
+        _yaml(
+            _config(_outbox(sink={**SINKS["nats"], "subject": "a.{event_type}", "subjects": ["a.>", "*"]}))
+        ),
+        "outboxes[0].sink.subjects: ",
+        "starts with a wildcard",
+    )
+    for template, reason in (
+        ("a..{aggregate_type}", "empty word"),
+        ("a.{aggregate_type}.", "empty word"),
+        ("$JS.{aggregate_type}", "starts with '$'"),
+        ("$SYS.x", "starts with '$'"),
+    ):
+        add(
+            f"nats subject {template}",
+            _yaml(_config(_outbox(sink={**SINKS["nats"], "subject": template}))),
+            "outboxes[0].sink.subject: ",
+            reason,
+        )
+    for subjects, reason in (
+        (["a.>", "a..b"], "subjects[1]: stream subject 'a..b' has an empty word"),
+        (["a.>", "$JS.API.>"], "subjects[1]: stream subject '$JS.API.>' starts with '$'"),
+        (["a.>", "a b"], "subjects[1]: stream subject 'a b' contains whitespace"),
+        (["a.>", "a.>"], "'a.>' is listed twice (subjects[0] and subjects[1])"),
+        (["a.*", "a.>"], "subjects[0] 'a.*' and subjects[1] 'a.>' overlap"),
+    ):
+        add(
+            f"nats subjects {subjects}",
+            _yaml(
+                _config(_outbox(sink={**SINKS["nats"], "subject": "a.{event_type}", "subjects": subjects}))
+            ),
+            "outboxes[0].sink.subjects: ",
+            reason,
+        )
+    for url, reason in (
+        ("redis://localhost:6379/0?socket_timeout=abc", "socket_timeout"),
+        ("redis://localhost:6379/0?db=5x", "'db'"),
+        ("redis://localhost:6379/abc", "the database in the path must be a number"),
+        ("redis://localhost:6379/5x", "the database in the path must be a number"),
+        ("redis://localhost:6379/0?protocol=9", "protocol must be 2 or 3"),
+        ("unix://", "names no socket path"),
+        ("redis://relay:s3cret-pw@localhost:6379/abc", "the database in the path must be a number"),
+    ):
+        add(
+            f"redis url {url}",
+            _yaml(_config(_outbox(sink={**SINKS["redis"], "url": url}))),
+            "outboxes[0].sink.url: ",
+            reason,
+        )
+    add(
+        "rabbitmq url channel_max=abc",
+        _yaml(
+            _config(
+                _outbox(
+                    sink={**SINKS["rabbitmq"], "url": "amqp://relay:s3cret-pw@localhost/?channel_max=abc"}
+                )
+            )
+        ),
+        "outboxes[0].sink.url: pika refuses url",
+        "channel_max",
+    )
+    add(
+        "rabbitmq exchange amq.events",
+        _yaml(_config(_outbox(sink={**SINKS["rabbitmq"], "exchange": "amq.events"}))),
+        "outboxes[0].sink.exchange: exchange 'amq.events' starts with 'amq.'",
+    )
+    for url, reason in (
+        ("https://hooks.example:0/events", "port 0"),
+        ("https://hooks example/events", "the host contains whitespace"),
+    ):
+        add(
+            f"webhook url {url}",
+            _yaml(_config(_outbox(sink={**SINKS["webhook"], "url": url}))),
+            "outboxes[0].sink.url: ",
+            reason,
+        )
+    add(
+        "webhook headers differing in case",
+        _yaml(
+            _config(
+                _outbox(sink={**SINKS["webhook"], "headers": {"authorization": "a", "Authorization": "b"}})
+            )
+        ),
+        "outboxes[0].sink.headers: headers authorization and Authorization are one header",
+    )
+    add(
+        "file sink path a FIFO",
+        _sink_path(_make_fifo),
+        "outboxes[0].sink.path: ",
+        "is a FIFO, not a regular file",
+    )
+    add(
+        "file sink path a socket",
+        _sink_path(_make_socket),
+        "outboxes[0].sink.path: ",
+        "is a socket, not a regular file",
+    )
+    add(
+        "file sink path a device",
+        _yaml(_config(_outbox(sink={"type": "file", "path": "/dev/zero"}))),
+        "outboxes[0].sink.path: /dev/zero is a character device, not a regular file",
+    )
+
     # Two outboxes on one table, the port written differently or left out.
     for first, second in (
         ("host=db port=05432 dbname=app", "host=db port=5432 dbname=app"),
@@ -516,6 +628,26 @@ def _cases() -> list[Case]:
     add("socket", _socket, "is a socket, not a regular file")
     add("char device", lambda d: Path("/dev/zero"), "/dev/zero: is a character device, not a regular file")
     return cases
+
+
+def _make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _make_socket(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+
+
+def _sink_path(make_path: Callable[[Path], None]) -> Callable[[Path], Path]:
+    """A config whose file sink appends to a path that `make_path` creates (not a regular file)."""
+
+    def make(directory: Path) -> Path:
+        target = directory / "events"
+        make_path(target)
+        return _yaml(_config(_outbox(sink={"type": "file", "path": str(target)})))(directory)
+
+    return make
 
 
 def _fifo(directory: Path) -> Path:

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
+import pytest
+from pydantic import ValidationError
 
 from connectors.sinks.file import FileSink, FileSinkConfig
 from connectors.sinks.jsonlines import encode_line
 from relay.events import OutboxEvent
+from relay.interfaces import ConnectorError
 from relay.json_span import member_spans
 
 
@@ -127,3 +132,55 @@ def test_a_failed_write_never_cuts_away_the_lines_of_a_call_still_syncing(tmp_pa
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
+
+
+class _Hung(BaseException):
+    """Raised by SIGALRM: start() blocked (opening a FIFO waits for a reader forever)."""
+
+
+def _hung(signum: int, frame: object) -> None:
+    raise _Hung("start() blocked for 5 s")
+
+
+async def _start_within_5_s(sink: FileSink) -> None:
+    # A blocked open() holds the event loop, so asyncio cannot time it out: a signal interrupts it.
+    signal.signal(signal.SIGALRM, _hung)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        await sink.start()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+async def test_a_path_that_became_a_fifo_after_loading_is_refused_by_start_without_blocking(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = FileSink(FileSinkConfig(type="file", path=str(path)))  # (load refuses a FIFO already there)
+    os.mkfifo(path)
+    with pytest.raises(ConnectorError, match="is a FIFO, not a regular file"):
+        await _start_within_5_s(sink)
+
+
+async def test_a_fifo_with_a_reader_is_refused_by_start_rather_than_written_to(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = FileSink(FileSinkConfig(type="file", path=str(path)))
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(ConnectorError, match="is a FIFO, not a regular file"):
+            await _start_within_5_s(sink)
+    finally:
+        os.close(reader)
+        await sink.close()
+
+
+def test_loading_a_file_sink_whose_path_is_a_fifo_names_the_path_key(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    os.mkfifo(path)
+    with pytest.raises(ValidationError) as caught:
+        FileSinkConfig(type="file", path=str(path))
+    error = caught.value.errors()[0]
+    assert error["loc"] == ("path",)
+    assert "is a FIFO, not a regular file" in error["msg"]
