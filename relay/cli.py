@@ -366,7 +366,11 @@ _LIST_FIELD = 200  # characters of one field on a `dlq list` line
 def _listed(value: object) -> str:
     """A field of a `dlq list` line: cut to a screen's worth (`dlq show` has it all), masked (a
     row stored by an older version may hold a secret)."""
-    return scrubber.scrub_shortened(str(value), _LIST_FIELD)
+    text = str(value)
+    # Masked first (a long value only as far as it could be shown), then cut: a cut after
+    # masking cannot reveal part of a secret.
+    shown = scrubber.scrub_shortened(text, _LIST_FIELD * 20)
+    return shown if len(shown) <= _LIST_FIELD else f"{shown[:_LIST_FIELD]}... [{len(text)} characters, cut]"
 
 
 @dlq.command("list")

@@ -314,11 +314,11 @@ async def test_a_secret_header_is_sent_but_masked_in_describe_and_never_logged(
     token = f"tok-{uuid.uuid4().hex}"
     key = f"key-{uuid.uuid4().hex}"
     webhook_receiver.script(Reply(401, f"bad token {token}".encode()))
-    settings = {"headers": {"Authorization": f"Bearer {token}", "X-Api-Key": key, "X-Tenant": "t1"}}
+    settings = {"headers": {"Authorization": f"Bearer {token}", "X-Api-Key": key, "User-Agent": "shop/1"}}
     async with _started(webhook_receiver.url + f"?sig={key}", **settings) as sink:
         described = sink.describe()
         [result] = await sink.publish(make_events(1, aggregates=1))
-    assert described["headers"] == {"Authorization": "***", "X-Api-Key": "***", "X-Tenant": "t1"}
+    assert described["headers"] == {"Authorization": "***", "X-Api-Key": "***", "User-Agent": "shop/1"}
     assert "sig=***" in str(described["url"])
     assert isinstance(result, Failure) and result.setup and "401" in result.reason
     captured = capfd.readouterr()
