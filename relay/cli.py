@@ -65,7 +65,9 @@ MAX_PROBLEM_LINES = 20
 def _fail(lines: list[str] | str, code: int = 2) -> NoReturn:
     lines = [lines] if isinstance(lines, str) else lines
     for line in lines[:MAX_PROBLEM_LINES]:
-        click.echo(scrubber.scrub(line), err=True)
+        # One line per problem: a client library's message may carry a line break. (Scrubbed
+        # before its white space is folded: a secret holding a line break is still found.)
+        click.echo(" ".join(scrubber.scrub(line).split()), err=True)
     if len(lines) > MAX_PROBLEM_LINES:
         click.echo(f"... and {len(lines) - MAX_PROBLEM_LINES} more problems", err=True)
     sys.exit(code)

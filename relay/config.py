@@ -2,7 +2,8 @@
 
 Every problem is reported as `FILE: key.path: reason` and the CLI exits with status 2; no
 traceback, no partially started relay. `${VAR}` and `${VAR:-default}` are replaced from the
-environment inside string values before validation, so a missing variable names its key too.
+environment inside string values before validation, so a missing variable names its key too;
+as in a shell, the default is used when VAR is unset or empty.
 """
 
 from __future__ import annotations
@@ -208,8 +209,10 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: list[s
                 # (Nested references are not read: the first '}' would end the outer one.)
                 problems.append(f"{path or '(top)'}: {_NESTED_REFERENCE}")
                 return ""
-            if name in env:
-                return env[name]
+            value = env.get(name)
+            # As in a shell: `${NAME:-default}` takes the default when NAME is unset or empty.
+            if value is not None and (value or default is None):
+                return value
             if default is not None:
                 return default
             problems.append(f"{path or '(top)'}: environment variable {name} is not set")
@@ -330,7 +333,8 @@ class _StrictLoader(
 
 
 #: The tag of a key written as text (a `<<` merge key is a mapping merged in).
-_TEXT_TAGS = (yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, "tag:yaml.org,2002:merge")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_TEXT_TAGS = (yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, _MERGE_TAG)
 _KEY_KINDS = {
     "tag:yaml.org,2002:bool": "a boolean",
     "tag:yaml.org,2002:int": "a number",
@@ -392,6 +396,8 @@ def _refuse(problem: str, event: Any) -> NoReturn:
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:
+            continue  # (its mapping is merged in by construct_mapping; keys written here win)
         key = loader.construct_object(key_node)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)

@@ -37,9 +37,26 @@ PINNED_SETTINGS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Settings libpq checks only when it connects (PostgreSQL 16's libpq documents these values;
+#: libpq compares them exactly, case included): a bad one would fail every attempt.
+_ENUMERATED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "load_balance_hosts": ("disable", "random"),
+}
+
+
 def _readable_dsn(value: str) -> str:
-    """A DSN libpq can read, checked when the config is loaded (never echoed: it may hold a
-    password), so that `check` refuses it instead of `run` retrying it forever."""
+    """A DSN libpq can read and would connect with, checked when the config is loaded (never
+    echoed: it may hold a password), so that `check` refuses it instead of `run` retrying it
+    forever."""
+    if not value.strip():
+        raise ValueError(
+            "is empty (libpq would connect to its defaults, a local socket and another database):"
+            " give the database's connection string or URL"
+        )
     try:
         params = conninfo_to_dict(value)
     except Exception:
@@ -51,7 +68,32 @@ def _readable_dsn(value: str) -> str:
     for port in str(params.get("port") or "").split(","):
         if port.strip() and not (port.strip().isdigit() and 1 <= int(port) <= 65535):
             raise ValueError("has a port that is not a number from 1 to 65535")
+    for key, allowed in _ENUMERATED_SETTINGS.items():
+        setting = params.get(key)
+        if setting is not None and str(setting) not in allowed:
+            raise ValueError(f"has {key} set to a value libpq does not know (one of: {', '.join(allowed)})")
+    _matching_host_counts(params)
     return value
+
+
+def _matching_host_counts(params: dict[str, Any]) -> None:
+    """libpq takes a list of hosts (`host=a,b`) with one port for all or one port each, and
+    `hostaddr` one per host: any other count fails every connection attempt."""
+    hosts = _count(params.get("host"))
+    addresses = _count(params.get("hostaddr"))
+    ports = _count(params.get("port"))
+    servers = hosts or addresses
+    if hosts and addresses and hosts != addresses:
+        raise ValueError(f"has {addresses} hostaddr values for {hosts} hosts (give one per host)")
+    if ports > 1 and ports != max(servers, 1):
+        raise ValueError(
+            f"has {ports} ports for {max(servers, 1)} hosts (give one port for all hosts, or one per host)"
+        )
+
+
+def _count(setting: Any) -> int:
+    """How many comma-separated entries a libpq list setting has (0 when unset or empty)."""
+    return len(str(setting).split(",")) if setting else 0
 
 
 #: A libpq connection string or URL, as a config value.

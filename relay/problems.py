@@ -54,11 +54,17 @@ _BY_TEXT = tuple(
         ("login refused", r"password authentication failed|no pg_hba\.conf entry|password is required"),
         ("login refused", r"role \"[^\"]*\" does not exist|authentication failed|no password supplied"),
         # Brokers (RabbitMQ, Redis, NATS, Kafka's SASL) refusing the credentials they were given.
-        ("login refused", r"ACCESS_REFUSED|refused the login|WRONGPASS|NOAUTH|authorization violation"),
+        # (RabbitMQ's ACCESS_REFUSED is a refused login only when it says so: a channel's 403
+        # is a missing permission or a reserved name.)
+        ("login refused", r"refused the login|Login was refused|WRONGPASS|NOAUTH|authorization violation"),
         ("login refused", r"SASL authentication error"),
         ("virtual host does not exist", r"vhost \S+ not found|refused access to the virtual host"),
         ("permission denied", r"permission denied|must be superuser|lacks the REPLICATION attribute"),
-        ("permission denied", r"NOPERM|permissions violation|authorization failed"),
+        ("permission denied", r"NOPERM|permissions violation|authorization failed|ACCESS_REFUSED"),
+        # libpq refusing a connection setting before it connects: no retry can heal it.
+        ("connection setting invalid", r"invalid \w+ value: |could not match \d+ (port|host) \w+ to"),
+        # The file sink's path (its directory missing, or not a directory).
+        ("path does not exist", r"^cannot open .*: (No such file or directory|(Is|Not) a directory)$"),
         ("database does not exist", r"database \"[^\"]*\" does not exist"),
         ("database is read-only", r"read-only transaction|session is read-only"),
         ("table does not exist", r"table \S+ does not exist|relation \"[^\"]*\" does not exist"),
@@ -68,7 +74,9 @@ _BY_TEXT = tuple(
     )
 )
 _FIXES = {
-    "login refused": "check the user and password the DSN gives",
+    "login refused": "check the user and password the DSN or URL gives",
+    "connection setting invalid": "correct the setting the DSN gives (libpq names it and its value)",
+    "path does not exist": "check sink.path: its directory must exist and the path must name a file",
     "database does not exist": "check the database name the DSN gives",
     "virtual host does not exist": "check the virtual host the URL gives, or create it on the broker",
     "database is read-only": "point the DSN at the primary (or turn off default_transaction_read_only)",

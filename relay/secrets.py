@@ -26,9 +26,10 @@ from psycopg.conninfo import conninfo_to_dict
 #: What a secret is replaced with wherever text is shown.
 MASK = "***"
 # Settings whose value is a secret by their name: librdkafka's sasl.password, ssl.key.password,
-# ssl.key.pem, sasl.oauthbearer.config, and any `password`, `secret` or `token` key of ours.
+# ssl.key.pem, sasl.oauthbearer.config, sasl.oauthbearer.extensions (key=value pairs that may
+# carry credentials) and any `password`, `secret` or `token` key of ours.
 _SECRET_KEY = re.compile(
-    r"password|secret|token|(^|\.)ssl\.key\.pem$|^sasl\.oauthbearer\.config$", re.IGNORECASE
+    r"password|secret|token|(^|\.)ssl\.key\.pem$|^sasl\.oauthbearer\.(config|extensions)$", re.IGNORECASE
 )
 # `://user:password@` of a URL. The password run and the `@` after it are matched whatever
 # follows (`@?`), so a run without `@` is read once and given back unchanged (see _masked_url):

@@ -108,6 +108,15 @@ def _laughs(levels: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge_laughs(levels: int) -> str:
+    """Like `_laughs`, each level a mapping that merges the one below ten times (`<<: [...]`)."""
+    lines = ["l0: &l0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8, i: 9, j: 10}"]
+    for level in range(1, levels + 1):
+        keys = ", ".join(f"k{i}: *l{level - 1}" for i in range(10))
+        lines.append(f"l{level}: &l{level} {{<<: [*l{level - 1}], {keys}}}")
+    return "\n".join(lines) + "\noutboxes: []\n"
+
+
 def _unknown_keys_file(size: int) -> str:
     good = yaml.safe_dump(_config(), sort_keys=False)
     lines, total, i = [good], len(good), 0
@@ -617,6 +626,45 @@ def _cases() -> list[Case]:
         "outboxes[0].source.tables: table public.t is listed twice (tables[0] and tables[1])",
     )
 
+    # An empty DSN: libpq would connect to its defaults (a local socket, another database).
+    for number, (where, parts) in enumerate(
+        (
+            ("source", {"source": {"dsn": ""}}),
+            ("source", {"source": {"dsn": "  \t "}}),
+            ("source", {"source": {"dsn": "${OUTBOX_RELAY_FUZZ_NEVER_SET:-}"}}),
+            ("source", {"source": {**LOGICAL, "dsn": ""}}),
+            ("dead_letter", {"dead_letter": {"dsn": ""}}),
+        )
+    ):
+        add(
+            f"empty dsn {number} in {where}",
+            _yaml(_config(_outbox(**parts))),
+            f"outboxes[0].{where}.dsn: is empty",
+        )
+    # DSN settings libpq refuses when it connects: refused offline, by name.
+    for setting, shown in (
+        ("sslmode=bogus", "sslmode"),
+        ("target_session_attrs=bogus", "target_session_attrs"),
+        ("channel_binding=x", "channel_binding"),
+        ("gssencmode=bogus", "gssencmode"),
+        ("load_balance_hosts=bogus", "load_balance_hosts"),
+        ("host=a,b port=1,2,3", "3 ports for 2 hosts"),
+    ):
+        add(
+            f"dsn {setting}",
+            _yaml(_config(_outbox(source={"dsn": f"dbname=app password=s3cret-pw {setting}"}))),
+            "outboxes[0].source.dsn: ",
+            shown,
+        )
+    add(
+        "dsn URL sslmode=bogus",
+        _yaml(_config(_outbox(dead_letter={"dsn": "postgresql://u:s3cret-pw@h/db?sslmode=bogus"}))),
+        "outboxes[0].dead_letter.dsn: ",
+        "sslmode",
+    )
+    # Merge keys are expanded like aliases: they count towards the same limit.
+    add("billion laughs through merge keys", _text(_merge_laughs(9)), "aliases are expanded")
+
     # Paths that are not a readable file.
     add("directory", lambda d: d, "directory")
     add("missing file", lambda d: d / "missing.yaml", "No such file or directory")
@@ -854,3 +902,66 @@ def test_more_problems_than_fit_are_counted_not_printed(tmp_path: Path) -> None:
     assert lines[0] == f"{path}: unknown_key_00000000: unknown key"
     assert lines[-1].startswith("... and ") and lines[-1].endswith(" more problems")
     assert int(lines[-1].split()[2]) > 100
+
+
+def test_a_mapping_merged_in_with_a_merge_key_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        "outboxes:\n"
+        "  - name: a\n"
+        "    source: &a {type: postgres-polling, dsn: 'host=db dbname=app', batch_size: 50, table: a}\n"
+        "    sink: {type: stdout}\n"
+        "  - name: b\n"
+        "    source:\n"
+        "      <<: *a\n"
+        "      table: b\n"
+        "      batch_size: 7\n"
+        "    sink: {type: stdout}\n"
+    )
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["outbox a"]["source"]["batch_size"] == 50
+    assert shown["outbox b"]["source"]["batch_size"] == 7  # (a key written beside it wins)
+    assert shown["outbox b"]["source"]["table"] == "b"
+
+
+@pytest.mark.parametrize(
+    "producer",
+    [{"linger.ms": -5}, {"batch.size": 0}, {"enable.idempotence": False, "max.in.flight": 1_000_001}],
+)
+def test_a_client_library_refusal_with_a_line_break_is_printed_as_one_line(
+    tmp_path: Path, producer: dict[str, Any]
+) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(_config(_outbox(sink={**SINKS["kafka"], "producer": producer}))))
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"{path}: outboxes[0].sink.producer"), line
+    assert "librdkafka refuses" in line and line.endswith(" (_INVALID_ARG)"), line
+
+
+def test_check_masks_the_kafka_oauth_extensions_client_secret_and_key_passwords(tmp_path: Path) -> None:
+    secrets = {
+        "sasl.oauthbearer.extensions": "logicalCluster=lkc-x1,identityPoolId=pool-ext-s3cret",
+        "sasl.oauthbearer.client.secret": "client-s3cret-value",
+        "ssl.keystore.password": "keystore-s3cret-value",
+        "ssl.key.password": "key-s3cret-value",
+    }
+    producer = {
+        "security.protocol": "sasl_ssl",
+        "sasl.mechanisms": "OAUTHBEARER",
+        "sasl.oauthbearer.method": "oidc",
+        "sasl.oauthbearer.client.id": "relay",
+        "sasl.oauthbearer.token.endpoint.url": "https://auth.example/token",
+        **secrets,
+    }
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(_config(_outbox(sink={**SINKS["kafka"], "producer": producer}))))
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "sasl.oauthbearer.client.id: relay" in result.output  # (settings are shown)
+    for key, value in secrets.items():
+        assert value not in result.output, (key, result.output)
+        assert "pool-ext" not in result.output

@@ -407,3 +407,26 @@ def test_the_sink_is_registered_and_its_config_refuses_bad_settings_with_clear_r
         RabbitMQSinkConfig(**{**base, "url": "amqps://app:s3cret-pw@mq:notaport/"})
     # relay.config shows only the messages (never the input, which holds the password).
     assert "s3cret-pw" not in " ".join(error["msg"] for error in invalid.value.errors())
+
+
+async def test_a_reserved_exchange_name_is_a_permission_problem_and_a_wrong_password_a_refused_login(
+    rabbit: RabbitBroker, names: RabbitNames
+) -> None:
+    from relay.problems import setup_problem
+
+    # RabbitMQ answers both with 403 ACCESS_REFUSED: a channel's refusal is not a login's.
+    reserved = RabbitMQSink(_config(rabbit.url, names, exchange=f"amq.relaytest-{uuid.uuid4().hex[:8]}"))
+    with pytest.raises(ConnectorError) as refused:
+        await reserved.start()
+    await reserved.close()
+    assert "ACCESS_REFUSED" in str(refused.value), str(refused.value)
+    problem = setup_problem(refused.value)
+    assert problem is not None and problem.kind == "permission denied", (problem, str(refused.value))
+
+    wrong = RabbitMQSink(_config(rabbit.url_for("guest", f"pw-{uuid.uuid4().hex}"), names))
+    with pytest.raises(ConnectorError) as login:
+        await wrong.start()
+    await wrong.close()
+    problem = setup_problem(login.value)
+    assert problem is not None and problem.kind == "login refused", (problem, str(login.value))
+    assert problem.fix == "check the user and password the DSN or URL gives"

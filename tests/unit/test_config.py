@@ -71,6 +71,25 @@ def test_environment_variables_and_defaults_are_interpolated() -> None:
     assert source.poll_interval == 1.0  # type: ignore[attr-defined]
 
 
+def test_a_default_replaces_a_variable_that_is_set_but_empty_as_in_a_shell() -> None:
+    data = {"outboxes": [_outbox(batch_size="${BATCH:-250}", poll_interval="${POLL:-2s}")]}
+    config = parse_config(data, "relay.yaml", {"BATCH": "", "POLL": "3s"})
+    source = config.outboxes[0].source
+    assert source.batch_size == 250  # type: ignore[attr-defined]
+    assert source.poll_interval == 3.0  # type: ignore[attr-defined]
+
+
+def test_a_variable_that_is_set_but_empty_without_a_default_stays_empty() -> None:
+    data = {"outboxes": [_outbox(dsn="${DB}")]}
+    assert _problems(data, {"DB": ""}) == ["relay.yaml: outboxes[0].source.dsn: is empty" + _EMPTY_DSN_TAIL]
+
+
+_EMPTY_DSN_TAIL = (
+    " (libpq would connect to its defaults, a local socket and another database): give the"
+    " database's connection string or URL"
+)
+
+
 def test_bad_duration_and_retry_bounds_are_explained() -> None:
     data = {"outboxes": [{**_outbox(poll_interval="soon"), "retry": {"initial": "5s", "max": "1s"}}]}
     problems = _problems(data)

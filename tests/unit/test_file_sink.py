@@ -184,3 +184,26 @@ def test_loading_a_file_sink_whose_path_is_a_fifo_names_the_path_key(tmp_path: P
     error = caught.value.errors()[0]
     assert error["loc"] == ("path",)
     assert "is a FIFO, not a regular file" in error["msg"]
+
+
+async def test_a_path_whose_directory_is_missing_or_is_a_directory_is_a_setup_problem_naming_sink_path(
+    tmp_path: Path,
+) -> None:
+    from relay.interfaces import ConnectorError
+    from relay.problems import setup_problem
+
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "missing" / "out.jsonl", tmp_path / "later", tmp_path / "file" / "out.jsonl"):
+        sink = FileSink(FileSinkConfig(type="file", path=str(path)))
+        if path.name == "later":
+            path.mkdir()  # (the config refuses a directory: it became one after the config was read)
+        try:
+            await sink.start()
+        except ConnectorError as exc:
+            problem = setup_problem(exc)
+        else:
+            raise AssertionError(f"{path} was opened")
+        finally:
+            await sink.close()
+        assert problem is not None and problem.kind == "path does not exist", (path, problem)
+        assert "sink.path" in problem.fix

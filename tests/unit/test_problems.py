@@ -3,6 +3,7 @@ outages (that heal by themselves), and how a problem is reported while it lasts.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -52,6 +53,27 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
         (ConnectorError("(530) 'NOT_ALLOWED - vhost adv_x not found'"), "virtual host does not exist"),
         (ConnectorError("Broker: Topic authorization failed"), "permission denied"),
         (ConnectorError("NOPERM no permissions to run the xadd command"), "permission denied"),
+        (
+            ConnectorError(
+                "RabbitMQ closed the channel: 403 ACCESS_REFUSED - exchange name 'amq.orders' contains"
+                " reserved prefix 'amq.*'"
+            ),
+            "permission denied",
+        ),
+        (
+            ConnectorError("(403, 'ACCESS_REFUSED - access to exchange 'x' in vhost '/' refused')"),
+            "permission denied",
+        ),
+        (
+            ConnectorError(
+                "RabbitMQ refused the login (wrong user or password): 403 ACCESS_REFUSED - Login was"
+                " refused using authentication mechanism PLAIN"
+            ),
+            "login refused",
+        ),
+        (ConnectorError("cannot open /nowhere/out.jsonl: No such file or directory"), "path does not exist"),
+        (ConnectorError("cannot open /tmp: Is a directory"), "path does not exist"),
+        (ConnectorError("cannot open /etc/hosts/x: Not a directory"), "path does not exist"),
     ],
 )
 def test_setup_mistakes_are_told_apart_with_a_fix(error: BaseException, kind: str) -> None:
@@ -140,3 +162,50 @@ def test_a_lasting_problem_is_logged_again_every_minute_and_a_new_one_at_once(
     clock[0] += 61
     problems.report("database", Op('FATAL:  role "x" does not exist'))
     assert len(log.lines) == 3
+
+
+def test_a_refused_login_names_the_dsn_or_url_and_a_refused_permission_the_privilege() -> None:
+    login = setup_problem(ConnectorError("RabbitMQ refused the login of user guest"))
+    assert login is not None and login.fix == "check the user and password the DSN or URL gives"
+    refused = setup_problem(ConnectorError("RabbitMQ closed the channel: 403 ACCESS_REFUSED - no"))
+    assert refused is not None and "password" not in refused.fix
+
+
+def test_a_file_sink_path_that_does_not_exist_names_sink_path_in_its_fix() -> None:
+    problem = setup_problem(ConnectorError("cannot open /nowhere/out.jsonl: No such file or directory"))
+    assert problem is not None and "sink.path" in problem.fix
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "sslmode=bogus",
+        "target_session_attrs=bogus",
+        "channel_binding=x",
+        "gssencmode=bogus",
+        "load_balance_hosts=bogus",
+        "host=127.0.0.1,127.0.0.2 port=1,2,3",
+    ],
+)
+def test_a_connection_setting_libpq_refuses_is_a_setup_problem_not_an_outage(setting: str) -> None:
+    # libpq itself (no server is reached): the error the relay sees at run time.
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(f"host=127.0.0.1 port=5432 dbname=postgres connect_timeout=5 {setting}")
+    problem = setup_problem(caught.value)
+    assert problem is not None, str(caught.value)
+    assert problem.kind == "connection setting invalid"
+    assert "DSN" in problem.fix
+
+
+def test_a_bad_libpq_setting_from_the_environment_is_a_setup_problem_where_the_relay_connects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The config's DSN is checked offline; PGSSLMODE and the like reach libpq only at run time.
+    from connectors.sources.postgres_connect import connect
+
+    monkeypatch.setenv("PGSSLMODE", "bogus")
+    with pytest.raises(ConnectorError) as caught:
+        asyncio.run(connect("host=127.0.0.1 port=5432 dbname=postgres", 5))
+    problem = setup_problem(caught.value)
+    assert problem is not None, str(caught.value)
+    assert problem.kind == "connection setting invalid"
