@@ -65,6 +65,7 @@ _BY_TEXT = tuple(
         ("connection setting invalid", r"invalid \w+ value: |could not match \d+ (port|host) \w+ to"),
         # The file sink's path (its directory missing, or not a directory).
         ("path does not exist", r"^cannot open .*: (No such file or directory|(Is|Not) a directory)$"),
+        ("path does not exist", r"^cannot append to .*, not a regular file"),
         ("database does not exist", r"database \"[^\"]*\" does not exist"),
         ("database is read-only", r"read-only transaction|session is read-only"),
         ("table does not exist", r"table \S+ does not exist|relation \"[^\"]*\" does not exist"),
