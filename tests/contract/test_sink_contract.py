@@ -107,14 +107,26 @@ def _port_of(url: str) -> int:
     return port
 
 
+class _DiskFull(FileSink):
+    """A file sink whose disk fills up once it is started: its file is swapped for /dev/full,
+    which fails every write with ENOSPC (the config refuses /dev/full itself: not a file)."""
+
+    async def start(self) -> None:
+        await super().start()
+        assert self._file is not None
+        full = os.open("/dev/full", os.O_WRONLY)
+        try:
+            os.dup2(full, self._file.fileno())
+        finally:
+            os.close(full)
+
+
 def _file_backend(tmp_path: Path) -> Iterator[Backend]:
     path = tmp_path / "events.jsonl"
-    # /dev/full accepts the open and fails every write with ENOSPC: a destination that is down.
-    broken = Path("/dev/full")
     yield Backend(
         FileSink(FileSinkConfig(type="file", path=str(path))),
         lambda: read_lines(path),
-        lambda: FileSink(FileSinkConfig(type="file", path=str(broken))),
+        lambda: _DiskFull(FileSinkConfig(type="file", path=str(tmp_path / "full.jsonl"))),
         None,  # no server to take away
     )
 
