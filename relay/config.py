@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from relay.durations import Duration
+from relay.files import file_kind
 from relay.identifiers import TableName, printable
 from relay.pgsession import Dsn
 from relay.registry import Claim, ConnectorConfig, broken_plugins, sink_plugins, source_plugins
@@ -654,17 +655,7 @@ def _read_text(file: str) -> str:
 
 
 def _not_regular(file: str, mode: int) -> str:
-    return f"{file}: is {_file_kind(mode)}, not a regular file; a config is a file"
-
-
-def _file_kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    )
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{file}: is {file_kind(mode)}, not a regular file; a config is a file"
 
 
 def config_json_schema() -> dict[str, Any]:

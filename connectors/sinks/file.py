@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 
 from connectors.sinks.jsonlines import encode_lines
 from relay.events import OutboxEvent, PublishResult
+from relay.files import file_kind
 from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
 from relay.registry import ConnectorConfig, SinkPlugin
 
@@ -45,17 +46,6 @@ class FileSinkConfig(ConnectorConfig):
         return value
 
 
-def _kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISDIR, "a directory"),
-    )
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
-
-
 def not_a_regular_file(path: str, mode: int | None = None) -> str | None:
     """Why the sink cannot append to `path` as a file, or None: it exists (following symlinks)
     and is not a regular file. A FIFO would block the relay on open and on every write."""
@@ -66,7 +56,7 @@ def not_a_regular_file(path: str, mode: int | None = None) -> str | None:
             return None  # (missing: created on start; unreadable: start says why)
     if stat.S_ISREG(mode):
         return None
-    return f"{path} is {_kind(mode)}, not a regular file: the file sink appends to a regular file"
+    return f"{path} is {file_kind(mode)}, not a regular file: the file sink appends to a regular file"
 
 
 class FileSink(Sink):
