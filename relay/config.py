@@ -106,15 +106,40 @@ class DeadLetterConfig(StrictModel):
 
 
 class LeaseConfig(StrictModel):
-    """One active relay per outbox among any number of replicas (a PostgreSQL advisory lock)."""
+    """One active relay per outbox among any number of replicas: a lease with a deadline, kept
+    in a table of the source's database (see relay.leadership)."""
 
     enabled: bool = Field(default=True, description="Off only when a single relay runs, ever.")
+    time: Duration = Field(
+        default=5.0,
+        ge=1.0,
+        le=300.0,
+        description="How long the lease lasts unless its holder renews it: a standby takes over a"
+        " holder that stopped renewing (dead, frozen or cut off) within this time, and a holder"
+        " that cannot renew stops publishing before it ends. 1s to 5m.",
+    )
     check_interval: Duration = Field(
         default=1.0,
         ge=0.1,
-        description="How often the active relay confirms it still holds the lease (a query each time:"
-        " at least 100ms, so an idle relay does not spin).",
+        description="How often the active relay renews its lease (a query each time: at least"
+        " 100ms, so an idle relay does not spin; at most a third of `time`, so that a renewal"
+        " that fails can be retried before the lease ends).",
     )
+    table: TableName = Field(
+        default="outbox_relay_leases",
+        description="The lease table, in the source's database; `init-db` creates it (and the"
+        " relay does when it may). name or schema.name as in SQL.",
+    )
+
+    @model_validator(mode="after")
+    def _renewals_fit_in_the_lease(self) -> LeaseConfig:
+        if self.check_interval * 3 > self.time:
+            raise ValueError(
+                f"check_interval ({self.check_interval:g}s) must be at most a third of time"
+                f" ({self.time:g}s): the holder must be able to retry a failed renewal before its"
+                " lease ends"
+            )
+        return self
 
 
 class OutboxConfig(StrictModel):

@@ -166,7 +166,6 @@ class DeadLetterStore:
                     session_conninfo(self._dsn),
                     autocommit=True,
                     connect_timeout=10,
-                    application_name="outbox-relay",
                 )
             except psycopg.Error as exc:
                 raise psycopg.OperationalError(scrubber.scrub(str(exc))) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from psycopg import AsyncConnection, sql
 
@@ -24,6 +24,23 @@ class Unsupported(ConnectorError):
     """A database (or a setting of it) the relay cannot serve, however often it tries (a
     SQL_ASCII database, say): `run` stops with this one sentence instead of retrying, and
     `check --connect` reports it."""
+
+
+class Fenced(ConnectorError):
+    """The lease term this process acted under has ended: nothing was recorded, and another
+    replica may be active (see `Fence`)."""
+
+
+class Fence(Protocol):
+    """The lease term a relay acts under (relay.leadership.Term): valid until its deadline,
+    identified in the lease table (`table`, row `key`) by its fencing token, which grows with
+    every new holder."""
+
+    table: str
+    key: str
+    token: int
+
+    def valid(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +103,13 @@ class Sink(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and disconnect."""
 
+    async def discard(self) -> None:
+        """Instead of `close`, when the relay lost its lease: drop, without sending, whatever was
+        handed over and is not sent yet (the new holder sends it; sent now, it would reach the
+        broker after newer events), then disconnect. By default `close`: a sink that sends
+        within `publish` has nothing left to send."""
+        await self.close()
+
     async def check(self) -> None:  # noqa: B027 - optional hook
         """Raise ConnectorError when the broker cannot be reached (used by `check --connect`, `/readyz`)."""
 
@@ -144,6 +168,12 @@ class Source(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    def fence_with(self, fence: Fence) -> None:  # noqa: B027 - optional hook
+        """Called before `start` when the relay runs under a lease. From then on `ack` records
+        nothing unless `fence.valid()` (it raises Fenced instead), and a source whose ack is a
+        statement in the lease's database makes it conditional on `fence.token` in that same
+        statement. By default nothing: the pipeline checks the fence before every `ack` too."""
 
     async def check(self) -> list[str]:
         """Verify the database side (reachable, table and columns present); return notes to print."""

@@ -1,65 +1,160 @@
-"""Leadership: exactly one active relay per outbox, however many replicas run.
+"""Leadership: one active relay per outbox, however many replicas run, also when the active one
+freezes or is cut off.
 
-The lease is a session-level PostgreSQL advisory lock held on a dedicated connection. Standbys
-try to take it every second. The lock is released the moment the holder's session ends: a
-SIGKILLed process's socket closes at once, `pg_terminate_backend` ends the session at once, and
-a cut network is noticed by the server's TCP keepalives, tightened on this session to a few
-seconds. The holder checks its session every `check_interval`; when the check fails it abandons
-its work before a standby could have taken over (the standby needs the server to let go first).
+The lease is a row of a table in the outbox's database: who holds it, a fencing token that
+grows with every new holder, and when it expires. An advisory lock alone cannot be that lease:
+the server keeps a session's lock for as long as the session lives, and a frozen process (a
+SIGSTOP, a paused VM, a hung event loop) or a connection that a proxy holds open without
+forwarding keeps its session alive; the lock never moves. A row with an expiry ends by time,
+however the holder's connection looks.
+
+- Acquire: a standby sets itself as holder, with the next token and an expiry `time` from now,
+  where the row has expired (or is its own): one UPDATE, so two standbys never both win.
+- Renew: the holder moves its expiry on every `check_interval`, where the token is still its
+  own. A renewal that fails is retried on a new connection until the holder's deadline.
+- Deadline: the holder's own clock when it sent its last successful renewal, plus the lease
+  time, minus a margin (a tenth of it). The server set the expiry when it ran the renewal, after
+  it was sent, so the deadline falls before the expiry by at least the margin.
+- Clocks: the expiry is set and compared by the database server's clock alone (clock_timestamp()),
+  so the replicas' clocks need not agree with it or with each other. The one assumption: a
+  replica's monotonic clock and the server's clock run at the same rate within the margin over
+  one lease time (10%: any working clock), and the server's clock is not stepped forward by more
+  than the margin while a lease runs.
+- The holder checks its deadline right before every publish and every acknowledgement (see
+  `Term.valid`, used by the pipeline), and marks nothing past it: the polling source marks rows
+  in the same statement that checks the token (see `Fence`). `/readyz` and
+  `outbox_relay_leader` say active only while the term is valid.
+- Fencing the old holder: a new holder ends the sessions of the one before (every session of a
+  holder goes by `outbox-relay <holder id>`, relay.pgsession.SESSION_NAME), so a frozen holder
+  that wakes finds its connections gone, its replication stream among them (PostgreSQL lets one
+  process stream a slot at a time: the new holder could not stream before).
+- Bounds: every wait on the network in the lease path is bounded for real (relay.pgsession
+  bounded_query severs a connection that does not answer instead of cancelling the query and
+  waiting for the cancel); a connection attempt is bounded by its connect timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.abc import Params
 
 from relay import metrics
 from relay.backoff import Backoff
+from relay.identifiers import parse_table_name
 from relay.interfaces import Unsupported
 from relay.logs import get_logger
-from relay.pgsession import session_conninfo, start_session
+from relay.pgsession import bounded_query, session_conninfo, start_session
 from relay.problems import SetupProblems
 from relay.secrets import scrubber
 
 _RECONNECT = Backoff(initial=0.5, maximum=5.0)
 
+#: What the holder keeps back from the lease time as its clock margin.
+MARGIN_FRACTION = 0.1
 
-def lock_key(outbox: str, scope: str = "") -> tuple[int, int]:
-    """The advisory lock key of an outbox, stable across processes: 64 bits of a hash of the
-    outbox's name and what it reads (its table, its slot), so that two services that name their
-    outboxes alike in one database do not take each other's lease, and no two names share one
-    (a 32-bit checksum of the name alone let both happen)."""
-    digest = hashlib.blake2b(f"outbox-relay\0{outbox}\0{scope}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:], "big", signed=True)
+
+def lease_key(outbox: str, scope: str = "") -> str:
+    """The lease row of an outbox: its name and 64 bits of a hash of the name and what it reads
+    (its table, its slot), so that two services that name their outboxes alike in one database
+    do not take each other's lease."""
+    digest = hashlib.blake2b(f"outbox-relay\0{outbox}\0{scope}".encode(), digest_size=8).hexdigest()
+    return f"{outbox}/{digest}"
+
+
+def create_table_sql(table: str) -> sql.Composed:
+    """The lease table (`init-db` runs it; the relay too, when the table is missing)."""
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} ("
+        " lease text PRIMARY KEY,"
+        " outbox text NOT NULL,"
+        " holder text,"
+        " token bigint NOT NULL DEFAULT 0,"
+        " expires_at timestamptz NOT NULL DEFAULT '-infinity',"
+        " renewed_at timestamptz)"
+    ).format(parse_table_name(table).identifier())
+
+
+def holder_pid(holder: str | None) -> int | None:
+    """The process id in a holder's name (`<host> pid <pid> <id>`), for tools such as `drill`."""
+    found = re.search(r" pid (\d+) ", holder or "")
+    return int(found.group(1)) if found else None
+
+
+@dataclass
+class Term:
+    """One holder's hold on a lease: its token, and its deadline on this process's monotonic
+    clock. `valid()` is what everything that publishes or marks asks, right before it does."""
+
+    table: str
+    key: str
+    token: int
+    deadline: float
+    ended: bool = False
+
+    def valid(self) -> bool:
+        return not self.ended and time.monotonic() < self.deadline
+
+    def end(self) -> None:
+        self.ended = True
 
 
 class LeaseLost(Exception):
-    """The lease's session failed: another replica may be active now."""
+    """The lease's term ended: another replica may be active now."""
 
 
 class Lease:
+    """The lease of one outbox, as one process sees it. `acquire` waits for a term, `keep`
+    renews it until it is lost, `release` gives it up."""
+
     def __init__(
         self,
         dsn: str,
         outbox: str,
+        *,
+        table: str = "outbox_relay_leases",
+        lease_time: float = 5.0,
         check_interval: float = 1.0,
         acquire_interval: float = 1.0,
         scope: str = "",
     ) -> None:
         self._dsn = dsn
-        self._key = lock_key(outbox, scope)
+        self._outbox = outbox
+        self._table = table
+        self._ident = parse_table_name(table).identifier()
+        self.key = lease_key(outbox, scope)
+        self._time = lease_time
+        self._margin = lease_time * MARGIN_FRACTION
         self._check_interval = check_interval
-        self._acquire_interval = acquire_interval
+        self._acquire_interval = min(acquire_interval, lease_time / 5)
+        ident = secrets.token_hex(4)
+        #: This process's name as holder (the lease row says who holds it).
+        self.holder = f"{socket.gethostname()} pid {os.getpid()} {ident}"
+        #: What every session of this outbox goes by (relay.pgsession.SESSION_NAME).
+        self.session_name = f"outbox-relay {ident}"
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._log = get_logger(outbox=outbox)
         #: A login the database refuses, a database that does not exist: said as such.
         self.problems = SetupProblems(outbox, self._log)
-        self.held = False
+        self.term: Term | None = None
         self._database_ok = False
         self._m_database_up = metrics.UP.labels(outbox, "database")
+        self._table_ready = False
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lease now (its term is valid)."""
+        return self.term is not None and self.term.valid()
 
     @property
     def database_ok(self) -> bool:
@@ -72,99 +167,228 @@ class Lease:
         self._database_ok = ok
         self._m_database_up.set(1 if ok else 0)
 
+    # --- queries, each bounded --------------------------------------------------------------
+
+    def _bound(self) -> float:
+        """How long one lease query may take: well within the lease, so a holder whose
+        database stopped answering can try again on a new connection before its deadline."""
+        return max(self._time / 5, 0.2)
+
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(
-            session_conninfo(self._dsn),
-            autocommit=True,
-            connect_timeout=5,
-            application_name="outbox-relay lease",
-            # Client side: notice a dead server within seconds too.
-            keepalives=1,
-            keepalives_idle=2,
-            keepalives_interval=1,
-            keepalives_count=3,
+        timeout = max(int(self._time / 2), 1)
+        conn = await asyncio.wait_for(
+            psycopg.AsyncConnection.connect(
+                session_conninfo(self._dsn),
+                autocommit=True,
+                connect_timeout=timeout,
+                application_name=self.session_name,
+            ),
+            timeout + 1,  # (cancelling a connection attempt sends nothing to the server)
         )
         try:
             await start_session(conn)  # (a database no relay can serve: say so instead of standing by)
         except Unsupported:
             await conn.close()
             raise
-        # Server side: end this session (and free the lock) soon after the network to us is cut.
-        for setting in ("tcp_keepalives_idle = 2", "tcp_keepalives_interval = 1", "tcp_keepalives_count = 2"):
-            await conn.execute(f"SET {setting}")
         return conn
 
-    async def acquire(self, stop: asyncio.Event) -> bool:
-        """Wait until this process holds the lease (True) or `stop` is set (False)."""
+    async def _query(self, query: sql.SQL | sql.Composed, params: Params) -> list[tuple[Any, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await self._connect()
+        try:
+            return await bounded_query(self._conn, query, params, self._bound())
+        except BaseException:
+            await self._drop()
+            raise
+
+    async def _ensure_table(self) -> None:
+        """Create the lease table when it is missing (an older `init-db`), as far as this role
+        may; then the lease's row."""
+        if not self._table_ready:
+            found = await self._query(
+                sql.SQL("SELECT to_regclass(%s)"), (parse_table_name(self._table).regclass_text(),)
+            )
+            if not found or found[0][0] is None:
+                try:
+                    await self._query(create_table_sql(self._table), ())
+                except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+                    pass  # another replica created it at the same moment
+            await self._query(
+                sql.SQL(
+                    "INSERT INTO {} (lease, outbox) VALUES (%s, %s) ON CONFLICT (lease) DO NOTHING"
+                ).format(self._ident),
+                (self.key, self._outbox),
+            )
+            self._table_ready = True
+
+    # --- acquire ------------------------------------------------------------------------------
+
+    async def acquire(self, stop: asyncio.Event) -> Term | None:
+        """Wait until this process holds the lease (its new term) or `stop` is set (None)."""
         attempt = 0
         waiting_logged = False
         while not stop.is_set():
             try:
-                if self._conn is None or self._conn.closed or self._conn.broken:
-                    self._conn = await self._connect()
-                cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self._key)
-                row = await cur.fetchone()
+                term, wait = await self._try_acquire()
                 attempt = 0
                 self.database_ok = True
                 self.problems.clear("database")
-                if row and row[0]:
-                    self.held = True
-                    return True
+                if term is not None:
+                    return term
                 if not waiting_logged:
                     self._log.info("standby: another relay holds the lease for this outbox")
                     waiting_logged = True
-                delay = self._acquire_interval
-            except psycopg.Error as exc:
+                delay = wait
+            except (psycopg.Error, OSError, TimeoutError) as exc:
                 attempt += 1
                 self.database_ok = False
+                self._table_ready = False
                 delay = _RECONNECT.delay(attempt)
                 if not self.problems.report("database", exc):
                     self._log.warning("lease: database not reachable", error=scrubber.scrub(str(exc)))
-                await self._drop()
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except TimeoutError:
                 pass
-        return False
+        return None
 
-    async def watch(self) -> None:
-        """Return never while the lease is healthy; raise LeaseLost as soon as it is not."""
-        assert self._conn is not None
+    async def _try_acquire(self) -> tuple[Term | None, float]:
+        """One attempt: the new term, or None and how long to wait before the next attempt
+        (until the current holder's lease would end, at most `acquire_interval`)."""
+        await self._ensure_table()
+        sent = time.monotonic()
+        rows = await self._query(
+            sql.SQL(
+                "WITH previous AS (SELECT holder FROM {t} WHERE lease = %(key)s FOR UPDATE)"
+                " UPDATE {t} SET holder = %(me)s, token = token + 1, renewed_at = clock_timestamp(),"
+                " expires_at = clock_timestamp() + make_interval(secs => %(time)s)"
+                " FROM previous WHERE {t}.lease = %(key)s"
+                " AND ({t}.expires_at <= clock_timestamp() OR {t}.holder = %(me)s)"
+                " RETURNING {t}.token, previous.holder"
+            ).format(t=self._ident),
+            {"key": self.key, "me": self.holder, "time": self._time},
+        )
+        if rows:
+            token, previous = int(rows[0][0]), rows[0][1]
+            term = Term(self._table, self.key, token, sent + self._time - self._margin)
+            self.term = term
+            if previous and previous != self.holder:
+                await self._end_sessions_of(previous)
+            return term, 0.0
+        rows = await self._query(
+            sql.SQL(
+                "SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM {} WHERE lease = %s"
+            ).format(self._ident),
+            (self.key,),
+        )
+        left = float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
+        return None, min(max(left, 0.0) + 0.01, self._acquire_interval)
+
+    async def _end_sessions_of(self, previous: str) -> None:
+        """End every session of the holder before: a holder that froze or was cut off may wake
+        and must find its connections gone (and the replication slot free). A role that may
+        not end them leaves them to the server's timeouts; the fencing token still holds."""
+        name = "outbox-relay " + previous.rsplit(" ", 1)[-1]
+        try:
+            rows = await self._query(
+                sql.SQL(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = %s AND pid <> pg_backend_pid()"
+                ),
+                (name,),
+            )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self._log.warning(
+                "took over the lease, but may not end the previous holder's sessions"
+                " (grant pg_signal_backend to this role)",
+                previous=previous,
+                error=scrubber.scrub(str(exc)),
+            )
+            return
+        ended = int(rows[0][0]) if rows else 0
+        self._log.info(
+            "took over the lease from a holder that stopped renewing", previous=previous, sessions_ended=ended
+        )
+
+    # --- keep ---------------------------------------------------------------------------------
+
+    async def keep(self, term: Term) -> None:
+        """Renew `term` every `check_interval` until it is lost; then end it and raise LeaseLost
+        (never return). Lost: another holder took the lease, or no renewal succeeded before the
+        deadline (each failed one is retried at once on a new connection). The deadline is
+        kept by a timer of its own: a renewal stuck in a connection attempt cannot delay it."""
+        renewals = asyncio.create_task(self._renewals(term))
+        try:
+            while True:
+                left = term.deadline - time.monotonic()
+                if left <= 0 or term.ended:
+                    raise LeaseLost("no renewal succeeded before the lease's deadline")
+                done, _ = await asyncio.wait({renewals}, timeout=left)
+                if done:
+                    renewals.result()  # (raises LeaseLost: another holder took it)
+        finally:
+            term.end()
+            renewals.cancel()
+            await asyncio.gather(renewals, return_exceptions=True)
+
+    async def _renewals(self, term: Term) -> None:
         while True:
             await asyncio.sleep(self._check_interval)
+            await self._renew_until_deadline(term)
+
+    async def _renew_until_deadline(self, term: Term) -> None:
+        failure = ""
+        while time.monotonic() < term.deadline:
+            sent = time.monotonic()
             try:
-                # Bounded: a cut network makes the query hang rather than fail.
-                cur = await asyncio.wait_for(
-                    self._conn.execute(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                        " AND pid = pg_backend_pid() AND classid::int8 = %s AND objid::int8 = %s",
-                        (self._key[0] & 0xFFFFFFFF, self._key[1] & 0xFFFFFFFF),
-                    ),
-                    timeout=max(self._check_interval * 2, 1.0),
+                rows = await self._query(
+                    sql.SQL(
+                        "UPDATE {} SET renewed_at = clock_timestamp(),"
+                        " expires_at = clock_timestamp() + make_interval(secs => %s)"
+                        " WHERE lease = %s AND token = %s AND holder = %s RETURNING token"
+                    ).format(self._ident),
+                    (self._time, self.key, term.token, self.holder),
                 )
-                row = await cur.fetchone()
-            except (psycopg.Error, TimeoutError) as exc:
-                self.held = False
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                failure = scrubber.scrub(f"{type(exc).__name__}: {exc}")
                 self.database_ok = False
-                await self._drop()
-                raise LeaseLost(scrubber.scrub(f"{type(exc).__name__}: {exc}")) from None
-            if not row or not row[0]:
-                self.held = False
-                raise LeaseLost("the advisory lock is no longer held by this session")
+                self._log.warning("lease renewal failed, retrying", error=failure)
+                await asyncio.sleep(min(0.2, max(term.deadline - time.monotonic(), 0)))
+                continue
+            self.database_ok = True
+            if not rows:
+                term.end()
+                raise LeaseLost("another relay holds the lease now")
+            term.deadline = max(term.deadline, sent + self._time - self._margin)
+            return
+        term.end()
+        raise LeaseLost(f"no renewal succeeded before the lease's deadline ({failure or 'no answer'})")
+
+    # --- release ------------------------------------------------------------------------------
 
     async def release(self) -> None:
-        if self._conn is not None and not self._conn.closed and self.held:
-            try:
-                await asyncio.wait_for(self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", self._key), 5)
-            except (psycopg.Error, TimeoutError):
-                pass  # closing the session below releases it anyway
-        self.held = False
+        """Give the lease up (a standby may take it at once); the term ends first, so this
+        process says standby before another can say active."""
+        term, self.term = self.term, None
+        if term is not None:
+            was_valid = term.valid()
+            term.end()
+            if was_valid:
+                try:
+                    await self._query(
+                        sql.SQL(
+                            "UPDATE {} SET expires_at = clock_timestamp() WHERE lease = %s AND token = %s"
+                        ).format(self._ident),
+                        (self.key, term.token),
+                    )
+                except (psycopg.Error, OSError, TimeoutError):
+                    pass  # it expires by itself
         await self._drop()
 
     async def _drop(self) -> None:
-        if self._conn is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
-                await asyncio.wait_for(self._conn.close(), 5)
-            except (psycopg.Error, TimeoutError):
+                await asyncio.wait_for(conn.close(), 1)
+            except (psycopg.Error, OSError, TimeoutError):
                 pass
-            self._conn = None

@@ -19,10 +19,14 @@ are, so no conversion to UTF-8 is possible. `start_session` says so in one sente
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
+from contextvars import ContextVar
 from typing import Annotated, Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
+from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import AfterValidator
 
@@ -119,10 +123,70 @@ def database_place(dsn: str) -> str:
     return f"{server_place(dsn)}/{database}"
 
 
+#: The name every session of the relay goes by in pg_stat_activity (`application_name`). A
+#: lease holder sets it for the tasks of its outbox (`outbox-relay <holder id>`), so that a new
+#: holder can end the sessions of one that froze or was cut off (relay.leadership).
+SESSION_NAME: ContextVar[str] = ContextVar("outbox_relay_session_name", default="outbox-relay")
+
+
 def session_conninfo(dsn: str) -> str:
-    """`dsn` (a libpq connection string or URL) with the client encoding the relay reads.
-    Raises psycopg.ProgrammingError for a DSN libpq cannot read."""
-    return make_conninfo(dsn, client_encoding="UTF8")
+    """`dsn` (a libpq connection string or URL) with the client encoding the relay reads and
+    the session's name (SESSION_NAME). Raises psycopg.ProgrammingError for a DSN libpq cannot
+    read."""
+    return make_conninfo(dsn, client_encoding="UTF8", application_name=SESSION_NAME.get())
+
+
+async def bounded_query(
+    conn: AsyncConnection[Any],
+    query: sql.SQL | sql.Composed | str,
+    params: Params | None,
+    timeout: float,
+) -> list[tuple[Any, ...]]:
+    """Run one statement and return its rows, or raise TimeoutError after `timeout` seconds.
+
+    `asyncio.wait_for` around a psycopg query is not a bound: cancelling it makes psycopg ask
+    the server to cancel the query and wait for that, up to 10 s more, over the same network
+    that stopped answering. Here the connection is severed instead (its socket shut down, so
+    the query fails at once with an OperationalError) and left broken: reconnect to go on."""
+
+    async def run() -> list[tuple[Any, ...]]:
+        cur = await conn.execute(query, params)
+        return list(await cur.fetchall()) if cur.description is not None else []
+
+    task = asyncio.ensure_future(run())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        await _sever_and_settle(conn, task)
+        raise
+    if not done:
+        await _sever_and_settle(conn, task)
+        raise TimeoutError(f"the database did not answer within {timeout:g}s")
+    return task.result()
+
+
+async def _sever_and_settle(conn: AsyncConnection[Any], task: asyncio.Future[Any]) -> None:
+    """Sever `conn` and let the query's task fail on it before anyone closes the connection
+    (closed first, its socket would never wake the task)."""
+    sever(conn)
+    done, _ = await asyncio.wait({task}, timeout=1.0)
+    if not done:  # (cannot happen with a socket shut down; never wait for it all the same)
+        task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def sever(conn: AsyncConnection[Any]) -> None:
+    """Shut the connection's socket down without a word to the server: whatever waits on it
+    wakes with an error at once, and nothing waits for a network that stopped answering."""
+    try:
+        fd = conn.pgconn.socket
+    except Exception:
+        return  # (already closed)
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 _PIN = "; ".join(f"SET {name} = '{value}'" for name, value in PINNED_SETTINGS)

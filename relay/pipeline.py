@@ -29,7 +29,7 @@ from relay.deadletters import DEAD, HELD, DeadLetter, DeadLetterStore
 from relay.deadletters import as_event as held_event
 from relay.events import Failure, OutboxEvent, PublishResult
 from relay.holds import HeldAggregates
-from relay.interfaces import Sink, Source, Unsupported
+from relay.interfaces import Fence, Fenced, Sink, Source, Unsupported
 from relay.lanes import Lanes
 from relay.logs import get_logger
 from relay.problems import SetupProblems
@@ -95,6 +95,9 @@ class Pipeline:
         #: When the broker last took an event (wall clock, as `first_failed_at`).
         self._last_taken = 0.0
         self._sink_paused_until = 0.0
+        #: The lease term this pipeline acts under (None: no lease), and whether it ended.
+        self._fence: Fence | None = None
+        self._fence_lost = asyncio.Event()
         self.started = False
         self.db_ok = False
         self.sink_ok = False
@@ -134,30 +137,66 @@ class Pipeline:
         return 1
 
     async def run(
-        self, stop: asyncio.Event, *, drain: bool = False, abandon: asyncio.Event | None = None
+        self,
+        stop: asyncio.Event,
+        *,
+        drain: bool = False,
+        abandon: asyncio.Event | None = None,
+        fence: Fence | None = None,
     ) -> bool:
         """Relay until `stop` is set (or, with `drain`, until the source is caught up and empty).
-        Returns True when it finished that way, False when `abandon` cut it short.
+        Returns True when it finished that way, False when `abandon` or the end of `fence` cut
+        it short.
 
         On stop: fetch no more, let publishes already handed to the sink finish, acknowledge what
         the broker acknowledged, close the sink (flush). Events fetched but not yet published are
-        simply left in the outbox for the next run. On `abandon` (leadership lost): stop at once,
-        cancelling publishes in flight; another relay is taking over and re-sends what this one
-        did not acknowledge.
+        simply left in the outbox for the next run. With a `fence` (the lease term), nothing is
+        handed to the sink and nothing is marked unless the fence is valid right before; once it
+        is not, or on `abandon` (leadership lost): stop at once, cancelling publishes in flight
+        and discarding what the sink did not send; another relay is taking over and re-sends
+        what this one did not acknowledge.
         """
-        if abandon is None:
+        if fence is not None:
+            self._fence = fence
+            self.source.fence_with(fence)
+        if abandon is None and fence is None:
             await self._run(stop, drain)
             return True
         work = asyncio.create_task(self._run(stop, drain))
-        lost = asyncio.create_task(abandon.wait())
-        await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
-        lost.cancel()
-        if work.done():
+        lost = [asyncio.create_task(self._fence_lost.wait())]
+        if abandon is not None:
+            lost.append(asyncio.create_task(abandon.wait()))
+        await asyncio.wait((work, *lost), return_when=asyncio.FIRST_COMPLETED)
+        for waiter in lost:
+            waiter.cancel()
+        if work.done() and not self._fence_lost.is_set():
             work.result()
             return True
+        self._fence_lost.set()  # (the sink discards instead of flushing)
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
         return False
+
+    def _may_act(self) -> bool:
+        """Whether this pipeline may hand events to the sink or record anything now: asked right
+        before it does, with nothing awaited in between. Once the lease term is over, never
+        again: the run winds down without publishing."""
+        if self._fence is None or self._fence.valid():
+            return True
+        if not self._fence_lost.is_set():
+            self._log.error("the lease ended: publishing and marking nothing more")
+            self._fence_lost.set()
+        return False
+
+    def _fenced(self, action: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+        """`action` (a write that records something), refused with Fenced once the term is over."""
+
+        async def guarded() -> T:
+            if not self._may_act():
+                raise Fenced("the lease ended: nothing recorded")
+            return await action()
+
+        return guarded
 
     async def _run(self, stop: asyncio.Event, drain: bool) -> None:
         if not await self._start_connectors(stop):
@@ -225,7 +264,7 @@ class Pipeline:
 
     async def _close_connectors(self) -> None:
         """Close each even when another fails: the sink's close flushes what the broker took."""
-        closers = [self.sink.close, self.source.close]
+        closers = [self.sink.discard if self._fence_lost.is_set() else self.sink.close, self.source.close]
         if self._dead_letters is not None:
             closers.append(self._dead_letters.close)
         for closer in closers:
@@ -386,6 +425,8 @@ class Pipeline:
         called_at = time.monotonic()
         results: Sequence[PublishResult]
         whole_call_failed = False
+        if not self._may_act():
+            return  # (its events stay unsettled: this run is over)
         try:
             results = await self.sink.publish(sendable) if sendable else []
             if len(results) != len(sendable):
@@ -535,6 +576,9 @@ class Pipeline:
             except Exception as exc:
                 if isinstance(exc, Unsupported) and stop is not None:
                     raise  # retrying cannot help: the relay stops and says why
+                if isinstance(exc, Fenced):
+                    self._fence_lost.set()
+                    raise  # the lease is over: this run ends
                 attempt += 1
                 if database:
                     self._set_db(False)
@@ -564,7 +608,7 @@ class Pipeline:
             store = self._dead_letters
             assert store is not None
             await self._until_done(
-                partial(store.park, self.name, batch),
+                self._fenced(partial(store.park, self.name, batch)),
                 "cannot store dead letters, retrying (does the table exist? run init-db)",
                 events=len(batch),
             )
@@ -647,6 +691,8 @@ class Pipeline:
             return
         events = [held_event(letter) for letter in sendable]
         called_at = time.monotonic()
+        if not self._may_act():
+            return
         try:
             results = list(await self.sink.publish(events))
             if len(results) != len(events):
@@ -661,7 +707,9 @@ class Pipeline:
         taken = list(itertools.takewhile(lambda result: result is None, results))
         if taken:
             released = [letter.event_id for letter in sendable[: len(taken)]]
-            await self._until_done(partial(store.release, self.name, released), "cannot release held events")
+            await self._until_done(
+                self._fenced(partial(store.release, self.name, released)), "cannot release held events"
+            )
             holding.failures.pop(key, None)
             self.published += len(taken)
             self._m_published.inc(len(taken))
@@ -689,15 +737,17 @@ class Pipeline:
         poison = result.permanent or (not result.transient and refusals >= self._dead_letter.after_attempts)
         state = DEAD if poison and not self._block else HELD
         await self._until_done(
-            partial(
-                store.note_failure,
-                self.name,
-                letter.event_id,
-                result.reason,
-                attempts,
-                refusals,
-                state,
-                result.permanent,
+            self._fenced(
+                partial(
+                    store.note_failure,
+                    self.name,
+                    letter.event_id,
+                    result.reason,
+                    attempts,
+                    refusals,
+                    state,
+                    result.permanent,
+                )
             ),
             "cannot record a held event's failure",
         )
@@ -729,7 +779,7 @@ class Pipeline:
         async for batch in self._batches(self._ack_queue, self._ack_wake, self._park_done):
             started = time.perf_counter()
             await self._until_done(
-                partial(self.source.ack, batch),
+                self._fenced(partial(self.source.ack, batch)),
                 "ack failed, retrying (the broker already has these events)",
                 events=len(batch),
             )

@@ -19,9 +19,10 @@ from relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from relay.http import HealthServer
 from relay.identifiers import parse_table_name
 from relay.interfaces import ConnectorError, Sink, Source, Unsupported
-from relay.leadership import Lease, LeaseLost
+from relay.leadership import Lease, LeaseLost, Term
+from relay.leadership import create_table_sql as create_lease_table
 from relay.logs import get_logger
-from relay.pgsession import session_conninfo, start_session
+from relay.pgsession import SESSION_NAME, session_conninfo, start_session
 from relay.pipeline import Pipeline
 from relay.registry import ConnectorConfig, sink_plugins, source_plugins
 
@@ -91,7 +92,14 @@ def database_setup(
     and (dsn, statements) for the dead-letter database when `dead_letter.dsn` names another one."""
     statements = source.init_sql()
     here, elsewhere = _dead_letter_setup(outbox)
-    return statements + here, elsewhere
+    return statements + here + _lease_setup(outbox), elsewhere
+
+
+def _lease_setup(outbox: OutboxConfig) -> list[sql.Composed]:
+    """The lease table, in the source's database, when the outbox runs under a lease."""
+    if not outbox.lease.enabled or getattr(outbox.source, "dsn", None) is None:
+        return []
+    return [create_lease_table(outbox.lease.table)]
 
 
 def _dead_letter_setup(
@@ -123,20 +131,21 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
     ) as conn:
         await start_session(conn)
         notes = await source.init_db(conn)
-        await _run_dead_letter_setup(conn, outbox.dead_letter.table, here)
+        await _run_table_setup(conn, outbox.dead_letter.table, here)
+        await _run_table_setup(conn, outbox.lease.table, _lease_setup(outbox))
     for other_dsn, statements in elsewhere:
         async with await psycopg.AsyncConnection.connect(
             session_conninfo(other_dsn), connect_timeout=10, autocommit=True
         ) as conn:
             await start_session(conn)
-            await _run_dead_letter_setup(conn, outbox.dead_letter.table, statements)
+            await _run_table_setup(conn, outbox.dead_letter.table, statements)
     return notes
 
 
-async def _run_dead_letter_setup(
+async def _run_table_setup(
     conn: psycopg.AsyncConnection[Any], table: str, statements: list[sql.Composed]
 ) -> None:
-    """The dead-letter table's statements (create, then upgrade); the create is skipped when the
+    """A table's statements (create, then upgrades); the create is skipped when the
     name already finds a table (an unqualified one further along the search_path: CREATE TABLE
     IF NOT EXISTS would make a second one in the path's first schema)."""
     if not statements:
@@ -180,7 +189,6 @@ class Relay:
         self._log = get_logger()
         self.http: HealthServer | None = None
         #: "active" while this process relays an outbox, "standby" while another replica does.
-        self.roles = ["active" if not self._lease_dsn(o) else "standby" for o in config.outboxes]
         self._leases: dict[int, Lease] = {}
         #: Why outboxes could not be served (a database the relay does not support): `run`
         #: then stops every outbox and exits 2, and the command line prints these lines.
@@ -192,7 +200,8 @@ class Relay:
         tells which it is."""
         detail: dict[str, object] = {}
         ready = True
-        for index, (pipeline, role) in enumerate(zip(self.pipelines, self.roles, strict=True)):
+        for index, pipeline in enumerate(self.pipelines):
+            role = self._role(index)
             entry: dict[str, object] = {"role": role}
             lease = self._leases.get(index)
             if role == "active":
@@ -222,35 +231,57 @@ class Relay:
             await self.pipelines[index].run(self.stop, drain=drain)
             return
         lease = self._leases[index] = Lease(
-            dsn, outbox.name, check_interval=outbox.lease.check_interval, scope=outbox.source.lease_scope()
+            dsn,
+            outbox.name,
+            table=outbox.lease.table,
+            lease_time=outbox.lease.time,
+            check_interval=outbox.lease.check_interval,
+            scope=outbox.source.lease_scope(),
         )
-        leader = metrics.LEADER.labels(outbox.name)
+        # Every session this outbox opens goes by the holder's name: a new holder ends them all
+        # if this process freezes or is cut off (the tasks below inherit it).
+        SESSION_NAME.set(lease.session_name)
+        # 1 only while the term is valid, read when scraped: not a value left from before a freeze.
+        metrics.LEADER.labels(outbox.name).set_function(lambda: 1.0 if lease.held else 0.0)
         log = self._log.bind(outbox=outbox.name)
         first_term = True
         try:
             while not self.stop.is_set():
-                leader.set(0)
-                self.roles[index] = "standby"
-                if not await lease.acquire(self.stop):
+                term = await lease.acquire(self.stop)
+                if term is None:
                     return
                 if not first_term:
                     self.pipelines[index] = build_pipeline(outbox, index)
                 first_term = False
-                leader.set(1)
-                self.roles[index] = "active"
-                log.info("active: this relay holds the lease")
-                lost = asyncio.Event()
-                watcher = asyncio.create_task(self._watch(lease, lost, log))
+                log.info("active: this relay holds the lease", token=term.token, holder=lease.holder)
+                keeper = asyncio.create_task(self._keep(lease, term, log))
                 try:
-                    finished = await self.pipelines[index].run(self.stop, drain=drain, abandon=lost)
+                    finished = await self.pipelines[index].run(self.stop, drain=drain, fence=term)
                 finally:
-                    watcher.cancel()
+                    keeper.cancel()
+                    await asyncio.gather(keeper, return_exceptions=True)
                 if finished:
                     return
                 log.error("lease lost: abandoned in-flight work, back to standby")
         finally:
-            leader.set(0)
             await lease.release()
+
+    def _role(self, index: int) -> str:
+        """active while this process relays the outbox: without a lease, always; with one,
+        only while its term is valid (asked now, not remembered: a process that wakes from a
+        freeze past its deadline says standby at once)."""
+        if not self._lease_dsn(self.config.outboxes[index]):
+            return "active"
+        lease = self._leases.get(index)
+        return "active" if lease is not None and lease.held else "standby"
+
+    @staticmethod
+    async def _keep(lease: Lease, term: Term, log: Any) -> None:
+        """Renew the term while it lasts; log why it ended (the pipeline sees it end by itself)."""
+        try:
+            await lease.keep(term)
+        except LeaseLost as exc:
+            log.error("lease lost", reason=str(exc))
 
     async def _serve(self, index: int, drain: bool) -> None:
         """`_supervise`, and for a database the relay cannot serve, a refusal that stops all."""
@@ -259,14 +290,6 @@ class Relay:
         except Unsupported as exc:
             self.refusals.append(f"outboxes[{index}] ({self.config.outboxes[index].name}): {exc}")
             self.stop.set()
-
-    @staticmethod
-    async def _watch(lease: Lease, lost: asyncio.Event, log: Any) -> None:
-        try:
-            await lease.watch()
-        except LeaseLost as exc:
-            log.error("lease lost", reason=str(exc))
-            lost.set()
 
     def _on_signal(self, signum: int) -> None:
         if self.stop.is_set():

@@ -605,6 +605,15 @@ class KafkaSink(Sink):
         handle.retire(self.config.delivery_timeout)
         await asyncio.to_thread(handle.join, self._wait_bound)
 
+    async def discard(self) -> None:
+        """Purge what librdkafka still queues (sent after the lease was lost, it would reach
+        the topic after the new holder's newer events), then drop the producer."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        handle.retire(0)
+        await asyncio.to_thread(handle.join, self._wait_bound)
+
     def describe(self) -> dict[str, object]:
         return {
             "bootstrap_servers": self.config.bootstrap_servers,

@@ -89,7 +89,6 @@ async def connect(dsn: str, timeout: float, *, replication: bool = False) -> psy
             session_conninfo(dsn),
             autocommit=True,
             connect_timeout=max(1, int(timeout)),
-            application_name="outbox-relay",
             **extra,
         )
     except psycopg.Error as exc:

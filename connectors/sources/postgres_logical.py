@@ -56,7 +56,7 @@ from relay.identifiers import (
     printable,
     quote_ident,
 )
-from relay.interfaces import BacklogStats, ConnectorError, Source, Unsupported
+from relay.interfaces import BacklogStats, ConnectorError, Fence, Fenced, Source, Unsupported
 from relay.logs import get_logger
 from relay.outbox import message_content
 from relay.pgsession import Dsn, database_place, server_place
@@ -203,6 +203,7 @@ class PostgresLogicalSource(Source):
         self._log = get_logger(source=self.kind, slot=config.slot)
         self._repl: psycopg.AsyncConnection[Any] | None = None
         self._sql: psycopg.AsyncConnection[Any] | None = None
+        self._fence: Fence | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._relations: dict[int, _TableShape | str | None] = {}
         #: The configured tables, as written in the config (`resolve_tables` finds them).
@@ -640,7 +641,14 @@ class PostgresLogicalSource(Source):
 
     # --- ack ----------------------------------------------------------------------------------
 
+    def fence_with(self, fence: Fence) -> None:
+        self._fence = fence
+
     async def ack(self, events: Sequence[OutboxEvent]) -> None:
+        # (The slot itself fences too: one process streams it at a time, and a new holder ends
+        # the stream of the one before; see relay.leadership.)
+        if self._fence is not None and not self._fence.valid():
+            raise Fenced("the lease ended before these events were confirmed")
         for event in events:
             event.ack_token.outstanding -= 1
         self._held -= len(events)
@@ -678,7 +686,7 @@ class PostgresLogicalSource(Source):
 
     def _send_status(self, reply: bool = False) -> None:
         conn = self._repl
-        if conn is None or conn.closed:
+        if conn is None or conn.closed or (self._fence is not None and not self._fence.valid()):
             return
         flushed = self._confirmed
         message = pgoutput.standby_status(self._received, flushed, int(time.time() * 1e6), reply)

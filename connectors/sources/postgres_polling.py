@@ -50,7 +50,7 @@ from relay.identifiers import (
     parse_table_name,
     quote_ident,
 )
-from relay.interfaces import BacklogStats, ConnectorError, Source
+from relay.interfaces import BacklogStats, ConnectorError, Fence, Fenced, Source
 from relay.logs import get_logger
 from relay.pgsession import Dsn, database_place
 from relay.registry import Claim, ConnectorConfig, SourcePlugin
@@ -160,6 +160,7 @@ class PostgresPollingSource(Source):
         self._queries: dict[str, sql.SQL | sql.Composed] = {}
         self._payload_is_bytes = False
         self._content_type = "application/json"
+        self._fence: Fence | None = None
 
     # --- connections --------------------------------------------------------------------------
 
@@ -319,6 +320,14 @@ class PostgresPollingSource(Source):
             )
         else:
             self._queries["ack"] = sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(table, pos)
+        if self._fence is not None:
+            # Under a lease, rows are marked only while the lease's token is this relay's, in
+            # the same statement: a holder that lost the lease marks nothing, and says so.
+            self._queries["ack"] = sql.SQL(
+                "WITH fence AS (SELECT FROM {lease} WHERE lease = %s AND token = %s),"
+                " acked AS ({ack} AND EXISTS (SELECT FROM fence) RETURNING NULL)"
+                " SELECT EXISTS (SELECT FROM fence)"
+            ).format(lease=parse_table_name(self._fence.table).identifier(), ack=self._queries["ack"])
         # The age of the first pending row by position: one index probe, where min(created_at)
         # read every pending row's heap tuple each stats round (a million with a big backlog).
         oldest = (
@@ -485,9 +494,22 @@ class PostgresPollingSource(Source):
 
     # --- ack ----------------------------------------------------------------------------------
 
+    def fence_with(self, fence: Fence) -> None:
+        self._fence = fence
+        self._queries.clear()  # (built again with the fence)
+
     async def ack(self, events: Sequence[OutboxEvent]) -> None:
         positions = [e.position for e in events]
-        await self._run("ack", "ack", (positions,))
+        fence = self._fence
+        if fence is None:
+            await self._run("ack", "ack", (positions,))
+        else:
+            if not fence.valid():
+                raise Fenced("the lease ended before these events were marked")
+            cur = await self._run("ack", "ack", (fence.key, fence.token, positions))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                raise Fenced("another relay holds the lease now: these events were not marked")
         self._held.difference_update(positions)
 
     async def replay(self, event: OutboxEvent) -> str:

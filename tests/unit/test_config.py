@@ -144,8 +144,8 @@ def test_committed_json_schema_matches_the_model() -> None:
 
 
 def test_lease_keys_differ_by_what_the_outbox_reads_and_never_collide_like_a_crc32_of_the_name() -> None:
-    from relay.leadership import lock_key
+    from relay.leadership import lease_key
 
-    assert lock_key("orders", "table public.outbox") != lock_key("orders", "table public.billing_outbox")
-    assert lock_key("plumless") != lock_key("buckeroo")  # (their CRC32 is the same)
-    assert lock_key("orders", "slot outbox_relay") == lock_key("orders", "slot outbox_relay")
+    assert lease_key("orders", "table public.outbox") != lease_key("orders", "table public.billing_outbox")
+    assert lease_key("plumless") != lease_key("buckeroo")  # (their CRC32 is the same)
+    assert lease_key("orders", "slot outbox_relay") == lease_key("orders", "slot outbox_relay")
