@@ -133,6 +133,9 @@ class Failure:
 # Failure. None keeps the common all-acked case free of per-event allocations.
 PublishResult = Failure | None
 
+#: The result of an event a sink did not send because the relay's lease ended (see `Sink.may_send`).
+LEASE_ENDED = Failure("not sent: this relay's lease ended", transient=True)
+
 
 def member_texts(document: bytes, value: dict[str, Any]) -> dict[str, str]:
     """A parsed JSON object's members as text: a string as its value, anything else (a number,

@@ -84,6 +84,7 @@ class Sink(ABC):
       one it takes marks it up again. A relay with nothing to publish has nothing that failed,
       so it is never left down while idle.
     - `close()` flushes whatever was accepted and releases the connection.
+    - Under a lease (`fence`), nothing is sent once `may_send()` is false (see there).
 
     The shared contract suite (tests/contract) checks each of these against the sink's real
     server, an outage included.
@@ -93,6 +94,16 @@ class Sink(ABC):
     kind: str = "sink"
     #: Whether a call's events reach the broker in the order given (see the contract above).
     keeps_order: bool = False
+    #: The lease term the relay publishes under, set by the pipeline (None: no lease).
+    fence: Fence | None = None
+
+    def may_send(self) -> bool:
+        """Whether the relay may still send now. The pipeline asks before every call; a sink
+        that sends a call's events in several steps, awaiting in between (one request per
+        event, chunks that yield to the event loop), asks before each step too, and reports
+        what it did not send as a transient Failure: a relay that froze in the middle of a call
+        and woke after its lease ended must send nothing more."""
+        return self.fence is None or self.fence.valid()
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect. May raise ConnectorError; the pipeline retries with backoff."""

@@ -159,6 +159,7 @@ class Pipeline:
         if fence is not None:
             self._fence = fence
             self.source.fence_with(fence)
+            self.sink.fence = fence
         if abandon is None and fence is None:
             await self._run(stop, drain)
             return True

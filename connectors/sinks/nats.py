@@ -39,7 +39,7 @@ import orjson
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from relay.durations import Duration
-from relay.events import Failure, OutboxEvent, PublishResult
+from relay.events import LEASE_ENDED, Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
@@ -487,6 +487,9 @@ class NatsSink(Sink):
         for index, event in enumerate(events):
             if index % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)
+            if not self.may_send():
+                call.results[index] = LEASE_ENDED
+                continue
             subject = render(event)
             problem = subject_problem(subject)
             if problem is not None:

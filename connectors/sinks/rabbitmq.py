@@ -452,6 +452,8 @@ class RabbitMQSink(Sink):
         for start in range(0, len(events), _YIELD_EVERY):
             if start:
                 await asyncio.sleep(0)  # let confirms and heartbeats in between chunks
+                if not self.may_send():
+                    break  # (the rest stay unconfirmed: transient failures)
             # No await inside: the chunk's frames are written in one piece and in order.
             with link.connection.coalesced():
                 self._publish_chunk(link, events, start, call, tags)

@@ -54,7 +54,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from connectors.sinks.jsonlines import encode_line
 from relay.durations import Duration
-from relay.events import Failure, OutboxEvent, PublishResult
+from relay.events import LEASE_ENDED, Failure, OutboxEvent, PublishResult
 from relay.interfaces import ConnectorError, Sink
 from relay.logs import get_logger
 from relay.registry import ConnectorConfig, SinkPlugin
@@ -313,6 +313,9 @@ class WebhookSink(Sink):
         self._client: Any = None
         #: time.monotonic() before which no request goes out (the receiver's Retry-After).
         self._not_before = 0.0
+        #: As many as the pool has connections: a request that holds one never waits in httpx
+        #: for a connection after it was allowed to go (see `_post`).
+        self._slots = asyncio.Semaphore(config.max_concurrency)
         self._log = get_logger(sink="webhook", url=self._display_url)
 
     # --- Sink ---------------------------------------------------------------------------------
@@ -452,7 +455,11 @@ class WebhookSink(Sink):
         try:
             # httpx's timeout bounds each read; a receiver that answers a byte at a time would
             # hold the call (and readiness) forever: the whole request gets the same bound.
-            async with asyncio.timeout(self.config.timeout):
+            async with asyncio.timeout(self.config.timeout), self._slots:
+                # Asked with a connection free for it, right before it goes: a relay that froze
+                # while this request waited its turn and woke after its lease ended sends nothing.
+                if not self.may_send():
+                    return LEASE_ENDED, None
                 response = await self._client.post(self.config.url, content=body, headers=headers)
         except (httpx.TimeoutException, TimeoutError):
             return Failure(

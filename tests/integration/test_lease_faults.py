@@ -1,0 +1,368 @@
+"""Replicas when the active one freezes or is cut off (a real PostgreSQL, relay processes).
+
+Each replica posts to a webhook receiver of its own that takes 5 ms per event, one at a time,
+so what each one published, and when, is known, and the active one always has events in
+flight when the fault comes (a burst fills its window): the old holder must publish nothing
+once a standby could have taken over, mark nothing after it wakes, and the two must never both
+say "active". The consumer's view is every request of both receivers in the order they
+arrived. The lease lasts 2 s here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from relay.drill_proxy import CutoffProxy
+from tests.conftest import webhook_request_as_lines
+from tests.harness.webhook import Reply, WebhookReceiver
+from tests.support import (
+    assert_complete_and_ordered,
+    event_ids,
+    free_port,
+    relay_config,
+    start_relay,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+LEASE_TIME = 2.0
+LEASE = {"time": f"{LEASE_TIME:g}s", "check_interval": "500ms"}
+#: What a takeover may take beyond the lease time on a busy machine (the standby's next look,
+#: scheduling): a bound on liveness, not a speed figure.
+SLACK = 1.5
+
+
+class Replica:
+    """One relay process with its own HTTP port and its own webhook receiver."""
+
+    def __init__(self, tmp_path: Path, name: str, dsn: str, source: str) -> None:
+        self.name = name
+        self.receiver = WebhookReceiver()
+        self.receiver.respond_with(lambda _: Reply(delay=0.005))
+        self.port = free_port()
+        sink = {"type": "webhook", "url": self.receiver.url, "max_concurrency": 1}
+        if source == "logical":
+            config = relay_config(dsn, sink, type="postgres-logical", mode="table")
+        else:
+            config = relay_config(dsn, sink)
+        config["outboxes"][0]["lease"] = LEASE
+        config["outboxes"][0]["pipeline"] = {"publish_batch_size": 20, "max_in_flight": 400}
+        config["http"] = {"port": self.port, "host": "127.0.0.1"}
+        path = write_config(tmp_path, config, f"{name}.yaml")
+        self.proc = start_relay(path, log=tmp_path / f"{name}.log")
+
+    def role(self) -> str | None:
+        """Its role as /readyz says it; None when it does not answer within 0.3 s (frozen)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=0.3) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:
+            body = error.read()
+        except OSError:
+            return None
+        try:
+            return str(json.loads(body)["outboxes"]["orders"]["role"])
+        except (ValueError, KeyError):
+            return None
+
+    def size(self) -> int:
+        """How many requests it made."""
+        return len(self.receiver.received())
+
+    def received_since(self, since: float) -> list[tuple[float, dict[str, Any]]]:
+        return [(at, line) for at, line in self.arrivals() if at >= since]
+
+    def arrivals(self) -> list[tuple[float, dict[str, Any]]]:
+        """(when it arrived, the event) for every event it published."""
+        return [
+            (request.received_at, line)
+            for request in self.receiver.received()
+            for line in webhook_request_as_lines(request)
+        ]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.receiver.close()
+
+
+class Writer(threading.Thread):
+    """An application writing one event per transaction, 150 a second, over 15 aggregates."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn = dsn
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            i = 0
+            while not self.stop.is_set():
+                conn.execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+                    " VALUES ('order', %s, 'OrderUpdated', %s)",
+                    (f"order-{i % 15}", json.dumps({"seq": i})),
+                )
+                i += 1
+                time.sleep(1 / 150)
+
+
+class RoleWatch(threading.Thread):
+    """Asks both replicas for their role every 50 ms; counts the rounds in which both said
+    active."""
+
+    def __init__(self, first: Replica, second: Replica) -> None:
+        super().__init__(daemon=True)
+        self.replicas = (first, second)
+        self.stop = threading.Event()
+        self.both_active = 0
+        self.rounds = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            roles = [replica.role() for replica in self.replicas]
+            self.rounds += 1
+            if roles == ["active", "active"]:
+                self.both_active += 1
+            time.sleep(0.05)
+
+
+def _burst(dsn: str, count: int = 600) -> None:
+    """Events enough to fill the active replica's window, so it has work in flight (in one
+    transaction, on aggregates of their own: the writer's are written one at a time)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+            " SELECT 'order', 'burst-' || (i %% 15), 'OrderUpdated', jsonb_build_object('seq', i)"
+            " FROM generate_series(1, %s) AS i",
+            (count,),
+        )
+
+
+def _prepare(dsn: str, source: str) -> None:
+    """The logical source's slot and publication; an audit of who marks rows, and when."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if source == "logical":
+            conn.execute("CREATE PUBLICATION outbox_relay FOR TABLE outbox")
+            conn.execute("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')")
+        conn.execute(
+            "CREATE TABLE mark_audit"
+            " (position bigint, session text, at timestamptz DEFAULT clock_timestamp())"
+        )
+        conn.execute(
+            "CREATE FUNCTION audit_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " INSERT INTO mark_audit (position, session)"
+            " VALUES (NEW.position, current_setting('application_name'));"
+            " RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER audit_mark AFTER UPDATE OF published_at ON outbox FOR EACH ROW"
+            " WHEN (NEW.published_at IS NOT NULL) EXECUTE FUNCTION audit_mark()"
+        )
+
+
+def _holder(dsn: str) -> tuple[str, int]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT holder, token FROM outbox_relay_leases").fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1])
+
+
+def _session_of(holder: str) -> str:
+    return "outbox-relay " + holder.rsplit(" ", 1)[-1]
+
+
+def _server_now(dsn: str) -> Any:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _marks_by(dsn: str, session: str, since: Any) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM mark_audit WHERE session = %s AND at >= %s", (session, since)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _streaming_session(dsn: str) -> str | None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT a.application_name FROM pg_replication_slots s"
+            " JOIN pg_stat_activity a ON a.pid = s.active_pid"
+            " WHERE s.slot_name = 'outbox_relay'"
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _through(proxy: CutoffProxy, dsn: str) -> str:
+    return make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[Replica]]:
+    replicas: list[Replica] = []
+    try:
+        yield replicas
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def _first_active_then_standby(
+    tmp_path: Path, dsn: str, source: str, started: list[Replica], old_dsn: str | None = None
+) -> tuple[Replica, Replica]:
+    old = Replica(tmp_path, "old", old_dsn or dsn, source)
+    started.append(old)
+    wait_for(lambda: old.role() == "active", 30, "the first replica to take the lease")
+    new = Replica(tmp_path, "new", dsn, source)
+    started.append(new)
+    wait_for(lambda: new.role() == "standby", 30, "the second replica to stand by")
+    return old, new
+
+
+def _only_writes_cut_short_by_the_freeze(
+    after_waking: list[tuple[float, dict[str, Any]]], new: Replica, woken: float
+) -> None:
+    """What the old holder sent on waking can only be a request it was writing when it froze
+    (after its last check: no process can check anything between its check and its write):
+    at most one per concurrent sink call, at once, and each one an event the new holder had
+    already delivered (it was never marked), so a consumer that drops repeats sees no reorder."""
+    assert len(after_waking) <= 2, f"the old holder sent {len(after_waking)} events after waking"
+    delivered_by_new: dict[str, float] = {}
+    for at, line in new.arrivals():
+        delivered_by_new.setdefault(line["event_id"], at)
+    for at, line in after_waking:
+        assert at - woken < 0.5, "the old holder started a new send after waking"
+        assert delivered_by_new.get(line["event_id"], at) < at, "a late send was not a repeat"
+
+
+def _delivered_complete_and_in_order(dsn: str, old: Replica, new: Replica) -> tuple[int, float]:
+    """Every event delivered, in order per aggregate as a consumer of both receivers saw them;
+    returns the duplicates and how long after the old holder's last request the new one's
+    first came (negative: they overlapped)."""
+    expected = event_ids(dsn)
+
+    def all_there() -> bool:
+        return expected <= {line["event_id"] for _, line in old.arrivals() + new.arrivals()}
+
+    wait_for(all_there, 90, "every event delivered")
+    old_arrivals, new_arrivals = old.arrivals(), new.arrivals()
+    gap = min(at for at, _ in new_arrivals) - max(at for at, _ in old_arrivals)
+    merged = [line for _, line in sorted(old_arrivals + new_arrivals, key=lambda arrival: arrival[0])]
+    return assert_complete_and_ordered(merged, expected), gap
+
+
+@pytest.mark.parametrize("source", ["polling", "logical"])
+def test_a_frozen_active_replica_is_replaced_within_the_lease_time_and_publishes_and_marks_nothing_on_waking(
+    tmp_path: Path, dsn: str, source: str, started: list[Replica]
+) -> None:
+    _prepare(dsn, source)
+    old, new = _first_active_then_standby(tmp_path, dsn, source, started)
+    writer = Writer(dsn)
+    writer.start()
+    watch = RoleWatch(old, new)
+    try:
+        wait_for(lambda: old.size() > 0, 20, "the first replica to publish")
+        holder, token = _holder(dsn)
+        _burst(dsn)
+        wait_for(lambda: old.size() > 50, 20, "the first replica to publish the burst")
+        os.kill(old.proc.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        watch.start()
+        wait_for(lambda: new.role() == "active", LEASE_TIME * 4, "the standby to take over", interval=0.02)
+        takeover = time.monotonic() - frozen_at
+        assert _holder(dsn)[1] > token
+        time.sleep(LEASE_TIME)
+        woken_at = _server_now(dsn)
+        os.kill(old.proc.pid, signal.SIGCONT)
+        woken = time.monotonic()
+        time.sleep(2.0)
+        assert old.role() == "standby"
+        after_waking = old.received_since(woken)
+        assert _marks_by(dsn, _session_of(holder), woken_at) == 0, "the old holder marked rows after waking"
+        if source == "logical":
+            assert _streaming_session(dsn) == _session_of(_holder(dsn)[0])
+    finally:
+        writer.stop.set()
+        writer.join()
+        watch.stop.set()
+    print(f"{source}: takeover {takeover:.2f}s after freezing the active replica (lease {LEASE_TIME:g}s)")
+    assert takeover < LEASE_TIME + SLACK
+    assert watch.both_active == 0, (
+        f"both replicas said active in {watch.both_active} of {watch.rounds} rounds"
+    )
+    duplicates, _ = _delivered_complete_and_in_order(dsn, old, new)
+    print(f"{source}: {duplicates} duplicates; {len(after_waking)} sent by the old holder on waking")
+    _only_writes_cut_short_by_the_freeze(after_waking, new, woken)
+
+
+@pytest.mark.parametrize(("source", "fault"), [("polling", "hold"), ("logical", "hold"), ("polling", "cut")])
+def test_an_active_replica_cut_off_from_the_database_is_replaced_within_the_lease_time_and_stops_first(
+    tmp_path: Path, dsn: str, source: str, fault: str, started: list[Replica]
+) -> None:
+    """`hold`: a proxy keeps both ends of every connection open and forwards nothing; `cut`: it
+    closes them and refuses new ones. The replica behind it stops publishing at its deadline,
+    before the standby takes over, says standby from then on, and goes on standing by once
+    the network is back."""
+    _prepare(dsn, source)
+    params = conninfo_to_dict(dsn)
+    with CutoffProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)) as proxy:
+        old, new = _first_active_then_standby(tmp_path, dsn, source, started, old_dsn=_through(proxy, dsn))
+        writer = Writer(dsn)
+        writer.start()
+        watch = RoleWatch(old, new)
+        watch.start()
+        try:
+            wait_for(lambda: old.size() > 0, 20, "the first replica to publish")
+            holder, _ = _holder(dsn)
+            _burst(dsn)
+            wait_for(lambda: old.size() > 50, 20, "the first replica to publish the burst")
+            getattr(proxy, fault)()
+            cut_at = time.monotonic()
+            wait_for(
+                lambda: new.role() == "active", LEASE_TIME * 4, "the standby to take over", interval=0.02
+            )
+            takeover = time.monotonic() - cut_at
+            assert old.role() == "standby"
+            time.sleep(LEASE_TIME)
+            proxy.forward()
+            back_at = _server_now(dsn)
+            time.sleep(2.0)
+            assert old.role() == "standby"
+            assert new.role() == "active"
+            assert _marks_by(dsn, _session_of(holder), back_at) == 0
+        finally:
+            writer.stop.set()
+            writer.join()
+            watch.stop.set()
+        duplicates, gap = _delivered_complete_and_in_order(dsn, old, new)
+        print(
+            f"{source}/{fault}: takeover {takeover:.2f}s after the cut; the new holder's first request"
+            f" {gap:.2f}s after the old's last; {duplicates} duplicates"
+        )
+        assert takeover < LEASE_TIME + SLACK
+        # The old one stopped at its deadline, a margin before the lease ended on the server.
+        assert gap > 0
+        assert watch.both_active == 0, (
+            f"both replicas said active in {watch.both_active} of {watch.rounds} rounds"
+        )
