@@ -158,6 +158,13 @@ class OutboxConfig(StrictModel):
 class HttpConfig(StrictModel):
     host: str = "0.0.0.0"
     port: int = Field(default=9400, ge=0, le=65535, description="0 turns the HTTP server off.")
+    stuck_after: Duration = Field(
+        default=120.0,
+        ge=1.0,
+        description="/healthz fails (503) once one call of an active outbox to its database, broker or"
+        " dead-letter table has been out this long: a hung call, since each is bounded by its"
+        " connector's own timeout. Keep it well above the sink's timeouts.",
+    )
 
 
 class LogConfig(StrictModel):

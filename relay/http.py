@@ -1,5 +1,8 @@
 """One small HTTP endpoint for operators: /metrics (Prometheus), /healthz (alive), /readyz.
 
+/healthz is the liveness probe: 503 when a call is hung (relay.stalls), and no answer at all when
+the event loop is blocked or the process frozen, since it is answered on that loop.
+
 Written on asyncio streams rather than a web framework: three read-only routes do not justify
 a dependency, and the server must share the relay's event loop to read its state without locks.
 """
@@ -12,13 +15,19 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-ReadinessProbe = Callable[[], tuple[bool, dict[str, object]]]
+#: () -> (ok, details for the JSON body): what /readyz and /healthz answer.
+Probe = Callable[[], tuple[bool, dict[str, object]]]
+
+
+def _alive() -> tuple[bool, dict[str, object]]:
+    return True, {}
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, readiness: ReadinessProbe) -> None:
+    def __init__(self, host: str, port: int, readiness: Probe, liveness: Probe = _alive) -> None:
         self._host, self._port = host, port
         self._readiness = readiness
+        self._liveness = liveness
         self._server: asyncio.Server | None = None
 
     @property
@@ -60,7 +69,11 @@ class HealthServer:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
         if path == "/healthz":
-            return "200 OK", "application/json", b'{"status":"alive"}\n'
+            alive, detail = self._liveness()
+            if alive:
+                return "200 OK", "application/json", b'{"status":"alive"}\n'
+            body = json.dumps({"status": "stuck", **detail}).encode() + b"\n"
+            return "503 Service Unavailable", "application/json", body
         if path == "/readyz":
             ready, detail = self._readiness()
             body = json.dumps({"ready": ready, **detail}).encode() + b"\n"

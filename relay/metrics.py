@@ -69,3 +69,10 @@ HELD_AGGREGATES = Gauge(
 LEADER = Gauge(
     "outbox_relay_leader", "1 while this replica is the active relay of the outbox, else 0.", ["outbox"]
 )
+STALLED = Gauge(
+    "outbox_relay_stalled_seconds",
+    "How long the oldest call of the outbox still out (a fetch, publish, ack, dead-letter store"
+    " call or release) has waited for an answer; 0 when none is out. /healthz fails past"
+    " http.stuck_after.",
+    ["outbox"],
+)

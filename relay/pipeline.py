@@ -34,6 +34,7 @@ from relay.lanes import Lanes
 from relay.logs import get_logger
 from relay.problems import SetupProblems
 from relay.secrets import scrubber
+from relay.stalls import CallTracker
 
 T = TypeVar("T")
 
@@ -113,6 +114,9 @@ class Pipeline:
         self._m_sink_up = metrics.UP.labels(name, "sink")
         self._m_dead_lettered = metrics.DEAD_LETTERED.labels(name)
         self._m_held_aggregates = metrics.HELD_AGGREGATES.labels(name)
+        #: Calls out to the source, sink and dead-letter store now (for liveness, relay.stalls).
+        self.calls = CallTracker()
+        metrics.STALLED.labels(name).set_function(self._oldest_call_seconds)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -252,6 +256,7 @@ class Pipeline:
             partial(store.held_aggregates, self.name),
             "cannot read held events, retrying",
             stop=stop,
+            stage="dead-letter",
         )
         if keys is None:
             return False
@@ -364,7 +369,8 @@ class Pipeline:
 
     async def _timed_fetch(self, room: int) -> list[OutboxEvent]:
         started = time.perf_counter()
-        events = await self.source.fetch(room)
+        with self.calls.call("fetch"):
+            events = await self.source.fetch(room)
         self._m_fetch.observe(time.perf_counter() - started)
         return events
 
@@ -429,7 +435,8 @@ class Pipeline:
         if not self._may_act():
             return  # (its events stay unsettled: this run is over)
         try:
-            results = await self.sink.publish(sendable) if sendable else []
+            with self.calls.call("publish"):
+                results = await self.sink.publish(sendable) if sendable else []
             if len(results) != len(sendable):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(sendable)} events")
         except Exception as exc:
@@ -563,17 +570,24 @@ class Pipeline:
         stop: asyncio.Event | None = None,
         database: bool = True,
         component: str = "database",
+        stage: str | None = None,
         **fields: object,
     ) -> T | None:
         """Run `action` until it succeeds and return its result, backing off between attempts
         and logging each failure as `failing`; None once `stop` is set. Database writes pass no
         `stop`: the database may be restarting, and giving up would lose an acknowledgement (or
         a dead letter). With `database`, the outcome also says whether the database is up. A
-        setup problem of `component` (see relay.problems) is reported as one, not as a retry."""
+        setup problem of `component` (see relay.problems) is reported as one, not as a retry.
+        With `stage`, each attempt is tracked as a call of that stage (relay.stalls); the waits
+        between attempts are not."""
         attempt = 0
         while stop is None or not stop.is_set():
             try:
-                result = await action()
+                if stage is None:
+                    result = await action()
+                else:
+                    with self.calls.call(stage):
+                        result = await action()
             except Exception as exc:
                 if isinstance(exc, Unsupported) and stop is not None:
                     raise  # retrying cannot help: the relay stops and says why
@@ -611,6 +625,7 @@ class Pipeline:
             await self._until_done(
                 self._fenced(partial(store.park, self.name, batch)),
                 "cannot store dead letters, retrying (does the table exist? run init-db)",
+                stage="dead-letter",
                 events=len(batch),
             )
             dead = 0
@@ -671,7 +686,8 @@ class Pipeline:
         generation = holding.generation(key)
         depth = 1 if holding.failures[key] else self.per_aggregate_depth
         try:
-            letters = await store.first_held(self.name, key, depth)
+            with self.calls.call("dead-letter"):
+                letters = await store.first_held(self.name, key, depth)
         except Exception as exc:
             self._set_db(False)
             self._log.warning("cannot read held events", error=describe_error(exc))
@@ -695,7 +711,8 @@ class Pipeline:
         if not self._may_act():
             return
         try:
-            results = list(await self.sink.publish(events))
+            with self.calls.call("release"):
+                results = list(await self.sink.publish(events))
             if len(results) != len(events):
                 raise RuntimeError(f"sink returned {len(results)} results for {len(events)} events")
         except Exception as exc:
@@ -709,7 +726,9 @@ class Pipeline:
         if taken:
             released = [letter.event_id for letter in sendable[: len(taken)]]
             await self._until_done(
-                self._fenced(partial(store.release, self.name, released)), "cannot release held events"
+                self._fenced(partial(store.release, self.name, released)),
+                "cannot release held events",
+                stage="dead-letter",
             )
             holding.failures.pop(key, None)
             self.published += len(taken)
@@ -751,6 +770,7 @@ class Pipeline:
                 )
             ),
             "cannot record a held event's failure",
+            stage="dead-letter",
         )
         if state == DEAD:
             self._m_dead_lettered.inc()
@@ -782,6 +802,7 @@ class Pipeline:
             await self._until_done(
                 self._fenced(partial(self.source.ack, batch)),
                 "ack failed, retrying (the broker already has these events)",
+                stage="ack",
                 events=len(batch),
             )
             self._m_ack.observe(time.perf_counter() - started)
@@ -820,6 +841,10 @@ class Pipeline:
             await asyncio.sleep(self._tuning.stats_interval)
 
     # --- health -------------------------------------------------------------------------------
+
+    def _oldest_call_seconds(self) -> float:
+        oldest = self.calls.oldest()
+        return 0.0 if oldest is None else oldest[1]
 
     def _set_db(self, ok: bool) -> None:
         if ok != self.db_ok:

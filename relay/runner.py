@@ -218,6 +218,36 @@ class Relay:
             detail[pipeline.name] = entry
         return ready, {"outboxes": detail}
 
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """Alive unless a call of an outbox's pipeline has been out for longer than
+        `http.stuck_after` (see relay.stalls); then the details name each such outbox, the stage
+        of its oldest call and for how long. The first time a call is found stalled, one error
+        line says so. Only pipelines this replica runs have calls out: a standby runs none, and
+        a pipeline whose term ended has none left once its run returned (its tasks are
+        cancelled and awaited), so one still out belongs to a run that cannot end either."""
+        threshold = self.config.http.stuck_after
+        stuck: dict[str, object] = {}
+        for pipeline in self.pipelines:
+            stall = pipeline.calls.stalled(threshold)
+            if stall is None:
+                continue
+            stuck[pipeline.name] = {"stage": stall.stage, "seconds": round(stall.seconds, 1)}
+            if stall.first:
+                self._log.error(
+                    "stalled: a call has not returned; /healthz fails until it does",
+                    outbox=pipeline.name,
+                    stage=stall.stage,
+                    seconds=round(stall.seconds, 1),
+                    stuck_after=threshold,
+                )
+        return (False, {"outboxes": stuck}) if stuck else (True, {})
+
+    async def _watch_stalls(self) -> None:
+        """Look for stalls every second, so that one is logged whether /healthz is probed or not."""
+        while True:
+            self.liveness()
+            await asyncio.sleep(1.0)
+
     @staticmethod
     def _lease_dsn(outbox: OutboxConfig) -> str | None:
         return getattr(outbox.source, "dsn", None) if outbox.lease.enabled else None
@@ -303,7 +333,9 @@ class Relay:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         if self.config.http.port:
-            self.http = HealthServer(self.config.http.host, self.config.http.port, self.readiness)
+            self.http = HealthServer(
+                self.config.http.host, self.config.http.port, self.readiness, self.liveness
+            )
             try:
                 await self.http.start()
             except OSError as exc:
@@ -311,6 +343,7 @@ class Relay:
                 return 2
             self._log.info("http listening", port=self.http.port)
         runs = [asyncio.create_task(self._serve(i, drain)) for i in range(len(self.pipelines))]
+        stall_watch = asyncio.create_task(self._watch_stalls())
         try:
             stopper = asyncio.create_task(self.stop.wait())
             done, _ = await asyncio.wait({stopper, *runs}, return_when=asyncio.FIRST_COMPLETED)
@@ -330,6 +363,7 @@ class Relay:
                     raise task.exception()  # type: ignore[misc]
             return 2 if self.refusals else 0
         finally:
+            stall_watch.cancel()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             if self.http is not None:

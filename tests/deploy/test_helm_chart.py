@@ -219,6 +219,98 @@ def test_probes_and_service_follow_config_http_port() -> None:
     assert "port: 9555" in config_text(docs)
 
 
+DEFAULT_LEASE_TIME = 5.0  # lease.time's default in the relay (relay/config.py)
+
+
+def _probe_bounds(probe: dict[str, Any]) -> tuple[int, int]:
+    """(worst case, best case) seconds from the moment a pod stops answering to the kubelet
+    acting on it: the next probe may come up to a period later, then failureThreshold probes in
+    a row each time out. The best case is also the shortest silence that can trigger it."""
+    period, timeout, failures = probe["periodSeconds"], probe["timeoutSeconds"], probe["failureThreshold"]
+    return period + (failures - 1) * period + timeout, (failures - 1) * period + timeout
+
+
+def test_liveness_restarts_a_silent_pod_well_within_a_minute_but_never_a_merely_busy_one(
+    default: Manifests,
+) -> None:
+    liveness = relay_container(only(default, "Deployment")["spec"]["template"]["spec"])["livenessProbe"]
+    worst, shortest_silence = _probe_bounds(liveness)
+    assert worst <= 40, "a frozen (SIGSTOP) or hung pod is restarted well within a minute"
+    assert shortest_silence >= 20, "a loop busy for some seconds is never taken for a dead one"
+    assert liveness["timeoutSeconds"] >= 3, "an answer delayed by a busy loop is not a failure"
+    assert liveness["timeoutSeconds"] < liveness["periodSeconds"]
+
+
+def test_readiness_sees_a_takeover_within_the_lease_time(default: Manifests) -> None:
+    readiness = relay_container(only(default, "Deployment")["spec"]["template"]["spec"])["readinessProbe"]
+    assert readiness["periodSeconds"] <= DEFAULT_LEASE_TIME
+    assert readiness["failureThreshold"] == 2, "one late answer does not take a replica out"
+    assert readiness["timeoutSeconds"] < readiness["periodSeconds"]
+    worst, _ = _probe_bounds(readiness)
+    assert worst <= 3 * DEFAULT_LEASE_TIME
+
+
+def _with_lease(lease: dict[str, Any] | None, period: int, **probe: Any) -> dict[str, Any]:
+    config = copy.deepcopy(_chart_values()["config"])
+    if lease is None:
+        del config["outboxes"][0]["lease"]
+    else:
+        config["outboxes"][0]["lease"] = lease
+    return {"config": config, "readinessProbe": {"periodSeconds": period, **probe}}
+
+
+@pytest.mark.parametrize(
+    "lease, period, ok",
+    [
+        (None, 5, True),  # lease.time defaults to 5s
+        (None, 6, False),
+        ({"enabled": True}, 6, False),
+        ({"time": "2s"}, 2, True),
+        ({"time": "2s"}, 3, False),
+        ({"time": "1m"}, 30, True),
+        ({"time": "1m"}, 61, False),
+        ({"time": 10}, 10, True),
+        ({"time": 2.5}, 3, False),
+        ({"time": "2500ms"}, 2, True),
+        ({"time": "500ms"}, 1, True),  # (1s is the shortest period there is)
+        ({"time": "500ms"}, 2, False),
+        ({"time": "2s", "enabled": False}, 30, True),  # no lease, nothing to take over
+    ],
+    ids=lambda v: json.dumps(v),
+)
+def test_readiness_period_is_checked_against_the_lease_time(
+    lease: dict[str, Any] | None, period: int, ok: bool
+) -> None:
+    values = _with_lease(lease, period)
+    if ok:
+        render_files(values)
+    else:
+        with pytest.raises(
+            helm.HelmRenderError, match=r"readinessProbe.periodSeconds .* lease time of outbox orders"
+        ):
+            render_files(values)
+
+
+def test_the_shortest_lease_time_of_all_outboxes_counts_and_is_named() -> None:
+    values = _with_lease({"time": "30s"}, 10)
+    second = {**copy.deepcopy(values["config"]["outboxes"][0]), "name": "invoices", "lease": {"time": "8s"}}
+    values["config"]["outboxes"].append(second)
+    with pytest.raises(helm.HelmRenderError) as refused:
+        render_files(values)
+    assert "lease time of outbox invoices (lease.time: 8s)" in str(refused.value)
+    assert "set periodSeconds to at most 8" in str(refused.value)
+
+
+def test_no_readiness_probe_means_no_lease_time_rule() -> None:
+    docs = render(_with_lease({"time": "2s"}, 30, enabled=False))
+    assert "readinessProbe" not in relay_container(only(docs, "Deployment")["spec"]["template"]["spec"])
+
+
+def test_a_lease_time_that_is_not_a_duration_fails_at_render() -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render_files(_with_lease({"time": "soon"}, 5))
+
+
 # --- the config, where the image reads it ---------------------------------------------------------
 
 

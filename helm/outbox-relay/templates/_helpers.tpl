@@ -64,9 +64,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $http.port | default 9400 | int }}
 {{- end }}
 
-{{/* config.shutdown_grace in seconds (200ms, 30s, 1m, 1h or a plain number, as the relay reads it). */}}
-{{- define "outbox-relay.shutdownGraceSeconds" -}}
-{{- $raw := .Values.config.shutdown_grace | default 30 | toString | trim }}
+{{/* A duration of the relay config in seconds: 200ms, 30s, 1m, 1h or a plain number, as the relay reads it. */}}
+{{- define "outbox-relay.seconds" -}}
+{{- $raw := . | toString | trim }}
 {{- $seconds := 0.0 }}
 {{- if hasSuffix "ms" $raw }}
 {{- $seconds = divf (trimSuffix "ms" $raw | trim | float64) 1000 }}
@@ -80,6 +80,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $seconds = float64 $raw }}
 {{- end }}
 {{- $seconds }}
+{{- end }}
+
+{{/* config.shutdown_grace in seconds (30 when unset, the relay's default). */}}
+{{- define "outbox-relay.shutdownGraceSeconds" -}}
+{{- include "outbox-relay.seconds" (.Values.config.shutdown_grace | default 30) }}
+{{- end }}
+
+{{/*
+Refuses a readiness probe slower than the lease time of an outbox (lease.time, 5s when unset; an
+outbox with `lease.enabled: false` has none): a standby takes over within one lease time, and
+/readyz must be asked at least that often for the takeover to show. A lease time under 1s takes
+periodSeconds 1, the kubelet's shortest.
+*/}}
+{{- define "outbox-relay.validateReadinessPeriod" -}}
+{{- if .Values.readinessProbe.enabled }}
+{{- $period := .Values.readinessProbe.periodSeconds | default 10 | float64 }}
+{{- range .Values.config.outboxes }}
+{{- $lease := .lease | default dict }}
+{{- if not (and (hasKey $lease "enabled") (eq (toString $lease.enabled) "false")) }}
+{{- $raw := 5 }}
+{{- if hasKey $lease "time" }}{{ $raw = $lease.time }}{{ end }}
+{{- $time := include "outbox-relay.seconds" $raw | float64 }}
+{{- /* (1s is the kubelet's shortest period: a shorter lease time takes periodSeconds 1) */}}
+{{- if and (gt $period $time) (gt $period 1.0) }}
+{{- fail (printf "readinessProbe.periodSeconds (%v) must not exceed the lease time of outbox %s (lease.time: %vs): a standby takes over within one lease time, and the probe would not see it; set periodSeconds to at most %v" $period .name $time (floor (maxf 1 $time))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -104,6 +133,7 @@ reference. Secrets come from Secrets (database.existingSecret, secretEnv, env va
 {{- if le (float64 .Values.terminationGracePeriodSeconds) $grace }}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must be greater than config.shutdown_grace (%vs): Kubernetes would kill the relay before it finished its in-flight events" .Values.terminationGracePeriodSeconds $grace) }}
 {{- end }}
+{{- include "outbox-relay.validateReadinessPeriod" . }}
 {{- if and (eq .Values.mode "sidecar") .Values.service.enabled (empty .Values.sidecar.podSelector) }}
 {{- fail "sidecar.podSelector: required in sidecar mode while service.enabled is true (the labels of your application's pods), or set service.enabled: false" }}
 {{- end }}
