@@ -213,6 +213,11 @@ class Lease:
                     await self._query(create_table_sql(self._table), ())
                 except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
                     pass  # another replica created it at the same moment
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    raise psycopg.errors.InsufficientPrivilege(
+                        f"the lease table {self._table} does not exist and this role may not create"
+                        f" it (run outbox-relay init-db as a role that may): {exc}"
+                    ) from None
             await self._query(
                 sql.SQL(
                     "INSERT INTO {} (lease, outbox) VALUES (%s, %s) ON CONFLICT (lease) DO NOTHING"

@@ -188,7 +188,7 @@ class Relay:
         self.stop = asyncio.Event()
         self._log = get_logger()
         self.http: HealthServer | None = None
-        #: "active" while this process relays an outbox, "standby" while another replica does.
+        #: The lease of each outbox that runs under one, by index (see `_role`).
         self._leases: dict[int, Lease] = {}
         #: Why outboxes could not be served (a database the relay does not support): `run`
         #: then stops every outbox and exits 2, and the command line prints these lines.

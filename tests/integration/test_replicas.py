@@ -124,7 +124,7 @@ def _all_delivered_in_order(dsn: str, kafka: KafkaBroker, topic: str) -> int:
     return assert_complete_and_ordered(lines, expected)
 
 
-def test_three_replicas_have_one_active_and_a_standby_takes_over_within_5s_of_each_sigkill(
+def test_three_replicas_have_one_active_and_a_standby_takes_over_within_the_lease_time_of_each_sigkill(
     replicas: tuple[Replicas, str], dsn: str, kafka: KafkaBroker
 ) -> None:
     group, topic = replicas

@@ -157,6 +157,38 @@ def test_a_missing_privilege_is_named_and_a_grant_heals_it(
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+def test_a_missing_lease_table_is_created_by_the_relay_or_named_when_its_role_may_not(
+    dsn: str, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    port = free_port()
+    out = tmp_path / "out.jsonl"
+    role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE outbox_relay_leases")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        conn.execute(sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role))
+        )
+    try:
+        insert_events(dsn, 3)
+        config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), out, port)
+        relay = start_relay(write_config(tmp_path, config))
+        problem = _wait_for_problem(port, "permission denied")
+        assert "lease table outbox_relay_leases does not exist" in problem["error"], problem
+        assert "init-db" in problem["error"]
+        stop_relay(relay)
+        # As a role that may create it, the relay creates it and goes on.
+        owner = start_relay(write_config(tmp_path, _config(dsn, out, port), "owner.yaml"))
+        wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "events")
+        stop_relay(owner)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_check_refuses_a_read_only_database_and_run_names_it_as_a_setup_problem(
     dsn: str, tmp_path: Path, start_relay: StartRelay
 ) -> None:
