@@ -18,6 +18,7 @@ from relay.config import ConfigError, RelayConfig, config_json_schema, load_conf
 from relay.deadletters import DeadLetterStore
 from relay.deadletters import as_event as as_dead_letter_event
 from relay.interfaces import ConnectorError
+from relay.leadership import lease_key, lease_line
 from relay.logs import configure_logging, get_logger
 from relay.runner import (
     Relay,
@@ -305,6 +306,12 @@ def status(config_path: Path) -> None:
                 for line in await source.status_lines():
                     click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
                 for line in await _parked_lines(outbox, index):
+                    click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
+                dsn = getattr(outbox.source, "dsn", None)
+                if outbox.lease.enabled and dsn is not None:
+                    line = await lease_line(
+                        dsn, outbox.lease.table, lease_key(outbox.name, outbox.source.lease_scope())
+                    )
                     click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
             except (ConnectorError, OSError) as exc:
                 failures += 1

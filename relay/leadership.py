@@ -91,6 +91,32 @@ def holder_pid(holder: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
+async def lease_line(dsn: str, table: str, key: str) -> str:
+    """What `status` says of a lease: who holds it, with which token, for how much longer."""
+    async with await psycopg.AsyncConnection.connect(
+        session_conninfo(dsn), autocommit=True, connect_timeout=10
+    ) as conn:
+        await start_session(conn)
+        found = await conn.execute("SELECT to_regclass(%s)", (parse_table_name(table).regclass_text(),))
+        row = await found.fetchone()
+        if row is None or row[0] is None:
+            return f"lease: table {table} does not exist yet (init-db creates it; so does the relay)"
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT holder, token, extract(epoch FROM expires_at - clock_timestamp())::float8"
+                " FROM {} WHERE lease = %s"
+            ).format(parse_table_name(table).identifier()),
+            (key,),
+        )
+        lease = await cur.fetchone()
+    if lease is None or lease[0] is None:
+        return "lease: never held"
+    holder, token, left = lease
+    if left is None or left <= 0:
+        return f"lease: free (last held by {holder}, token {token})"
+    return f"lease: held by {holder} (token {token}), {left:.1f}s left unless renewed"
+
+
 @dataclass
 class Term:
     """One holder's hold on a lease: its token, and its deadline on this process's monotonic
@@ -376,18 +402,19 @@ class Lease:
         process says standby before another can say active."""
         term, self.term = self.term, None
         if term is not None:
-            was_valid = term.valid()
             term.end()
-            if was_valid:
-                try:
-                    await self._query(
-                        sql.SQL(
-                            "UPDATE {} SET expires_at = clock_timestamp() WHERE lease = %s AND token = %s"
-                        ).format(self._ident),
-                        (self.key, term.token),
-                    )
-                except (psycopg.Error, OSError, TimeoutError):
-                    pass  # it expires by itself
+            # (Also when the term already ended: the token in the statement keeps it from
+            # touching a newer holder's lease.)
+            try:
+                await self._query(
+                    sql.SQL(
+                        "UPDATE {} SET expires_at = clock_timestamp()"
+                        " WHERE lease = %s AND token = %s AND expires_at > clock_timestamp()"
+                    ).format(self._ident),
+                    (self.key, term.token),
+                )
+            except (psycopg.Error, OSError, TimeoutError):
+                pass  # it expires by itself
         await self._drop()
 
     async def _drop(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.support import (
     read_lines,
     relay_config,
     start_relay,
+    stop_relay,
     unpublished,
     wait_for,
     write_config,
@@ -205,6 +207,25 @@ def test_status_reports_pending_events_and_age_of_the_oldest(dsn: str, tmp_path:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("orders: pending=42 oldest_age=")
     assert "published_last_minute=0" in result.stdout
+    assert "orders: lease: never held" in result.stdout
+
+
+def test_status_names_the_lease_holder_while_a_relay_runs_and_the_lease_free_after_it_stopped(
+    dsn: str, tmp_path: Path
+) -> None:
+    config = relay_config(dsn, {"type": "stdout"})
+    config["http"] = {"port": (port := free_port()), "host": "127.0.0.1"}
+    path = write_config(tmp_path, config)
+    relay = start_relay(path)
+    try:
+        wait_for(lambda: '"role": "active"' in http_get(f"http://127.0.0.1:{port}/readyz"), 30, "active")
+        held = run_cli("status", "-c", str(path)).stdout
+        assert f"lease: held by {socket.gethostname()} pid {relay.pid} " in held, held
+        assert "(token 1)" in held and "s left unless renewed" in held
+    finally:
+        stop_relay(relay)
+    freed = run_cli("status", "-c", str(path)).stdout
+    assert f"lease: free (last held by {socket.gethostname()} pid {relay.pid} " in freed, freed
 
 
 def test_run_drain_exits_0_once_the_outbox_is_empty(dsn: str, tmp_path: Path) -> None:

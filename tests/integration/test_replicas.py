@@ -196,7 +196,10 @@ def test_sigterm_releases_the_lease_and_a_standby_takes_over_at_once(
     assert proc.wait(timeout=30) == 0
     group.procs.pop(active)
     wait_for(lambda: len(group.active()) == 1, 20, "the standby to take over")
-    print(f"takeover seconds after SIGTERM of the active replica: {time.monotonic() - started:.2f}")
+    took = time.monotonic() - started
+    print(f"takeover seconds after SIGTERM of the active replica: {took:.2f}")
+    # Given up, not left to expire: well within the lease time (5 s), whatever the machine.
+    assert took < 3.5
     metrics = http_get(f"http://127.0.0.1:{group.active()[0]}/metrics")
     assert 'outbox_relay_leader{outbox="orders"} 1.0' in metrics
 
