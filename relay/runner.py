@@ -285,8 +285,14 @@ class Relay:
                 first_term = False
                 log.info("active: this relay holds the lease", token=term.token, holder=lease.holder)
                 keeper = asyncio.create_task(self._keep(lease, term, log))
+                # The pipeline checks the term before it acts; an idle one (nothing to publish,
+                # a stream it cannot reopen) must hear of the loss too, at once.
+                lost = asyncio.Event()
+                keeper.add_done_callback(lambda _: lost.set())
                 try:
-                    finished = await self.pipelines[index].run(self.stop, drain=drain, fence=term)
+                    finished = await self.pipelines[index].run(
+                        self.stop, drain=drain, abandon=lost, fence=term
+                    )
                 finally:
                     keeper.cancel()
                     await asyncio.gather(keeper, return_exceptions=True)
