@@ -555,6 +555,19 @@ def _run_dlq(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 @click.option("--broker-start-command", default=None, help="And the one that starts it again.")
 @click.option("--db-restart", is_flag=True, help="Restart the database mid-run (needs --db-restart-command).")
 @click.option("--db-restart-command", default=None, help="Shell command that restarts the database.")
+@click.option("--freeze-every", default=None, help="SIGSTOP the relay holding the lease this often.")
+@click.option("--freeze-for", default=None, help="Then SIGCONT it after this long (default: 2x lease.time).")
+@click.option(
+    "--cut-every", default=None, help="Cut the relay holding the lease off from the database this often."
+)
+@click.option(
+    "--cut-mode",
+    type=click.Choice(["close", "hold", "both"]),
+    default="both",
+    show_default=True,
+    help="close: connections closed and refused; hold: kept open, nothing forwarded; both: in turn.",
+)
+@click.option("--cut-for", default=None, help="Then reconnect it after this long (default: 2x lease.time).")
 @click.option("--drain-timeout", default="5m", show_default=True, help="How long to wait for the backlog.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def drill(
@@ -571,15 +584,21 @@ def drill(
     broker_start_command: str | None,
     db_restart: bool,
     db_restart_command: str | None,
+    freeze_every: str | None,
+    freeze_for: str | None,
+    cut_every: str | None,
+    cut_mode: str,
+    cut_for: str | None,
     drain_timeout: str,
     as_json: bool,
 ) -> None:
-    """Write events, kill relays at random, read everything back: lost and reordered must be 0.
+    """Write events, kill, freeze or cut off relays at random, read everything back: lost and
+    reordered must be 0.
 
     Run it against a staging setup: it writes `drill` events into the outbox. Exit 1 when an
     event was lost or reordered.
     """
-    from relay.drill import DrillPlan, run_drill
+    from relay.drill import DrillPlan, check_plan, run_drill
     from relay.durations import parse_duration
 
     config = _load(config_path)
@@ -610,7 +629,13 @@ def drill(
             broker_start_command=broker_start_command,
             db_restart_command=db_restart_command if db_restart else None,
             drain_timeout=parse_duration(drain_timeout),
+            freeze_every=_flag_duration("--freeze-every", freeze_every) or None,
+            freeze_for=_flag_duration("--freeze-for", freeze_for),
+            cut_every=_flag_duration("--cut-every", cut_every) or None,
+            cut_mode=cut_mode,
+            cut_for=_flag_duration("--cut-for", cut_for),
         )
+        check_plan(config, index, plan)
     except ValueError as exc:
         _fail(f"drill: {exc}")
     try:
@@ -619,6 +644,17 @@ def drill(
         _fail(f"drill: {exc}", code=1)
     click.echo(json.dumps(report.as_dict()) if as_json else report.as_text())
     sys.exit(0 if report.passed else 1)
+
+
+def _flag_duration(flag: str, value: str | None) -> float | None:
+    from relay.durations import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 @cli.command()
