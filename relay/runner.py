@@ -6,6 +6,7 @@ import asyncio
 import gc
 import signal
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, cast
 
 import psycopg
@@ -157,6 +158,10 @@ async def _run_table_setup(
         await conn.execute(statement)
 
 
+def _set_when_done(event: asyncio.Event, _: object) -> None:
+    event.set()
+
+
 _startup_frozen = False
 
 
@@ -288,7 +293,7 @@ class Relay:
                 # The pipeline checks the term before it acts; an idle one (nothing to publish,
                 # a stream it cannot reopen) must hear of the loss too, at once.
                 lost = asyncio.Event()
-                keeper.add_done_callback(lambda _: lost.set())
+                keeper.add_done_callback(partial(_set_when_done, lost))
                 try:
                     finished = await self.pipelines[index].run(
                         self.stop, drain=drain, abandon=lost, fence=term
