@@ -18,7 +18,7 @@ from relay.config import ConfigError, RelayConfig, config_json_schema, load_conf
 from relay.deadletters import DeadLetterStore
 from relay.deadletters import as_event as as_dead_letter_event
 from relay.interfaces import ConnectorError
-from relay.leadership import lease_key, lease_line
+from relay.leadership import lease_line
 from relay.logs import configure_logging, get_logger
 from relay.runner import (
     Relay,
@@ -310,7 +310,11 @@ def status(config_path: Path) -> None:
                 dsn = getattr(outbox.source, "dsn", None)
                 if outbox.lease.enabled and dsn is not None:
                     line = await lease_line(
-                        dsn, outbox.lease.table, lease_key(outbox.name, outbox.source.lease_scope())
+                        dsn,
+                        outbox.name,
+                        outbox.lease.table,
+                        outbox.source.lease_scope(),
+                        outbox.source.lease_resolves(),
                     )
                     click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
             except (ConnectorError, OSError) as exc:

@@ -46,7 +46,6 @@ from relay.drill_faults import (
 from relay.drill_proxy import CutoffProxy
 from relay.events import OutboxEvent
 from relay.interfaces import ConnectorError, Delivered
-from relay.leadership import lease_key
 from relay.logs import get_logger
 from relay.registry import sink_plugins
 from relay.runner import build_source
@@ -335,7 +334,9 @@ async def run_drill(config: RelayConfig, index: int, plan: DrillPlan) -> DrillRe
             _child_config(config, outbox, directory, slot, proxies[slot]) for slot in range(plan.replicas)
         ]
         replicas = _Replicas(configs, directory, proxies)
-        watch = LeaseWatch(dsn, outbox.lease.table, lease_key(outbox.name, outbox.source.lease_scope()))
+        watch = LeaseWatch(
+            dsn, outbox.name, outbox.lease.table, outbox.source.lease_scope(), outbox.source.lease_resolves()
+        )
         faults = FaultContext(replicas, watch, outbox.lease.time, record, asyncio.Event(), log=log)
         await reader.start(fields)
         writing_done = faults.done

@@ -30,12 +30,13 @@ from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relay.drill_proxy import CutoffProxy
 from relay.identifiers import parse_table_name
-from relay.leadership import holder_pid
-from relay.pgsession import bounded_query, database_place
+from relay.leadership import holder_pid, locate_lease
+from relay.pgsession import bounded_query, close_quietly, database_place
 
 FREEZE, CUT_CLOSE, CUT_HOLD = "freeze", "cut-close", "cut-hold"
 FAULT_KINDS = (FREEZE, CUT_CLOSE, CUT_HOLD)
@@ -99,22 +100,32 @@ class LeaseRow:
 class LeaseWatch:
     """Reads one outbox's lease row on a connection of its own, straight to the database."""
 
-    def __init__(self, dsn: str, table: str, key: str) -> None:
-        self._dsn, self._key = dsn, key
-        self._query = sql.SQL(
-            "SELECT holder, token FROM {} WHERE lease = %s AND expires_at > clock_timestamp()"
-        ).format(parse_table_name(table).identifier())
+    def __init__(self, dsn: str, outbox: str, table: str, scope: str, resolve: str | None) -> None:
+        self._dsn = dsn
+        self._where = (outbox, table, scope, resolve)
+        self._query: sql.Composed | None = None
+        self._key = ""
         self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _ask(self, statement: sql.SQL | sql.Composed, params: Params) -> list[tuple[Any, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, connect_timeout=2, application_name="outbox-relay drill"
+            )
+        return await bounded_query(self._conn, statement, params, _QUERY_BOUND)
 
     async def current(self) -> LeaseRow | None:
         """The lease's holder now, or None: expired, never taken, or the database did not
         answer (the lease table may not exist before the first relay creates it)."""
         try:
-            if self._conn is None or self._conn.closed or self._conn.broken:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, connect_timeout=2, application_name="outbox-relay drill"
-                )
-            rows = await bounded_query(self._conn, self._query, (self._key,), _QUERY_BOUND)
+            if self._query is None:
+                # Where the relays keep it: names resolved as they resolve them.
+                place = await locate_lease(self._ask, *self._where)
+                self._key = place.key
+                self._query = sql.SQL(
+                    "SELECT holder, token FROM {} WHERE lease = %s AND expires_at > clock_timestamp()"
+                ).format(parse_table_name(place.table).identifier())
+            rows = await self._ask(self._query, (self._key,))
         except (psycopg.Error, OSError, TimeoutError):
             await self.close()
             return None
@@ -124,11 +135,7 @@ class LeaseWatch:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), 1)
-            except (psycopg.Error, OSError, TimeoutError):
-                pass
+        await close_quietly(conn)
 
 
 # --- the record ---------------------------------------------------------------------------------

@@ -52,11 +52,11 @@ class CutoffProxy:
         with self._lock:
             cut, self._open = self._open, []
         for sock in cut:
-            _close(sock)
+            close_socket(sock)
 
     def close(self) -> None:
         self._closed = True
-        _close(self._listener)
+        close_socket(self._listener)
         self.cut()
 
     def __enter__(self) -> CutoffProxy:
@@ -84,13 +84,13 @@ class CutoffProxy:
             except OSError:  # closed
                 return
             if self._mode == CUT:
-                _close(client)
+                close_socket(client)
                 continue
             try:
                 upstream = socket.create_connection(self._target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
-                _close(client)
+                close_socket(client)
                 continue
             with self._lock:
                 self._open += [client, upstream]
@@ -105,11 +105,12 @@ class CutoffProxy:
                 if not data or not self._wait_forwarding():
                     break
                 sink.sendall(data)
-        _close(source)
-        _close(sink)
+        close_socket(source)
+        close_socket(sink)
 
 
-def _close(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
+    """Shut down and close `sock`, whatever state it is in."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):

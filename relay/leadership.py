@@ -42,6 +42,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +52,10 @@ from psycopg.abc import Params
 
 from relay import metrics
 from relay.backoff import Backoff
-from relay.identifiers import parse_table_name
+from relay.identifiers import QualifiedName, parse_table_name
 from relay.interfaces import Unsupported
 from relay.logs import get_logger
-from relay.pgsession import bounded_query, session_conninfo, start_session
+from relay.pgsession import bounded_query, close_quietly, session_conninfo, start_session
 from relay.problems import SetupProblems
 from relay.secrets import scrubber
 
@@ -91,13 +92,58 @@ def holder_pid(holder: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
-async def lease_line(dsn: str, table: str, key: str) -> str:
+@dataclass(frozen=True)
+class LeasePlace:
+    """Where an outbox's lease lives: its table (text `parse_table_name` reads back) and row."""
+
+    table: str
+    key: str
+
+
+#: Runs one statement and returns its rows (Lease's bounded queries, or a plain connection's).
+Query = Callable[[sql.SQL | sql.Composed, Params], Awaitable[list[tuple[Any, ...]]]]
+
+
+async def locate_lease(query: Query, outbox: str, table: str, scope: str, resolve: str | None) -> LeasePlace:
+    """Where the lease of `outbox` lives, names resolved as the server resolves them, so that
+    replicas whose config spells the outbox table differently, or whose search_path differs,
+    share one lease: the row's key is made of the table the server finds for `resolve` (the
+    polling source's table), and an unqualified lease table lives in that table's schema.
+    Without `resolve` (a slot names itself exactly), the key is made of `scope` and an
+    unqualified lease table is found through the search_path. Raises UndefinedTable when
+    `resolve` names no table."""
+    lease_table = parse_table_name(table)
+    if resolve is None:
+        return LeasePlace(lease_table.regclass_text(), lease_key(outbox, scope))
+    rows = await query(
+        sql.SQL(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.oid = to_regclass(%s)"
+        ),
+        (parse_table_name(resolve).regclass_text(),),
+    )
+    row = rows[0] if rows else None
+    if row is None:
+        raise psycopg.errors.UndefinedTable(f"table {resolve} does not exist (run outbox-relay init-db)")
+    schema, name = str(row[0]), str(row[1])
+    if lease_table.schema is None:
+        lease_table = QualifiedName(schema, lease_table.name)
+    return LeasePlace(lease_table.regclass_text(), lease_key(outbox, f"table {QualifiedName(schema, name)}"))
+
+
+async def lease_line(dsn: str, outbox: str, table: str, scope: str, resolve: str | None) -> str:
     """What `status` says of a lease: who holds it, with which token, for how much longer."""
     async with await psycopg.AsyncConnection.connect(
         session_conninfo(dsn), autocommit=True, connect_timeout=10
     ) as conn:
         await start_session(conn)
-        found = await conn.execute("SELECT to_regclass(%s)", (parse_table_name(table).regclass_text(),))
+
+        async def query(statement: sql.SQL | sql.Composed, params: Params) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(statement, params)
+            return list(await cur.fetchall())
+
+        place = await locate_lease(query, outbox, table, scope, resolve)
+        found = await conn.execute("SELECT to_regclass(%s)", (place.table,))
         row = await found.fetchone()
         if row is None or row[0] is None:
             return f"lease: table {table} does not exist yet (init-db creates it; so does the relay)"
@@ -105,8 +151,8 @@ async def lease_line(dsn: str, table: str, key: str) -> str:
             sql.SQL(
                 "SELECT holder, token, extract(epoch FROM expires_at - clock_timestamp())::float8"
                 " FROM {} WHERE lease = %s"
-            ).format(parse_table_name(table).identifier()),
-            (key,),
+            ).format(parse_table_name(place.table).identifier()),
+            (place.key,),
         )
         lease = await cur.fetchone()
     if lease is None or lease[0] is None:
@@ -135,6 +181,10 @@ class Term:
         self.ended = True
 
 
+class RivalLease(Exception):
+    """Another replica holds this outbox's lease in another lease table (a setup problem)."""
+
+
 class LeaseLost(Exception):
     """The lease's term ended: another replica may be active now."""
 
@@ -153,10 +203,14 @@ class Lease:
         check_interval: float = 1.0,
         acquire_interval: float = 1.0,
         scope: str = "",
+        resolve: str | None = None,
     ) -> None:
         self._dsn = dsn
         self._outbox = outbox
-        self._table = table
+        self._configured_table = table
+        self._scope, self._resolve = scope, resolve
+        # (Until the server resolved the names: see `locate_lease`.)
+        self._table = parse_table_name(table).regclass_text()
         self._ident = parse_table_name(table).identifier()
         self.key = lease_key(outbox, scope)
         self._time = lease_time
@@ -231,9 +285,12 @@ class Lease:
         """Create the lease table when it is missing (an older `init-db`), as far as this role
         may; then the lease's row."""
         if not self._table_ready:
-            found = await self._query(
-                sql.SQL("SELECT to_regclass(%s)"), (parse_table_name(self._table).regclass_text(),)
+            place = await locate_lease(
+                self._query, self._outbox, self._configured_table, self._scope, self._resolve
             )
+            self._table, self.key = place.table, place.key
+            self._ident = parse_table_name(place.table).identifier()
+            found = await self._query(sql.SQL("SELECT to_regclass(%s)"), (self._table,))
             if not found or found[0][0] is None:
                 try:
                     await self._query(create_table_sql(self._table), ())
@@ -241,8 +298,8 @@ class Lease:
                     pass  # another replica created it at the same moment
                 except psycopg.errors.InsufficientPrivilege as exc:
                     raise psycopg.errors.InsufficientPrivilege(
-                        f"the lease table {self._table} does not exist and this role may not create"
-                        f" it (run outbox-relay init-db as a role that may): {exc}"
+                        f"the lease table {parse_table_name(self._table)} does not exist and this role"
+                        f" may not create it (run outbox-relay init-db as a role that may): {exc}"
                     ) from None
             await self._query(
                 sql.SQL(
@@ -270,9 +327,9 @@ class Lease:
                     self._log.info("standby: another relay holds the lease for this outbox")
                     waiting_logged = True
                 delay = wait
-            except (psycopg.Error, OSError, TimeoutError) as exc:
+            except (psycopg.Error, OSError, TimeoutError, RivalLease) as exc:
                 attempt += 1
-                self.database_ok = False
+                self.database_ok = not isinstance(exc, psycopg.Error | OSError | TimeoutError)
                 self._table_ready = False
                 delay = _RECONNECT.delay(attempt)
                 if not self.problems.report("database", exc):
@@ -301,6 +358,14 @@ class Lease:
         )
         if rows:
             token, previous = int(rows[0][0]), rows[0][1]
+            rival = await self._rival_elsewhere()
+            if rival is not None:
+                await self._give_up(token)
+                mine = parse_table_name(self._table)
+                raise RivalLease(
+                    f"{rival} holds this outbox's lease in another table than {mine}: the"
+                    " replicas disagree on lease.table or on the search_path that finds it"
+                )
             term = Term(self._table, self.key, token, sent + self._time - self._margin)
             self.term = term
             if previous and previous != self.holder:
@@ -314,6 +379,46 @@ class Lease:
         )
         left = float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
         return None, min(max(left, 0.0) + 0.01, self._acquire_interval)
+
+    async def _rival_elsewhere(self) -> str | None:
+        """A replica that holds this outbox's lease, live, in another lease table of this
+        database (a replica whose lease.table or search_path differs would keep a lease of its
+        own and relay the same events at the same time): `holder in table`, or None. Asked
+        after this replica took its own, so of two that take theirs at once, each sees the
+        other's and neither goes on."""
+        tables = await self._query(
+            sql.SQL(
+                "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relkind IN ('r', 'p')"
+                " AND c.oid <> to_regclass(%s) AND (SELECT count(*) FROM pg_attribute a"
+                " WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attname"
+                " IN ('lease', 'outbox', 'holder', 'token', 'expires_at', 'renewed_at')) = 6"
+            ),
+            (self._table,),
+        )
+        for (other,) in tables:
+            try:
+                rows = await self._query(
+                    # (The server's own quoting of a table it named: not text from the config.)
+                    sql.SQL(
+                        "SELECT holder FROM {} WHERE lease = %s AND expires_at > clock_timestamp()"
+                        " AND holder IS DISTINCT FROM %s"
+                    ).format(sql.SQL(other)),
+                    (self.key, self.holder),
+                )
+            except psycopg.errors.InsufficientPrivilege:
+                continue  # (a table of another service this role may not read)
+            if rows:
+                return f"{rows[0][0]} in {other}"
+        return None
+
+    async def _give_up(self, token: int) -> None:
+        await self._query(
+            sql.SQL(
+                "UPDATE {} SET expires_at = clock_timestamp()"
+                " WHERE lease = %s AND token = %s AND expires_at > clock_timestamp()"
+            ).format(self._ident),
+            (self.key, token),
+        )
 
     async def _end_sessions_of(self, previous: str) -> None:
         """End every session of the holder before: a holder that froze or was cut off may wake
@@ -406,21 +511,11 @@ class Lease:
             # (Also when the term already ended: the token in the statement keeps it from
             # touching a newer holder's lease.)
             try:
-                await self._query(
-                    sql.SQL(
-                        "UPDATE {} SET expires_at = clock_timestamp()"
-                        " WHERE lease = %s AND token = %s AND expires_at > clock_timestamp()"
-                    ).format(self._ident),
-                    (self.key, term.token),
-                )
+                await self._give_up(term.token)
             except (psycopg.Error, OSError, TimeoutError):
                 pass  # it expires by itself
         await self._drop()
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), 1)
-            except (psycopg.Error, OSError, TimeoutError):
-                pass
+        await close_quietly(conn)

@@ -25,6 +25,7 @@ import socket
 from contextvars import ContextVar
 from typing import Annotated, Any
 
+import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -173,6 +174,17 @@ async def _sever_and_settle(conn: AsyncConnection[Any], task: asyncio.Future[Any
     if not done:  # (cannot happen with a socket shut down; never wait for it all the same)
         task.cancel()
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def close_quietly(conn: AsyncConnection[Any] | None) -> None:
+    """Close `conn` (if any) within a second, whatever state it is in: for connections that
+    may be broken, where closing is tidying up, not something to wait or fail on."""
+    if conn is None:
+        return
+    try:
+        await asyncio.wait_for(conn.close(), 1)
+    except (OSError, TimeoutError, psycopg.Error):
+        pass
 
 
 def sever(conn: AsyncConnection[Any]) -> None:

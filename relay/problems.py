@@ -72,6 +72,7 @@ _BY_TEXT = tuple(
         ("replication slot or publication missing", r"replication slot \S+ is missing"),
         ("replication slot or publication missing", r"publication \"[^\"]*\" does not exist"),
         ("column does not exist", r"has no column|column \"[^\"]*\" does not exist"),
+        ("replicas use different lease tables", r"holds this outbox's lease in another table"),
     )
 )
 _FIXES = {
@@ -88,6 +89,8 @@ _FIXES = {
     "object does not exist": "run: outbox-relay init-db, or check the names in the config",
     "replication slot or publication missing": "run: outbox-relay init-db",
     "broker refused the relay": "check the sink's credentials and what the broker permits them",
+    "replicas use different lease tables": "give every replica of this outbox the same lease.table"
+    " (schema-qualified, or the same search_path)",
 }
 #: The kind of a sink's `Failure(setup=True)`: the broker refused the relay's credentials or
 #: permissions for an event.

@@ -35,6 +35,11 @@ class ConnectorConfig(BaseModel):
         """What this source reads, for the lease key (see relay.leadership): a table, a slot."""
         return ""
 
+    def lease_resolves(self) -> str | None:
+        """A table whose name the server resolves for the lease's key, so that spellings and
+        search_paths that find the same table share one lease (see relay.leadership)."""
+        return None
+
     def claims(self) -> list[Claim]:
         """What this source reads that no other outbox may read (a table, a slot, a
         publication), as far as the config alone tells; see `Claim`."""

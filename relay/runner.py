@@ -18,9 +18,9 @@ from relay.deadletters import DeadLetterStore
 from relay.deadletters import create_table_sql as create_dead_letter_table
 from relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from relay.http import HealthServer
-from relay.identifiers import parse_table_name
+from relay.identifiers import QualifiedName, parse_table_name
 from relay.interfaces import ConnectorError, Sink, Source, Unsupported
-from relay.leadership import Lease, LeaseLost, Term
+from relay.leadership import Lease, LeaseLost, Term, locate_lease
 from relay.leadership import create_table_sql as create_lease_table
 from relay.logs import get_logger
 from relay.pgsession import SESSION_NAME, session_conninfo, start_session
@@ -97,10 +97,17 @@ def database_setup(
 
 
 def _lease_setup(outbox: OutboxConfig) -> list[sql.Composed]:
-    """The lease table, in the source's database, when the outbox runs under a lease."""
+    """The lease table, in the source's database, when the outbox runs under a lease; an
+    unqualified one in the outbox table's schema when the config names it (the relay puts it
+    where the server finds the outbox table: see relay.leadership.locate_lease)."""
     if not outbox.lease.enabled or getattr(outbox.source, "dsn", None) is None:
         return []
-    return [create_lease_table(outbox.lease.table)]
+    table = parse_table_name(outbox.lease.table)
+    resolve = outbox.source.lease_resolves()
+    schema = parse_table_name(resolve).schema if resolve is not None else None
+    if table.schema is None and schema is not None:
+        table = QualifiedName(schema, table.name)
+    return [create_lease_table(table.regclass_text())]
 
 
 def _dead_letter_setup(
@@ -133,7 +140,15 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
         await start_session(conn)
         notes = await source.init_db(conn)
         await _run_table_setup(conn, outbox.dead_letter.table, here)
-        await _run_table_setup(conn, outbox.lease.table, _lease_setup(outbox))
+        if _lease_setup(outbox):
+            place = await locate_lease(
+                partial(_rows, conn),
+                outbox.name,
+                outbox.lease.table,
+                outbox.source.lease_scope(),
+                outbox.source.lease_resolves(),
+            )
+            await _run_table_setup(conn, place.table, [create_lease_table(place.table)])
     for other_dsn, statements in elsewhere:
         async with await psycopg.AsyncConnection.connect(
             session_conninfo(other_dsn), connect_timeout=10, autocommit=True
@@ -141,6 +156,13 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
             await start_session(conn)
             await _run_table_setup(conn, outbox.dead_letter.table, statements)
     return notes
+
+
+async def _rows(
+    conn: psycopg.AsyncConnection[Any], statement: sql.SQL | sql.Composed, params: Any
+) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(statement, params)
+    return list(await cur.fetchall())
 
 
 async def _run_table_setup(
@@ -272,6 +294,7 @@ class Relay:
             lease_time=outbox.lease.time,
             check_interval=outbox.lease.check_interval,
             scope=outbox.source.lease_scope(),
+            resolve=outbox.source.lease_resolves(),
         )
         # Every session this outbox opens goes by the holder's name: a new holder ends them all
         # if this process freezes or is cut off (the tasks below inherit it).

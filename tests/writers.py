@@ -5,6 +5,7 @@ rows below positions the relay has already passed."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -153,3 +154,25 @@ def order_violations(delivered: list[dict[str, Any]], written: Written) -> list[
                 f"{aggregate}: {len(got)} of {len(expected)} delivered, first difference at {index}"
             )
     return problems
+
+
+class SteadyWriter(threading.Thread):
+    """An application writing one event per transaction at a steady rate, round-robin over
+    `aggregates` aggregates (`order-0`, ...), until `stop` is set."""
+
+    def __init__(self, dsn: str, rate: float = 300, aggregates: int = 20) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.rate, self.aggregates = dsn, rate, aggregates
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            i = 0
+            while not self.stop.is_set():
+                conn.execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
+                    " VALUES ('order', %s, 'OrderUpdated', %s)",
+                    (f"order-{i % self.aggregates}", json.dumps({"seq": i})),
+                )
+                i += 1
+                time.sleep(1 / self.rate)

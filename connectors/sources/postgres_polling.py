@@ -122,6 +122,9 @@ class PostgresPollingConfig(ConnectorConfig):
     def lease_scope(self) -> str:
         return f"table {parse_table_name(self.table).display()}"
 
+    def lease_resolves(self) -> str | None:
+        return self.table
+
     def claims(self) -> list[Claim]:
         table = parse_table_name(self.table)
         return [Claim("table", database_place(self.dsn), table.schema, table.name, "table", table.display())]

@@ -9,6 +9,7 @@ import contextlib
 import socket
 import threading
 
+from relay.drill_proxy import close_socket
 from tests.harness.process import HOST
 
 
@@ -38,10 +39,10 @@ class SwitchableProxy:
         with self._lock:
             cut, self._open = self._open, []
         for sock in cut:
-            _close(sock)
+            close_socket(sock)
 
     def close(self) -> None:
-        _close(self._listener)
+        close_socket(self._listener)
         self._retarget(self._target)
 
     def __enter__(self) -> SwitchableProxy:
@@ -66,7 +67,7 @@ class SwitchableProxy:
                 upstream = socket.create_connection((HOST, target), timeout=5)
                 upstream.settimeout(None)
             except OSError:
-                _close(client)
+                close_socket(client)
                 continue
             with self._lock:
                 self._open += [client, upstream]
@@ -78,19 +79,12 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while data := source.recv(65536):
             sink.sendall(data)
-    _close(source)
-    _close(sink)
+    close_socket(source)
+    close_socket(sink)
 
 
 def _swallow(source: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while source.recv(65536):
             pass
-    _close(source)
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
+    close_socket(source)

@@ -36,6 +36,7 @@ from tests.support import (
     wait_for,
     write_config,
 )
+from tests.writers import SteadyWriter
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +50,25 @@ SLACK = 1.5
 class Replica:
     """One relay process with its own HTTP port and its own webhook receiver."""
 
-    def __init__(self, tmp_path: Path, name: str, dsn: str, source: str) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        name: str,
+        dsn: str,
+        source: str,
+        lease: dict[str, str] | None = None,
+        **settings: Any,
+    ) -> None:
         self.name = name
         self.receiver = WebhookReceiver()
         self.receiver.respond_with(lambda _: Reply(delay=0.005))
         self.port = free_port()
         sink = {"type": "webhook", "url": self.receiver.url, "max_concurrency": 1}
         if source == "logical":
-            config = relay_config(dsn, sink, type="postgres-logical", mode="table")
+            config = relay_config(dsn, sink, type="postgres-logical", mode="table", **settings)
         else:
-            config = relay_config(dsn, sink)
-        config["outboxes"][0]["lease"] = LEASE
+            config = relay_config(dsn, sink, **settings)
+        config["outboxes"][0]["lease"] = {**LEASE, **(lease or {})}
         config["outboxes"][0]["pipeline"] = {"publish_batch_size": 20, "max_in_flight": 400}
         config["http"] = {"port": self.port, "host": "127.0.0.1"}
         path = write_config(tmp_path, config, f"{name}.yaml")
@@ -67,17 +76,22 @@ class Replica:
 
     def role(self) -> str | None:
         """Its role as /readyz says it; None when it does not answer within 0.3 s (frozen)."""
+        readiness = self.readiness()
+        return str(readiness["role"]) if readiness else None
+
+    def readiness(self) -> dict[str, Any]:
+        """What /readyz says of the outbox; {} when it does not answer within 0.3 s (frozen)."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=0.3) as response:
                 body = response.read()
         except urllib.error.HTTPError as error:
             body = error.read()
         except OSError:
-            return None
+            return {}
         try:
-            return str(json.loads(body)["outboxes"]["orders"]["role"])
+            return dict(json.loads(body)["outboxes"]["orders"])
         except (ValueError, KeyError):
-            return None
+            return {}
 
     def size(self) -> int:
         """How many requests it made."""
@@ -100,27 +114,6 @@ class Replica:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self.receiver.close()
-
-
-class Writer(threading.Thread):
-    """An application writing one event per transaction, 150 a second, over 15 aggregates."""
-
-    def __init__(self, dsn: str) -> None:
-        super().__init__(daemon=True)
-        self.dsn = dsn
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            i = 0
-            while not self.stop.is_set():
-                conn.execute(
-                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
-                    " VALUES ('order', %s, 'OrderUpdated', %s)",
-                    (f"order-{i % 15}", json.dumps({"seq": i})),
-                )
-                i += 1
-                time.sleep(1 / 150)
 
 
 class RoleWatch(threading.Thread):
@@ -278,7 +271,7 @@ def test_a_frozen_active_replica_is_replaced_within_the_lease_time_and_publishes
 ) -> None:
     _prepare(dsn, source)
     old, new = _first_active_then_standby(tmp_path, dsn, source, started)
-    writer = Writer(dsn)
+    writer = SteadyWriter(dsn, rate=150, aggregates=15)
     writer.start()
     watch = RoleWatch(old, new)
     try:
@@ -328,7 +321,7 @@ def test_an_active_replica_cut_off_from_the_database_is_replaced_within_the_leas
     params = conninfo_to_dict(dsn)
     with CutoffProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)) as proxy:
         old, new = _first_active_then_standby(tmp_path, dsn, source, started, old_dsn=_through(proxy, dsn))
-        writer = Writer(dsn)
+        writer = SteadyWriter(dsn, rate=150, aggregates=15)
         writer.start()
         watch = RoleWatch(old, new)
         watch.start()
@@ -366,3 +359,58 @@ def test_an_active_replica_cut_off_from_the_database_is_replaced_within_the_leas
         assert watch.both_active == 0, (
             f"both replicas said active in {watch.both_active} of {watch.rounds} rounds"
         )
+
+
+def test_replicas_whose_search_path_or_spelling_of_the_table_differ_share_one_lease(
+    tmp_path: Path, dsn: str, started: list[Replica]
+) -> None:
+    """One finds the outbox as `outbox` through a search_path that starts with an empty schema
+    of its own, the other names it `public.outbox`: one lease (in the outbox table's schema),
+    one active."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA elsewhere")
+        conn.execute("DROP TABLE outbox_relay_leases")
+    elsewhere = make_conninfo(dsn, options="-c search_path=elsewhere,public")
+    first = Replica(tmp_path, "first", elsewhere, "polling")
+    started.append(first)
+    wait_for(lambda: first.role() == "active", 30, "the first replica to take the lease")
+    second = Replica(tmp_path, "second", dsn, "polling", table="public.outbox")
+    started.append(second)
+    watch = RoleWatch(first, second)
+    watch.start()
+    try:
+        wait_for(lambda: second.role() == "standby", 30, "the second replica to stand by")
+        time.sleep(LEASE_TIME * 2)
+    finally:
+        watch.stop.set()
+    assert watch.both_active == 0, f"both said active in {watch.both_active} of {watch.rounds} rounds"
+    with psycopg.connect(dsn) as conn:
+        tables = conn.execute(
+            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relname = 'outbox_relay_leases'"
+        ).fetchall()
+        leases = conn.execute("SELECT count(*) FROM public.outbox_relay_leases").fetchone()
+    assert tables == [("public",)] and leases == (1,)
+
+
+def test_a_replica_configured_with_another_lease_table_stands_by_and_says_why(
+    tmp_path: Path, dsn: str, started: list[Replica]
+) -> None:
+    """Two lease tables for one outbox would make two holders: the second replica finds the
+    live lease in the other table, gives its own up and reports a setup problem."""
+    first = Replica(tmp_path, "first", dsn, "polling")
+    started.append(first)
+    wait_for(lambda: first.role() == "active", 30, "the first replica to take the lease")
+    second = Replica(tmp_path, "second", dsn, "polling", lease={"table": "other_leases"})
+    started.append(second)
+    watch = RoleWatch(first, second)
+    watch.start()
+    try:
+        wait_for(lambda: "problems" in second.readiness(), 30, "the second replica to name the problem")
+        time.sleep(LEASE_TIME)
+    finally:
+        watch.stop.set()
+    [problem] = second.readiness()["problems"]
+    assert problem["problem"] == "replicas use different lease tables", problem
+    assert "outbox_relay_leases" in problem["error"] and first.role() == "active"
+    assert watch.both_active == 0, f"both said active in {watch.both_active} of {watch.rounds} rounds"

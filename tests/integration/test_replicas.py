@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from tests.support import (
     wait_for,
     write_config,
 )
+from tests.writers import SteadyWriter
 
 pytestmark = pytest.mark.slow
 
@@ -85,27 +85,6 @@ def replicas(tmp_path: Path, dsn: str, kafka: KafkaBroker) -> Iterator[tuple[Rep
         group.close()
 
 
-class Writer(threading.Thread):
-    """Writes events like an application: one transaction each, a steady rate, 20 aggregates."""
-
-    def __init__(self, dsn: str, rate: float = 300) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.rate = dsn, rate
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            i = 0
-            while not self.stop.is_set():
-                conn.execute(
-                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)"
-                    " VALUES ('order', %s, 'OrderUpdated', %s)",
-                    (f"order-{i % 20}", json.dumps({"seq": i})),
-                )
-                i += 1
-                time.sleep(1 / self.rate)
-
-
 def _only_one_active(group: Replicas) -> int:
     wait_for(lambda: len(group.active()) == 1, 20, "exactly one active replica")
     return group.active()[0]
@@ -130,7 +109,7 @@ def test_three_replicas_have_one_active_and_a_standby_takes_over_within_the_leas
     group, topic = replicas
     for _ in range(3):
         group.add()
-    writer = Writer(dsn)
+    writer = SteadyWriter(dsn)
     writer.start()
     takeovers: list[float] = []
     try:
@@ -159,7 +138,7 @@ def test_ending_every_session_of_the_active_relay_keeps_one_active_and_loses_not
     group, topic = replicas
     group.add()
     group.add()
-    writer = Writer(dsn)
+    writer = SteadyWriter(dsn)
     writer.start()
     try:
         for _ in range(2):

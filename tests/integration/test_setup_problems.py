@@ -5,9 +5,11 @@ it, the relay goes on by itself. A real PostgreSQL, the relay as a process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,15 +127,36 @@ def test_a_login_the_database_refuses_is_not_reported_as_unreachable(
     _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "login refused")
 
 
+@contextlib.contextmanager
+def _login_role(dsn: str) -> Iterator[str]:
+    """A role of its own that may log in (and nothing else yet), dropped afterwards."""
+    role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        yield role
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _grant_tables(dsn: str, role: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for objects in ("TABLES", "SEQUENCES"):
+            conn.execute(
+                sql.SQL("GRANT ALL ON ALL {} IN SCHEMA public TO {}").format(
+                    sql.SQL(objects), sql.Identifier(role)
+                )
+            )
+
+
 def test_a_missing_privilege_is_named_and_a_grant_heals_it(
     dsn: str, tmp_path: Path, start_relay: StartRelay
 ) -> None:
     port = free_port()
     out = tmp_path / "out.jsonl"
-    role = f"relay_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-    try:
+    with _login_role(dsn) as role:
         insert_events(dsn, 3)
         config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), out, port)
         config["outboxes"][0]["dead_letter"] = {"on_poison": "dead_letter"}
@@ -141,20 +164,10 @@ def test_a_missing_privilege_is_named_and_a_grant_heals_it(
         problem = _wait_for_problem(port, "permission denied")
         assert "permission denied for table" in problem["error"], problem
         assert _problem_gauge(port) == 1.0 and _readiness(port)["ready"] is False
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role))
-            )
-            conn.execute(
-                sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role))
-            )
+        _grant_tables(dsn, role)
         wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "events after the grant")
         assert _problems(port) == [] and _problem_gauge(port) == 0.0
         stop_relay(relay)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_a_missing_lease_table_is_created_by_the_relay_or_named_when_its_role_may_not(
@@ -162,31 +175,22 @@ def test_a_missing_lease_table_is_created_by_the_relay_or_named_when_its_role_ma
 ) -> None:
     port = free_port()
     out = tmp_path / "out.jsonl"
-    role = f"relay_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE outbox_relay_leases")
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-        conn.execute(sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)))
-        conn.execute(
-            sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(role))
-        )
-    try:
+    with _login_role(dsn) as role:
+        _grant_tables(dsn, role)
         insert_events(dsn, 3)
         config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), out, port)
         relay = start_relay(write_config(tmp_path, config))
         problem = _wait_for_problem(port, "permission denied")
-        assert "lease table outbox_relay_leases does not exist" in problem["error"], problem
+        assert "lease table public.outbox_relay_leases does not exist" in problem["error"], problem
         assert "init-db" in problem["error"]
         stop_relay(relay)
         # As a role that may create it, the relay creates it and goes on.
         owner = start_relay(write_config(tmp_path, _config(dsn, out, port), "owner.yaml"))
         wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "events")
         stop_relay(owner)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_check_refuses_a_read_only_database_and_run_names_it_as_a_setup_problem(
@@ -212,20 +216,14 @@ def test_check_refuses_a_read_only_database_and_run_names_it_as_a_setup_problem(
 
 
 def test_check_names_a_privilege_the_role_lacks_to_settle_rows(dsn: str, tmp_path: Path) -> None:
-    role = f"relay_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT SELECT ON outbox TO {}").format(sql.Identifier(role)))
-    try:
+    with _login_role(dsn) as role:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("GRANT SELECT ON outbox TO {}").format(sql.Identifier(role)))
         config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), tmp_path / "out.jsonl", 0)
         check = run_cli("check", "-c", str(write_config(tmp_path, config)), "--connect")
         assert check.returncode == 1
         expected = f"permission denied: role {role} lacks UPDATE on table public.outbox"
         assert expected in check.stdout, check.stdout
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def insert_events_read_write(dsn: str, count: int) -> None:
