@@ -310,7 +310,8 @@ def test_a_frozen_active_replica_is_replaced_within_the_lease_time_and_publishes
     _only_writes_cut_short_by_the_freeze(after_waking, new, woken)
 
 
-@pytest.mark.parametrize(("source", "fault"), [("polling", "hold"), ("logical", "hold"), ("polling", "cut")])
+# (A cut that closes the connections is a fault of the drill's tests too: tests/integration/test_drill.py.)
+@pytest.mark.parametrize(("source", "fault"), [("polling", "hold"), ("logical", "hold")])
 def test_an_active_replica_cut_off_from_the_database_is_replaced_within_the_lease_time_and_stops_first(
     tmp_path: Path, dsn: str, source: str, fault: str, started: list[Replica]
 ) -> None:
