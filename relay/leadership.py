@@ -24,6 +24,15 @@ however the holder's connection looks.
   `Term.valid`, used by the pipeline), and marks nothing past it: the polling source marks rows
   in the same statement that checks the token (see `Fence`). `/readyz` and
   `outbox_relay_leader` say active only while the term is valid.
+- One lease per outbox, whatever the config says: the row's key is made of the outbox table as
+  the server resolves it (or the slot), an unqualified lease table lives in that table's schema,
+  and the holder also takes the outbox's guard, a session-level advisory lock keyed by the
+  lease's key alone: a replica configured with another lease table (or finding another one
+  through its search_path) takes a row of its own but not the guard, gives the row up and
+  reports a setup problem. Any role may take and see an advisory lock, so this holds even when
+  it may not read the other table. The guard is no lease (a frozen holder's session keeps it):
+  a holder that took over an expired lease goes on while the guard is held by that holder's
+  stale session or its own, and takes it once that session is gone.
 - Fencing the old holder: a new holder ends the sessions of the one before (every session of a
   holder goes by `outbox-relay <holder id>`, relay.pgsession.SESSION_NAME), so a frozen holder
   that wakes finds its connections gone, its replication stream among them (PostgreSQL lets one
@@ -71,6 +80,18 @@ def lease_key(outbox: str, scope: str = "") -> str:
     do not take each other's lease."""
     digest = hashlib.blake2b(f"outbox-relay\0{outbox}\0{scope}".encode(), digest_size=8).hexdigest()
     return f"{outbox}/{digest}"
+
+
+def guard_key(key: str) -> tuple[int, int]:
+    """The advisory lock key of a lease's guard (see `Lease._take_guard`): 64 bits of a hash
+    of the lease's key, as the two signed 32-bit halves pg_try_advisory_lock takes."""
+    digest = hashlib.blake2b(f"outbox-relay guard\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:], "big", signed=True)
+
+
+def session_name_of(holder: str) -> str:
+    """What every session of `holder` goes by (relay.pgsession.SESSION_NAME)."""
+    return "outbox-relay " + holder.rsplit(" ", 1)[-1]
 
 
 def create_table_sql(table: str) -> sql.Composed:
@@ -213,15 +234,18 @@ class Lease:
         self._table = parse_table_name(table).regclass_text()
         self._ident = parse_table_name(table).identifier()
         self.key = lease_key(outbox, scope)
+        self._guard = guard_key(self.key)
+        #: The backend that took the guard, and the holder this replica took the lease over from.
+        self._guard_pid: int | None = None
+        self._previous: str | None = None
         self._time = lease_time
         self._margin = lease_time * MARGIN_FRACTION
         self._check_interval = check_interval
         self._acquire_interval = min(acquire_interval, lease_time / 5)
-        ident = secrets.token_hex(4)
         #: This process's name as holder (the lease row says who holds it).
-        self.holder = f"{socket.gethostname()} pid {os.getpid()} {ident}"
+        self.holder = f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}"
         #: What every session of this outbox goes by (relay.pgsession.SESSION_NAME).
-        self.session_name = f"outbox-relay {ident}"
+        self.session_name = session_name_of(self.holder)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._log = get_logger(outbox=outbox)
         #: A login the database refuses, a database that does not exist: said as such.
@@ -289,6 +313,7 @@ class Lease:
                 self._query, self._outbox, self._configured_table, self._scope, self._resolve
             )
             self._table, self.key = place.table, place.key
+            self._guard = guard_key(place.key)
             self._ident = parse_table_name(place.table).identifier()
             found = await self._query(sql.SQL("SELECT to_regclass(%s)"), (self._table,))
             if not found or found[0][0] is None:
@@ -315,6 +340,10 @@ class Lease:
         """Wait until this process holds the lease (its new term) or `stop` is set (None)."""
         attempt = 0
         waiting_logged = False
+        if self._guard_pid is not None:
+            # A term that ended: its session lets the guard go with it (a new one takes it).
+            self._guard_pid = None
+            await self._drop()
         while not stop.is_set():
             try:
                 term, wait = await self._try_acquire()
@@ -358,18 +387,15 @@ class Lease:
         )
         if rows:
             token, previous = int(rows[0][0]), rows[0][1]
-            rival = await self._rival_elsewhere()
-            if rival is not None:
-                await self._give_up(token)
-                mine = parse_table_name(self._table)
-                raise RivalLease(
-                    f"{rival} holds this outbox's lease in another table than {mine}: the"
-                    " replicas disagree on lease.table or on the search_path that finds it"
-                )
-            term = Term(self._table, self.key, token, sent + self._time - self._margin)
-            self.term = term
             if previous and previous != self.holder:
                 await self._end_sessions_of(previous)
+            self._previous = previous
+            rival = await self._take_guard(previous)
+            if rival is not None:
+                await self._give_up(token)
+                raise RivalLease(self._rival_text(rival))
+            term = Term(self._table, self.key, token, sent + self._time - self._margin)
+            self.term = term
             return term, 0.0
         rows = await self._query(
             sql.SQL(
@@ -380,36 +406,32 @@ class Lease:
         left = float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
         return None, min(max(left, 0.0) + 0.01, self._acquire_interval)
 
-    async def _rival_elsewhere(self) -> str | None:
-        """A replica that holds this outbox's lease, live, in another lease table of this
-        database (a replica whose lease.table or search_path differs would keep a lease of its
-        own and relay the same events at the same time): `holder in table`, or None. Asked
-        after this replica took its own, so of two that take theirs at once, each sees the
-        other's and neither goes on."""
-        tables = await self._query(
+    async def _take_guard(self, previous: str | None) -> str | None:
+        """Take the outbox's guard, a session-level advisory lock keyed like the lease's row
+        but the same whatever lease table a replica uses: None when this session holds it (or
+        a stale session of this replica's or of the holder it took over from does: that one is
+        past its lease and publishes nothing), else who holds it. Any role may take and see an
+        advisory lock, so a replica whose lease.table or search_path differs, and whose lease
+        table this one may not even read, is found all the same."""
+        rows = await self._query(sql.SQL("SELECT pg_try_advisory_lock(%s, %s)"), self._guard)
+        if rows and rows[0][0]:
+            assert self._conn is not None  # (the query just ran on it)
+            self._guard_pid = self._conn.info.backend_pid
+            return None
+        rows = await self._query(
             sql.SQL(
-                "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relkind IN ('r', 'p')"
-                " AND c.oid <> to_regclass(%s) AND (SELECT count(*) FROM pg_attribute a"
-                " WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attname"
-                " IN ('lease', 'outbox', 'holder', 'token', 'expires_at', 'renewed_at')) = 6"
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND l.classid::int8 = %s AND l.objid::int8 = %s"
             ),
-            (self._table,),
+            (self._guard[0] & 0xFFFFFFFF, self._guard[1] & 0xFFFFFFFF),
         )
-        for (other,) in tables:
-            try:
-                rows = await self._query(
-                    # (The server's own quoting of a table it named: not text from the config.)
-                    sql.SQL(
-                        "SELECT holder FROM {} WHERE lease = %s AND expires_at > clock_timestamp()"
-                        " AND holder IS DISTINCT FROM %s"
-                    ).format(sql.SQL(other)),
-                    (self.key, self.holder),
-                )
-            except psycopg.errors.InsufficientPrivilege:
-                continue  # (a table of another service this role may not read)
-            if rows:
-                return f"{rows[0][0]} in {other}"
-        return None
+        stale = {self.session_name} | ({session_name_of(previous)} if previous else set())
+        holders = {str(row[0]) for row in rows}
+        if holders <= stale:
+            return None  # (taken again at the next renewal, once that session is gone)
+        return ", ".join(sorted(holders - stale)) or "another session"
 
     async def _give_up(self, token: int) -> None:
         await self._query(
@@ -420,11 +442,17 @@ class Lease:
             (self.key, token),
         )
 
+    def _rival_text(self, rival: str) -> str:
+        return (
+            f"{rival} holds this outbox's lease in another table than {parse_table_name(self._table)}:"
+            " the replicas disagree on lease.table or on the search_path that finds it"
+        )
+
     async def _end_sessions_of(self, previous: str) -> None:
         """End every session of the holder before: a holder that froze or was cut off may wake
         and must find its connections gone (and the replication slot free). A role that may
         not end them leaves them to the server's timeouts; the fencing token still holds."""
-        name = "outbox-relay " + previous.rsplit(" ", 1)[-1]
+        name = session_name_of(previous)
         try:
             rows = await self._query(
                 sql.SQL(
@@ -495,6 +523,13 @@ class Lease:
             if not rows:
                 term.end()
                 raise LeaseLost("another relay holds the lease now")
+            if self._conn is not None and self._conn.info.backend_pid != self._guard_pid:
+                # A new session (the last one was lost, with the guard): take the guard again.
+                rival = await self._take_guard(self._previous)
+                if rival is not None:
+                    term.end()
+                    self.problems.report("database", RivalLease(self._rival_text(rival)))
+                    raise LeaseLost(self._rival_text(rival))
             term.deadline = max(term.deadline, sent + self._time - self._margin)
             return
         term.end()

@@ -73,6 +73,7 @@ _BY_TEXT = tuple(
         ("replication slot or publication missing", r"publication \"[^\"]*\" does not exist"),
         ("column does not exist", r"has no column|column \"[^\"]*\" does not exist"),
         ("replicas use different lease tables", r"holds this outbox's lease in another table"),
+        ("replication slot in use", r"replication slot \S+ is in use by another process"),
     )
 )
 _FIXES = {
@@ -91,6 +92,9 @@ _FIXES = {
     "broker refused the relay": "check the sink's credentials and what the broker permits them",
     "replicas use different lease tables": "give every replica of this outbox the same lease.table"
     " (schema-qualified, or the same search_path)",
+    "replication slot in use": "let the relays' role end the previous holder's sessions (the same"
+    " role for every replica, or GRANT pg_signal_backend); else the server frees the slot only once"
+    " wal_sender_timeout ends the old stream",
 }
 #: The kind of a sink's `Failure(setup=True)`: the broker refused the relay's credentials or
 #: permissions for an event.

@@ -277,13 +277,19 @@ class PostgresLogicalSource(Source):
         except ConnectorError:
             await conn.close()
             raise
-        result = await self._command(
-            pgconn, start_replication_command(cfg.slot, start, cfg.publication).as_string(conn)
-        )
-        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+        command = start_replication_command(cfg.slot, start, cfg.publication).as_string(conn)
+        # A stream ended a moment ago (the previous lease holder's, which the new holder just
+        # ended) may hold the slot for a few milliseconds more: a refusal for that is no news.
+        give_up_at = time.monotonic() + _SLOT_RELEASE_S
+        while True:
+            result = await self._command(pgconn, command)
+            if result is not None and result.status == pq.ExecStatus.COPY_BOTH:
+                break
             message = (result.get_error_message() if result else pgconn.get_error_message()) or "failed"
-            await conn.close()
-            raise ConnectorError(_explain_start_error(cfg, message.strip()))
+            if "is active for PID" not in message or time.monotonic() >= give_up_at:
+                await conn.close()
+                raise ConnectorError(_explain_start_error(cfg, message.strip()))
+            await asyncio.sleep(0.1)
         self._repl = conn
         # A transaction cut off by the lost connection will be sent again in full; its events
         # already held are published anyway (they did commit), but it must not confirm anything.
@@ -1136,12 +1142,19 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
 
 
+#: How long a new stream waits for the slot to be let go by a stream that just ended.
+_SLOT_RELEASE_S = 2.0
+
+
 def _explain_start_error(config: PostgresLogicalConfig, message: str) -> str:
     message = scrubber.scrub(message)
     if "does not exist" in message and "slot" in message:
         return f"replication slot {config.slot} does not exist (run: outbox-relay init-db): {message}"
     if "is active for PID" in message:
-        return f"replication slot {config.slot} is in use by another process (another relay?): {message}"
+        return (
+            f"replication slot {config.slot} is in use by another process (the previous lease"
+            " holder's stream, which this relay's role may not end?): " + message
+        )
     if "publication" in message and "does not exist" in message:
         return f"publication {config.publication} does not exist (run: outbox-relay init-db): {message}"
     return f"START_REPLICATION failed: {message}"
