@@ -103,7 +103,8 @@ def create_table_sql(table: str) -> sql.Composed:
         " holder text,"
         " token bigint NOT NULL DEFAULT 0,"
         " expires_at timestamptz NOT NULL DEFAULT '-infinity',"
-        " renewed_at timestamptz)"
+        " renewed_at timestamptz,"
+        " stale_guard text)"
     ).format(parse_table_name(table).identifier())
 
 
@@ -235,9 +236,13 @@ class Lease:
         self._ident = parse_table_name(table).identifier()
         self.key = lease_key(outbox, scope)
         self._guard = guard_key(self.key)
-        #: The backend that took the guard, and the holder this replica took the lease over from.
+        #: The backend that took the guard; the sessions that may hold it stale (see
+        #: `_take_guard`), and the one that did at the last look; a replica found holding the
+        #: lease through another table (this one stands by for good once it saw one).
         self._guard_pid: int | None = None
-        self._previous: str | None = None
+        self._stale: set[str] = set()
+        self._stale_holder: str | None = None
+        self._rival: str | None = None
         self._time = lease_time
         self._margin = lease_time * MARGIN_FRACTION
         self._check_interval = check_interval
@@ -344,6 +349,7 @@ class Lease:
             # A term that ended: its session lets the guard go with it (a new one takes it).
             self._guard_pid = None
             await self._drop()
+        self._stale = {self.session_name}
         while not stop.is_set():
             try:
                 term, wait = await self._try_acquire()
@@ -373,27 +379,35 @@ class Lease:
         """One attempt: the new term, or None and how long to wait before the next attempt
         (until the current holder's lease would end, at most `acquire_interval`)."""
         await self._ensure_table()
+        if self._rival is not None:
+            raise RivalLease(self._rival)  # (found once: this replica stands by from then on)
         sent = time.monotonic()
         rows = await self._query(
             sql.SQL(
-                "WITH previous AS (SELECT holder FROM {t} WHERE lease = %(key)s FOR UPDATE)"
-                " UPDATE {t} SET holder = %(me)s, token = token + 1, renewed_at = clock_timestamp(),"
+                "WITH previous AS (SELECT holder, stale_guard FROM {t} WHERE lease = %(key)s FOR UPDATE)"
+                " UPDATE {t} SET holder = %(me)s, renewed_at = clock_timestamp(),"
+                # (Also across a lease table dropped and made again: the clock's milliseconds.)
+                " token = greatest({t}.token + 1, (extract(epoch FROM clock_timestamp()) * 1000)::int8),"
                 " expires_at = clock_timestamp() + make_interval(secs => %(time)s)"
                 " FROM previous WHERE {t}.lease = %(key)s"
                 " AND ({t}.expires_at <= clock_timestamp() OR {t}.holder = %(me)s)"
-                " RETURNING {t}.token, previous.holder"
+                " RETURNING {t}.token, previous.holder, previous.stale_guard"
             ).format(t=self._ident),
             {"key": self.key, "me": self.holder, "time": self._time},
         )
         if rows:
-            token, previous = int(rows[0][0]), rows[0][1]
+            token, previous, stale_guard = int(rows[0][0]), rows[0][1], rows[0][2]
             if previous and previous != self.holder:
                 await self._end_sessions_of(previous)
-            self._previous = previous
-            rival = await self._take_guard(previous)
+                self._stale.add(session_name_of(previous))
+            if stale_guard:
+                self._stale.add(str(stale_guard))
+            rival = await self._take_guard()
             if rival is not None:
                 await self._give_up(token)
-                raise RivalLease(self._rival_text(rival))
+                self._rival = self._rival_text(rival)
+                raise RivalLease(self._rival)
+            await self._note_stale_guard(token)
             term = Term(self._table, self.key, token, sent + self._time - self._margin)
             self.term = term
             return term, 0.0
@@ -403,16 +417,30 @@ class Lease:
             ).format(self._ident),
             (self.key,),
         )
-        left = float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
+        if not rows:  # (its row was deleted: made again on the next attempt)
+            self._table_ready = False
+            return None, 0.0
+        left = float(rows[0][0]) if rows[0][0] is not None else 0.0
         return None, min(max(left, 0.0) + 0.01, self._acquire_interval)
 
-    async def _take_guard(self, previous: str | None) -> str | None:
+    async def _note_stale_guard(self, token: int) -> None:
+        """Write down in the row which stale session holds the guard, if one does: the holder
+        after this one excuses it too (a chain of takeovers from a frozen holder)."""
+        if self._stale_holder is not None:
+            await self._query(
+                sql.SQL("UPDATE {} SET stale_guard = %s WHERE lease = %s AND token = %s").format(self._ident),
+                (self._stale_holder, self.key, token),
+            )
+
+    async def _take_guard(self) -> str | None:
         """Take the outbox's guard, a session-level advisory lock keyed like the lease's row
         but the same whatever lease table a replica uses: None when this session holds it (or
-        a stale session of this replica's or of the holder it took over from does: that one is
-        past its lease and publishes nothing), else who holds it. Any role may take and see an
-        advisory lock, so a replica whose lease.table or search_path differs, and whose lease
-        table this one may not even read, is found all the same."""
+        a stale session does: this replica's, the holder's it took over from, or one an earlier
+        holder of this row noted; such a session is past its lease and publishes nothing),
+        else who holds it. Any role may take and see an advisory lock, so a replica whose
+        lease.table or search_path differs, and whose lease table this one may not even read,
+        is found all the same."""
+        self._stale_holder = None
         rows = await self._query(sql.SQL("SELECT pg_try_advisory_lock(%s, %s)"), self._guard)
         if rows and rows[0][0]:
             assert self._conn is not None  # (the query just ran on it)
@@ -427,11 +455,12 @@ class Lease:
             ),
             (self._guard[0] & 0xFFFFFFFF, self._guard[1] & 0xFFFFFFFF),
         )
-        stale = {self.session_name} | ({session_name_of(previous)} if previous else set())
         holders = {str(row[0]) for row in rows}
-        if holders <= stale:
-            return None  # (taken again at the next renewal, once that session is gone)
-        return ", ".join(sorted(holders - stale)) or "another session"
+        if holders <= self._stale:
+            # (Taken again at a renewal, once that session is gone.)
+            self._stale_holder = next(iter(holders), None)
+            return None
+        return ", ".join(sorted(holders - self._stale)) or "another session"
 
     async def _give_up(self, token: int) -> None:
         await self._query(
@@ -522,14 +551,17 @@ class Lease:
             self.database_ok = True
             if not rows:
                 term.end()
-                raise LeaseLost("another relay holds the lease now")
+                raise LeaseLost(
+                    "the lease's row no longer names this relay (another took it, or it was edited)"
+                )
             if self._conn is not None and self._conn.info.backend_pid != self._guard_pid:
                 # A new session (the last one was lost, with the guard): take the guard again.
-                rival = await self._take_guard(self._previous)
+                rival = await self._take_guard()
                 if rival is not None:
                     term.end()
-                    self.problems.report("database", RivalLease(self._rival_text(rival)))
-                    raise LeaseLost(self._rival_text(rival))
+                    self._rival = self._rival_text(rival)
+                    self.problems.report("database", RivalLease(self._rival))
+                    raise LeaseLost(self._rival)
             term.deadline = max(term.deadline, sent + self._time - self._margin)
             return
         term.end()

@@ -238,8 +238,9 @@ class Relay:
             else:
                 database_ok = lease is not None and lease.database_ok
                 entry["database"] = database_ok
-                ready = ready and database_ok
                 problem = lease.problems.describe() if lease is not None else []
+                # (A standby with a setup problem could not take over: not ready either.)
+                ready = ready and database_ok and not problem
             if problem:
                 entry["problems"] = problem
             detail[pipeline.name] = entry

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from relay.config import parse_config
 from relay.events import OutboxEvent
@@ -281,3 +284,29 @@ def pipeline_with_sink(config: dict[str, Any], sink: Any) -> Any:
         dead_letter=outbox.dead_letter,
         dead_letters=build_dead_letter_store(outbox, 0),
     )
+
+
+@contextlib.contextmanager
+def login_role(dsn: str) -> Iterator[str]:
+    """A role of its own that may log in (and nothing else yet), dropped afterwards."""
+    role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        yield role
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def grant_tables(dsn: str, role: str) -> None:
+    """Every privilege on the tables and sequences of schema public (the outbox, its dead-letter
+    and lease tables) to `role`."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for objects in ("TABLES", "SEQUENCES"):
+            conn.execute(
+                sql.SQL("GRANT ALL ON ALL {} IN SCHEMA public TO {}").format(
+                    sql.SQL(objects), sql.Identifier(role)
+                )
+            )

@@ -10,20 +10,19 @@ arrived. The lease lasts 2 s here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relay.drill_proxy import CutoffProxy
@@ -33,6 +32,8 @@ from tests.support import (
     assert_complete_and_ordered,
     event_ids,
     free_port,
+    grant_tables,
+    login_role,
     relay_config,
     start_relay,
     wait_for,
@@ -402,39 +403,96 @@ def test_a_replica_configured_with_another_lease_table_stands_by_and_says_why(
     """Two lease tables for one outbox would make two holders: the second replica takes a row
     of its own but not the outbox's guard, gives its row up and reports a setup problem, also
     when its role may not read the first one's lease table (in a schema it may not use)."""
-    second_dsn = dsn
-    if not readable:
-        role = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with contextlib.ExitStack() as roles:
+        second_dsn = dsn
+        if not readable:
+            role = roles.enter_context(login_role(dsn))
+            grant_tables(dsn, role)
+            second_dsn = make_conninfo(dsn, user=role)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-            for objects in ("TABLES", "SEQUENCES"):
-                conn.execute(
-                    sql.SQL("GRANT ALL ON ALL {} IN SCHEMA public TO {}").format(
-                        sql.SQL(objects), sql.Identifier(role)
+            conn.execute("CREATE SCHEMA private")
+        first = Replica(tmp_path, "first", dsn, "polling", lease={"table": "private.leases"})
+        started.append(first)
+        wait_for(lambda: first.role() == "active", 30, "the first replica to take the lease")
+        second = Replica(tmp_path, "second", second_dsn, "polling")
+        started.append(second)
+        watch = RoleWatch(first, second)
+        watch.start()
+        try:
+            wait_for(lambda: "problems" in second.readiness(), 30, "the second replica to name the problem")
+            time.sleep(LEASE_TIME)
+        finally:
+            watch.stop.set()
+        [problem] = second.readiness()["problems"]
+        assert problem["problem"] == "replicas use different lease tables", problem
+        assert first.role() == "active" and second.role() == "standby"
+        # The holder's guard session ends (the second could take the guard now): it stands by all
+        # the same, having seen the lease held through another table, and the first takes the
+        # guard again with its next renewal.
+        watch = RoleWatch(first, second)
+        watch.start()
+        try:
+            for _ in range(3):
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                        " WHERE locktype = 'advisory' AND granted"
                     )
-                )
-        second_dsn = make_conninfo(dsn, user=role)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA private")
-    first = Replica(tmp_path, "first", dsn, "polling", lease={"table": "private.leases"})
-    started.append(first)
-    wait_for(lambda: first.role() == "active", 30, "the first replica to take the lease")
-    second = Replica(tmp_path, "second", second_dsn, "polling")
-    started.append(second)
-    watch = RoleWatch(first, second)
-    watch.start()
-    try:
-        wait_for(lambda: "problems" in second.readiness(), 30, "the second replica to name the problem")
-        time.sleep(LEASE_TIME)
-    finally:
-        watch.stop.set()
-    [problem] = second.readiness()["problems"]
-    assert problem["problem"] == "replicas use different lease tables", problem
-    assert first.role() == "active" and second.role() == "standby"
-    assert watch.both_active == 0, f"both said active in {watch.both_active} of {watch.rounds} rounds"
-    if not readable:
-        for replica in started:
+                time.sleep(1.0)
+        finally:
+            watch.stop.set()
+        assert first.role() == "active" and second.role() == "standby"
+        assert watch.both_active == 0, f"both said active in {watch.both_active} of {watch.rounds} rounds"
+        for replica in started:  # (before their role goes)
             replica.stop()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_lease_row_deleted_by_hand_is_made_again_and_the_outbox_goes_on(
+    tmp_path: Path, dsn: str, started: list[Replica]
+) -> None:
+    first, second = _first_active_then_standby(tmp_path, dsn, "polling", started)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM outbox_relay_leases")
+    wait_for(lambda: "active" in (first.role(), second.role()), LEASE_TIME * 4, "a replica active again")
+    _burst(dsn, 30)
+    wait_for(lambda: first.size() + second.size() >= 30, 30, "the events after the delete")
+
+
+def test_a_chain_of_takeovers_from_a_frozen_holder_goes_on_when_no_role_may_end_another(
+    tmp_path: Path, dsn: str, started: list[Replica]
+) -> None:
+    """Three replicas, each with a role of its own that may not end the others' sessions: the
+    first freezes with the guard; the second takes over without it; when the second stops, the
+    third takes over too (the frozen holder's guard session is stale, noted in the row), with
+    no 'different lease tables' problem, and no two say active at once."""
+    with contextlib.ExitStack() as roles:
+        names = [roles.enter_context(login_role(dsn)) for _ in range(3)]
+        for role in names:
+            grant_tables(dsn, role)
+        dsns = [make_conninfo(dsn, user=role) for role in names]
+        frozen = Replica(tmp_path, "r0", dsns[0], "polling")
+        started.append(frozen)
+        wait_for(lambda: frozen.role() == "active", 30, "the first replica to take the lease")
+        replicas = [frozen] + [Replica(tmp_path, f"r{i}", dsns[i], "polling") for i in (1, 2)]
+        started.extend(replicas[1:])
+        wait_for(lambda: all(r.role() == "standby" for r in replicas[1:]), 30, "the others to stand by")
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        wait_for(lambda: any(r.role() == "active" for r in replicas[1:]), LEASE_TIME * 4, "a takeover")
+        [second] = [r for r in replicas[1:] if r.role() == "active"]
+        [third] = [r for r in replicas[1:] if r is not second]
+        watch = RoleWatch(second, third)
+        watch.start()
+        try:
+            second.proc.send_signal(signal.SIGTERM)
+            assert second.proc.wait(timeout=30) == 0
+            wait_for(lambda: third.role() == "active", LEASE_TIME * 4, "the third replica to take over")
+            _burst(dsn, 30)
+            wait_for(lambda: third.size() >= 30, 30, "the third replica to publish")
+            assert "problems" not in third.readiness()
+        finally:
+            watch.stop.set()
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        wait_for(lambda: frozen.role() == "standby", 30, "the woken one to stand by")
+        assert watch.both_active == 0
+        for replica in replicas:
+            replica.stop()

@@ -5,11 +5,9 @@ it, the relay goes on by itself. A real PostgreSQL, the relay as a process."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,10 @@ from psycopg import sql
 from tests.conftest import StartRelay, run_cli
 from tests.support import (
     free_port,
+    grant_tables,
     http_get,
     insert_events,
+    login_role,
     read_lines,
     relay_config,
     stop_relay,
@@ -127,36 +127,12 @@ def test_a_login_the_database_refuses_is_not_reported_as_unreachable(
     _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "login refused")
 
 
-@contextlib.contextmanager
-def _login_role(dsn: str) -> Iterator[str]:
-    """A role of its own that may log in (and nothing else yet), dropped afterwards."""
-    role = f"relay_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-    try:
-        yield role
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-
-
-def _grant_tables(dsn: str, role: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for objects in ("TABLES", "SEQUENCES"):
-            conn.execute(
-                sql.SQL("GRANT ALL ON ALL {} IN SCHEMA public TO {}").format(
-                    sql.SQL(objects), sql.Identifier(role)
-                )
-            )
-
-
 def test_a_missing_privilege_is_named_and_a_grant_heals_it(
     dsn: str, tmp_path: Path, start_relay: StartRelay
 ) -> None:
     port = free_port()
     out = tmp_path / "out.jsonl"
-    with _login_role(dsn) as role:
+    with login_role(dsn) as role:
         insert_events(dsn, 3)
         config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), out, port)
         config["outboxes"][0]["dead_letter"] = {"on_poison": "dead_letter"}
@@ -164,7 +140,7 @@ def test_a_missing_privilege_is_named_and_a_grant_heals_it(
         problem = _wait_for_problem(port, "permission denied")
         assert "permission denied for table" in problem["error"], problem
         assert _problem_gauge(port) == 1.0 and _readiness(port)["ready"] is False
-        _grant_tables(dsn, role)
+        grant_tables(dsn, role)
         wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "events after the grant")
         assert _problems(port) == [] and _problem_gauge(port) == 0.0
         stop_relay(relay)
@@ -178,8 +154,8 @@ def test_a_missing_lease_table_is_created_by_the_relay_or_named_when_its_role_ma
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE outbox_relay_leases")
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-    with _login_role(dsn) as role:
-        _grant_tables(dsn, role)
+    with login_role(dsn) as role:
+        grant_tables(dsn, role)
         insert_events(dsn, 3)
         config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), out, port)
         relay = start_relay(write_config(tmp_path, config))
@@ -216,7 +192,7 @@ def test_check_refuses_a_read_only_database_and_run_names_it_as_a_setup_problem(
 
 
 def test_check_names_a_privilege_the_role_lacks_to_settle_rows(dsn: str, tmp_path: Path) -> None:
-    with _login_role(dsn) as role:
+    with login_role(dsn) as role:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("GRANT SELECT ON outbox TO {}").format(sql.Identifier(role)))
         config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), tmp_path / "out.jsonl", 0)
