@@ -31,8 +31,10 @@ however the holder's connection looks.
   through its search_path) takes a row of its own but not the guard, gives the row up and
   reports a setup problem. Any role may take and see an advisory lock, so this holds even when
   it may not read the other table. The guard is no lease (a frozen holder's session keeps it):
-  a holder that took over an expired lease goes on while the guard is held by that holder's
-  stale session or its own, and takes it once that session is gone.
+  a holder that took over an expired lease goes on while the guard is held by a stale session
+  (its own, the previous holder's, or one an earlier holder noted in the row's `stale_guard`,
+  as this one does for the holders after it), and takes it once that session is gone. A
+  replica that saw the guard held by a live rival stands by for good (a setup problem).
 - Fencing the old holder: a new holder ends the sessions of the one before (every session of a
   holder goes by `outbox-relay <holder id>`, relay.pgsession.SESSION_NAME), so a frozen holder
   that wakes finds its connections gone, its replication stream among them (PostgreSQL lets one
