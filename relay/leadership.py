@@ -91,6 +91,16 @@ def guard_key(key: str) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:], "big", signed=True)
 
 
+#: The sessions that hold a guard (%(k1)s, %(k2)s: its key's halves as unsigned numbers, as
+#: pg_locks shows them), by name.
+_GUARD_SESSIONS = (
+    "SELECT a.application_name AS session FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid::int8 = %(k1)s AND l.objid::int8 = %(k2)s"
+)
+
+
 def session_name_of(holder: str) -> str:
     """What every session of `holder` goes by (relay.pgsession.SESSION_NAME)."""
     return "outbox-relay " + holder.rsplit(" ", 1)[-1]
@@ -239,11 +249,10 @@ class Lease:
         self.key = lease_key(outbox, scope)
         self._guard = guard_key(self.key)
         #: The backend that took the guard; the sessions that may hold it stale (see
-        #: `_take_guard`), and the one that did at the last look; a replica found holding the
+        #: `_take_guard`); a replica found holding the
         #: lease through another table (this one stands by for good once it saw one).
         self._guard_pid: int | None = None
         self._stale: set[str] = set()
-        self._stale_holder: str | None = None
         self._rival: str | None = None
         self._time = lease_time
         self._margin = lease_time * MARGIN_FRACTION
@@ -386,16 +395,29 @@ class Lease:
         sent = time.monotonic()
         rows = await self._query(
             sql.SQL(
-                "WITH previous AS (SELECT holder, stale_guard FROM {t} WHERE lease = %(key)s FOR UPDATE)"
+                "WITH previous AS (SELECT holder, stale_guard FROM {t} WHERE lease = %(key)s FOR UPDATE),"
+                " guard AS (" + _GUARD_SESSIONS + ")"
                 " UPDATE {t} SET holder = %(me)s, renewed_at = clock_timestamp(),"
                 # (Also across a lease table dropped and made again: the clock's milliseconds.)
                 " token = greatest({t}.token + 1, (extract(epoch FROM clock_timestamp()) * 1000)::int8),"
-                " expires_at = clock_timestamp() + make_interval(secs => %(time)s)"
+                " expires_at = clock_timestamp() + make_interval(secs => %(time)s),"
+                # In the same statement: which stale session keeps the guard, if one does (the
+                # previous holder's, or one it noted), for this holder and the ones after it,
+                # also when this one dies before it could say so.
+                " stale_guard = (SELECT session FROM guard WHERE session IN"
+                " (%(prefix)s || regexp_replace(previous.holder, '^.* ', ''), previous.stale_guard) LIMIT 1)"
                 " FROM previous WHERE {t}.lease = %(key)s"
                 " AND ({t}.expires_at <= clock_timestamp() OR {t}.holder = %(me)s)"
-                " RETURNING {t}.token, previous.holder, previous.stale_guard"
+                " RETURNING {t}.token, previous.holder, {t}.stale_guard"
             ).format(t=self._ident),
-            {"key": self.key, "me": self.holder, "time": self._time},
+            {
+                "key": self.key,
+                "me": self.holder,
+                "time": self._time,
+                "prefix": session_name_of(""),
+                "k1": self._guard[0] & 0xFFFFFFFF,
+                "k2": self._guard[1] & 0xFFFFFFFF,
+            },
         )
         if rows:
             token, previous, stale_guard = int(rows[0][0]), rows[0][1], rows[0][2]
@@ -409,7 +431,6 @@ class Lease:
                 await self._give_up(token)
                 self._rival = self._rival_text(rival)
                 raise RivalLease(self._rival)
-            await self._note_stale_guard(token)
             term = Term(self._table, self.key, token, sent + self._time - self._margin)
             self.term = term
             return term, 0.0
@@ -425,15 +446,6 @@ class Lease:
         left = float(rows[0][0]) if rows[0][0] is not None else 0.0
         return None, min(max(left, 0.0) + 0.01, self._acquire_interval)
 
-    async def _note_stale_guard(self, token: int) -> None:
-        """Write down in the row which stale session holds the guard, if one does: the holder
-        after this one excuses it too (a chain of takeovers from a frozen holder)."""
-        if self._stale_holder is not None:
-            await self._query(
-                sql.SQL("UPDATE {} SET stale_guard = %s WHERE lease = %s AND token = %s").format(self._ident),
-                (self._stale_holder, self.key, token),
-            )
-
     async def _take_guard(self) -> str | None:
         """Take the outbox's guard, a session-level advisory lock keyed like the lease's row
         but the same whatever lease table a replica uses: None when this session holds it (or
@@ -442,26 +454,17 @@ class Lease:
         else who holds it. Any role may take and see an advisory lock, so a replica whose
         lease.table or search_path differs, and whose lease table this one may not even read,
         is found all the same."""
-        self._stale_holder = None
         rows = await self._query(sql.SQL("SELECT pg_try_advisory_lock(%s, %s)"), self._guard)
         if rows and rows[0][0]:
             assert self._conn is not None  # (the query just ran on it)
             self._guard_pid = self._conn.info.backend_pid
             return None
         rows = await self._query(
-            sql.SQL(
-                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
-                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                " AND l.classid::int8 = %s AND l.objid::int8 = %s"
-            ),
-            (self._guard[0] & 0xFFFFFFFF, self._guard[1] & 0xFFFFFFFF),
+            sql.SQL(_GUARD_SESSIONS), {"k1": self._guard[0] & 0xFFFFFFFF, "k2": self._guard[1] & 0xFFFFFFFF}
         )
         holders = {str(row[0]) for row in rows}
         if holders <= self._stale:
-            # (Taken again at a renewal, once that session is gone.)
-            self._stale_holder = next(iter(holders), None)
-            return None
+            return None  # (taken again at a renewal, once that session is gone)
         return ", ".join(sorted(holders - self._stale)) or "another session"
 
     async def _give_up(self, token: int) -> None:

@@ -458,13 +458,15 @@ def test_a_lease_row_deleted_by_hand_is_made_again_and_the_outbox_goes_on(
     wait_for(lambda: first.size() + second.size() >= 30, 30, "the events after the delete")
 
 
+@pytest.mark.parametrize("second_ends", ["sigterm", "sigkill-at-once"])
 def test_a_chain_of_takeovers_from_a_frozen_holder_goes_on_when_no_role_may_end_another(
-    tmp_path: Path, dsn: str, started: list[Replica]
+    tmp_path: Path, dsn: str, started: list[Replica], second_ends: str
 ) -> None:
     """Three replicas, each with a role of its own that may not end the others' sessions: the
-    first freezes with the guard; the second takes over without it; when the second stops, the
-    third takes over too (the frozen holder's guard session is stale, noted in the row), with
-    no 'different lease tables' problem, and no two say active at once."""
+    first freezes with the guard; the second takes over without it; when the second stops (or
+    is killed the moment the row names it), the third takes over too (the frozen holder's guard
+    session is stale, noted in the row by the statement that took it), with no 'different lease
+    tables' problem, and no two say active at once."""
     with contextlib.ExitStack() as roles:
         names = [roles.enter_context(login_role(dsn)) for _ in range(3)]
         for role in names:
@@ -476,15 +478,22 @@ def test_a_chain_of_takeovers_from_a_frozen_holder_goes_on_when_no_role_may_end_
         replicas = [frozen] + [Replica(tmp_path, f"r{i}", dsns[i], "polling") for i in (1, 2)]
         started.extend(replicas[1:])
         wait_for(lambda: all(r.role() == "standby" for r in replicas[1:]), 30, "the others to stand by")
+        holder, _ = _holder(dsn)
         os.kill(frozen.proc.pid, signal.SIGSTOP)
-        wait_for(lambda: any(r.role() == "active" for r in replicas[1:]), LEASE_TIME * 4, "a takeover")
-        [second] = [r for r in replicas[1:] if r.role() == "active"]
+        if second_ends == "sigkill-at-once":
+            wait_for(lambda: _holder(dsn)[0] != holder, LEASE_TIME * 4, "a takeover", interval=0.002)
+            [second] = [r for r in replicas[1:] if f" pid {r.proc.pid} " in _holder(dsn)[0]]
+            second.proc.kill()
+        else:
+            wait_for(lambda: any(r.role() == "active" for r in replicas[1:]), LEASE_TIME * 4, "a takeover")
+            [second] = [r for r in replicas[1:] if r.role() == "active"]
         [third] = [r for r in replicas[1:] if r is not second]
         watch = RoleWatch(second, third)
         watch.start()
         try:
-            second.proc.send_signal(signal.SIGTERM)
-            assert second.proc.wait(timeout=30) == 0
+            if second_ends == "sigterm":
+                second.proc.send_signal(signal.SIGTERM)
+                assert second.proc.wait(timeout=30) == 0
             wait_for(lambda: third.role() == "active", LEASE_TIME * 4, "the third replica to take over")
             _burst(dsn, 30)
             wait_for(lambda: third.size() >= 30, 30, "the third replica to publish")
