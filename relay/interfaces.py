@@ -60,9 +60,12 @@ class Sink(ABC):
     - `publish(events)` returns exactly one result per event, in the given order: None means the
       broker acknowledged the event durably (Kafka delivery report with acks=all, RabbitMQ
       publisher confirm, JetStream PubAck, file written and flushed); a `Failure` means it did not.
+    - `publish` is called concurrently, from one event loop: up to `pipeline.publish_concurrency`
+      calls at once, plus those releasing held events; a sink shares its connections among them.
     - The pipeline never hands out the next events of an aggregate before the previous ones were
-      acknowledged. Unless the sink sets `keeps_order`, a call holds at most one event per
-      aggregate, so the sink may publish a call's events concurrently and in any interleaving.
+      acknowledged, so no two concurrent calls hold events of one aggregate. Unless the sink sets
+      `keeps_order`, a call holds at most one event per aggregate, so the sink may publish a
+      call's events concurrently and in any interleaving.
     - A sink with `keeps_order = True` may get several consecutive events of one aggregate in one
       call, in order, and must hand them to the broker in that order over one ordered path (one
       channel, one connection, one partition through an idempotent producer), so that the broker
