@@ -55,6 +55,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -66,7 +67,7 @@ from relay.backoff import Backoff
 from relay.identifiers import QualifiedName, parse_table_name
 from relay.interfaces import Unsupported
 from relay.logs import get_logger
-from relay.pgsession import bounded_query, close_quietly, session_conninfo, start_session
+from relay.pgsession import bounded_query, close_quietly, fetch_rows, session_conninfo, start_session
 from relay.problems import SetupProblems
 from relay.secrets import scrubber
 
@@ -171,15 +172,9 @@ async def lease_line(dsn: str, outbox: str, table: str, scope: str, resolve: str
         session_conninfo(dsn), autocommit=True, connect_timeout=10
     ) as conn:
         await start_session(conn)
-
-        async def query(statement: sql.SQL | sql.Composed, params: Params) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(statement, params)
-            return list(await cur.fetchall())
-
-        place = await locate_lease(query, outbox, table, scope, resolve)
-        found = await conn.execute("SELECT to_regclass(%s)", (place.table,))
-        row = await found.fetchone()
-        if row is None or row[0] is None:
+        place = await locate_lease(partial(fetch_rows, conn), outbox, table, scope, resolve)
+        found = await fetch_rows(conn, "SELECT to_regclass(%s)", (place.table,))
+        if not found or found[0][0] is None:
             return f"lease: table {table} does not exist yet (init-db creates it; so does the relay)"
         cur = await conn.execute(
             sql.SQL(

@@ -137,6 +137,14 @@ def session_conninfo(dsn: str) -> str:
     return make_conninfo(dsn, client_encoding="UTF8", application_name=SESSION_NAME.get())
 
 
+async def fetch_rows(
+    conn: AsyncConnection[Any], query: sql.SQL | sql.Composed | str, params: Params | None
+) -> list[tuple[Any, ...]]:
+    """Run one statement and return its rows (none for a statement without)."""
+    cur = await conn.execute(query, params)
+    return list(await cur.fetchall()) if cur.description is not None else []
+
+
 async def bounded_query(
     conn: AsyncConnection[Any],
     query: sql.SQL | sql.Composed | str,
@@ -150,11 +158,7 @@ async def bounded_query(
     that stopped answering. Here the connection is severed instead (its socket shut down, so
     the query fails at once with an OperationalError) and left broken: reconnect to go on."""
 
-    async def run() -> list[tuple[Any, ...]]:
-        cur = await conn.execute(query, params)
-        return list(await cur.fetchall()) if cur.description is not None else []
-
-    task = asyncio.ensure_future(run())
+    task = asyncio.ensure_future(fetch_rows(conn, query, params))
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     except asyncio.CancelledError:

@@ -23,7 +23,7 @@ from relay.interfaces import ConnectorError, Sink, Source, Unsupported
 from relay.leadership import Lease, LeaseLost, Term, locate_lease
 from relay.leadership import create_table_sql as create_lease_table
 from relay.logs import get_logger
-from relay.pgsession import SESSION_NAME, session_conninfo, start_session
+from relay.pgsession import SESSION_NAME, fetch_rows, session_conninfo, start_session
 from relay.pipeline import Pipeline
 from relay.registry import ConnectorConfig, sink_plugins, source_plugins
 
@@ -142,7 +142,7 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
         await _run_table_setup(conn, outbox.dead_letter.table, here)
         if _lease_setup(outbox):
             place = await locate_lease(
-                partial(_rows, conn),
+                partial(fetch_rows, conn),
                 outbox.name,
                 outbox.lease.table,
                 outbox.source.lease_scope(),
@@ -156,13 +156,6 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
             await start_session(conn)
             await _run_table_setup(conn, outbox.dead_letter.table, statements)
     return notes
-
-
-async def _rows(
-    conn: psycopg.AsyncConnection[Any], statement: sql.SQL | sql.Composed, params: Any
-) -> list[tuple[Any, ...]]:
-    cur = await conn.execute(statement, params)
-    return list(await cur.fetchall())
 
 
 async def _run_table_setup(
