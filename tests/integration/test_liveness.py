@@ -72,7 +72,8 @@ def test_healthz_fails_naming_the_outbox_and_stage_when_a_publish_never_returns(
         # Idle: waiting for events (polls, NOTIFY) for longer than stuck_after is not a stall.
         time.sleep(2 * STUCK_AFTER)
         assert _healthz(base) == (200, {"status": "alive"})
-        assert _stalled_seconds(base) == 0.0
+        # A poll may be out at the moment of the scrape: a fresh call, far below the threshold.
+        assert _stalled_seconds(base) < STUCK_AFTER / 2
 
         insert_events(dsn, 5)
         wait_for(lambda: _healthz(base)[0] == 503, 30, "/healthz to fail")
