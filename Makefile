@@ -15,9 +15,14 @@ $(BIN)/outbox-relay: pyproject.toml
 demo: $(BIN)/outbox-relay
 	$(BIN)/outbox-relay demo
 
+# mypy cannot follow the editable install's import hook, so it reads the package through links
+# named as installed: outbox_relay -> relay/*, outbox_relay/connectors -> connectors/.
 lint: $(BIN)/outbox-relay
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@rm -rf $(VENV)/typecheck && mkdir -p $(VENV)/typecheck/outbox_relay
+	@ln -s $(CURDIR)/relay/* $(VENV)/typecheck/outbox_relay/
+	@ln -s $(CURDIR)/connectors $(VENV)/typecheck/outbox_relay/connectors
 	$(BIN)/mypy
 
 # Installs the servers the tests need when missing, then lints and runs every test against real

@@ -1,3 +1,3 @@
-from relay.cli import main
+from outbox_relay.cli import main
 
 main()

@@ -13,14 +13,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 import yaml
 
-from relay import __version__
-from relay.config import ConfigError, RelayConfig, config_json_schema, load_config
-from relay.deadletters import DeadLetterStore
-from relay.deadletters import as_event as as_dead_letter_event
-from relay.interfaces import ConnectorError
-from relay.leadership import lease_line
-from relay.logs import configure_logging, get_logger
-from relay.runner import (
+from outbox_relay import __version__
+from outbox_relay.config import ConfigError, RelayConfig, config_json_schema, load_config
+from outbox_relay.deadletters import DeadLetterStore
+from outbox_relay.deadletters import as_event as as_dead_letter_event
+from outbox_relay.interfaces import ConnectorError
+from outbox_relay.leadership import lease_line
+from outbox_relay.logs import configure_logging, get_logger
+from outbox_relay.runner import (
     Relay,
     SetupError,
     build_dead_letter_store,
@@ -31,8 +31,8 @@ from relay.runner import (
     set_up_database,
     tune_garbage_collector,
 )
-from relay.secrets import is_secret_key, scrubber
-from relay.shared_reads import shared_reads_on_servers
+from outbox_relay.secrets import is_secret_key, scrubber
+from outbox_relay.shared_reads import shared_reads_on_servers
 
 T = TypeVar("T")
 
@@ -602,8 +602,8 @@ def drill(
     Run it against a staging setup: it writes `drill` events into the outbox. Exit 1 when an
     event was lost or reordered.
     """
-    from relay.drill import DrillPlan, check_plan, run_drill
-    from relay.durations import parse_duration
+    from outbox_relay.drill import DrillPlan, check_plan, run_drill
+    from outbox_relay.durations import parse_duration
 
     config = _load(config_path)
     configure_logging("json" if as_json else "console", "warning")
@@ -651,7 +651,7 @@ def drill(
 
 
 def _flag_duration(flag: str, value: str | None) -> float | None:
-    from relay.durations import parse_duration
+    from outbox_relay.durations import parse_duration
 
     if value is None:
         return None
@@ -673,7 +673,7 @@ def schema() -> None:
 @click.option("--duration", default=0.0, help="Stop after this many seconds (0: until Ctrl-C).")
 def demo(dsn: str | None, rate: int, duration: float) -> None:
     """Embedded PostgreSQL, sample order events written continuously, relayed to stdout."""
-    from relay.demo import run_demo
+    from outbox_relay.demo import run_demo
 
     sys.exit(run_demo(dsn, rate, duration))
 

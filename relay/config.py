@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from relay.durations import Duration
-from relay.files import file_kind
-from relay.identifiers import TableName, printable
-from relay.pgsession import Dsn
-from relay.registry import Claim, ConnectorConfig, broken_plugins, sink_plugins, source_plugins
-from relay.secrets import is_secret_key, scrubber
+from outbox_relay.durations import Duration
+from outbox_relay.files import file_kind
+from outbox_relay.identifiers import TableName, printable
+from outbox_relay.pgsession import Dsn
+from outbox_relay.registry import Claim, ConnectorConfig, broken_plugins, sink_plugins, source_plugins
+from outbox_relay.secrets import is_secret_key, scrubber
 
 
 class ConfigError(Exception):

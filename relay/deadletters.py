@@ -25,11 +25,11 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from relay.events import OutboxEvent
-from relay.identifiers import derived_name, parse_table_name
-from relay.interfaces import ConnectorError, Unsupported
-from relay.pgsession import session_conninfo, start_session
-from relay.secrets import scrubber
+from outbox_relay.events import OutboxEvent
+from outbox_relay.identifiers import derived_name, parse_table_name
+from outbox_relay.interfaces import ConnectorError, Unsupported
+from outbox_relay.pgsession import session_conninfo, start_session
+from outbox_relay.secrets import scrubber
 
 DEFAULT_TABLE = "outbox_relay_dead_letters"
 # What the relay does to dead-letter rows: park (INSERT, UPDATE), read and replay (SELECT,

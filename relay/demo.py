@@ -13,10 +13,10 @@ from typing import Any
 
 import psycopg
 
-from relay.config import parse_config
-from relay.logs import configure_logging
-from relay.outbox import write_event_async
-from relay.runner import Relay, build_pipelines, database_setup
+from outbox_relay.config import parse_config
+from outbox_relay.logs import configure_logging
+from outbox_relay.outbox import write_event_async
+from outbox_relay.runner import Relay, build_pipelines, database_setup
 
 _STATUSES = ("OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered")
 

@@ -29,8 +29,8 @@ from typing import Any
 import orjson
 import yaml
 
-from relay.config import OutboxConfig, RelayConfig
-from relay.drill_faults import (
+from outbox_relay.config import OutboxConfig, RelayConfig
+from outbox_relay.drill_faults import (
     CUT_MODES,
     FAULT_KINDS,
     FREEZE,
@@ -43,12 +43,12 @@ from relay.drill_faults import (
     same_database,
     through_proxy,
 )
-from relay.drill_proxy import CutoffProxy
-from relay.events import OutboxEvent
-from relay.interfaces import ConnectorError, Delivered
-from relay.logs import get_logger
-from relay.registry import sink_plugins
-from relay.runner import build_source
+from outbox_relay.drill_proxy import CutoffProxy
+from outbox_relay.events import OutboxEvent
+from outbox_relay.interfaces import ConnectorError, Delivered
+from outbox_relay.logs import get_logger
+from outbox_relay.registry import sink_plugins
+from outbox_relay.runner import build_source
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class _Replicas:
         path = self._logs / f"relay-{len(self._log_of)}.log"
         with path.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "run", "-c", str(self._configs[slot])],
+                [sys.executable, "-m", "outbox_relay", "run", "-c", str(self._configs[slot])],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 start_new_session=True,  # a Ctrl-C of the drill reaches the drill, not the relays

@@ -33,10 +33,10 @@ from psycopg import sql
 from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from relay.drill_proxy import CutoffProxy
-from relay.identifiers import parse_table_name
-from relay.leadership import holder_pid, locate_lease
-from relay.pgsession import bounded_query, close_quietly, database_place
+from outbox_relay.drill_proxy import CutoffProxy
+from outbox_relay.identifiers import parse_table_name
+from outbox_relay.leadership import holder_pid, locate_lease
+from outbox_relay.pgsession import bounded_query, close_quietly, database_place
 
 FREEZE, CUT_CLOSE, CUT_HOLD = "freeze", "cut-close", "cut-hold"
 FAULT_KINDS = (FREEZE, CUT_CLOSE, CUT_HOLD)

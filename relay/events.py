@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from relay import json_span
-from relay.templates import FIELD_VALUES
+from outbox_relay import json_span
+from outbox_relay.templates import FIELD_VALUES
 
 # The formatted second of the last call: every event of a batch (or a burst) shares it, and
 # formatting a datetime costs as much as the rest of building a message's headers.

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from psycopg import AsyncConnection, sql
 
-from relay.events import OutboxEvent, PublishResult
+from outbox_relay.events import OutboxEvent, PublishResult
 
 
 class ConnectorError(Exception):

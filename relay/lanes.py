@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from itertools import islice
 
-from relay.events import OutboxEvent
+from outbox_relay.events import OutboxEvent
 
 
 class _Lane:

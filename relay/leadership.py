@@ -62,14 +62,14 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import Params
 
-from relay import metrics
-from relay.backoff import Backoff
-from relay.identifiers import QualifiedName, parse_table_name
-from relay.interfaces import Unsupported
-from relay.logs import get_logger
-from relay.pgsession import bounded_query, close_quietly, fetch_rows, session_conninfo, start_session
-from relay.problems import SetupProblems
-from relay.secrets import scrubber
+from outbox_relay import metrics
+from outbox_relay.backoff import Backoff
+from outbox_relay.identifiers import QualifiedName, parse_table_name
+from outbox_relay.interfaces import Unsupported
+from outbox_relay.logs import get_logger
+from outbox_relay.pgsession import bounded_query, close_quietly, fetch_rows, session_conninfo, start_session
+from outbox_relay.problems import SetupProblems
+from outbox_relay.secrets import scrubber
 
 _RECONNECT = Backoff(initial=0.5, maximum=5.0)
 

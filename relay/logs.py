@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from relay.secrets import scrubber
+from outbox_relay.secrets import scrubber
 
 #: A log field's text longer than this is cut, with a note of its length, before it is scrubbed
 #: and rendered: a value of megabytes (an aggregate id, a broker's error) costs as little as a

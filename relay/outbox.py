@@ -24,8 +24,8 @@ from typing import Any
 from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor, sql
 from psycopg.types.json import Jsonb
 
-from relay import json_span
-from relay.identifiers import parse_table_name
+from outbox_relay import json_span
+from outbox_relay.identifiers import parse_table_name
 
 _INSERT = (
     "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, event_type, payload, headers)"

@@ -31,7 +31,7 @@ from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import AfterValidator
 
-from relay.interfaces import Unsupported
+from outbox_relay.interfaces import Unsupported
 
 #: The session settings the relay pins on every connection (name, value).
 PINNED_SETTINGS: tuple[tuple[str, str], ...] = (

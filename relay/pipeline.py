@@ -22,19 +22,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from relay import metrics
-from relay.backoff import Backoff
-from relay.config import DeadLetterConfig, PipelineConfig, RetryConfig
-from relay.deadletters import DEAD, HELD, DeadLetter, DeadLetterStore
-from relay.deadletters import as_event as held_event
-from relay.events import Failure, OutboxEvent, PublishResult
-from relay.holds import HeldAggregates
-from relay.interfaces import Fence, Fenced, Sink, Source, Unsupported
-from relay.lanes import Lanes
-from relay.logs import get_logger
-from relay.problems import SetupProblems
-from relay.secrets import scrubber
-from relay.stalls import CallTracker
+from outbox_relay import metrics
+from outbox_relay.backoff import Backoff
+from outbox_relay.config import DeadLetterConfig, PipelineConfig, RetryConfig
+from outbox_relay.deadletters import DEAD, HELD, DeadLetter, DeadLetterStore
+from outbox_relay.deadletters import as_event as held_event
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
+from outbox_relay.holds import HeldAggregates
+from outbox_relay.interfaces import Fence, Fenced, Sink, Source, Unsupported
+from outbox_relay.lanes import Lanes
+from outbox_relay.logs import get_logger
+from outbox_relay.problems import SetupProblems
+from outbox_relay.secrets import scrubber
+from outbox_relay.stalls import CallTracker
 
 T = TypeVar("T")
 

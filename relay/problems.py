@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from relay import metrics
-from relay.secrets import scrubber
+from outbox_relay import metrics
+from outbox_relay.secrets import scrubber
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from relay.interfaces import DeliveryReader, Sink, Source
+from outbox_relay.interfaces import DeliveryReader, Sink, Source
 
 SINK_GROUP = "outbox_relay.sinks"
 SOURCE_GROUP = "outbox_relay.sources"

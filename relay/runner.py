@@ -12,20 +12,20 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql
 
-from relay import metrics
-from relay.config import OutboxConfig, RelayConfig
-from relay.deadletters import DeadLetterStore
-from relay.deadletters import create_table_sql as create_dead_letter_table
-from relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
-from relay.http import HealthServer
-from relay.identifiers import QualifiedName, parse_table_name
-from relay.interfaces import ConnectorError, Sink, Source, Unsupported
-from relay.leadership import Lease, LeaseLost, Term, locate_lease
-from relay.leadership import create_table_sql as create_lease_table
-from relay.logs import get_logger
-from relay.pgsession import SESSION_NAME, fetch_rows, session_conninfo, start_session
-from relay.pipeline import Pipeline
-from relay.registry import ConnectorConfig, sink_plugins, source_plugins
+from outbox_relay import metrics
+from outbox_relay.config import OutboxConfig, RelayConfig
+from outbox_relay.deadletters import DeadLetterStore
+from outbox_relay.deadletters import create_table_sql as create_dead_letter_table
+from outbox_relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
+from outbox_relay.http import HealthServer
+from outbox_relay.identifiers import QualifiedName, parse_table_name
+from outbox_relay.interfaces import ConnectorError, Sink, Source, Unsupported
+from outbox_relay.leadership import Lease, LeaseLost, Term, locate_lease
+from outbox_relay.leadership import create_table_sql as create_lease_table
+from outbox_relay.logs import get_logger
+from outbox_relay.pgsession import SESSION_NAME, fetch_rows, session_conninfo, start_session
+from outbox_relay.pipeline import Pipeline
+from outbox_relay.registry import ConnectorConfig, sink_plugins, source_plugins
 
 
 class SetupError(Exception):
@@ -41,7 +41,7 @@ def build_sink(outbox: OutboxConfig, index: int) -> Sink:
 
 
 def _build(role: str, plugins: Mapping[str, object], config: ConnectorConfig, index: int) -> object:
-    from relay.registry import Plugin
+    from outbox_relay.registry import Plugin
 
     plugin = plugins[config.type]
     assert isinstance(plugin, Plugin)

@@ -16,10 +16,10 @@ from typing import Any
 
 import psycopg
 
-from relay.config import RelayConfig, shared_problem
-from relay.identifiers import QualifiedName
-from relay.pgsession import database_place, session_conninfo, start_session
-from relay.registry import Claim
+from outbox_relay.config import RelayConfig, shared_problem
+from outbox_relay.identifiers import QualifiedName
+from outbox_relay.pgsession import database_place, session_conninfo, start_session
+from outbox_relay.registry import Claim
 
 _CONNECT_TIMEOUT_S = 5
 

@@ -10,7 +10,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from relay.events import OutboxEvent
+    from outbox_relay.events import OutboxEvent
 
 
 def _aggregate_id(event: OutboxEvent) -> str:

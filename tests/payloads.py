@@ -7,7 +7,7 @@ import base64
 import json
 from pathlib import Path
 
-from relay.json_span import member_spans
+from outbox_relay.json_span import member_spans
 
 # JSON documents as an application might write them into a `json` column or a message.
 NUMBERS = (

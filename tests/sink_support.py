@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from relay.events import OutboxEvent
-from relay.interfaces import BacklogStats, ConnectorError, Sink, Source
+from outbox_relay.events import OutboxEvent
+from outbox_relay.interfaces import BacklogStats, ConnectorError, Sink, Source
 from tests.harness.process import Server
 from tests.support import REPO
 
@@ -211,8 +211,8 @@ def missing_extra_message(sink_config: dict[str, Any], module: str) -> str:
     code = f"""
 import sys
 sys.modules[{module!r}] = None
-from relay.config import parse_config
-from relay.runner import SetupError, build_sink
+from outbox_relay.config import parse_config
+from outbox_relay.runner import SetupError, build_sink
 config = parse_config({{"outboxes": [{{"name": "o", "source": {{"type": "postgres-polling", "dsn": "postgresql://x/y"}},
     "sink": {sink_config!r}}}]}}, "relay.yaml", {{}})
 try:

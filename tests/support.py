@@ -13,9 +13,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from relay.config import parse_config
-from relay.events import OutboxEvent
-from relay.runner import build_source, database_setup
+from outbox_relay.config import parse_config
+from outbox_relay.events import OutboxEvent
+from outbox_relay.runner import build_source, database_setup
 from tests.harness.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ async def run_relay_until(
     import asyncio
     import time
 
-    from relay.runner import Relay
+    from outbox_relay.runner import Relay
 
     relay = Relay(parse_config(config, "test.yaml", {}), pipelines)
     task = asyncio.create_task(relay.run())
@@ -167,7 +167,7 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) 
 
 async def dead_letters(dsn: str, outbox: str = "orders") -> list[Any]:
     """The dead letters parked for `outbox`, as the relay's own store reads them."""
-    from relay.deadletters import DeadLetterStore
+    from outbox_relay.deadletters import DeadLetterStore
 
     store = DeadLetterStore(dsn)
     try:
@@ -271,8 +271,8 @@ def slot_confirmed(dsn: str, slot: str = "outbox_relay") -> int:
 
 def pipeline_with_sink(config: dict[str, Any], sink: Any) -> Any:
     """The pipeline of the config's first outbox, with `sink` instead of the configured one."""
-    from relay.pipeline import Pipeline
-    from relay.runner import build_dead_letter_store
+    from outbox_relay.pipeline import Pipeline
+    from outbox_relay.runner import build_dead_letter_store
 
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
     return Pipeline(

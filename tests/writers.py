@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from relay.outbox import emit_event, write_event
+from outbox_relay.outbox import emit_event, write_event
 
 #: Writes one event inside the caller's open transaction and returns its event id.
 EventWriter = Callable[[psycopg.Connection[Any], str, int], str]

@@ -21,11 +21,11 @@ from typing import Literal
 import orjson
 from pydantic import Field, field_validator
 
-from connectors.sinks.jsonlines import encode_lines
-from relay.events import OutboxEvent, PublishResult
-from relay.files import file_kind
-from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
-from relay.registry import ConnectorConfig, SinkPlugin
+from outbox_relay.connectors.sinks.jsonlines import encode_lines
+from outbox_relay.events import OutboxEvent, PublishResult
+from outbox_relay.files import file_kind
+from outbox_relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
+from outbox_relay.registry import ConnectorConfig, SinkPlugin
 
 
 class FileSinkConfig(ConnectorConfig):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from relay.events import OutboxEvent
+from outbox_relay.events import OutboxEvent
 
 
 def encode_line(event: OutboxEvent) -> bytes:

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from relay.durations import Duration
-from relay.events import Failure, OutboxEvent, PublishResult
-from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
-from relay.logs import get_logger
-from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import MASK, is_secret_key, scrubber
-from relay.templates import TEMPLATE_FIELDS, Template, check_template
+from outbox_relay.durations import Duration
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
+from outbox_relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
+from outbox_relay.logs import get_logger
+from outbox_relay.registry import ConnectorConfig, SinkPlugin
+from outbox_relay.secrets import MASK, is_secret_key, scrubber
+from outbox_relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message, Producer

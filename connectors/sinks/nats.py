@@ -38,13 +38,13 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from relay.durations import Duration
-from relay.events import LEASE_ENDED, Failure, OutboxEvent, PublishResult
-from relay.interfaces import ConnectorError, Sink
-from relay.logs import get_logger
-from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import redact_url, scrubber
-from relay.templates import TEMPLATE_FIELDS, Template, check_template
+from outbox_relay.durations import Duration
+from outbox_relay.events import LEASE_ENDED, Failure, OutboxEvent, PublishResult
+from outbox_relay.interfaces import ConnectorError, Sink
+from outbox_relay.logs import get_logger
+from outbox_relay.registry import ConnectorConfig, SinkPlugin
+from outbox_relay.secrets import redact_url, scrubber
+from outbox_relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 _SCHEMES = ("nats", "tls", "ws", "wss")
 # NATS stream names: no whitespace, no '.', '*', '>' and no path separators (they name files).

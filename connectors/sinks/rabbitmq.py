@@ -36,13 +36,13 @@ from urllib.parse import parse_qsl
 
 from pydantic import Field, field_validator, model_validator
 
-from relay.durations import Duration
-from relay.events import Failure, OutboxEvent, PublishResult
-from relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
-from relay.logs import get_logger
-from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import parse_url_setting, redact_url, scrubber
-from relay.templates import TEMPLATE_FIELDS, Template, check_template
+from outbox_relay.durations import Duration
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
+from outbox_relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
+from outbox_relay.logs import get_logger
+from outbox_relay.registry import ConnectorConfig, SinkPlugin
+from outbox_relay.secrets import parse_url_setting, redact_url, scrubber
+from outbox_relay.templates import TEMPLATE_FIELDS, Template, check_template
 
 ExchangeType = Literal["topic", "direct", "fanout", "headers", "x-consistent-hash"]
 

@@ -10,10 +10,10 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO, Literal
 
-from connectors.sinks.jsonlines import encode_lines
-from relay.events import OutboxEvent, PublishResult
-from relay.interfaces import Sink
-from relay.registry import ConnectorConfig, SinkPlugin
+from outbox_relay.connectors.sinks.jsonlines import encode_lines
+from outbox_relay.events import OutboxEvent, PublishResult
+from outbox_relay.interfaces import Sink
+from outbox_relay.registry import ConnectorConfig, SinkPlugin
 
 
 class StdoutSinkConfig(ConnectorConfig):

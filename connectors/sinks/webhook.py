@@ -52,13 +52,13 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import orjson
 from pydantic import Field, ValidationInfo, field_validator
 
-from connectors.sinks.jsonlines import encode_line
-from relay.durations import Duration
-from relay.events import LEASE_ENDED, Failure, OutboxEvent, PublishResult
-from relay.interfaces import ConnectorError, Sink
-from relay.logs import get_logger
-from relay.registry import ConnectorConfig, SinkPlugin
-from relay.secrets import is_secret_key, parse_url_setting, redact_url, scrubber
+from outbox_relay.connectors.sinks.jsonlines import encode_line
+from outbox_relay.durations import Duration
+from outbox_relay.events import LEASE_ENDED, Failure, OutboxEvent, PublishResult
+from outbox_relay.interfaces import ConnectorError, Sink
+from outbox_relay.logs import get_logger
+from outbox_relay.registry import ConnectorConfig, SinkPlugin
+from outbox_relay.secrets import is_secret_key, parse_url_setting, redact_url, scrubber
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP header name (RFC 9110 token)
 _BAD_VALUE = re.compile(r"[\r\n\x00]")

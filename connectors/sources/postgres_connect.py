@@ -13,11 +13,11 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
-from relay.events import OutboxEvent
-from relay.identifiers import ColumnName, QualifiedName, parse_identifier, printable, quote_ident
-from relay.interfaces import ConnectorError, Unsupported
-from relay.pgsession import session_conninfo, start_session
-from relay.secrets import scrubber
+from outbox_relay.events import OutboxEvent
+from outbox_relay.identifiers import ColumnName, QualifiedName, parse_identifier, printable, quote_ident
+from outbox_relay.interfaces import ConnectorError, Unsupported
+from outbox_relay.pgsession import session_conninfo, start_session
+from outbox_relay.secrets import scrubber
 
 
 def null_column_defect(

@@ -32,8 +32,9 @@ from psycopg import pq
 from psycopg import sql as psql
 from pydantic import Field, ValidationInfo, field_validator
 
-from connectors.sources import pgoutput
-from connectors.sources.postgres_connect import (
+from outbox_relay import json_span
+from outbox_relay.connectors.sources import pgoutput
+from outbox_relay.connectors.sources.postgres_connect import (
     EventColumns,
     connect,
     domain_bases,
@@ -42,11 +43,10 @@ from connectors.sources.postgres_connect import (
     null_column_defect,
     resolve_table,
 )
-from connectors.sources.postgres_polling import default_table_ddl
-from relay import json_span
-from relay.durations import Duration
-from relay.events import OutboxEvent, checked_time, headers_from_json, member_texts, unencodable
-from relay.identifiers import (
+from outbox_relay.connectors.sources.postgres_polling import default_table_ddl
+from outbox_relay.durations import Duration
+from outbox_relay.events import OutboxEvent, checked_time, headers_from_json, member_texts, unencodable
+from outbox_relay.identifiers import (
     Identifier,
     IdentifierError,
     QualifiedName,
@@ -56,12 +56,12 @@ from relay.identifiers import (
     printable,
     quote_ident,
 )
-from relay.interfaces import BacklogStats, ConnectorError, Fence, Fenced, Source, Unsupported
-from relay.logs import get_logger
-from relay.outbox import message_content
-from relay.pgsession import Dsn, database_place, server_place
-from relay.registry import Claim, ConnectorConfig, SourcePlugin
-from relay.secrets import scrubber
+from outbox_relay.interfaces import BacklogStats, ConnectorError, Fence, Fenced, Source, Unsupported
+from outbox_relay.logs import get_logger
+from outbox_relay.outbox import message_content
+from outbox_relay.pgsession import Dsn, database_place, server_place
+from outbox_relay.registry import Claim, ConnectorConfig, SourcePlugin
+from outbox_relay.secrets import scrubber
 
 HEARTBEAT_PREFIX = "outbox_relay_heartbeat"
 #: (dsn, slot) -> ((system identifier, timeline), position) this process last confirmed: a source

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field
 
-from connectors.sources.postgres_connect import (
+from outbox_relay.connectors.sources.postgres_connect import (
     ColumnNames,
     EventColumns,
     ResolvedTable,
@@ -37,12 +37,12 @@ from connectors.sources.postgres_connect import (
     null_column_defect,
     resolve_table,
 )
-from connectors.sources.read_cursor import ReadCursor
-from relay.durations import Duration
-from relay.events import EARLIEST as _EARLIEST
-from relay.events import LATEST as _LATEST
-from relay.events import OutboxEvent, checked_time, headers_from_json
-from relay.identifiers import (
+from outbox_relay.connectors.sources.read_cursor import ReadCursor
+from outbox_relay.durations import Duration
+from outbox_relay.events import EARLIEST as _EARLIEST
+from outbox_relay.events import LATEST as _LATEST
+from outbox_relay.events import OutboxEvent, checked_time, headers_from_json
+from outbox_relay.identifiers import (
     ColumnName,
     QualifiedName,
     TableName,
@@ -50,11 +50,11 @@ from relay.identifiers import (
     parse_table_name,
     quote_ident,
 )
-from relay.interfaces import BacklogStats, ConnectorError, Fence, Fenced, Source
-from relay.logs import get_logger
-from relay.pgsession import Dsn, database_place
-from relay.registry import Claim, ConnectorConfig, SourcePlugin
-from relay.secrets import scrubber
+from outbox_relay.interfaces import BacklogStats, ConnectorError, Fence, Fenced, Source
+from outbox_relay.logs import get_logger
+from outbox_relay.pgsession import Dsn, database_place
+from outbox_relay.registry import Claim, ConnectorConfig, SourcePlugin
+from outbox_relay.secrets import scrubber
 
 # Transactions that may still insert rows: those holding the table's RowExclusiveLock (granted;
 # a prepared transaction holds it with no pid), except the relay's own connections.

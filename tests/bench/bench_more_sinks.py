@@ -35,9 +35,9 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from connectors.sinks.redis_streams import entry_fields
-from connectors.sinks.webhook import batch_body, batch_key, event_headers
-from relay.events import OutboxEvent
+from outbox_relay.connectors.sinks.redis_streams import entry_fields
+from outbox_relay.connectors.sinks.webhook import batch_body, batch_key, event_headers
+from outbox_relay.events import OutboxEvent
 from tests.bench.bench_logical import drain
 from tests.bench.bench_polling_file import _reset
 from tests.harness.nats import run_async, start_nats

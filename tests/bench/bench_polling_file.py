@@ -35,10 +35,10 @@ from typing import Any
 import psycopg
 import yaml
 
-from connectors.sources.postgres_polling import PostgresPollingSource
-from connectors.sources.read_cursor import ReadCursor
-from relay.config import parse_config
-from relay.runner import Relay, tune_garbage_collector
+from outbox_relay.config import parse_config
+from outbox_relay.connectors.sources.postgres_polling import PostgresPollingSource
+from outbox_relay.connectors.sources.read_cursor import ReadCursor
+from outbox_relay.runner import Relay, tune_garbage_collector
 from tests.bench.child_process import run_relay_watching_memory
 from tests.harness.postgres import start_postgres
 from tests.support import create_outbox_database, insert_events, relay_config

@@ -39,7 +39,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from connectors.sinks.kafka import KafkaSinkConfig
+from outbox_relay.connectors.sinks.kafka import KafkaSinkConfig
 from tests.bench.bench_polling_file import AGGREGATES, Drain, _epoch, _pct, _reset, drain_in_child
 from tests.harness.kafka import create_topic, start_kafka
 from tests.harness.postgres import start_postgres

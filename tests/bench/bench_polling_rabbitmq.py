@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from connectors.sinks.rabbitmq import message_properties
+from outbox_relay.connectors.sinks.rabbitmq import message_properties
 from tests.bench.bench_logical import drain
 from tests.bench.bench_polling_file import AGGREGATES, _reset
 from tests.harness.postgres import start_postgres
@@ -175,8 +175,8 @@ def profile_drain(dsn: str, sink: dict[str, Any], out: Path, top: int = 30) -> f
     import cProfile
     import pstats
 
-    from relay.config import parse_config
-    from relay.runner import Relay, tune_garbage_collector
+    from outbox_relay.config import parse_config
+    from outbox_relay.runner import Relay, tune_garbage_collector
 
     config = {
         "outboxes": [{"name": "bench", "source": {"type": "postgres-polling", "dsn": dsn}, "sink": sink}],

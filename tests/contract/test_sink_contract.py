@@ -25,17 +25,17 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client import REGISTRY
 
-from connectors.sinks.file import FileSink, FileSinkConfig
-from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
-from connectors.sinks.nats import NatsSink, NatsSinkConfig
-from connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
-from connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
-from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
-from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
-from relay.config import PipelineConfig, RetryConfig
-from relay.events import OutboxEvent
-from relay.interfaces import Sink
-from relay.pipeline import Pipeline
+from outbox_relay.config import PipelineConfig, RetryConfig
+from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig
+from outbox_relay.connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
+from outbox_relay.connectors.sinks.nats import NatsSink, NatsSinkConfig
+from outbox_relay.connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
+from outbox_relay.connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
+from outbox_relay.connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
+from outbox_relay.connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
+from outbox_relay.events import OutboxEvent
+from outbox_relay.interfaces import Sink
+from outbox_relay.pipeline import Pipeline
 from tests.conftest import (
     kafka_message_as_line,
     nats_message_as_line,

@@ -127,10 +127,10 @@ def build_context_files() -> list[str]:
 
 
 def relay_check(config_file: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m relay check -c FILE` with exactly these extra environment variables."""
+    """`python -m outbox_relay check -c FILE` with exactly these extra environment variables."""
     base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
     return subprocess.run(
-        [sys.executable, "-m", "relay", "check", "-c", str(config_file)],
+        [sys.executable, "-m", "outbox_relay", "check", "-c", str(config_file)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import HttpConfig
-from relay.http import HealthServer
+from outbox_relay.config import HttpConfig
+from outbox_relay.http import HealthServer
 from tests.deploy.support import (
     DOCKERFILE,
     ROOT,
@@ -184,13 +184,20 @@ def test_build_context_holds_what_the_dockerfile_copies_and_no_more() -> None:
     # What `pip install .` needs to build the package is in the context.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["readme"] in files
-    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
-        package = pattern.rstrip("*")
-        assert f"{package}/__init__.py" in files
+    folders = project["tool"]["setuptools"]["package-dir"]
+    for package in project["tool"]["setuptools"]["packages"]:
+        assert f"{_folder_of(package, folders)}/__init__.py" in files, package
     for group in project["project"]["entry-points"].values():
         for target in group.values():
-            module = target.split(":")[0].replace(".", "/")
+            module = _folder_of(target.split(":")[0], folders)
             assert f"{module}.py" in files or f"{module}/__init__.py" in files, target
+
+
+def _folder_of(module: str, folders: dict[str, str]) -> str:
+    """The repository path of an installed module name, by setuptools' package-dir (the longest
+    mapped prefix wins)."""
+    prefix = max((name for name in folders if module == name or module.startswith(name + ".")), key=len)
+    return folders[prefix] + module[len(prefix) :].replace(".", "/")
 
 
 def test_default_config_in_the_image_passes_check(tmp_path: Path) -> None:

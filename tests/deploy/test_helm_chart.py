@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from relay import metrics
+from outbox_relay import metrics
 from tests.deploy.support import CHART, container_env, final_stage, image_cmd, instruction, relay_check
 
 RELEASE, NAMESPACE = "orders", "shop"

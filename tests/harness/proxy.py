@@ -9,7 +9,7 @@ import contextlib
 import socket
 import threading
 
-from relay.drill_proxy import close_socket
+from outbox_relay.drill_proxy import close_socket
 from tests.harness.process import HOST
 
 

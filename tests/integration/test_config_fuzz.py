@@ -23,7 +23,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from relay.cli import cli
+from outbox_relay.cli import cli
 
 #: Bounds per file: generous (a good file takes well under a second), the bugs took minutes and GBs.
 TIME_BOUND_S = 10.0

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from psycopg import sql
 
-from relay.outbox import emit_event, write_event
+from outbox_relay.outbox import emit_event, write_event
 from tests.conftest import run_cli
 from tests.harness.postgres import PostgresServer
 from tests.payloads import BYTES_PAYLOAD, read_lines

@@ -11,9 +11,9 @@ from typing import Any
 import psycopg
 from prometheus_client import REGISTRY
 
-from relay.events import Failure, OutboxEvent, PublishResult
-from relay.interfaces import Sink
-from relay.outbox import write_event
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
+from outbox_relay.interfaces import Sink
+from outbox_relay.outbox import write_event
 from tests.conftest import run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.support import (

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from relay.config import parse_config
-from relay.interfaces import Fenced
-from relay.leadership import lease_key
+from outbox_relay.config import parse_config
+from outbox_relay.interfaces import Fenced
+from outbox_relay.leadership import lease_key
 from tests.support import insert_events, relay_config, unpublished
 
 
@@ -28,7 +28,7 @@ class _Term:
 
 
 async def test_an_ack_whose_token_is_no_longer_the_leases_marks_nothing_and_says_fenced(dsn: str) -> None:
-    from relay.runner import build_source
+    from outbox_relay.runner import build_source
 
     insert_events(dsn, 5)
     outbox = parse_config(relay_config(dsn, {"type": "stdout"}), "t.yaml", {}).outboxes[0]

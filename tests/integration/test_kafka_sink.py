@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("confluent_kafka")
 
-from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
-from relay.events import Failure, OutboxEvent
-from relay.interfaces import ConnectorError
+from outbox_relay.connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
+from outbox_relay.events import Failure, OutboxEvent
+from outbox_relay.interfaces import ConnectorError
 from tests.conftest import consume_event_ids, kafka_headers
 from tests.harness.kafka import KafkaBroker, start_kafka
 from tests.sink_support import make_events, started_sink

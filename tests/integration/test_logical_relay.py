@@ -17,10 +17,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from connectors.sources import pgoutput
-from relay.config import parse_config
-from relay.outbox import emit_event, write_event
-from relay.runner import build_source
+from outbox_relay.config import parse_config
+from outbox_relay.connectors.sources import pgoutput
+from outbox_relay.outbox import emit_event, write_event
+from outbox_relay.runner import build_source
 from tests.conftest import StartRelay, consume_event_ids, kafka_message_as_line, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer, start_postgres

@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from relay.outbox import write_event
+from outbox_relay.outbox import write_event
 from tests.conftest import StartRelay, run_cli
 from tests.harness.postgres import PostgresServer
 from tests.support import read_lines, set_up_outbox_database, wait_for, write_config

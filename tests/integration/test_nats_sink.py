@@ -17,10 +17,10 @@ from pydantic import ValidationError
 
 pytest.importorskip("nats")
 
-from connectors.sinks.nats import NatsSink, NatsSinkConfig, default_subjects
-from relay.events import Failure
-from relay.interfaces import ConnectorError
-from relay.registry import sink_plugins
+from outbox_relay.connectors.sinks.nats import NatsSink, NatsSinkConfig, default_subjects
+from outbox_relay.events import Failure
+from outbox_relay.interfaces import ConnectorError
+from outbox_relay.registry import sink_plugins
 from tests.conftest import nats_message_as_line
 from tests.harness.nats import NatsServer, read_stream, run_async, start_nats
 from tests.sink_support import (

@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay.config import parse_config
-from relay.runner import build_source
+from outbox_relay.config import parse_config
+from outbox_relay.runner import build_source
 from tests.support import (
     dead_letters,
     read_lines,
@@ -176,7 +176,7 @@ async def test_message_mode_keeps_numbers_as_written_and_dead_letters_what_no_br
 async def test_a_partitioned_outbox_is_relayed_in_table_mode(dsn: str, tmp_path: Path) -> None:
     """With publish_via_partition_root, PostgreSQL 15 describes the partition too, although its
     inserts come under the partitioned table's name: that description is no error."""
-    from relay.runner import set_up_database
+    from outbox_relay.runner import set_up_database
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(

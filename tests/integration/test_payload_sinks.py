@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from connectors.sinks.file import FileSink, FileSinkConfig
-from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
-from connectors.sinks.nats import NatsSink, NatsSinkConfig
-from connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
-from connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
-from connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
-from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
-from relay.events import OutboxEvent
-from relay.interfaces import Sink
+from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig
+from outbox_relay.connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
+from outbox_relay.connectors.sinks.nats import NatsSink, NatsSinkConfig
+from outbox_relay.connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
+from outbox_relay.connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
+from outbox_relay.connectors.sinks.stdout import StdoutSink, StdoutSinkConfig
+from outbox_relay.connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
+from outbox_relay.events import OutboxEvent
+from outbox_relay.interfaces import Sink
 from tests.conftest import kafka_headers
 from tests.harness.kafka import KafkaBroker
 from tests.harness.nats import NatsServer, read_stream, start_nats

@@ -17,14 +17,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from connectors.sources.postgres_polling import default_table_ddl
-from relay.config import parse_config
-from relay.events import Failure, OutboxEvent, PublishResult
-from relay.identifiers import parse_table_name
-from relay.interfaces import Sink
-from relay.outbox import emit_event, write_event
-from relay.pipeline import Pipeline
-from relay.runner import build_dead_letter_store, build_source
+from outbox_relay.config import parse_config
+from outbox_relay.connectors.sources.postgres_polling import default_table_ddl
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
+from outbox_relay.identifiers import parse_table_name
+from outbox_relay.interfaces import Sink
+from outbox_relay.outbox import emit_event, write_event
+from outbox_relay.pipeline import Pipeline
+from outbox_relay.runner import build_dead_letter_store, build_source
 from tests.conftest import run_cli
 from tests.payloads import (
     BYTES_PAYLOAD,
@@ -326,7 +326,7 @@ async def test_a_payload_column_declared_as_a_domain_is_read_as_its_base_type(
 ) -> None:
     """CREATE DOMAIN blob AS bytea: the bytes arrive as bytes, not as bytea's hex text; a domain
     over a domain over jsonb stays JSON."""
-    from relay.runner import set_up_database
+    from outbox_relay.runner import set_up_database
     from tests.support import read_lines as read_file_lines
     from tests.support import relay_config
 

@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay.config import parse_config
-from relay.events import Failure, OutboxEvent, PublishResult
-from relay.interfaces import Sink
-from relay.outbox import write_event
-from relay.pipeline import Pipeline
-from relay.runner import build_source
+from outbox_relay.config import parse_config
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
+from outbox_relay.interfaces import Sink
+from outbox_relay.outbox import write_event
+from outbox_relay.pipeline import Pipeline
+from outbox_relay.runner import build_source
 from tests.harness.postgres import PostgresServer
 from tests.support import (
     assert_complete_and_ordered,
@@ -298,7 +298,7 @@ class _Hangs(Sink):
 
 
 async def test_the_end_of_the_shutdown_grace_period_exits_even_when_the_broker_hangs(dsn: str) -> None:
-    from relay.runner import Relay
+    from outbox_relay.runner import Relay
 
     insert_events(dsn, 10)
     config = relay_config(dsn, {"type": "stdout"})

@@ -16,10 +16,10 @@ from pydantic import ValidationError
 
 pytest.importorskip("pika")
 
-from connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
-from relay.events import Failure
-from relay.interfaces import ConnectorError
-from relay.registry import sink_plugins
+from outbox_relay.connectors.sinks.rabbitmq import RabbitMQSink, RabbitMQSinkConfig
+from outbox_relay.events import Failure
+from outbox_relay.interfaces import ConnectorError
+from outbox_relay.registry import sink_plugins
 from tests.conftest import RabbitNames, private_rabbitmq, rabbit_delivered, rabbit_names, require_control
 from tests.harness.rabbitmq import (
     BrokerControlUnavailable,
@@ -412,7 +412,7 @@ def test_the_sink_is_registered_and_its_config_refuses_bad_settings_with_clear_r
 async def test_a_reserved_exchange_name_is_a_permission_problem_and_a_wrong_password_a_refused_login(
     rabbit: RabbitBroker, names: RabbitNames
 ) -> None:
-    from relay.problems import setup_problem
+    from outbox_relay.problems import setup_problem
 
     # RabbitMQ answers both with 403 ACCESS_REFUSED: a channel's refusal is not a login's.
     reserved = RabbitMQSink(_config(rabbit.url, names, exchange=f"amq.relaytest-{uuid.uuid4().hex[:8]}"))

@@ -19,10 +19,10 @@ pytest.importorskip("redis")
 
 import redis
 
-from connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
-from relay.events import Failure
-from relay.interfaces import ConnectorError
-from relay.registry import sink_plugins
+from outbox_relay.connectors.sinks.redis_streams import RedisSinkConfig, RedisStreamsSink
+from outbox_relay.events import Failure
+from outbox_relay.interfaces import ConnectorError
+from outbox_relay.registry import sink_plugins
 from tests.conftest import redis_entry_as_line
 from tests.harness.redis import RedisServer, start_redis, unique_prefix
 from tests.sink_support import (

@@ -22,10 +22,15 @@ from pydantic import ValidationError
 
 pytest.importorskip("httpx")
 
-from connectors.sinks.webhook import WebhookSink, WebhookSinkConfig, batch_key, retry_after_seconds
-from relay.events import Failure
-from relay.outbox import write_event
-from relay.registry import sink_plugins
+from outbox_relay.connectors.sinks.webhook import (
+    WebhookSink,
+    WebhookSinkConfig,
+    batch_key,
+    retry_after_seconds,
+)
+from outbox_relay.events import Failure
+from outbox_relay.outbox import write_event
+from outbox_relay.registry import sink_plugins
 from tests.conftest import run_cli, webhook_request_as_lines
 from tests.harness.proxy import SwitchableProxy
 from tests.harness.webhook import Reply, Request, WebhookReceiver

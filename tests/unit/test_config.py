@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, config_json_schema, load_config, parse_config
-from relay.durations import parse_duration
+from outbox_relay.config import ConfigError, config_json_schema, load_config, parse_config
+from outbox_relay.durations import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,7 +144,7 @@ def test_committed_json_schema_matches_the_model() -> None:
 
 
 def test_lease_keys_differ_by_what_the_outbox_reads_and_never_collide_like_a_crc32_of_the_name() -> None:
-    from relay.leadership import lease_key
+    from outbox_relay.leadership import lease_key
 
     assert lease_key("orders", "table public.outbox") != lease_key("orders", "table public.billing_outbox")
     assert lease_key("plumless") != lease_key("buckeroo")  # (their CRC32 is the same)

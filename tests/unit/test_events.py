@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from relay.events import headers_from_json, iso_utc
+from outbox_relay.events import headers_from_json, iso_utc
 
 
 @pytest.mark.parametrize(

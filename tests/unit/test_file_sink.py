@@ -10,11 +10,11 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from connectors.sinks.file import FileSink, FileSinkConfig
-from connectors.sinks.jsonlines import encode_line
-from relay.events import OutboxEvent
-from relay.interfaces import ConnectorError
-from relay.json_span import member_spans
+from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig
+from outbox_relay.connectors.sinks.jsonlines import encode_line
+from outbox_relay.events import OutboxEvent
+from outbox_relay.interfaces import ConnectorError
+from outbox_relay.json_span import member_spans
 
 
 async def test_a_line_torn_by_a_crash_is_cut_off_before_writing_again(tmp_path: Path) -> None:
@@ -48,8 +48,8 @@ def test_a_json_payload_keeps_its_bytes_and_only_its_raw_line_breaks_become_spac
 
 _WRITE_UNTIL_THE_SIZE_LIMIT = """
 import asyncio, os, resource, signal, sys
-from connectors.sinks.file import FileSink, FileSinkConfig
-from relay.interfaces import ConnectorError
+from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig
+from outbox_relay.interfaces import ConnectorError
 from tests.sink_support import make_events
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
@@ -93,8 +93,8 @@ def test_a_write_that_fails_midway_leaves_no_torn_line_in_front_of_the_retried_l
 
 _CONCURRENT_CALLS_WITH_FSYNC = """
 import asyncio, os, resource, signal, sys
-from connectors.sinks.file import FileSink, FileSinkConfig
-from relay.interfaces import ConnectorError
+from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig
+from outbox_relay.interfaces import ConnectorError
 from tests.sink_support import make_events
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -189,8 +189,8 @@ def test_loading_a_file_sink_whose_path_is_a_fifo_names_the_path_key(tmp_path: P
 async def test_a_path_whose_directory_is_missing_or_is_a_directory_is_a_setup_problem_naming_sink_path(
     tmp_path: Path,
 ) -> None:
-    from relay.interfaces import ConnectorError
-    from relay.problems import setup_problem
+    from outbox_relay.interfaces import ConnectorError
+    from outbox_relay.problems import setup_problem
 
     (tmp_path / "file").write_text("")
     for path in (tmp_path / "missing" / "out.jsonl", tmp_path / "later", tmp_path / "file" / "out.jsonl"):

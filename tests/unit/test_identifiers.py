@@ -6,7 +6,7 @@ import pytest
 from psycopg import sql
 from pydantic import BaseModel, ValidationError
 
-from relay.identifiers import (
+from outbox_relay.identifiers import (
     ColumnName,
     IdentifierError,
     QualifiedName,

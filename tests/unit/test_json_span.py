@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay.json_span import member_spans, parse
+from outbox_relay.json_span import member_spans, parse
 
 
 def _payload(document: bytes) -> bytes | None:

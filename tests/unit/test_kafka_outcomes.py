@@ -8,8 +8,8 @@ pytest.importorskip("confluent_kafka")
 
 from confluent_kafka import KafkaError
 
-from connectors.sinks.kafka import _outcome
-from relay.events import Failure
+from outbox_relay.connectors.sinks.kafka import _outcome
+from outbox_relay.events import Failure
 
 
 def _failure(code: int) -> tuple[Failure, bool]:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from relay.backoff import Backoff
-from relay.events import OutboxEvent
-from relay.lanes import Lanes
+from outbox_relay.backoff import Backoff
+from outbox_relay.events import OutboxEvent
+from outbox_relay.lanes import Lanes
 
 
 def _event(position: int, aggregate: str) -> OutboxEvent:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import structlog
 
-from relay.logs import configure_logging, get_logger
-from relay.secrets import scrubber
+from outbox_relay.logs import configure_logging, get_logger
+from outbox_relay.secrets import scrubber
 
 MB = 1_000_000
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("nats")
 
-from connectors.sinks.nats import permissions_violation
+from outbox_relay.connectors.sinks.nats import permissions_violation
 
 
 def test_a_permissions_violation_is_recognised_in_either_wording_with_its_operation_and_subject() -> None:

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from relay.json_span import member_spans
-from relay.outbox import _params, emit_event, message_content
+from outbox_relay.json_span import member_spans
+from outbox_relay.outbox import _params, emit_event, message_content
 
 
 class _Recorder:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import struct
 
-from connectors.sources import pgoutput
+from outbox_relay.connectors.sources import pgoutput
 
 
 def _cstr(text: str) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from relay.pgsession import session_conninfo
+from outbox_relay.pgsession import session_conninfo
 
 
 @pytest.mark.parametrize(

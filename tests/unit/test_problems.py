@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
-from relay.interfaces import ConnectorError
-from relay.problems import SetupProblems, setup_problem
+from outbox_relay.interfaces import ConnectorError
+from outbox_relay.problems import SetupProblems, setup_problem
 
 Op = psycopg.OperationalError
 
@@ -98,7 +98,7 @@ def test_outages_are_not_setup_problems(error: BaseException) -> None:
 
 
 def test_a_password_in_the_error_never_reaches_the_problem() -> None:
-    from relay.secrets import scrubber
+    from outbox_relay.secrets import scrubber
 
     scrubber.remember("hunter2-secret")
     problem = setup_problem(Op("password authentication failed: password=hunter2-secret"))
@@ -201,7 +201,7 @@ def test_a_bad_libpq_setting_from_the_environment_is_a_setup_problem_where_the_r
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The config's DSN is checked offline; PGSSLMODE and the like reach libpq only at run time.
-    from connectors.sources.postgres_connect import connect
+    from outbox_relay.connectors.sources.postgres_connect import connect
 
     monkeypatch.setenv("PGSSLMODE", "bogus")
     with pytest.raises(ConnectorError) as caught:

@@ -8,7 +8,7 @@ pytest.importorskip("pika")
 
 from pika import exceptions as pe
 
-from connectors.sinks.rabbitmq import _refuses_the_relay
+from outbox_relay.connectors.sinks.rabbitmq import _refuses_the_relay
 
 
 def test_a_channel_closed_with_access_refused_refuses_the_relay_and_other_closes_do_not() -> None:

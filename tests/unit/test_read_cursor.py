@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from connectors.sources.read_cursor import MIN_POSITION, ReadCursor
+from outbox_relay.connectors.sources.read_cursor import MIN_POSITION, ReadCursor
 
 
 def _read(cursor: ReadCursor, returned: list[int], writers: set[str], cut_short: bool = False) -> None:

@@ -8,7 +8,7 @@ pytest.importorskip("redis")
 
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from connectors.sinks.redis_streams import _reply_failure
+from outbox_relay.connectors.sinks.redis_streams import _reply_failure
 
 
 @pytest.mark.parametrize(

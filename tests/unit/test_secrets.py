@@ -7,7 +7,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from relay.secrets import SecretScrubber, redact_url, secret_forms
+from outbox_relay.secrets import SecretScrubber, redact_url, secret_forms
 
 
 def test_url_and_keyword_dsn_passwords_are_masked() -> None:
@@ -24,7 +24,7 @@ def test_scrubber_removes_remembered_passwords_from_any_text() -> None:
 
 
 def test_settings_named_like_secrets_are_recognised() -> None:
-    from relay.secrets import is_secret_key
+    from outbox_relay.secrets import is_secret_key
 
     for name in ("sasl.password", "ssl.key.password", "ssl.key.pem", "api_token", "client_secret"):
         assert is_secret_key(name), name
@@ -194,8 +194,8 @@ def test_a_secret_echoed_html_escaped_go_json_escaped_lower_case_percent_encoded
 
 
 def test_a_secret_with_two_spaces_or_a_tab_is_masked_in_a_setup_problem() -> None:
-    from relay.problems import setup_problem
-    from relay.secrets import scrubber
+    from outbox_relay.problems import setup_problem
+    from outbox_relay.secrets import scrubber
 
     scrubber.remember("two  spaces\tsecret")
     problem = setup_problem(RuntimeError("authentication failed for two  spaces\tsecret"))

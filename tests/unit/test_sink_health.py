@@ -10,10 +10,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from relay.config import PipelineConfig, RetryConfig
-from relay.events import Failure, OutboxEvent, PublishResult
-from relay.interfaces import Sink
-from relay.pipeline import Pipeline
+from outbox_relay.config import PipelineConfig, RetryConfig
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
+from outbox_relay.interfaces import Sink
+from outbox_relay.pipeline import Pipeline
 from tests.sink_support import ListSource, eventually, make_events
 
 Answer = Callable[[OutboxEvent], PublishResult]

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from relay.config import parse_config
-from relay.runner import Relay
-from relay.stalls import CallTracker, Stall
+from outbox_relay.config import parse_config
+from outbox_relay.runner import Relay
+from outbox_relay.stalls import CallTracker, Stall
 from tests.support import relay_config
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.events import OutboxEvent
-from relay.templates import Template, check_template
+from outbox_relay.events import OutboxEvent
+from outbox_relay.templates import Template, check_template
 
 
 @pytest.mark.parametrize(
