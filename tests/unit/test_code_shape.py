@@ -1,0 +1,83 @@
+"""Small parts: no module in relay/ or connectors/ over 400 lines, no function over 50, no class
+over 200. The modules, functions and classes still over a limit are listed below; the list may
+only shrink (a listed one that now fits fails the test until it is struck off), and nothing new
+may join it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = ("relay", "connectors")
+MAX_MODULE, MAX_FUNCTION, MAX_CLASS = 400, 50, 200
+
+#: Still too big, to be split (issue "Reshape the core around small contracts").
+OVER_THE_LIMIT: frozenset[str] = frozenset(
+    {
+        "connectors/sinks/kafka.py",  # 935
+        "connectors/sinks/kafka.py:KafkaSink",  # 314
+        "connectors/sinks/kafka.py:_publish_round",  # 75
+        "connectors/sinks/nats.py",  # 717
+        "connectors/sinks/nats.py:NatsSink",  # 259
+        "connectors/sinks/nats.py:_connect",  # 108
+        "connectors/sinks/nats.py:publish",  # 79
+        "connectors/sinks/rabbitmq.py",  # 809
+        "connectors/sinks/rabbitmq.py:RabbitMQSink",  # 275
+        "connectors/sinks/rabbitmq.py:_connect",  # 73
+        "connectors/sinks/webhook.py",  # 506
+        "connectors/sources/postgres_logical.py",  # 1163
+        "connectors/sources/postgres_logical.py:PostgresLogicalSource",  # 779
+        "connectors/sources/postgres_polling.py",  # 724
+        "connectors/sources/postgres_polling.py:PostgresPollingSource",  # 568
+        "connectors/sources/postgres_polling.py:_build_queries",  # 79
+        "relay/cli.py",  # 685
+        "relay/cli.py:drill",  # 103
+        "relay/config.py",  # 698
+        "relay/deadletters.py:DeadLetterStore",  # 218
+        "relay/drill.py",  # 519
+        "relay/drill.py:run_drill",  # 94
+        "relay/leadership.py",  # 588
+        "relay/leadership.py:Lease",  # 368
+        "relay/leadership.py:_try_acquire",  # 59
+        "relay/pipeline.py",  # 945
+        "relay/pipeline.py:Pipeline",  # 866
+        "relay/pipeline.py:__init__",  # 65
+        "relay/pipeline.py:_broker_outcome",  # 57
+        "relay/pipeline.py:_held_event_failed",  # 52
+        "relay/pipeline.py:_release_step",  # 66
+        "relay/pipeline.py:_settle",  # 84
+        "relay/pipeline.py:_until_done",  # 54
+    }
+)
+
+
+def _lines(node: ast.AST) -> int:
+    start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])  # type: ignore[attr-defined]
+    return int(node.end_lineno) - start + 1  # type: ignore[attr-defined]
+
+
+def _oversized() -> dict[str, int]:
+    found: dict[str, int] = {}
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = path.relative_to(ROOT).as_posix()
+            text = path.read_text()
+            if (count := len(text.splitlines())) > MAX_MODULE:
+                found[name] = count
+            for node in ast.walk(ast.parse(text)):
+                if not isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                limit = MAX_CLASS if isinstance(node, ast.ClassDef) else MAX_FUNCTION
+                if (count := _lines(node)) > limit:
+                    found[f"{name}:{node.name}"] = count
+    return found
+
+
+def test_nothing_new_grows_over_the_limits() -> None:
+    new = {name: count for name, count in _oversized().items() if name not in OVER_THE_LIMIT}
+    assert new == {}, f"over {MAX_MODULE}/{MAX_FUNCTION}/{MAX_CLASS} lines (module/function/class)"
+
+
+def test_what_now_fits_is_struck_off_the_list() -> None:
+    assert sorted(OVER_THE_LIMIT - set(_oversized())) == []
