@@ -8,12 +8,12 @@ pytest.importorskip("confluent_kafka")
 
 from confluent_kafka import KafkaError
 
-from outbox_relay.connectors.sinks.kafka import _outcome
+from outbox_relay.connectors.sinks.kafka.outcomes import classify
 from outbox_relay.events import Failure
 
 
 def _failure(code: int) -> tuple[Failure, bool]:
-    outcome = _outcome("outbox.orders", KafkaError(code))
+    outcome = classify("outbox.orders", KafkaError(code))
     assert isinstance(outcome.result, Failure)
     return outcome.result, outcome.producer_broken
 

@@ -8,12 +8,12 @@ pytest.importorskip("pika")
 
 from pika import exceptions as pe
 
-from outbox_relay.connectors.sinks.rabbitmq import _refuses_the_relay
+from outbox_relay.connectors.sinks.rabbitmq.errors import refuses_the_relay
 
 
 def test_a_channel_closed_with_access_refused_refuses_the_relay_and_other_closes_do_not() -> None:
     refused = pe.ChannelClosedByBroker(403, "ACCESS_REFUSED - access to exchange 'x' in vhost '/' refused")
-    assert _refuses_the_relay(refused)
-    assert not _refuses_the_relay(pe.ChannelClosedByBroker(404, "NOT_FOUND - no exchange 'x'"))
-    assert not _refuses_the_relay(pe.ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg"))
-    assert not _refuses_the_relay(pe.StreamLostError("Transport indicated EOF"))
+    assert refuses_the_relay(refused)
+    assert not refuses_the_relay(pe.ChannelClosedByBroker(404, "NOT_FOUND - no exchange 'x'"))
+    assert not refuses_the_relay(pe.ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg"))
+    assert not refuses_the_relay(pe.StreamLostError("Transport indicated EOF"))
