@@ -205,6 +205,34 @@ async def test_close_delivers_what_still_lingers_in_the_producer_queue(kafka: Ka
     assert len(kafka.consume_all(topic, 50)) == 50
 
 
+async def test_discard_purges_what_lingers_so_nothing_reaches_the_topic_and_the_waiting_call_is_not_blamed(
+    kafka: KafkaBroker,
+) -> None:
+    # After a lost lease: what the old holder still queues would land after the new holder's events.
+    topic, events = _topic_events(50, aggregates=50)
+    config = KafkaSinkConfig(
+        type="kafka",
+        bootstrap_servers=kafka.bootstrap_servers,
+        delivery_timeout=120,  # librdkafka requires message.timeout.ms > linger.ms
+        producer={"linger.ms": 60_000},
+    )
+    sink = KafkaSink(config)
+    await sink.start()
+    publishing = asyncio.ensure_future(sink.publish(events))
+    await asyncio.sleep(0.3)
+    assert not publishing.done(), "linger.ms should still hold the batch"
+    started = time.monotonic()
+    await sink.discard()
+    # Far below linger.ms (60 s) and delivery_timeout (120 s): discard purged, it neither flushed nor waited.
+    assert time.monotonic() - started < 20.0, "discard waited instead of purging"
+    results = await asyncio.wait_for(publishing, 5)
+    assert all(isinstance(r, Failure) and r.transient and not r.permanent for r in results), results
+    assert all("_PURGE_QUEUE" in r.reason for r in results if r is not None)
+    assert kafka.consume_all(topic, 1, timeout=3.0) == []
+    with pytest.raises(ConnectorError, match="not started"):
+        await sink.publish(events[:1])
+
+
 async def test_an_unreachable_cluster_is_a_clear_connector_error_that_never_shows_the_password() -> None:
     with _refusing_port() as port:
         sink = KafkaSink(

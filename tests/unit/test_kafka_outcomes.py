@@ -23,15 +23,18 @@ def test_messages_purged_when_a_producer_closes_are_transient_so_they_never_coun
     code: int,
 ) -> None:
     failure, _ = _failure(code)
-    assert failure.transient and not failure.permanent
+    assert failure.transient
+    assert not failure.permanent
     assert "outbox.orders" in failure.reason
 
 
 def test_a_timed_out_delivery_is_transient_and_an_oversized_message_is_permanent() -> None:
     timed_out, _ = _failure(KafkaError._MSG_TIMED_OUT)
-    assert timed_out.transient and not timed_out.permanent
+    assert timed_out.transient
+    assert not timed_out.permanent
     too_large, _ = _failure(KafkaError.MSG_SIZE_TOO_LARGE)
-    assert too_large.permanent and not too_large.transient
+    assert too_large.permanent
+    assert not too_large.transient
     assert "message.max.bytes" in too_large.reason
 
 
@@ -55,8 +58,11 @@ def test_an_authorization_or_sasl_refusal_is_a_setup_failure_that_never_dead_let
     code: int,
 ) -> None:
     failure, _ = _failure(code)
-    assert failure.setup and failure.transient and not failure.permanent
-    assert "outbox.orders" in failure.reason and KafkaError(code).name() in failure.reason
+    assert failure.setup
+    assert failure.transient
+    assert not failure.permanent
+    assert "outbox.orders" in failure.reason
+    assert KafkaError(code).name() in failure.reason
 
 
 def test_a_topic_authorization_failure_says_what_the_principal_lacks() -> None:

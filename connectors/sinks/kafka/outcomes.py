@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """What became of one message that did not reach the topic."""
+
     result: PublishResult
     #: The producer instance can no longer deliver (fenced or fatal): a new one can.
     producer_broken: bool = False
@@ -105,6 +107,8 @@ _TRANSIENT = frozenset(
 
 
 def classify(topic: str, err: KafkaError) -> Outcome:
+    """The failure of a message to `topic` that librdkafka refused or reported with `err`: its
+    reason names the topic, the error and (for the common ones) what to check."""
     name = err.name()
     refused = name in _REFUSED_THE_RELAY
     permanent = not refused and (
@@ -124,6 +128,7 @@ def classify(topic: str, err: KafkaError) -> Outcome:
 
 
 def kafka_error_of(exc: BaseException) -> KafkaError | None:
+    """The KafkaError a KafkaException carries, if any."""
     from confluent_kafka import KafkaError
 
     first = exc.args[0] if exc.args else None

@@ -25,7 +25,8 @@ _YIELD_EVERY = 128
 
 class RabbitMQSink(Sink):
     """Contract (on top of `Sink`): see `publish`. One connection at a time, opened on demand
-    (one caller connects, the others wait for it); `close` leaves nothing unconfirmed."""
+    (one caller connects, the others wait for it); `close` has nothing to flush, as every
+    publish call waits for its own confirms."""
 
     kind = "rabbitmq"
     keeps_order = True
