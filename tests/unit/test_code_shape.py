@@ -15,7 +15,12 @@ MAX_MODULE, MAX_FUNCTION, MAX_CLASS = 400, 50, 200
 #: Still too big, to be split (issue "Reshape the core around small contracts").
 OVER_THE_LIMIT: frozenset[str] = frozenset(
     {
-        "connectors/sinks/webhook.py",  # 506
+        "connectors/sinks/kafka.py",  # 935
+        "connectors/sinks/kafka.py:KafkaSink",  # 314
+        "connectors/sinks/kafka.py:_publish_round",  # 75
+        "connectors/sinks/rabbitmq.py",  # 809
+        "connectors/sinks/rabbitmq.py:RabbitMQSink",  # 275
+        "connectors/sinks/rabbitmq.py:_connect",  # 73
         "connectors/sources/postgres_logical.py",  # 1163
         "connectors/sources/postgres_logical.py:PostgresLogicalSource",  # 779
         "relay/cli.py",  # 685
