@@ -1,0 +1,89 @@
+"""The DDL of `init-db` for the polling source: the default outbox table (shared with the logical
+replication source), the partial index of unpublished rows, and the NOTIFY trigger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from outbox_relay.connectors.sources.postgres_polling.config import ColumnMapping, PostgresPollingConfig
+from outbox_relay.identifiers import QualifiedName, derived_name
+
+# Fixed text: the channel comes as the trigger's argument, the table name from the server.
+_NOTIFY_FUNCTION = sql.Composed(
+    [
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION outbox_relay_notify() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
+            "  PERFORM pg_notify(TG_ARGV[0], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);\n"
+            "  RETURN NULL;\nEND\n$$"
+        )
+    ]
+)
+
+
+def default_table_ddl(table: QualifiedName) -> sql.Composed:
+    """The default outbox table of DESIGN.md (shared by both PostgreSQL sources)."""
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (\n"
+        "  position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+        "  event_id       uuid        NOT NULL DEFAULT gen_random_uuid() UNIQUE,\n"
+        "  aggregate_type text        NOT NULL,\n"
+        "  aggregate_id   text        NOT NULL,\n"
+        "  event_type     text        NOT NULL,\n"
+        "  payload        jsonb       NOT NULL,\n"
+        "  headers        jsonb       NOT NULL DEFAULT '{{}}',\n"
+        "  created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+        "  published_at   timestamptz\n"
+        ")"
+    ).format(table.identifier())
+
+
+async def existing_table(conn: psycopg.AsyncConnection[Any], name: QualifiedName) -> QualifiedName | None:
+    """The table the server finds for the configured name, or None: `CREATE TABLE IF NOT EXISTS
+    outbox` would create a second table in the first schema of the search_path although the
+    name already finds one further along it."""
+    cur = await conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass(%s)",
+        (name.regclass_text(),),
+    )
+    row = await cur.fetchone()
+    return QualifiedName(row[0], row[1]) if row else None
+
+
+def init_statements(
+    config: PostgresPollingConfig, existing: QualifiedName | None = None
+) -> list[sql.Composed]:
+    """The DDL of `init-db`; on `existing`, the table the configured name finds, when given
+    (it is then not created)."""
+    cols = config.columns.names()
+    configured = config.table_name()
+    name = existing or configured
+    table = name.identifier()
+    statements: list[sql.Composed] = []
+    if cols == ColumnMapping().names() and existing is None:
+        statements.append(default_table_ddl(configured))
+    if cols.published_at and config.marks:
+        statements.append(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({}) WHERE {} IS NULL").format(
+                sql.Identifier(derived_name(name.name, "_unpublished")),
+                table,
+                sql.Identifier(cols.position),
+                sql.Identifier(cols.published_at),
+            )
+        )
+    if config.notify:
+        statements.extend(
+            [
+                _NOTIFY_FUNCTION,
+                sql.SQL("DROP TRIGGER IF EXISTS outbox_relay_notify ON {}").format(table),
+                # One notification per inserting statement: cheap even for bulk inserts.
+                sql.SQL(
+                    "CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {} FOR EACH STATEMENT"
+                    " EXECUTE FUNCTION outbox_relay_notify({})"
+                ).format(table, sql.Literal(config.notify_channel)),
+            ]
+        )
+    return statements
