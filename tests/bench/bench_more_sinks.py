@@ -268,13 +268,13 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(("nats (JetStream, file storage)", n, relay, sent / seconds))
 
         if "redis" in selected:
-            with start_redis(private=True) as server:
+            with start_redis(private=True) as redis_server:
                 _reset(dsn, n)
-                sent, seconds = raw_redis(server.url, "bench-raw", outbox_events(dsn))
+                sent, seconds = raw_redis(redis_server.url, "bench-raw", outbox_events(dsn))
                 assert sent == n
-                relay = relay_run({"type": "redis", "url": server.url, "stream": "bench-relay"}, n)
-                client = server.client()
-                length = client.xlen("bench-relay")  # type: ignore[attr-defined]
+                relay = relay_run({"type": "redis", "url": redis_server.url, "stream": "bench-relay"}, n)
+                client = redis_server.client()
+                length = client.xlen("bench-relay")
                 assert length == n, f"the stream holds {length} of {n}"
                 rows.append(("redis (streams, no persistence)", n, relay, sent / seconds))
 

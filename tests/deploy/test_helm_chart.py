@@ -42,7 +42,7 @@ def render_files(values: dict[str, Any] | None = None, chart: Path = CHART) -> d
 
 
 def manifests(files: dict[str, str]) -> Manifests:
-    docs = []
+    docs: Manifests = []
     for path, text in files.items():
         if path.endswith("NOTES.txt"):
             continue
@@ -65,7 +65,7 @@ def kinds(docs: Manifests) -> list[str]:
 
 
 def relay_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    containers = pod_spec.get("containers", []) + pod_spec.get("initContainers", [])
+    containers: list[dict[str, Any]] = pod_spec.get("containers", []) + pod_spec.get("initContainers", [])
     (container,) = [c for c in containers if c["name"] == "outbox-relay"]
     return container
 

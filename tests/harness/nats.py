@@ -100,6 +100,7 @@ def read_stream(url: str, stream: str) -> list[tuple[str, dict[str, str], bytes]
                     msg = await js.get_msg(stream, seq)
                 except Exception:
                     continue  # deleted or trimmed
+                assert msg.subject is not None, "a stored message keeps its subject"
                 messages.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
             return messages
         finally:

@@ -34,7 +34,7 @@ MAX_LINES = 25
 DSN = "postgresql://relay:s3cret-pw@db.example:5432/app"
 
 
-def _outbox(name: str = "orders", **parts: Any) -> dict[str, Any]:
+def _outbox(name: str = "orders", /, **parts: Any) -> dict[str, Any]:
     outbox: dict[str, Any] = {
         "name": name,
         "source": {"type": "postgres-polling", "dsn": DSN},
@@ -184,7 +184,7 @@ def _cases() -> list[Case]:
     add("log level", _yaml(_config(log={"level": "loud"})), "log.level: must be one of")
     add("on_poison", _yaml(_config(_outbox(dead_letter={"on_poison": "explode"}))), "dead_letter.on_poison:")
     add("attempts zero", _yaml(_config(_outbox(dead_letter={"after_attempts": 0}))), "after_attempts")
-    add("bad outbox name", _yaml(_config(_outbox(name="has space"))), "outboxes[0].name: must match")
+    add("bad outbox name", _yaml(_config(_outbox("has space"))), "outboxes[0].name: must match")
     add("duplicate key", _text("outboxes: []\noutboxes: []\n"), "duplicate key 'outboxes'")
     add("yaml syntax", _text("outboxes: [\n  - name: {\n"), "invalid YAML")
     add(
@@ -267,7 +267,7 @@ def _cases() -> list[Case]:
             _yaml(_config(_outbox(sink={**SINKS["kafka"], "producer": producer}))),
             f"outboxes[0].sink.{key}: librdkafka refuses",
         )
-    for sink, key, value in (
+    for sink, key, address in (
         ("rabbitmq", "url", "http://guest:guest@localhost/"),
         ("rabbitmq", "url", "amqp://"),
         ("nats", "servers", ["nats://localhost:port"]),
@@ -277,8 +277,8 @@ def _cases() -> list[Case]:
         ("webhook", "url", "https://"),
     ):
         add(
-            f"{sink} {key} {value}",
-            _yaml(_config(_outbox(sink={**SINKS[sink], key: value}))),
+            f"{sink} {key} {address}",
+            _yaml(_config(_outbox(sink={**SINKS[sink], key: address}))),
             f"outboxes[0].sink.{key}:",
         )
     add(
@@ -407,13 +407,13 @@ def _cases() -> list[Case]:
         _text(good.replace("sink:", "retry: {multiplier: 1e200}\n    sink:")),
         "retry.multiplier: must be <= 10",
     )
-    for section, key, value in (
+    for section, key, huge in (
         ("pipeline", "max_in_flight", 10**30),
         ("pipeline", "publish_batch_size", 10**12),
         ("pipeline", "per_aggregate_in_flight", 10**12),
         ("dead_letter", "after_attempts", 10**30),
     ):
-        add(f"{key} huge", _yaml(_config(_outbox(**{section: {key: value}}))), f"{section}.{key}: must be <=")
+        add(f"{key} huge", _yaml(_config(_outbox(**{section: {key: huge}}))), f"{section}.{key}: must be <=")
     add(
         "redis maxlen huge",
         _yaml(_config(_outbox(sink={**SINKS["redis"], "maxlen": 10**30}))),

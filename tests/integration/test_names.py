@@ -426,9 +426,9 @@ def test_an_unqualified_name_is_the_table_the_search_path_finds_in_init_db_check
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA other")
     dsn = make_conninfo(database, options="-csearch_path=other")
-    key, written = ("table", "outbox") if kind == "postgres-polling" else ("tables", ["outbox"])
+    table: dict[str, Any] = {"table": "outbox"} if kind == "postgres-polling" else {"tables": ["outbox"]}
     out = tmp_path / "out.jsonl"
-    path = write_config(tmp_path, _config(dsn, kind, out, **{key: written}))
+    path = write_config(tmp_path, _config(dsn, kind, out, **table))
     _ok(run_cli("init-db", "-c", str(path), env=cli_env), ("init-db",))
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT to_regclass('other.outbox') IS NOT NULL").fetchone() == (True,)
@@ -452,9 +452,9 @@ def test_init_db_never_makes_a_second_table_when_the_name_finds_one_further_alon
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA app")
     dsn = make_conninfo(database, options="-csearch_path=app,public")
-    key, written = ("table", "outbox") if kind == "postgres-polling" else ("tables", ["outbox"])
+    table: dict[str, Any] = {"table": "outbox"} if kind == "postgres-polling" else {"tables": ["outbox"]}
     out = tmp_path / "out.jsonl"
-    path = write_config(tmp_path, _config(dsn, kind, out, **{key: written}))
+    path = write_config(tmp_path, _config(dsn, kind, out, **table))
     _ok(run_cli("init-db", "-c", str(path), env=cli_env), ("init-db",))
     with psycopg.connect(database) as conn:
         made = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'app'").fetchone()

@@ -37,7 +37,7 @@ def _create_slot_and_publication(config: dict[str, Any]) -> None:
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
     with psycopg.connect(outbox.source.dsn, autocommit=True) as conn:  # type: ignore[attr-defined]
         for statement in build_source(outbox, 0).init_sql():
-            conn.execute(statement)  # type: ignore[call-overload]
+            conn.execute(statement)
 
 
 def _insert(dsn: str, count: int, table: str = "outbox", aggregate: str = "order") -> set[str]:

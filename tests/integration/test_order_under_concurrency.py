@@ -26,7 +26,7 @@ def _logical_config(dsn: str, out: Path, mode: str) -> dict[str, Any]:
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in build_source(outbox, 0).init_sql():
-            conn.execute(statement)  # type: ignore[call-overload]
+            conn.execute(statement)
     return config
 
 

@@ -24,7 +24,7 @@ from outbox_relay.events import Failure
 from outbox_relay.interfaces import ConnectorError
 from outbox_relay.registry import sink_plugins
 from tests.conftest import redis_entry_as_line
-from tests.harness.redis import RedisServer, start_redis, unique_prefix
+from tests.harness.redis import RedisServer, start_redis, stream_entries, unique_prefix
 from tests.sink_support import (
     make_events,
     missing_extra_message,
@@ -79,11 +79,7 @@ def _started(url: str, prefix: str, **settings: Any) -> AbstractAsyncContextMana
 
 
 def _entries(url: str, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    client = redis.Redis.from_url(url)
-    try:
-        return client.xrange(key)  # type: ignore[return-value]
-    finally:
-        client.close()
+    return stream_entries(url, key)
 
 
 # --- delivery -----------------------------------------------------------------------------------
