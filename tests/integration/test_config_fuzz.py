@@ -900,7 +900,8 @@ def test_more_problems_than_fit_are_counted_not_printed(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert len(lines) == 21, lines
     assert lines[0] == f"{path}: unknown_key_00000000: unknown key"
-    assert lines[-1].startswith("... and ") and lines[-1].endswith(" more problems")
+    assert lines[-1].startswith("... and ")
+    assert lines[-1].endswith(" more problems")
     assert int(lines[-1].split()[2]) > 100
 
 
@@ -939,7 +940,8 @@ def test_a_client_library_refusal_with_a_line_break_is_printed_as_one_line(
     assert result.exit_code == 2, result.output
     (line,) = result.output.splitlines()
     assert line.startswith(f"{path}: outboxes[0].sink.producer"), line
-    assert "librdkafka refuses" in line and line.endswith(" (_INVALID_ARG)"), line
+    assert "librdkafka refuses" in line, line
+    assert line.endswith(" (_INVALID_ARG)"), line
 
 
 def test_check_masks_the_kafka_oauth_extensions_client_secret_and_key_passwords(tmp_path: Path) -> None:

@@ -138,7 +138,8 @@ async def test_message_mode_relays_emitted_messages_without_writing_any_table(
     await run_relay_until(config, lambda _: _delivered_ids(out) >= expected)
     lines = read_lines(out)
     assert assert_complete_and_ordered(lines, expected) == 0
-    assert lines[0]["payload"] == {"i": 0} and lines[0]["headers"]["traceparent"] == "t0"
+    assert lines[0]["payload"] == {"i": 0}
+    assert lines[0]["headers"]["traceparent"] == "t0"
     assert "Doomed" not in {line["event_type"] for line in lines}
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
@@ -388,7 +389,8 @@ def test_check_names_missing_replication_privilege_and_a_slot_in_use(
             assert time.monotonic() < deadline, check.stdout + check.stderr
             time.sleep(0.2)
         status = run_cli("status", "-c", str(path))
-        assert "slot outbox_relay: lag_bytes=" in status.stdout and "active (pid" in status.stdout
+        assert "slot outbox_relay: lag_bytes=" in status.stdout
+        assert "active (pid" in status.stdout
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.wait(timeout=20)

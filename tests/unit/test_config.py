@@ -52,7 +52,8 @@ def test_unknown_sink_type_lists_the_known_ones() -> None:
     data = {"outboxes": [{**_outbox(), "sink": {"type": "kafak"}}]}
     (problem,) = _problems(data)
     assert problem.startswith("relay.yaml: outboxes[0].sink: unknown type 'kafak' (known: ")
-    assert "stdout" in problem and "file" in problem
+    assert "stdout" in problem
+    assert "file" in problem
 
 
 def test_missing_environment_variable_names_the_key() -> None:
