@@ -126,6 +126,8 @@ def raw_redis(url: str, key: str, events: list[OutboxEvent]) -> tuple[int, float
         for start in range(0, len(entries), CHUNK):
             pipe = client.pipeline(transaction=False)
             for fields in entries[start : start + CHUNK]:
+                # redis-py types the fields as a dict of its own key and value unions, and a dict
+                # is invariant: a dict[str, str | bytes] is refused although xadd takes it.
                 pipe.xadd(key, fields)  # type: ignore[arg-type]
             added += sum(1 for reply in await pipe.execute() if reply)
         await client.aclose()
