@@ -63,7 +63,8 @@ def read_line(line: bytes) -> tuple[str, bytes]:
     start, end = spans["payload"]
     while line[start - 1 : start] in (b" ", b"\t"):
         start -= 1
-    assert line[start - 10 : start] == b'"payload":' and line.endswith(b"}"), line[:200]
+    assert line[start - 10 : start] == b'"payload":', line[:200]
+    assert line.endswith(b"}"), line[:200]
     assert not line[end:-1].strip(b" \t"), "the payload is not the line's last member"
     return event_id, line[start:-1]
 

@@ -50,7 +50,7 @@ def relay_config(dsn: str, sink: dict[str, Any], **source: Any) -> dict[str, Any
     }
 
 
-def _default_setup_sql() -> list[str]:
+def _default_setup_sql() -> list[sql.Composed]:
     outbox = parse_config(relay_config("postgresql://unused", {"type": "stdout"}), "t.yaml", {}).outboxes[0]
     statements, _ = database_setup(outbox, build_source(outbox, 0))
     return statements

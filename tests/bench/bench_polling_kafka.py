@@ -85,7 +85,8 @@ def bare_producer(bootstrap_servers: str, topic: str, messages: list[Message]) -
                 producer.poll(0.01)
     left = producer.flush(120)
     elapsed = time.perf_counter() - started
-    assert left == 0 and not failed, f"bare producer: {left} not flushed, failures {failed[:3]}"
+    assert left == 0, f"bare producer: {left} not flushed, failures {failed[:3]}"
+    assert not failed, f"bare producer: {left} not flushed, failures {failed[:3]}"
     return len(messages), elapsed
 
 

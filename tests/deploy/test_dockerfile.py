@@ -91,7 +91,8 @@ def test_runs_as_a_numeric_non_root_user() -> None:
     users = instruction(final_stage(), "USER")
     assert users, "the runtime stage sets USER"
     uid, _, gid = users[-1].value[0].partition(":")
-    assert uid.isdigit() and int(uid) != 0, "numeric, so Kubernetes' runAsNonRoot can verify it"
+    assert uid.isdigit(), "numeric, so Kubernetes' runAsNonRoot can verify it"
+    assert int(uid) != 0, "not root"
     assert int(uid) == 10001
     assert not gid or (gid.isdigit() and int(gid) != 0)
     # Nothing after USER runs as root again.
@@ -112,7 +113,8 @@ def test_entrypoint_and_cmd_in_exec_form() -> None:
     (entrypoint,) = instruction(final_stage(), "ENTRYPOINT")
     (cmd,) = instruction(final_stage(), "CMD")
     # Exec (JSON) form: the relay is PID 1 and gets SIGTERM itself, no shell in between.
-    assert entrypoint.json and cmd.json
+    assert entrypoint.json
+    assert cmd.json
     assert list(entrypoint.value) == ["outbox-relay"]
     assert image_cmd() == ["run", "-c", "/etc/outbox-relay/relay.yaml"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -139,7 +141,8 @@ def test_healthcheck_uses_python_urllib_not_curl() -> None:
     argv = _healthcheck_argv()
     script = " ".join(argv)
     assert "urllib.request" in script
-    assert "curl" not in script and "wget" not in script
+    assert "curl" not in script
+    assert "wget" not in script
     (healthcheck,) = instruction(final_stage(), "HEALTHCHECK")
     flags = dict(f.lstrip("-").split("=", 1) for f in healthcheck.flags)
     assert {"interval", "timeout", "retries"} <= set(flags)

@@ -42,7 +42,7 @@ def render_files(values: dict[str, Any] | None = None, chart: Path = CHART) -> d
 
 
 def manifests(files: dict[str, str]) -> Manifests:
-    docs = []
+    docs: Manifests = []
     for path, text in files.items():
         if path.endswith("NOTES.txt"):
             continue
@@ -65,7 +65,7 @@ def kinds(docs: Manifests) -> list[str]:
 
 
 def relay_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    containers = pod_spec.get("containers", []) + pod_spec.get("initContainers", [])
+    containers: list[dict[str, Any]] = pod_spec.get("containers", []) + pod_spec.get("initContainers", [])
     (container,) = [c for c in containers if c["name"] == "outbox-relay"]
     return container
 
@@ -123,16 +123,18 @@ def _scenarios() -> Iterator[tuple[str, dict[str, Any]]]:
 # --- lint ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, values", list(_scenarios()), ids=[n for n, _ in _scenarios()])
+@pytest.mark.parametrize(("name", "values"), list(_scenarios()), ids=[n for n, _ in _scenarios()])
 def test_lint_is_clean(name: str, values: dict[str, Any]) -> None:
     report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
-    assert report["errors"] == [] and problems == [], report
+    assert report["errors"] == [], report
+    assert problems == [], report
 
 
 def test_example_app_chart_lints_clean(app_chart: Path) -> None:
     report = helm.lint(str(app_chart), _sidecar_values(), strict=True, namespace=NAMESPACE)
-    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
 # --- what is rendered ----------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def test_monitoring_renders_service_monitor_rule_and_dashboard(monitoring: Manif
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-@pytest.mark.parametrize("name, values", list(_scenarios()), ids=[n for n, _ in _scenarios()])
+@pytest.mark.parametrize(("name", "values"), list(_scenarios()), ids=[n for n, _ in _scenarios()])
 def test_manifests_match_the_kubernetes_schemas(name: str, values: dict[str, Any], version: str) -> None:
     unchecked = []
     for doc in render(values):
@@ -260,7 +262,7 @@ def _with_lease(lease: dict[str, Any] | None, period: int, **probe: Any) -> dict
 
 
 @pytest.mark.parametrize(
-    "lease, period, ok",
+    ("lease", "period", "ok"),
     [
         (None, 5, True),  # lease.time defaults to 5s
         (None, 6, False),
@@ -363,8 +365,10 @@ SECRET_VALUES = {
 
 def _assert_secrets_by_reference(docs: Manifests, container: dict[str, Any]) -> None:
     text = "\n".join(yaml.safe_dump(d) for d in docs)
-    assert "postgresql://" not in text and "postgres://" not in text
-    assert "hunter2" not in text and "stand-in" not in text
+    assert "postgresql://" not in text
+    assert "postgres://" not in text
+    assert "hunter2" not in text
+    assert "stand-in" not in text
     assert not [d for d in docs if d["kind"] == "Secret"], "the chart creates no Secret: it references them"
     env = {e["name"]: e for e in container["env"]}
     assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"]
@@ -387,7 +391,7 @@ def test_secrets_only_by_reference(default: Manifests) -> None:
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    ("change", "message"),
     [
         ({"source": {"dsn": "postgresql://relay:hunter2@db:5432/app"}}, "URL with a password"),
         ({"source": {"dsn": "host=db user=relay password=hunter2"}}, "written inline"),
@@ -444,7 +448,7 @@ def test_termination_grace_exceeds_shutdown_grace(default: Manifests) -> None:
 
 
 @pytest.mark.parametrize(
-    "grace, termination, ok",
+    ("grace", "termination", "ok"),
     [("30s", 30, False), ("1m", 45, False), ("500ms", 5, True), (20, 21, True), ("0.5h", 1801, True)],
 )
 def test_termination_grace_is_checked_against_shutdown_grace(grace: Any, termination: int, ok: bool) -> None:
@@ -507,7 +511,9 @@ def test_sidecar_mode_renders_config_and_service_but_no_workload(sidecar_only: M
     service = only(sidecar_only, "Service")
     assert service["spec"]["selector"] == {"app.kubernetes.io/name": "orders-service"}
     monitored = kinds(render({**SIDECAR, **MONITORING}))
-    assert "ServiceMonitor" in monitored and "PrometheusRule" in monitored and "Deployment" not in monitored
+    assert "ServiceMonitor" in monitored
+    assert "PrometheusRule" in monitored
+    assert "Deployment" not in monitored
 
 
 def test_sidecar_mode_needs_the_application_pod_selector() -> None:
@@ -547,7 +553,8 @@ def test_native_sidecar_goes_under_init_containers(app_chart: Path) -> None:
     pod = only(docs, "Deployment")["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["orders-service"]
     (init,) = pod["initContainers"]
-    assert init["name"] == "outbox-relay" and init["restartPolicy"] == "Always"
+    assert init["name"] == "outbox-relay"
+    assert init["restartPolicy"] == "Always"
     kubernetes_validate.validate(only(docs, "Deployment"), "1.29.0", strict=True)
 
 
@@ -601,7 +608,8 @@ def test_alert_rules(monitoring: Manifests) -> None:
     exported = _exported_series()
     for name, rule in rules.items():
         used = _selectors(rule["expr"])
-        assert used and set(used) <= exported, f"{name}: {used} not all exported by relay/metrics.py"
+        assert used, f"{name}: {used} not all exported by relay/metrics.py"
+        assert set(used) <= exported, f"{name}: {used} not all exported by relay/metrics.py"
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
     selector = f'job="{FULLNAME}", namespace="{NAMESPACE}"'
@@ -685,5 +693,6 @@ def test_dashboard_configmap_is_labelled_for_grafana(monitoring: Manifests) -> N
 def test_notes_tell_how_to_see_the_lag() -> None:
     notes = render_files()["outbox-relay/templates/NOTES.txt"]
     assert f"kubectl -n {NAMESPACE} port-forward deploy/{FULLNAME} 9400:9400" in notes
-    assert "curl -s localhost:9400/metrics | grep" in notes and "lag_seconds" in notes
+    assert "curl -s localhost:9400/metrics | grep" in notes
+    assert "lag_seconds" in notes
     assert f"exec deploy/{FULLNAME} -- outbox-relay status -c /etc/outbox-relay/relay.yaml" in notes

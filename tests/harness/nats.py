@@ -24,7 +24,7 @@ import shutil
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from tests.harness.process import HOST, Server, exchange, start_owned
@@ -63,20 +63,21 @@ class NatsServer(Server):
 def run_async(make: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine to completion on a fresh event loop in a thread of its own, so that sync
     helpers work from inside async tests (whose loop is already running)."""
-    box: dict[str, Any] = {}
+    results: list[T] = []
+    errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(_call(make))
+            results.append(asyncio.run(_call(make)))
         except BaseException as exc:
-            box["error"] = exc
+            errors.append(exc)
 
     thread = threading.Thread(target=target)
     thread.start()
     thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 async def _call(make: Callable[[], Awaitable[T]]) -> T:
@@ -100,6 +101,7 @@ def read_stream(url: str, stream: str) -> list[tuple[str, dict[str, str], bytes]
                     msg = await js.get_msg(stream, seq)
                 except Exception:
                     continue  # deleted or trimmed
+                assert msg.subject is not None, "a stored message keeps its subject"
                 messages.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
             return messages
         finally:

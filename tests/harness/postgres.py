@@ -212,7 +212,8 @@ class PostgresServer(ClosesOnExit):
     def restart_command(self) -> str:
         """A shell command that restarts the owned server (for `outbox-relay drill --db-restart`)."""
         self._require_owned("restart")
-        assert self.data_dir is not None and self.log_path is not None
+        assert self.data_dir is not None
+        assert self.log_path is not None
         args = ["-D", str(self.data_dir), "-l", str(self.log_path), "-w", "-t", "60", "-m", "fast", "restart"]
         return shlex.join([*self._pg_ctl_prefix, *args])
 

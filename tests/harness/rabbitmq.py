@@ -207,7 +207,9 @@ class RabbitBroker(ClosesOnExit):
     # -- private node --------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
-        assert self.root is not None and self._ports is not None and self.node is not None
+        assert self.root is not None
+        assert self._ports is not None
+        assert self.node is not None
         amqp, dist, epmd = self._ports
         root = str(self.root)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
@@ -232,7 +234,9 @@ class RabbitBroker(ClosesOnExit):
         return env
 
     def _spawn(self) -> None:
-        assert self.root is not None and self.log_path is not None and self._ports is not None
+        assert self.root is not None
+        assert self.log_path is not None
+        assert self._ports is not None
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [self._script("rabbitmq-server")],

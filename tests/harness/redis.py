@@ -19,11 +19,22 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 from tests.harness.process import HOST, Server, exchange, start_owned
 
-__all__ = ["REDIS_URL_ENV_VAR", "SYSTEM_URL", "RedisServer", "start_redis", "unique_prefix"]
+if TYPE_CHECKING:
+    import redis
+
+__all__ = [
+    "REDIS_URL_ENV_VAR",
+    "SYSTEM_URL",
+    "RedisServer",
+    "start_redis",
+    "stream_entries",
+    "unique_prefix",
+]
 
 REDIS_URL_ENV_VAR = "RELAY_TEST_REDIS_URL"
 SYSTEM_URL = "redis://127.0.0.1:6379/0"
@@ -39,7 +50,7 @@ class RedisServer(Server):
     shared_kind = "a shared Redis"
     private_hint = "use start_redis(private=True)"
 
-    def client(self) -> object:
+    def client(self) -> redis.Redis:
         """A synchronous redis-py client (the caller closes it)."""
         import redis
 
@@ -55,6 +66,19 @@ class RedisServer(Server):
                 client.delete(*keys)
         finally:
             client.close()
+
+
+def stream_entries(url: str, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of the stream ``key`` as (id, fields), oldest first; none for a missing key."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        # redis-py types its replies for either decode_responses setting; without it, as here,
+        # ids, field names and values are all bytes.
+        return cast("list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(key))
+    finally:
+        client.close()
 
 
 def _answers(url: str) -> bool:

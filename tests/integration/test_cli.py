@@ -154,7 +154,8 @@ def test_check_connect_names_a_missing_dead_letter_table_and_a_missing_privilege
         assert check.returncode == 1, check.stdout + check.stderr
         probe = _connect(check.stdout, "dead letters")
         assert probe["ok"] is False
-        assert "outbox_relay_dead_letters does not exist" in probe["error"] and "init-db" in probe["error"]
+        assert "outbox_relay_dead_letters does not exist" in probe["error"]
+        assert "init-db" in probe["error"]
 
         assert run_cli("init-db", "-c", str(path), env=cli_env).returncode == 0
         check = run_cli("check", "-c", str(path), "--connect", env=cli_env)
@@ -172,9 +173,9 @@ def test_check_connect_names_a_missing_dead_letter_table_and_a_missing_privilege
         check = run_cli("check", "-c", str(write_config(tmp_path, config)), "--connect", env=cli_env)
         assert check.returncode == 1, check.stdout + check.stderr
         probe = _connect(check.stdout, "dead letters")
-        assert probe["ok"] is False and "may not DELETE" in probe["error"] and "GRANT" in probe["error"], (
-            probe
-        )
+        assert probe["ok"] is False, probe
+        assert "may not DELETE" in probe["error"], probe
+        assert "GRANT" in probe["error"], probe
     finally:
         with psycopg.connect(elsewhere, autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
@@ -190,7 +191,8 @@ def test_init_db_is_idempotent_and_can_print_its_sql(pg: PostgresServer, tmp_pat
         path = write_config(tmp_path, relay_config(database, {"type": "stdout"}))
         printed = run_cli("init-db", "-c", str(path), "--print-sql")
         assert printed.returncode == 0
-        assert "CREATE TABLE IF NOT EXISTS" in printed.stdout and "CREATE TRIGGER" in printed.stdout
+        assert "CREATE TABLE IF NOT EXISTS" in printed.stdout
+        assert "CREATE TRIGGER" in printed.stdout
         for _ in range(2):
             result = run_cli("init-db", "-c", str(path))
             assert result.returncode == 0, result.stderr
@@ -352,12 +354,14 @@ def test_demo_sets_up_an_empty_database_then_writes_and_relays_sample_orders(pg:
     dsn = pg.create_database()  # nothing in it: the demo creates what init-db would
     result = run_cli("demo", "--dsn", dsn, "--rate", "100", "--duration", "3")
     assert result.returncode == 0, result.stderr
-    assert "dead letters" not in result.stderr and "failed" not in result.stderr, result.stderr
+    assert "dead letters" not in result.stderr, result.stderr
+    assert "failed" not in result.stderr, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(events) > 100
     assert {e["aggregate_type"] for e in events} == {"order"}
     assert "traceparent" in events[0]["headers"]
-    assert "demo: written=" in result.stderr and "lag=" in result.stderr
+    assert "demo: written=" in result.stderr
+    assert "lag=" in result.stderr
 
 
 def _ready(base: str) -> bool | None:
@@ -413,7 +417,8 @@ def test_check_prints_readable_yaml_and_with_json_one_document_for_machines_secr
     assert text.returncode == 0, text.stderr
     assert "pa55word" not in text.stdout
     lines = text.stdout.splitlines()
-    assert lines[0] == "outbox orders:" and lines[-1] == f"{path}: ok"
+    assert lines[0] == "outbox orders:"
+    assert lines[-1] == f"{path}: ok"
     assert max(len(line) for line in lines) < 120, "one setting a line, not one long JSON line"
     settings = yaml.safe_load("\n".join(line[2:] for line in lines[1:-1]))
     assert settings["source"]["dsn"] == "postgresql://relay:***@localhost/db"
@@ -423,7 +428,8 @@ def test_check_prints_readable_yaml_and_with_json_one_document_for_machines_secr
     assert machine.returncode == 0, machine.stderr
     document = json.loads(machine.stdout)
     assert "pa55word" not in machine.stdout
-    assert document["ok"] is True and [o["outbox"] for o in document["outboxes"]] == ["orders"]
+    assert document["ok"] is True
+    assert [o["outbox"] for o in document["outboxes"]] == ["orders"]
     assert document["outboxes"][0]["settings"] == settings
 
 
@@ -435,7 +441,8 @@ def test_check_connect_prints_yaml_that_parses_for_a_passing_and_a_failing_conne
     assert passing.returncode == 0, passing.stdout + passing.stderr
     document = yaml.safe_load(passing.stdout)
     connect = document["outbox orders"]["connect"]
-    assert connect["database"]["ok"] is True and "NOTIFY trigger present" in connect["database"]["notes"]
+    assert connect["database"]["ok"] is True
+    assert "NOTIFY trigger present" in connect["database"]["notes"]
     assert connect["sink"] == {"ok": True, "notes": []}
     assert document[str(good)] == "ok"
     assert document["outbox orders"]["source"]["table"] == "public.outbox"

@@ -17,7 +17,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -34,7 +34,7 @@ MAX_LINES = 25
 DSN = "postgresql://relay:s3cret-pw@db.example:5432/app"
 
 
-def _outbox(name: str = "orders", **parts: Any) -> dict[str, Any]:
+def _outbox(name: str = "orders", /, **parts: Any) -> dict[str, Any]:
     outbox: dict[str, Any] = {
         "name": name,
         "source": {"type": "postgres-polling", "dsn": DSN},
@@ -62,6 +62,10 @@ SINKS: dict[str, dict[str, Any]] = {
     "webhook": {"type": "webhook", "url": "https://hooks.example/events"},
 }
 LOGICAL = {"type": "postgres-logical", "dsn": DSN}
+# A good config as text, for the cases that add to it or edit it.
+GOOD = (
+    "outboxes:\n  - name: o\n    source: {type: postgres-polling, dsn: 'host=db'}\n    sink: {type: stdout}\n"
+)
 
 
 @dataclass(frozen=True)
@@ -128,12 +132,13 @@ def _unknown_keys_file(size: int) -> str:
     return "".join(lines)
 
 
-def _cases() -> list[Case]:
-    cases: list[Case] = []
+class Add(Protocol):
+    """Records one case: its name, what makes the bad file, the texts the refusal must contain."""
 
-    def add(name: str, make: Callable[[Path], Path], *expected: str) -> None:
-        cases.append(Case(name, make, expected))
+    def __call__(self, name: str, make: Callable[[Path], Path], *expected: str) -> None: ...
 
+
+def _unknown_keys(add: Add) -> None:
     # Unknown keys, at every level of the file.
     add("unknown top key", _yaml(_config(outboxs=[])), "outboxs: unknown key")
     add("unknown outbox key", _yaml(_config(_outbox(sinks=[]))), "outboxes[0].sinks: unknown key")
@@ -171,6 +176,8 @@ def _cases() -> list[Case]:
             "outboxes[0].sink.compress: unknown key",
         )
 
+
+def _wrong_types_and_values_out_of_range(add: Add) -> None:
     # Wrong types and values out of range.
     add("outboxes a mapping", _yaml({"outboxes": {"name": "x"}}), "outboxes:")
     add("outboxes empty", _yaml({"outboxes": []}), "outboxes: must have at least 1")
@@ -184,7 +191,7 @@ def _cases() -> list[Case]:
     add("log level", _yaml(_config(log={"level": "loud"})), "log.level: must be one of")
     add("on_poison", _yaml(_config(_outbox(dead_letter={"on_poison": "explode"}))), "dead_letter.on_poison:")
     add("attempts zero", _yaml(_config(_outbox(dead_letter={"after_attempts": 0}))), "after_attempts")
-    add("bad outbox name", _yaml(_config(_outbox(name="has space"))), "outboxes[0].name: must match")
+    add("bad outbox name", _yaml(_config(_outbox("has space"))), "outboxes[0].name: must match")
     add("duplicate key", _text("outboxes: []\noutboxes: []\n"), "duplicate key 'outboxes'")
     add("yaml syntax", _text("outboxes: [\n  - name: {\n"), "invalid YAML")
     add(
@@ -199,6 +206,8 @@ def _cases() -> list[Case]:
     )
     add("very long key", _text("outboxes: []\n? " + "k" * 100_000 + "\n: 1\n"), "kkkkkkkk...: unknown key")
 
+
+def _durations(add: Add) -> None:
     # Durations.
     for value, shown in (
         (".inf", "not infinity"),
@@ -227,6 +236,8 @@ def _cases() -> list[Case]:
         "shutdown_grace: must be a finite",
     )
 
+
+def _environment_references(add: Add) -> None:
     # Environment references.
     for value in ("${DB", "${}", "${1DB}", "pre${DB", "a${DB:-x"):
         add(
@@ -240,6 +251,8 @@ def _cases() -> list[Case]:
         "outboxes[0].source.dsn: environment variable OUTBOX_RELAY_FUZZ_UNSET is not set",
     )
 
+
+def _urls_dsns_servers_and_names(add: Add) -> None:
     # URLs, DSNs, servers, names.
     for dsn in ("not a dsn", "host=db port", "postgresql://db:notaport/x", "host=db port=70000"):
         add(f"dsn {dsn}", _yaml(_config(_outbox(source={"dsn": dsn}))), "outboxes[0].source.dsn: ")
@@ -267,7 +280,7 @@ def _cases() -> list[Case]:
             _yaml(_config(_outbox(sink={**SINKS["kafka"], "producer": producer}))),
             f"outboxes[0].sink.{key}: librdkafka refuses",
         )
-    for sink, key, value in (
+    for sink, key, address in (
         ("rabbitmq", "url", "http://guest:guest@localhost/"),
         ("rabbitmq", "url", "amqp://"),
         ("nats", "servers", ["nats://localhost:port"]),
@@ -277,8 +290,8 @@ def _cases() -> list[Case]:
         ("webhook", "url", "https://"),
     ):
         add(
-            f"{sink} {key} {value}",
-            _yaml(_config(_outbox(sink={**SINKS[sink], key: value}))),
+            f"{sink} {key} {address}",
+            _yaml(_config(_outbox(sink={**SINKS[sink], key: address}))),
             f"outboxes[0].sink.{key}:",
         )
     add(
@@ -290,6 +303,8 @@ def _cases() -> list[Case]:
         "source.table: has an unbalanced",
     )
 
+
+def _two_outboxes_reading_one_source(add: Add) -> None:
     # Two outboxes that read one table, slot or publication.
     for first, second in (
         ("outbox", "PUBLIC.OUTBOX"),
@@ -327,6 +342,8 @@ def _cases() -> list[Case]:
         "outboxes[1].source.publication: publication outbox_relay is also read by outbox 'a'",
     )
 
+
+def _bombs_huge_and_binary_files(add: Add) -> None:
     # Bombs, huge and binary files.
     add("nested 500 deep", _text("outboxes: " + "[" * 500 + "]" * 500 + "\n"), "nested more than")
     add(
@@ -349,24 +366,22 @@ def _cases() -> list[Case]:
     add("latin-1 file", _bytes("outboxes: []\nname: café\n".encode("latin-1")), "not UTF-8 text")
     add("control characters", _bytes(b"outboxes: [\x07]\n"), "invalid YAML")
 
+
+def _keys_not_text_and_values_not_built(add: Add) -> None:
     # Keys that are not text, values the YAML constructor cannot build.
-    good = (
-        "outboxes:\n  - name: o\n    source: {type: postgres-polling, dsn: 'host=db'}\n"
-        "    sink: {type: stdout}\n"
-    )
     add(
         "list as key",
-        _text(good + "? [a, b]\n: 1\n"),
+        _text(GOOD + "? [a, b]\n: 1\n"),
         "relay.yaml:5:3: (top): a key must be text, not a list",
     )
     add(
         "mapping as key",
-        _text(good + "? {a: 1}\n: 1\n"),
+        _text(GOOD + "? {a: 1}\n: 1\n"),
         "relay.yaml:5:3: (top): a key must be text, not a mapping",
     )
     add(
         "mapping as nested key",
-        _text(good + "http: {? {a: 1}\n: 1}\n"),
+        _text(GOOD + "http: {? {a: 1}\n: 1}\n"),
         "relay.yaml:5:10: http: a key must be text, not a mapping",
     )
     add(
@@ -374,25 +389,27 @@ def _cases() -> list[Case]:
         _text("outboxes:\n  - name: o\n    ? [x]\n    : 1\n"),
         "outboxes[0]: a key must be text, not a list",
     )
-    add("boolean key", _text(good + "true: 1\n"), "(top): key true is a boolean, not text (quote it")
-    add("number key", _text(good + "http: {8080: 1}\n"), "http: key 8080 is a number, not text (quote it")
-    add("null key", _text(good + "~: 1\n"), "(top): key ~ is null, not text")
+    add("boolean key", _text(GOOD + "true: 1\n"), "(top): key true is a boolean, not text (quote it")
+    add("number key", _text(GOOD + "http: {8080: 1}\n"), "http: key 8080 is a number, not text (quote it")
+    add("null key", _text(GOOD + "~: 1\n"), "(top): key ~ is null, not text")
     add(
-        "lone surrogate key", _text(good + '"a\\udc80": 1\n'), "(top): key a\\udc80: contains \\udc80, a lone"
+        "lone surrogate key", _text(GOOD + '"a\\udc80": 1\n'), "(top): key a\\udc80: contains \\udc80, a lone"
     )
     add(
         "lone surrogate value",
-        _text(good.replace("{type: stdout}", '{type: file, path: "/tmp/\\ud800"}')),
+        _text(GOOD.replace("{type: stdout}", '{type: file, path: "/tmp/\\ud800"}')),
         "outboxes[0].sink.path: contains \\ud800, a lone surrogate",
     )
     add(
         "integer of 4301 digits",
-        _text(good + "x: 1" + "0" * 4300 + "\n"),
+        _text(GOOD + "x: 1" + "0" * 4300 + "\n"),
         "relay.yaml:5:4: invalid YAML",
         "4300",
     )
-    add("month 13", _text(good + "x: 2001-13-01\n"), "relay.yaml:5:4: invalid YAML")
+    add("month 13", _text(GOOD + "x: 2001-13-01\n"), "relay.yaml:5:4: invalid YAML")
 
+
+def _nested_environment_references(add: Add) -> None:
     # Nested environment references (a default cannot hold a reference).
     for value in ("${OUTBOX_RELAY_FUZZ_UNSET:-${HOME}}", "${HOME:-${HOME}}", "${HOME:-a$${b}"):
         add(
@@ -401,19 +418,21 @@ def _cases() -> list[Case]:
             "outboxes[0].source.table: a default value cannot contain '${'",
         )
 
+
+def _numbers_that_overflow_or_spin(add: Add) -> None:
     # Numbers that overflow or spin.
     add(
         "multiplier 1e200",
-        _text(good.replace("sink:", "retry: {multiplier: 1e200}\n    sink:")),
+        _text(GOOD.replace("sink:", "retry: {multiplier: 1e200}\n    sink:")),
         "retry.multiplier: must be <= 10",
     )
-    for section, key, value in (
+    for section, key, huge in (
         ("pipeline", "max_in_flight", 10**30),
         ("pipeline", "publish_batch_size", 10**12),
         ("pipeline", "per_aggregate_in_flight", 10**12),
         ("dead_letter", "after_attempts", 10**30),
     ):
-        add(f"{key} huge", _yaml(_config(_outbox(**{section: {key: value}}))), f"{section}.{key}: must be <=")
+        add(f"{key} huge", _yaml(_config(_outbox(**{section: {key: huge}}))), f"{section}.{key}: must be <=")
     add(
         "redis maxlen huge",
         _yaml(_config(_outbox(sink={**SINKS["redis"], "maxlen": 10**30}))),
@@ -442,6 +461,8 @@ def _cases() -> list[Case]:
         "sink.reconnect_wait: must be >= 0.01",
     )
 
+
+def _sink_settings_every_event_would_fail_on(add: Add) -> None:
     # Sink settings every event would fail on.
     for value in ("café", "a\u2028b", "\x7f"):
         add(
@@ -478,6 +499,8 @@ def _cases() -> list[Case]:
         "outboxes[0].sink.path: /tmp is a directory",
     )
 
+
+def _sink_settings_run_would_mishandle(add: Add) -> None:
     # Sink settings that `run` would loop on or mishandle.
     for template in ("{aggregate_type}", "x{aggregate_type}", "{aggregate_type}.{event_type}"):
         add(
@@ -590,6 +613,8 @@ def _cases() -> list[Case]:
         "outboxes[0].sink.path: /dev/zero is a character device, not a regular file",
     )
 
+
+def _one_table_behind_two_spellings_of_a_dsn(add: Add) -> None:
     # Two outboxes on one table, the port written differently or left out.
     for first, second in (
         ("host=db port=05432 dbname=app", "host=db port=5432 dbname=app"),
@@ -607,6 +632,8 @@ def _cases() -> list[Case]:
             "outboxes[1].source.table: table t is also read by outbox 'a'",
         )
 
+
+def _logical_source_settings_that_would_be_ignored(add: Add) -> None:
     # Logical source settings that would be ignored.
     add(
         "logical message mode with tables",
@@ -626,6 +653,8 @@ def _cases() -> list[Case]:
         "outboxes[0].source.tables: table public.t is listed twice (tables[0] and tables[1])",
     )
 
+
+def _dsns_libpq_would_misread_or_refuse(add: Add) -> None:
     # An empty DSN: libpq would connect to its defaults (a local socket, another database).
     for number, (where, parts) in enumerate(
         (
@@ -662,9 +691,14 @@ def _cases() -> list[Case]:
         "outboxes[0].dead_letter.dsn: ",
         "sslmode",
     )
+
+
+def _merge_key_bombs(add: Add) -> None:
     # Merge keys are expanded like aliases: they count towards the same limit.
     add("billion laughs through merge keys", _text(_merge_laughs(9)), "aliases are expanded")
 
+
+def _paths_that_are_not_a_readable_file(add: Add) -> None:
     # Paths that are not a readable file.
     add("directory", lambda d: d, "directory")
     add("missing file", lambda d: d / "missing.yaml", "No such file or directory")
@@ -675,6 +709,38 @@ def _cases() -> list[Case]:
     add("fifo", _fifo, "is a FIFO, not a regular file")
     add("socket", _socket, "is a socket, not a regular file")
     add("char device", lambda d: Path("/dev/zero"), "/dev/zero: is a character device, not a regular file")
+
+
+# Every kind of bad config, in the order the cases run.
+_SECTIONS: tuple[Callable[[Add], None], ...] = (
+    _unknown_keys,
+    _wrong_types_and_values_out_of_range,
+    _durations,
+    _environment_references,
+    _urls_dsns_servers_and_names,
+    _two_outboxes_reading_one_source,
+    _bombs_huge_and_binary_files,
+    _keys_not_text_and_values_not_built,
+    _nested_environment_references,
+    _numbers_that_overflow_or_spin,
+    _sink_settings_every_event_would_fail_on,
+    _sink_settings_run_would_mishandle,
+    _one_table_behind_two_spellings_of_a_dsn,
+    _logical_source_settings_that_would_be_ignored,
+    _dsns_libpq_would_misread_or_refuse,
+    _merge_key_bombs,
+    _paths_that_are_not_a_readable_file,
+)
+
+
+def _cases() -> list[Case]:
+    cases: list[Case] = []
+
+    def add(name: str, make: Callable[[Path], Path], *expected: str) -> None:
+        cases.append(Case(name, make, expected))
+
+    for section in _SECTIONS:
+        section(add)
     return cases
 
 
@@ -900,7 +966,8 @@ def test_more_problems_than_fit_are_counted_not_printed(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert len(lines) == 21, lines
     assert lines[0] == f"{path}: unknown_key_00000000: unknown key"
-    assert lines[-1].startswith("... and ") and lines[-1].endswith(" more problems")
+    assert lines[-1].startswith("... and ")
+    assert lines[-1].endswith(" more problems")
     assert int(lines[-1].split()[2]) > 100
 
 
@@ -939,7 +1006,8 @@ def test_a_client_library_refusal_with_a_line_break_is_printed_as_one_line(
     assert result.exit_code == 2, result.output
     (line,) = result.output.splitlines()
     assert line.startswith(f"{path}: outboxes[0].sink.producer"), line
-    assert "librdkafka refuses" in line and line.endswith(" (_INVALID_ARG)"), line
+    assert "librdkafka refuses" in line, line
+    assert line.endswith(" (_INVALID_ARG)"), line
 
 
 def test_check_masks_the_kafka_oauth_extensions_client_secret_and_key_passwords(tmp_path: Path) -> None:

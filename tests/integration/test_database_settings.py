@@ -93,7 +93,9 @@ def test_a_sql_ascii_database_is_refused_in_one_sentence_by_init_db_check_and_ru
     database = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     sentence = f"database {database} has encoding SQL_ASCII"
     init = run_cli("init-db", "-c", str(path))
-    assert init.returncode == 1 and sentence in init.stderr and "Traceback" not in init.stderr
+    assert init.returncode == 1
+    assert sentence in init.stderr
+    assert "Traceback" not in init.stderr
     if source_type == "postgres-logical":  # set up by hand, so that check and run get that far
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE PUBLICATION outbox_relay FOR TABLE outbox WITH (publish = 'insert')")
@@ -102,7 +104,8 @@ def test_a_sql_ascii_database_is_refused_in_one_sentence_by_init_db_check_and_ru
     check = run_cli("check", "-c", str(path), "--connect")
     assert check.returncode == 1
     failed = yaml.safe_load(check.stdout)["outbox orders"]["connect"]["database"]
-    assert failed["ok"] is False and failed["error"].startswith(sentence), failed
+    assert failed["ok"] is False, failed
+    assert failed["error"].startswith(sentence), failed
     assert "Traceback" not in check.stdout + check.stderr
 
     run = run_cli("run", "-c", str(path), timeout=60)

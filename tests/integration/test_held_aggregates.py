@@ -95,7 +95,8 @@ async def test_block_holds_a_refused_aggregate_in_the_store_so_the_slot_advances
     status = run_cli("status", "-c", str(path))
     assert "held=4 held_aggregates=1" in status.stdout, status.stdout + status.stderr
     listed = run_cli("dlq", "list", "-c", str(path)).stdout.splitlines()
-    assert [line.split()[1] for line in listed] == big and all("state=held" in line for line in listed)
+    assert [line.split()[1] for line in listed] == big
+    assert all("state=held" in line for line in listed)
     purge = run_cli("dlq", "purge", "-c", str(path), "--event-id", big[0])
     assert purge.returncode == 0, purge.stderr
 
@@ -233,7 +234,8 @@ async def test_a_crash_behind_a_failing_aggregate_sends_again_at_most_the_window
     run = asyncio.create_task(pipeline.run(stop, abandon=crash))
     deadline = time.monotonic() + 60
     while len(sink.delivered) < 3000:  # (3,800 events of the other aggregates in all)
-        assert time.monotonic() < deadline and not run.done(), "no progress"
+        assert time.monotonic() < deadline, "no progress"
+        assert not run.done(), "no progress"
         await asyncio.sleep(0.01)
     crash.set()  # as a kill: nothing more is acknowledged or confirmed
     assert await run is False

@@ -100,7 +100,8 @@ def test_every_event_arrives_in_order_and_only_delivered_or_dead_lettered_events
         assert line["position"] == position
         assert line["payload"] == payload
         assert line["headers"]["traceparent"] == "00-abc-01"  # the row's own headers, passed through
-        assert line["event_type"] == "OrderUpdated" and line["aggregate_type"] == "order"
+        assert line["event_type"] == "OrderUpdated"
+        assert line["aggregate_type"] == "order"
     assert too_big not in {line["event_id"] for line in lines}
     assert marked_ids(dsn) == deliverable | {too_big}, "marked what was acknowledged or parked"
     with psycopg.connect(dsn) as conn:

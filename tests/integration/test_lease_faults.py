@@ -393,7 +393,8 @@ def test_replicas_whose_search_path_or_spelling_of_the_table_differ_share_one_le
             " WHERE c.relname = 'outbox_relay_leases'"
         ).fetchall()
         leases = conn.execute("SELECT count(*) FROM public.outbox_relay_leases").fetchone()
-    assert tables == [("public",)] and leases == (1,)
+    assert tables == [("public",)]
+    assert leases == (1,)
 
 
 @pytest.mark.parametrize("readable", [True, False], ids=["readable", "unreadable"])
@@ -425,7 +426,8 @@ def test_a_replica_configured_with_another_lease_table_stands_by_and_says_why(
             watch.stop.set()
         [problem] = second.readiness()["problems"]
         assert problem["problem"] == "replicas use different lease tables", problem
-        assert first.role() == "active" and second.role() == "standby"
+        assert first.role() == "active"
+        assert second.role() == "standby"
         # The holder's guard session ends (the second could take the guard now): it stands by all
         # the same, having seen the lease held through another table, and the first takes the
         # guard again with its next renewal.
@@ -441,7 +443,8 @@ def test_a_replica_configured_with_another_lease_table_stands_by_and_says_why(
                 time.sleep(1.0)
         finally:
             watch.stop.set()
-        assert first.role() == "active" and second.role() == "standby"
+        assert first.role() == "active"
+        assert second.role() == "standby"
         assert watch.both_active == 0, f"both said active in {watch.both_active} of {watch.rounds} rounds"
         for replica in started:  # (before their role goes)
             replica.stop()

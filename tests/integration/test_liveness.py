@@ -78,7 +78,8 @@ def test_healthz_fails_naming_the_outbox_and_stage_when_a_publish_never_returns(
         insert_events(dsn, 5)
         wait_for(lambda: _healthz(base)[0] == 503, 30, "/healthz to fail")
         status, body = _healthz(base)
-        assert status == 503 and body["status"] == "stuck"
+        assert status == 503
+        assert body["status"] == "stuck"
         assert isinstance(body["outboxes"], dict)
         assert body["outboxes"]["orders"]["stage"] == "publish"
         assert body["outboxes"]["orders"]["seconds"] >= STUCK_AFTER
@@ -93,7 +94,8 @@ def test_healthz_fails_naming_the_outbox_and_stage_when_a_publish_never_returns(
     stalls = [line for line in lines if line["event"].startswith("stalled")]
     assert len(stalls) == 1, "one line when the stall is first seen, not one per probe"
     assert stalls[0]["level"] == "error"
-    assert stalls[0]["outbox"] == "orders" and stalls[0]["stage"] == "publish"
+    assert stalls[0]["outbox"] == "orders"
+    assert stalls[0]["stage"] == "publish"
 
 
 def _active_and_ready(base: str) -> bool:

@@ -19,8 +19,9 @@ from psycopg import sql
 
 from outbox_relay.config import parse_config
 from outbox_relay.connectors.sources import pgoutput
+from outbox_relay.connectors.sources.postgres_logical import PostgresLogicalSource
 from outbox_relay.outbox import emit_event, write_event
-from outbox_relay.runner import build_source
+from outbox_relay.runner import Relay, build_source
 from tests.conftest import StartRelay, consume_event_ids, kafka_message_as_line, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer, start_postgres
@@ -54,7 +55,7 @@ def _init_db(config: dict[str, Any]) -> None:
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
     with psycopg.connect(outbox.source.dsn, autocommit=True) as conn:  # type: ignore[attr-defined]
         for statement in build_source(outbox, 0).init_sql():
-            conn.execute(statement)  # type: ignore[call-overload]
+            conn.execute(statement)
 
 
 def _delivered_ids(out: Path) -> set[str]:
@@ -137,7 +138,8 @@ async def test_message_mode_relays_emitted_messages_without_writing_any_table(
     await run_relay_until(config, lambda _: _delivered_ids(out) >= expected)
     lines = read_lines(out)
     assert assert_complete_and_ordered(lines, expected) == 0
-    assert lines[0]["payload"] == {"i": 0} and lines[0]["headers"]["traceparent"] == "t0"
+    assert lines[0]["payload"] == {"i": 0}
+    assert lines[0]["headers"]["traceparent"] == "t0"
     assert "Doomed" not in {line["event_type"] for line in lines}
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
@@ -182,7 +184,7 @@ async def test_a_huge_single_transaction_streams_within_the_in_flight_window(
     expected = _bulk_insert(dsn, 50_000, aggregates=500, transactions=1)
     peak = 0
 
-    def done(relay: Any) -> bool:
+    def done(relay: Relay) -> bool:
         nonlocal peak
         peak = max(peak, relay.pipelines[0].held)
         return relay.pipelines[0].published >= 50_000
@@ -228,7 +230,7 @@ async def test_a_postgres_restart_mid_stream_loses_nothing(
 async def test_after_a_failover_the_new_servers_slot_advances_over_acknowledged_events_only(
     tmp_path: Path,
 ) -> None:
-    with start_postgres() as first, start_postgres() as second, SwitchableProxy(first.port) as proxy:
+    with start_postgres() as first, start_postgres() as second, SwitchableProxy(_port(first)) as proxy:
         for server in (first, second):
             server.create_database("outbox_failover")
         direct = {s: s.dsn.rsplit("/", 1)[0] + "/outbox_failover" for s in (first, second)}
@@ -241,7 +243,7 @@ async def test_after_a_failover_the_new_servers_slot_advances_over_acknowledged_
         try:
             # The first server's WAL moves well past anywhere the second one's will reach.
             await source.ack(await _read_all(source, _bulk_insert(direct[first], 20_000, aggregates=10)))
-            proxy.switch(second.port)  # the address now leads to another server
+            proxy.switch(_port(second))  # the address now leads to another server
             held = await _read_all(source, _bulk_insert(direct[second], 5, aggregates=5))
             await asyncio.sleep(1.5)  # standby status goes out at least once a second
             first_held = pgoutput.format_lsn(min(e.position for e in held))
@@ -262,10 +264,16 @@ async def test_a_server_whose_wal_ends_before_the_confirmed_position_is_read_fro
         await source.ack(await _read_all(source, _bulk_insert(dsn, 10, aggregates=5)))
         # As if the server had lost WAL this relay confirmed (a crash with fsync off): asking to
         # resume there would skip every transaction until the WAL reached it again.
-        source._confirmed += 1 << 40  # type: ignore[attr-defined]
-        await source._drop_stream()  # type: ignore[attr-defined]
+        source._confirmed += 1 << 40
+        await source._drop_stream()
         later = _bulk_insert(dsn, 5, aggregates=5)
         assert {e.event_id for e in await _read_all(source, later)} >= later
+
+
+def _port(server: PostgresServer) -> int:
+    """The TCP port of a server the test started (an external server has none recorded)."""
+    assert server.port is not None, "a server started for the test listens on a port of its own"
+    return server.port
 
 
 @asynccontextmanager
@@ -381,7 +389,8 @@ def test_check_names_missing_replication_privilege_and_a_slot_in_use(
             assert time.monotonic() < deadline, check.stdout + check.stderr
             time.sleep(0.2)
         status = run_cli("status", "-c", str(path))
-        assert "slot outbox_relay: lag_bytes=" in status.stdout and "active (pid" in status.stdout
+        assert "slot outbox_relay: lag_bytes=" in status.stdout
+        assert "active (pid" in status.stdout
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.wait(timeout=20)
@@ -447,6 +456,7 @@ async def test_a_new_source_in_the_same_process_resumes_where_the_last_one_confi
         assert confirmed > 0
     config = _config(dsn, tmp_path / "out.jsonl")
     second = build_source(parse_config(config, "t.yaml", {}).outboxes[0], 0)
+    assert isinstance(second, PostgresLogicalSource)
     await second.start()
     try:
         assert second._confirmed == confirmed

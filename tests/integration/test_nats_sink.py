@@ -128,7 +128,9 @@ async def test_a_subject_the_user_may_not_publish_on_fails_events_as_a_setup_pro
             results = await sink.publish(make_events(3, aggregates=3))
             for result in results:
                 assert isinstance(result, Failure), "a refused publish is never an acknowledgement"
-                assert result.setup and result.transient and not result.permanent, result
+                assert result.setup, result
+                assert result.transient, result
+                assert not result.permanent, result
                 assert "ermissions violation" in result.reason.lower() or "Permissions" in result.reason
                 assert "relay-pw-secret" not in result.reason
     assert time.monotonic() - started < 30, "the refusal does not hang"
@@ -186,9 +188,14 @@ async def test_a_subject_no_stream_listens_on_fails_permanently_naming_it_while_
     # fault: it waits, a setup problem (and JetStream answers so for a moment after a restart).
     async with _started(nats_server.url, names, subjects=[f"{names.prefix}.order.>"]) as sink:
         results = await sink.publish([good[0], stray, good[1], good[2]])
-    assert results[0] is None and results[2] is None and results[3] is None
+    assert results[0] is None
+    assert results[2] is None
+    assert results[3] is None
     failure = results[1]
-    assert isinstance(failure, Failure) and failure.setup and failure.transient and not failure.permanent
+    assert isinstance(failure, Failure)
+    assert failure.setup
+    assert failure.transient
+    assert not failure.permanent
     assert f"{names.prefix}.invoice.OrderUpdated" in failure.reason
     assert "no JetStream stream matches subject" in failure.reason
     assert len(read_stream(nats_server.url, names.stream)) == 3
@@ -207,7 +214,8 @@ async def test_a_subject_owned_by_another_stream_is_refused_because_the_expected
         # (declare: false: a stream the relay declares must cover the subject, which check refuses)
         async with _started(nats_server.url, names, subject=other.subject, declare=False) as sink:
             [result] = await sink.publish(make_events(1, aggregates=1))
-        assert isinstance(result, Failure) and result.permanent
+        assert isinstance(result, Failure)
+        assert result.permanent
         assert "expected stream does not match" in result.reason
     finally:
         nats_server.delete_stream(other.stream)
@@ -221,7 +229,9 @@ async def test_an_event_with_an_empty_subject_token_fails_permanently_and_its_ne
     async with _started(nats_server.url, names) as sink:
         results = await sink.publish(events)
     assert results[0] is None
-    assert isinstance(results[1], Failure) and results[1].permanent and "empty token" in results[1].reason
+    assert isinstance(results[1], Failure)
+    assert results[1].permanent
+    assert "empty token" in results[1].reason
 
 
 # --- PubAck required: hung and restarted servers ------------------------------------------------
@@ -241,9 +251,8 @@ async def test_without_a_puback_nothing_is_acked_a_hung_server_gives_transient_f
         finally:
             private_nats.resume()
         assert all(isinstance(r, Failure) and r.transient and not r.permanent for r in results), results
-        assert (
-            "no PubAck" in str(results[0]) and took < ACK_TIMEOUT + 15
-        )  # liveness: bounded, not a speed figure
+        assert "no PubAck" in str(results[0])
+        assert took < ACK_TIMEOUT + 15  # liveness: bounded, not a speed figure
         # Once it answers again, the same events go through; those the hung server did store
         # after all are deduplicated by their Nats-Msg-Id.
         assert await relay_events(sink, events[10:], batch=30, deadline_s=20) == 0
@@ -330,8 +339,10 @@ async def test_credentials_in_server_urls_never_appear_in_describe_errors_or_log
     captured = capfd.readouterr()
     texts += [captured.out, captured.err]
     for text in texts:
-        assert password not in text and token not in text
-    assert "nats://app:***@127.0.0.1:1" in texts[0] and "nats://***@127.0.0.1:2" in texts[0]
+        assert password not in text
+        assert token not in text
+    assert "nats://app:***@127.0.0.1:1" in texts[0]
+    assert "nats://***@127.0.0.1:2" in texts[0]
 
 
 # --- the relay end to end -----------------------------------------------------------------------

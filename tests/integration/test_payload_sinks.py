@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from tests.conftest import kafka_headers
 from tests.harness.kafka import KafkaBroker
 from tests.harness.nats import NatsServer, read_stream, start_nats
 from tests.harness.rabbitmq import RabbitBroker, declare_queue, delete, drain_queue
-from tests.harness.redis import RedisServer, unique_prefix
+from tests.harness.redis import RedisServer, stream_entries, unique_prefix
 from tests.harness.webhook import WebhookReceiver
 from tests.payloads import BYTES_PAYLOAD, JSON_PAYLOADS, TEXT_PAYLOAD, in_a_line, read_line
 
@@ -60,6 +60,8 @@ def _events() -> list[OutboxEvent]:
 # Each reader returns {event_id: payload as delivered}. Brokers carry the body as bytes; the
 # line-based formats are checked against what a line must hold for each kind of payload.
 Read = Callable[[], dict[str, bytes]]
+# A sink and its reader, yielded once; closing the generator cleans up what it set up.
+Backend = Generator[tuple[Sink, Read], None, None]
 
 
 def _ids() -> dict[str, str]:
@@ -76,22 +78,22 @@ def _lines_of(path: Path) -> dict[str, bytes]:
     return dict(_from_line(line) for line in path.read_bytes().split(b"\n") if line)
 
 
-def _file(tmp_path: Path) -> Iterator[tuple[Sink, Read]]:
+def _file(tmp_path: Path) -> Backend:
     path = tmp_path / "events.jsonl"
     yield FileSink(FileSinkConfig(type="file", path=str(path))), lambda: _lines_of(path)
 
 
-def _stdout(tmp_path: Path) -> Iterator[tuple[Sink, Read]]:
+def _stdout(tmp_path: Path) -> Backend:
     path = tmp_path / "stdout.jsonl"
     with path.open("wb") as stream:
         yield StdoutSink(StdoutSinkConfig(type="stdout"), stream=stream), lambda: _lines_of(path)
 
 
-def _kafka(kafka: KafkaBroker) -> Iterator[tuple[Sink, Read]]:
+def _kafka(kafka: KafkaBroker) -> Backend:
     yield from _kafka_with(kafka, cloudevents=False)
 
 
-def _kafka_with(kafka: KafkaBroker, *, cloudevents: bool) -> Iterator[tuple[Sink, Read]]:
+def _kafka_with(kafka: KafkaBroker, *, cloudevents: bool) -> Backend:
     topic = f"payload-{uuid.uuid4().hex}"
     kafka.create_topic(topic, partitions=1)
     sink = KafkaSink(
@@ -112,11 +114,11 @@ def _kafka_with(kafka: KafkaBroker, *, cloudevents: bool) -> Iterator[tuple[Sink
     yield sink, read
 
 
-def _kafka_cloudevents(kafka: KafkaBroker) -> Iterator[tuple[Sink, Read]]:
+def _kafka_cloudevents(kafka: KafkaBroker) -> Backend:
     yield from _kafka_with(kafka, cloudevents=True)  # (binary mode: the payload stays the body)
 
 
-def _rabbitmq(rabbitmq: RabbitBroker) -> Iterator[tuple[Sink, Read]]:
+def _rabbitmq(rabbitmq: RabbitBroker) -> Backend:
     exchange, queue = f"payload-{uuid.uuid4().hex}", f"payload-{uuid.uuid4().hex}"
     sink = RabbitMQSink(RabbitMQSinkConfig(type="rabbitmq", url=rabbitmq.url, exchange=exchange))
     declare_queue(rabbitmq.url, queue, exchange, "#", exchange_type="topic")
@@ -131,7 +133,7 @@ def _rabbitmq(rabbitmq: RabbitBroker) -> Iterator[tuple[Sink, Read]]:
         delete(rabbitmq.url, queues=[queue], exchanges=[exchange])
 
 
-def _nats(big_nats: NatsServer) -> Iterator[tuple[Sink, Read]]:
+def _nats(big_nats: NatsServer) -> Backend:
     stream = f"PAYLOAD_{uuid.uuid4().hex}"
     subject = f"payload-{uuid.uuid4().hex}" + ".{aggregate_id}"
     sink = NatsSink(NatsSinkConfig(type="nats", servers=big_nats.url, stream=stream, subject=subject))
@@ -145,18 +147,12 @@ def _nats(big_nats: NatsServer) -> Iterator[tuple[Sink, Read]]:
         big_nats.delete_stream(stream)
 
 
-def _redis(redis_server: RedisServer) -> Iterator[tuple[Sink, Read]]:
+def _redis(redis_server: RedisServer) -> Backend:
     prefix = unique_prefix("payload")
     sink = RedisStreamsSink(RedisSinkConfig(type="redis", url=redis_server.url, stream=prefix))
 
     def read() -> dict[str, bytes]:
-        import redis
-
-        client = redis.Redis.from_url(redis_server.url)
-        try:
-            return {f[b"event_id"].decode(): f[b"payload"] for _, f in client.xrange(prefix)}
-        finally:
-            client.close()
+        return {f[b"event_id"].decode(): f[b"payload"] for _, f in stream_entries(redis_server.url, prefix)}
 
     try:
         yield sink, read
@@ -164,7 +160,7 @@ def _redis(redis_server: RedisServer) -> Iterator[tuple[Sink, Read]]:
         redis_server.delete_matching(f"{prefix}*")
 
 
-def _webhook(webhook_receiver: WebhookReceiver) -> Iterator[tuple[Sink, Read]]:
+def _webhook(webhook_receiver: WebhookReceiver) -> Backend:
     webhook_receiver.clear()
     sink = WebhookSink(WebhookSinkConfig(type="webhook", url=webhook_receiver.url, mode="event"))
 
@@ -174,7 +170,7 @@ def _webhook(webhook_receiver: WebhookReceiver) -> Iterator[tuple[Sink, Read]]:
     yield sink, read
 
 
-def _webhook_batch(webhook_receiver: WebhookReceiver) -> Iterator[tuple[Sink, Read]]:
+def _webhook_batch(webhook_receiver: WebhookReceiver) -> Backend:
     webhook_receiver.clear()
     sink = WebhookSink(WebhookSinkConfig(type="webhook", url=webhook_receiver.url, mode="batch"))
 
@@ -195,7 +191,7 @@ def _webhook_batch(webhook_receiver: WebhookReceiver) -> Iterator[tuple[Sink, Re
     yield sink, read
 
 
-_SINKS: dict[str, Callable[..., Iterator[tuple[Sink, Read]]]] = {
+_SINKS: dict[str, Callable[..., Backend]] = {
     "file": _file,
     "stdout": _stdout,
     "kafka": _kafka,

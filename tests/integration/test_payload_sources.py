@@ -83,14 +83,14 @@ def _write_rows(dsn: str) -> dict[str, tuple[bytes, str]]:
             row = conn.execute("SELECT %s::jsonb::text", (payload.decode(),)).fetchone()
             assert row is not None
             expected[event_id] = (row[0].encode(), "application/json")
-        for kind, payload in (("text", TEXT_PAYLOAD.decode()), ("bytea", BYTES_PAYLOAD)):
+        for kind, column_value in (("text", TEXT_PAYLOAD.decode()), ("bytea", BYTES_PAYLOAD)):
             event_id = _event_id(kind, "any")
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (event_id, aggregate_type, aggregate_id, event_type, payload)"
                     " VALUES (%s, 'payload', %s, 'Checked', %s)"
                 ).format(sql.Identifier("outbox_" + kind)),
-                (event_id, kind, payload),
+                (event_id, kind, column_value),
             )
             expected[event_id] = (TEXT_PAYLOAD if kind == "text" else BYTES_PAYLOAD, _CONTENT_TYPES[kind])
     return expected
@@ -160,7 +160,7 @@ def _init(config: dict[str, Any]) -> None:
     for index, outbox in enumerate(parse_config(config, "t.yaml", {}).outboxes):
         with psycopg.connect(outbox.source.dsn, autocommit=True) as conn:  # type: ignore[attr-defined]
             for statement in build_source(outbox, index).init_sql():
-                conn.execute(statement)  # type: ignore[call-overload]
+                conn.execute(statement)
 
 
 def _config(*outboxes: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +362,7 @@ async def test_a_payload_column_declared_as_a_domain_is_read_as_its_base_type(
                 ).format(sql.Identifier(table)),
                 (b"\x00\x01\x7f\x80\xff" if table == "outbox_blob" else '{"n": 1.10}',),
             )
-        await run_relay_until(config, lambda _, o=out: bool(read_file_lines(o)))  # type: ignore[misc]
+        await run_relay_until(config, lambda _, o=out: bool(read_file_lines(o)))
         (line,) = read_file_lines(out)
         key, value = expected[table]
         assert line[key] == value, table

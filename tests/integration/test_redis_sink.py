@@ -24,7 +24,7 @@ from outbox_relay.events import Failure
 from outbox_relay.interfaces import ConnectorError
 from outbox_relay.registry import sink_plugins
 from tests.conftest import redis_entry_as_line
-from tests.harness.redis import RedisServer, start_redis, unique_prefix
+from tests.harness.redis import RedisServer, start_redis, stream_entries, unique_prefix
 from tests.sink_support import (
     make_events,
     missing_extra_message,
@@ -79,11 +79,7 @@ def _started(url: str, prefix: str, **settings: Any) -> AbstractAsyncContextMana
 
 
 def _entries(url: str, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    client = redis.Redis.from_url(url)
-    try:
-        return client.xrange(key)  # type: ignore[return-value]
-    finally:
-        client.close()
+    return stream_entries(url, key)
 
 
 # --- delivery -----------------------------------------------------------------------------------
@@ -145,10 +141,14 @@ async def test_a_key_of_another_type_fails_only_its_own_event_permanently(
     invoice = make_events(1, aggregates=1, start=10, aggregate_type="invoice")
     async with _started(redis_server.url, prefix) as sink:
         results = await sink.publish([order[0], invoice[0], order[1]])
-    assert results[0] is None and results[2] is None
+    assert results[0] is None
+    assert results[2] is None
     failure = results[1]
-    assert isinstance(failure, Failure) and failure.permanent and not failure.transient
-    assert "WRONGTYPE" in failure.reason and f"{prefix}.invoice" in failure.reason
+    assert isinstance(failure, Failure)
+    assert failure.permanent
+    assert not failure.transient
+    assert "WRONGTYPE" in failure.reason
+    assert f"{prefix}.invoice" in failure.reason
     assert len(_entries(redis_server.url, f"{prefix}.order")) == 2
 
 
@@ -189,8 +189,11 @@ async def test_an_acl_user_lacking_xadd_fails_every_event_as_a_setup_problem_unt
         results = await sink.publish(events)
         for result in results:
             assert isinstance(result, Failure), "a refused XADD is never an acknowledgement"
-            assert result.setup and result.transient and not result.permanent
-            assert "NOPERM" in result.reason and password not in result.reason
+            assert result.setup
+            assert result.transient
+            assert not result.permanent
+            assert "NOPERM" in result.reason
+            assert password not in result.reason
         _acl_user(acl_redis, user, password, "+@all")  # the operator grants XADD
         assert await sink.publish(events) == [None] * len(events)
 
@@ -214,8 +217,11 @@ async def test_a_password_changed_under_the_relay_fails_events_as_a_setup_proble
         results = await sink.publish(events)
         for result in results:
             assert isinstance(result, Failure)
-            assert result.setup and result.transient and not result.permanent, result
-            assert "WRONGPASS" in result.reason and password not in result.reason
+            assert result.setup, result
+            assert result.transient, result
+            assert not result.permanent, result
+            assert "WRONGPASS" in result.reason
+            assert password not in result.reason
 
 
 async def test_a_stopped_server_gives_transient_failures_and_nothing_acknowledged_is_lost_after_its_restart(

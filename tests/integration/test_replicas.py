@@ -206,7 +206,7 @@ def test_two_services_whose_outboxes_share_a_name_in_one_database_each_relay_the
         relays.append(start_relay(path, log=tmp_path / f"{table}.log"))
     try:
         for table in ("outbox", "billing_outbox"):
-            wait_for(lambda t=table: unpublished(dsn, t) == 0, 30, f"{table} relayed")  # type: ignore[misc]
+            wait_for(lambda t=table: unpublished(dsn, t) == 0, 30, f"{table} relayed")
     finally:
         for relay in relays:
             relay.terminate()

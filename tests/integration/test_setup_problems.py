@@ -94,7 +94,8 @@ def test_a_missing_table_is_named_in_the_log_readiness_and_a_metric_and_init_db_
     relay = start_relay(path)
     problem = _wait_for_problem(port, "table does not exist")
     assert problem["component"] == "database"
-    assert "table app_events does not exist" in problem["error"] and "init-db" in problem["fix"]
+    assert "table app_events does not exist" in problem["error"]
+    assert "init-db" in problem["fix"]
     assert _readiness(port)["ready"] is False
     assert _problem_gauge(port) == 1.0
     time.sleep(3)  # several retries: still one line
@@ -103,7 +104,8 @@ def test_a_missing_table_is_named_in_the_log_readiness_and_a_metric_and_init_db_
     assert run_cli("init-db", "-c", str(path)).returncode == 0
     insert_events(dsn, 5, table="app_events")
     wait_for(lambda: len(read_lines(out)) == 5 if out.exists() else False, 30, "events after init-db")
-    assert _problems(port) == [] and _problem_gauge(port) == 0.0
+    assert _problems(port) == []
+    assert _problem_gauge(port) == 0.0
     wait_for(lambda: _readiness(port)["ready"], 10, "ready")
     stop_relay(relay)
     assert any(line["event"] == "setup problem fixed" for line in _log_lines(tmp_path / "relay-0.log"))
@@ -122,7 +124,8 @@ def test_a_login_the_database_refuses_is_not_reported_as_unreachable(
     # A standby that cannot reach its database says so in the metric too, not only in /readyz.
     up = 'outbox_relay_up{component="database",outbox="orders"} 0.0'
     assert up in http_get(f"http://127.0.0.1:{port}/metrics").splitlines()
-    assert _readiness(port)["ready"] is False and _problem_gauge(port) == 1.0
+    assert _readiness(port)["ready"] is False
+    assert _problem_gauge(port) == 1.0
     time.sleep(3)
     _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "login refused")
 
@@ -139,10 +142,12 @@ def test_a_missing_privilege_is_named_and_a_grant_heals_it(
         relay = start_relay(write_config(tmp_path, config))
         problem = _wait_for_problem(port, "permission denied")
         assert "permission denied for table" in problem["error"], problem
-        assert _problem_gauge(port) == 1.0 and _readiness(port)["ready"] is False
+        assert _problem_gauge(port) == 1.0
+        assert _readiness(port)["ready"] is False
         grant_tables(dsn, role)
         wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "events after the grant")
-        assert _problems(port) == [] and _problem_gauge(port) == 0.0
+        assert _problems(port) == []
+        assert _problem_gauge(port) == 0.0
         stop_relay(relay)
 
 
@@ -185,10 +190,12 @@ def test_check_refuses_a_read_only_database_and_run_names_it_as_a_setup_problem(
     check = run_cli("check", "-c", str(path), "--connect")
     assert check.returncode == 1
     failed = yaml.safe_load(check.stdout)["outbox orders"]["connect"]["database"]
-    assert failed["ok"] is False and failed["error"].startswith("the database session is read-only"), failed
+    assert failed["ok"] is False, failed
+    assert failed["error"].startswith("the database session is read-only"), failed
     start_relay(path)
     problem = _wait_for_problem(port, "database is read-only")
-    assert "read-only transaction" in problem["error"] and "primary" in problem["fix"]
+    assert "read-only transaction" in problem["error"]
+    assert "primary" in problem["fix"]
 
 
 def test_check_names_a_privilege_the_role_lacks_to_settle_rows(dsn: str, tmp_path: Path) -> None:

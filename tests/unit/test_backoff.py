@@ -47,7 +47,8 @@ def test_failures_in_a_row_grow_the_delay_and_a_success_starts_over() -> None:
 
 
 def test_past_the_deadline_the_hook_is_told_and_the_loop_gives_up_with_the_last_error() -> None:
-    clock, told = _Clock(), []
+    clock = _Clock()
+    told: list[BaseException] = []
     retrying = Retrying(Backoff(1.0, 5.0), give_up_after=30.0, on_give_up=told.append, clock=clock)
     first = OSError("first")
     retrying.failed(first)

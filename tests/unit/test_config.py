@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from outbox_relay.config import ConfigError, config_json_schema, load_config, parse_config
+from outbox_relay.connectors.sources.postgres_polling import PostgresPollingConfig
 from outbox_relay.durations import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,8 @@ def test_unknown_sink_type_lists_the_known_ones() -> None:
     data = {"outboxes": [{**_outbox(), "sink": {"type": "kafak"}}]}
     (problem,) = _problems(data)
     assert problem.startswith("relay.yaml: outboxes[0].sink: unknown type 'kafak' (known: ")
-    assert "stdout" in problem and "file" in problem
+    assert "stdout" in problem
+    assert "file" in problem
 
 
 def test_missing_environment_variable_names_the_key() -> None:
@@ -66,17 +68,19 @@ def test_environment_variables_and_defaults_are_interpolated() -> None:
     data = {"outboxes": [_outbox(dsn="${DB}", batch_size="${BATCH:-250}", poll_interval="${POLL:-1s}")]}
     config = parse_config(data, "relay.yaml", {"DB": "postgresql://localhost/x"})
     source = config.outboxes[0].source
-    assert source.dsn == "postgresql://localhost/x"  # type: ignore[attr-defined]
-    assert source.batch_size == 250  # type: ignore[attr-defined]
-    assert source.poll_interval == 1.0  # type: ignore[attr-defined]
+    assert isinstance(source, PostgresPollingConfig)
+    assert source.dsn == "postgresql://localhost/x"
+    assert source.batch_size == 250
+    assert source.poll_interval == 1.0
 
 
 def test_a_default_replaces_a_variable_that_is_set_but_empty_as_in_a_shell() -> None:
     data = {"outboxes": [_outbox(batch_size="${BATCH:-250}", poll_interval="${POLL:-2s}")]}
     config = parse_config(data, "relay.yaml", {"BATCH": "", "POLL": "3s"})
     source = config.outboxes[0].source
-    assert source.batch_size == 250  # type: ignore[attr-defined]
-    assert source.poll_interval == 3.0  # type: ignore[attr-defined]
+    assert isinstance(source, PostgresPollingConfig)
+    assert source.batch_size == 250
+    assert source.poll_interval == 3.0
 
 
 def test_a_variable_that_is_set_but_empty_without_a_default_stays_empty() -> None:

@@ -36,6 +36,8 @@ def test_header_values_that_are_not_strings_keep_their_json_text() -> None:
 
 def test_headers_with_a_lone_surrogate_are_unusable_not_a_crash_in_the_sink() -> None:
     headers, problem = headers_from_json(b'{"trace": "\\ud800"}')
-    assert headers == {} and problem is not None and "lone surrogate" in problem
+    assert headers == {}
+    assert problem is not None
+    assert "lone surrogate" in problem
     assert headers_from_json(b"[1]") == ({}, "headers must be a JSON object")
     assert headers_from_json(b"{") == ({}, "headers are not valid JSON")

@@ -35,7 +35,9 @@ def test_a_json_payload_written_over_several_lines_stays_one_line_with_the_same_
     pretty = b'{\n  "order": 7,\r\n  "items": ["a",\n "b"]\n}'
     event = OutboxEvent(1, "e-1", "order", "7", "Created", pretty, {}, 0.0)
     line = encode_line(event)
-    assert line.count(b"\n") == 1 and line.endswith(b"\n") and b"\r" not in line
+    assert line.count(b"\n") == 1
+    assert line.endswith(b"\n")
+    assert b"\r" not in line
     assert orjson.loads(line)["payload"] == {"order": 7, "items": ["a", "b"]}
 
 
@@ -86,7 +88,8 @@ def test_a_write_that_fails_midway_leaves_no_torn_line_in_front_of_the_retried_l
         cwd=Path(__file__).parents[2],
     )
     assert done.returncode == 0, done.stderr
-    assert "refused: cannot write to" in done.stdout and "File too large" in done.stdout
+    assert "refused: cannot write to" in done.stdout
+    assert "File too large" in done.stdout
     lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert [line["position"] for line in lines] == list(range(1, 11))
 
@@ -131,7 +134,8 @@ def test_a_failed_write_never_cuts_away_the_lines_of_a_call_still_syncing(tmp_pa
         timeout=60,
         cwd=Path(__file__).resolve().parents[2],
     )
-    assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok" in done.stdout, done.stdout + done.stderr
 
 
 class _Hung(BaseException):
@@ -205,5 +209,6 @@ async def test_a_path_whose_directory_is_missing_or_is_a_directory_is_a_setup_pr
             raise AssertionError(f"{path} was opened")
         finally:
             await sink.close()
-        assert problem is not None and problem.kind == "path does not exist", (path, problem)
+        assert problem is not None, (path, problem)
+        assert problem.kind == "path does not exist", (path, problem)
         assert "sink.path" in problem.fix

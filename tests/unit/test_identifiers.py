@@ -96,7 +96,8 @@ def test_an_invalid_unquoted_name_is_refused_with_its_double_quoted_spelling() -
 def test_error_messages_stay_on_one_line_whatever_the_name_holds() -> None:
     with pytest.raises(IdentifierError) as caught:
         parse_table_name("bad\nname\r\x1b")
-    assert "\n" not in str(caught.value) and "\r" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert "\r" not in str(caught.value)
     assert "bad\\nname\\r\\x1b" in str(caught.value)
     assert printable("a\tb\u2028c") == "a\\tb\\u2028c"
 
@@ -164,4 +165,5 @@ def test_pydantic_types_keep_the_text_as_written_and_refuse_bad_names() -> None:
     with pytest.raises(ValidationError):
         _Model(column="a.b")
     schema = _Model.model_json_schema()["properties"]
-    assert schema["table"]["type"] == "string" and "pattern" in schema["table"]
+    assert schema["table"]["type"] == "string"
+    assert "pattern" in schema["table"]

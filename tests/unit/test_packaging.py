@@ -18,12 +18,14 @@ def test_every_package_folder_is_listed_under_its_installed_name() -> None:
     setuptools = _setuptools()
     folders = setuptools["package-dir"]
     assert isinstance(folders, dict)
-    expected = set()
+    expected: set[str] = set()
     for name, folder in folders.items():
         for init in (ROOT / folder).rglob("__init__.py"):
             relative = init.parent.relative_to(ROOT / folder).parts
             expected.add(".".join((name, *relative)))
-    assert set(setuptools["packages"]) == expected  # type: ignore[arg-type]
+    packages = setuptools["packages"]
+    assert isinstance(packages, list)
+    assert set(packages) == expected
 
 
 def test_nothing_installs_under_a_generic_top_level_name() -> None:

@@ -22,7 +22,8 @@ def test_the_connection_asks_for_utf8_and_keeps_the_dsns_own_options(dsn: str) -
     params = conninfo_to_dict(session_conninfo(dsn))
     assert params["client_encoding"] == "UTF8"
     assert params.get("options") == conninfo_to_dict(dsn).get("options")
-    assert params["dbname"] == "app" and params["host"] == "db"
+    assert params["dbname"] == "app"
+    assert params["host"] == "db"
 
 
 def test_a_client_encoding_in_the_dsn_is_overridden() -> None:

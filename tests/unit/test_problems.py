@@ -78,7 +78,8 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
 )
 def test_setup_mistakes_are_told_apart_with_a_fix(error: BaseException, kind: str) -> None:
     problem = setup_problem(error)
-    assert problem is not None and problem.kind == kind
+    assert problem is not None
+    assert problem.kind == kind
     assert problem.fix
 
 
@@ -102,7 +103,8 @@ def test_a_password_in_the_error_never_reaches_the_problem() -> None:
 
     scrubber.remember("hunter2-secret")
     problem = setup_problem(Op("password authentication failed: password=hunter2-secret"))
-    assert problem is not None and "hunter2-secret" not in problem.text
+    assert problem is not None
+    assert "hunter2-secret" not in problem.text
 
 
 def test_classifying_a_megabyte_error_takes_linear_time() -> None:
@@ -141,7 +143,8 @@ def test_a_problem_is_logged_once_while_it_lasts_shown_and_cleared_when_fixed() 
     assert not problems.report("database", TimeoutError()), "an outage is not a setup problem"
     assert problems.describe() != [], "and does not clear one"
     problems.clear("database")
-    assert problems.describe() == [] and _gauge("problems-unit") == 0.0
+    assert problems.describe() == []
+    assert _gauge("problems-unit") == 0.0
     assert log.lines[-1][:2] == ("info", "setup problem fixed")
 
 
@@ -166,14 +169,17 @@ def test_a_lasting_problem_is_logged_again_every_minute_and_a_new_one_at_once(
 
 def test_a_refused_login_names_the_dsn_or_url_and_a_refused_permission_the_privilege() -> None:
     login = setup_problem(ConnectorError("RabbitMQ refused the login of user guest"))
-    assert login is not None and login.fix == "check the user and password the DSN or URL gives"
+    assert login is not None
+    assert login.fix == "check the user and password the DSN or URL gives"
     refused = setup_problem(ConnectorError("RabbitMQ closed the channel: 403 ACCESS_REFUSED - no"))
-    assert refused is not None and "password" not in refused.fix
+    assert refused is not None
+    assert "password" not in refused.fix
 
 
 def test_a_file_sink_path_that_does_not_exist_names_sink_path_in_its_fix() -> None:
     problem = setup_problem(ConnectorError("cannot open /nowhere/out.jsonl: No such file or directory"))
-    assert problem is not None and "sink.path" in problem.fix
+    assert problem is not None
+    assert "sink.path" in problem.fix
 
 
 @pytest.mark.parametrize(

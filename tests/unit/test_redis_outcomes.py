@@ -24,12 +24,19 @@ def test_a_reply_refusing_the_relays_user_is_a_setup_failure_named_by_its_code(
     error: Exception, code: str
 ) -> None:
     failure = _reply_failure(error, "outbox.order")
-    assert failure.setup and failure.transient and not failure.permanent
-    assert code in failure.reason and "outbox.order" in failure.reason
+    assert failure.setup
+    assert failure.transient
+    assert not failure.permanent
+    assert code in failure.reason
+    assert "outbox.order" in failure.reason
 
 
 def test_a_key_of_another_type_stays_permanent_and_a_full_server_transient() -> None:
     wrong = _reply_failure(ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), "s")
-    assert wrong.permanent and not wrong.transient and not wrong.setup
+    assert wrong.permanent
+    assert not wrong.transient
+    assert not wrong.setup
     full = _reply_failure(ResponseError("OOM command not allowed when used memory > 'maxmemory'"), "s")
-    assert full.transient and not full.permanent and not full.setup
+    assert full.transient
+    assert not full.permanent
+    assert not full.setup

@@ -61,7 +61,8 @@ def test_scrubbing_a_value_of_megabytes_takes_linear_time_whatever_its_shape(siz
         elapsed = time.perf_counter() - started
         assert elapsed < 2.0, f"{shape}: {elapsed:.1f}s for {len(text)} characters"
         if shape == "many URLs with passwords":
-            assert "s3cr3t" not in scrubbed and scrubbed.startswith("amqp://app:***@rabbit:5672/ ")
+            assert "s3cr3t" not in scrubbed
+            assert scrubbed.startswith("amqp://app:***@rabbit:5672/ ")
 
 
 @pytest.mark.timeout(120)
@@ -112,7 +113,8 @@ def test_an_authorization_header_is_masked_whole_by_its_credential_and_by_the_pa
     scrubber.remember_authorization(f"Basic {basic}")
     scrubber.remember_authorization("Bearer tok-123456789")
     for text in (basic, "open-sesame-42", "tok-123456789", "Authorization: Bearer tok-123456789"):
-        assert scrubber.scrub(text).count("***") >= 1 and "sesame" not in scrubber.scrub(text)
+        assert scrubber.scrub(text).count("***") >= 1
+        assert "sesame" not in scrubber.scrub(text)
         assert "tok-1" not in scrubber.scrub(text)
 
 
@@ -125,7 +127,8 @@ def test_a_cut_value_never_shows_the_beginning_of_a_secret_wherever_the_cut_fall
         text = "." * offset + secret + "." * 1000
         shown = scrubber.scrub_shortened(text, limit)
         assert "S3CR" not in shown, offset
-        assert len(shown) < limit + 60 and f"[{len(text)} characters, cut]" in shown
+        assert len(shown) < limit + 60
+        assert f"[{len(text)} characters, cut]" in shown
 
 
 def _echoed(value: str) -> dict[str, str]:
@@ -150,7 +153,8 @@ def test_a_bearer_token_is_masked_in_every_encoding_a_receiver_may_echo_it_in() 
     for value in ("Tok/en+Secret/Val=", "Bearer Tok/en+Secret/Val="):
         for form, echoed in _echoed(value).items():
             shown = scrubber.scrub(f"got <{echoed}>")
-            assert echoed not in shown and "Secret" not in shown, (form, shown)
+            assert echoed not in shown, (form, shown)
+            assert "Secret" not in shown, (form, shown)
 
 
 def test_basic_credentials_are_masked_in_every_encoding_of_the_pair_and_of_its_base64() -> None:
@@ -199,4 +203,5 @@ def test_a_secret_with_two_spaces_or_a_tab_is_masked_in_a_setup_problem() -> Non
 
     scrubber.remember("two  spaces\tsecret")
     problem = setup_problem(RuntimeError("authentication failed for two  spaces\tsecret"))
-    assert problem is not None and "spaces" not in problem.text
+    assert problem is not None
+    assert "spaces" not in problem.text

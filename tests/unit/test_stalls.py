@@ -125,14 +125,18 @@ def test_the_stall_reported_is_the_oldest_call_not_the_latest(clock: Clock) -> N
         with tracker.call("publish"):
             clock.now += 1
             stall = tracker.stalled(120)
-    assert stall is not None and stall.stage == "dead-letter" and stall.seconds == 201.0
+    assert stall is not None
+    assert stall.stage == "dead-letter"
+    assert stall.seconds == 201.0
 
 
 def test_the_default_clock_is_monotonic_time() -> None:
     tracker = CallTracker()
     with tracker.call("fetch"):
         oldest = tracker.oldest()
-    assert oldest is not None and oldest[0] == "fetch" and 0 <= oldest[1] < 60
+    assert oldest is not None
+    assert oldest[0] == "fetch"
+    assert 0 <= oldest[1] < 60
 
 
 # Each step: begin a call of a stage, end the call at an index of those out, or let time pass.
