@@ -150,8 +150,9 @@ def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-class DeadLetterStore:
-    """Reads and writes the dead-letter table over its own connection (reconnecting lazily)."""
+class _DeadLetterTable:
+    """The dead-letter table over its own connection (reconnecting lazily): connecting,
+    checking the setup, closing. `DeadLetterStore` adds what is read and written."""
 
     def __init__(self, dsn: str, table: str = DEFAULT_TABLE) -> None:
         self._dsn = dsn
@@ -176,6 +177,56 @@ class DeadLetterStore:
                 raise
             self._conn = conn
         return self._conn
+
+    async def check(self) -> list[str]:
+        """Connect, and check that the table exists and that the session may INSERT, SELECT,
+        UPDATE and DELETE its rows (what parking, holding, replay and purge do). Raises
+        ConnectorError saying what is wrong; secrets masked."""
+        try:
+            conn = await self._connection()
+            regclass, name = self._table_name.regclass_text(), self._table_name.display()
+            cur = await conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL, current_setting('transaction_read_only') = 'on',"
+                " current_user",
+                (regclass,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            exists, read_only, role = row
+            if not exists:
+                raise ConnectorError(f"table {name} does not exist (run: outbox-relay init-db)")
+            if read_only:
+                raise ConnectorError(
+                    "the session is read-only (a standby, or default_transaction_read_only): "
+                    "point dead_letter.dsn at the primary"
+                )
+            cur = await conn.execute(
+                "SELECT privilege FROM unnest(%s::text[]) AS privilege"
+                " WHERE NOT has_table_privilege(to_regclass(%s), privilege)",
+                (list(_PRIVILEGES), regclass),
+            )
+            missing = [privilege for (privilege,) in await cur.fetchall()]
+        except psycopg.Error as exc:
+            raise ConnectorError(scrubber.scrub(" ".join(str(exc).split()))) from None
+        finally:
+            await self.close()
+        if missing:
+            raise ConnectorError(
+                f"role {role} may not {', '.join(missing)} on table {name}: "
+                f"GRANT {', '.join(_PRIVILEGES)} ON {name} TO {role}"
+            )
+        return [f"table {name}: {', '.join(_PRIVILEGES)} granted"]
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+class DeadLetterStore(_DeadLetterTable):
+    """Reads and writes the dead-letter table over its own connection (reconnecting lazily).
+    The pipeline's parking in PostgreSQL (it implements `relay.parking.DeadLetterParking`), and
+    what `dlq` lists, replays and purges."""
 
     async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool, str]]) -> None:
         """Store (event, error, permanent, state) rows, secrets masked in the error. A row
@@ -324,50 +375,6 @@ class DeadLetterStore:
             sql.SQL("DELETE FROM {} WHERE {} RETURNING event_id").format(self._table, where), params
         )
         return [row[0] for row in await cur.fetchall()]
-
-    async def check(self) -> list[str]:
-        """Connect, and check that the table exists and that the session may INSERT, SELECT,
-        UPDATE and DELETE its rows (what parking, holding, replay and purge do). Raises
-        ConnectorError saying what is wrong; secrets masked."""
-        try:
-            conn = await self._connection()
-            regclass, name = self._table_name.regclass_text(), self._table_name.display()
-            cur = await conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL, current_setting('transaction_read_only') = 'on',"
-                " current_user",
-                (regclass,),
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            exists, read_only, role = row
-            if not exists:
-                raise ConnectorError(f"table {name} does not exist (run: outbox-relay init-db)")
-            if read_only:
-                raise ConnectorError(
-                    "the session is read-only (a standby, or default_transaction_read_only): "
-                    "point dead_letter.dsn at the primary"
-                )
-            cur = await conn.execute(
-                "SELECT privilege FROM unnest(%s::text[]) AS privilege"
-                " WHERE NOT has_table_privilege(to_regclass(%s), privilege)",
-                (list(_PRIVILEGES), regclass),
-            )
-            missing = [privilege for (privilege,) in await cur.fetchall()]
-        except psycopg.Error as exc:
-            raise ConnectorError(scrubber.scrub(" ".join(str(exc).split()))) from None
-        finally:
-            await self.close()
-        if missing:
-            raise ConnectorError(
-                f"role {role} may not {', '.join(missing)} on table {name}: "
-                f"GRANT {', '.join(_PRIVILEGES)} ON {name} TO {role}"
-            )
-        return [f"table {name}: {', '.join(_PRIVILEGES)} granted"]
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
 
 
 def as_event(letter: DeadLetter) -> OutboxEvent:

@@ -39,11 +39,11 @@ class Lanes:
         self._ready: deque[Hashable] = deque()
         self._waiting: list[tuple[float, int, Hashable, _Lane]] = []  # (retry_at, tiebreak, key, lane) heap
         self._tiebreak = 0
-        self._count = 0
 
     def __len__(self) -> int:
-        """Events held, including those being published or waiting for a retry."""
-        return self._count
+        """Events held, including those being published or waiting for a retry. (Counted here
+        on demand: the pipeline's one count of events in flight is its window, relay.flow.)"""
+        return sum(len(lane.events) for lane in self._lanes.values())
 
     @property
     def blocked_lanes(self) -> int:
@@ -60,7 +60,6 @@ class Lanes:
                 lane = lanes[key] = _Lane()
                 self._ready.append(key)
             lane.events.append(event)
-            self._count += 1
 
     def take(self, limit: int, now: float, depth: int = 1) -> list[OutboxEvent]:
         """The first events, up to `depth` of each, of ready lanes, at most `limit` in all; a
@@ -87,7 +86,6 @@ class Lanes:
         lane = self._lanes[key]
         head = lane.events.popleft()
         assert head is event, "events of a lane are acknowledged in order"
-        self._count -= 1
         lane.retrying = False
         lane.out = max(lane.out - 1, 0)
         if lane.out:
@@ -126,8 +124,6 @@ class Lanes:
         if key in self._ready:
             self._ready.remove(key)
         # (Its retry, if one is scheduled, is dropped when it comes due: see `_release_due`.)
-        self._count -= len(lane.events)
-        assert self._count >= 0
         return list(lane.events)
 
     def waiting_keys(self) -> list[Hashable]:
