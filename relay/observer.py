@@ -20,7 +20,7 @@ from outbox_relay.interfaces import Source
 from outbox_relay.secrets import scrubber
 from outbox_relay.stalls import CallTracker
 
-if TYPE_CHECKING:  # (it imports this module)
+if TYPE_CHECKING:  # (relay.parking reports to this module)
     from outbox_relay.parking import DeadLetterParking
 
 

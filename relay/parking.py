@@ -12,19 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from outbox_relay.deadletters import DEAD, HELD, DeadLetter
 from outbox_relay.events import OutboxEvent
+from outbox_relay.fencing import FenceGuard
 from outbox_relay.flow import Flow, ParkRequest, batches
 from outbox_relay.holds import HeldAggregates
 from outbox_relay.lanes import Lanes
+from outbox_relay.observer import PipelineObserver
+from outbox_relay.retries import UntilDone
 from outbox_relay.settlement import SettlementPolicy
-
-if TYPE_CHECKING:  # (they import this module's protocol)
-    from outbox_relay.fencing import FenceGuard
-    from outbox_relay.observer import PipelineObserver
-    from outbox_relay.retries import UntilDone
 
 
 class DeadLetterParking(Protocol):
