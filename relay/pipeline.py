@@ -47,6 +47,10 @@ __all__ = ["Pipeline", "describe_error"]
 
 
 class Pipeline:
+    """Relays the events of one outbox from `source` to `sink` (see the module's docstring);
+    `dead_letters` is where poison events and held aggregates are parked (without one, every
+    failure is retried in memory, blocking only its aggregate)."""
+
     def __init__(
         self,
         name: str,
@@ -148,7 +152,7 @@ class Pipeline:
     async def _run(self, stop: asyncio.Event, drain: bool) -> None:
         if not await self._start_connectors(stop):
             return
-        if self._dead_letters is not None and not await self._load_held(stop):
+        if self._dead_letters is not None and not await self._releaser.load(stop):
             await self._close_connectors()
             return
         flow, name = self._flow, self.name
@@ -186,26 +190,6 @@ class Pipeline:
         self._observer.connected()
         self.started = True
         self._log.info("outbox started", source=self.source.kind, sink=self.sink.kind)
-        return True
-
-    async def _load_held(self, stop: asyncio.Event) -> bool:
-        """Aggregates held by an earlier run stay held: their new events go behind the held ones."""
-        store = self._dead_letters
-        assert store is not None
-        keys = await self._until_done(
-            partial(store.held_aggregates, self.name),
-            "cannot read held events, retrying",
-            stop=stop,
-            stage="dead-letter",
-        )
-        if keys is None:
-            return False
-        now = time.monotonic()
-        for key in keys:
-            self._holding.hold(key, now)
-        if keys:
-            self._log.warning("aggregates held by an earlier run stay held", aggregates=len(keys))
-        self._observer.held_aggregates(len(self._holding))
         return True
 
     async def _close_connectors(self) -> None:

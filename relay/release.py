@@ -4,6 +4,7 @@ the store has none of it left (see relay.holds for when that answer is trusted).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable
@@ -50,6 +51,26 @@ class Releaser:
         self._holding, self._flow, self._policy, self._depth = holding, flow, policy, depth
         self._log, self._observer, self._health = log, observer, health
         self._until_done, self._guard, self._calls = until_done, guard, calls
+
+    async def load(self, stop: asyncio.Event) -> bool:
+        """Aggregates held by an earlier run stay held: their new events go behind the held
+        ones. False when `stop` was set before the store answered."""
+        assert self._store is not None
+        keys = await self._until_done(
+            partial(self._store.held_aggregates, self._name),
+            "cannot read held events, retrying",
+            stop=stop,
+            stage="dead-letter",
+        )
+        if keys is None:
+            return False
+        now = time.monotonic()
+        for key in keys:
+            self._holding.hold(key, now)
+        if keys:
+            self._log.warning("aggregates held by an earlier run stay held", aggregates=len(keys))
+        self._observer.held_aggregates(len(self._holding))
+        return True
 
     async def run(self) -> None:
         """Release attempts as they come due, until the pipeline closes."""
