@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from outbox_relay.backoff import Retrying
 from outbox_relay.broker_health import CONNECT_BACKOFF, BrokerHealth
 from outbox_relay.deadletters import DEAD, HELD, DeadLetter
 from outbox_relay.deadletters import as_event as held_event
@@ -51,6 +52,9 @@ class Releaser:
         self._holding, self._flow, self._policy, self._depth = holding, flow, policy, depth
         self._log, self._observer, self._health = log, observer, health
         self._until_done, self._guard, self._calls = until_done, guard, calls
+        #: Reads of the store failing in a row, whatever the aggregate: a store that is away
+        #: is retried backing off as a whole, not once per held aggregate at a steady pace.
+        self._store_reads = Retrying(CONNECT_BACKOFF)
 
     async def load(self, stop: asyncio.Event) -> bool:
         """Aggregates held by an earlier run stay held: their new events go behind the held
@@ -126,8 +130,9 @@ class Releaser:
         except Exception as exc:
             self._observer.database(False)
             self._log.warning("cannot read held events", error=describe_error(exc))
-            holding.attempt_at(key, now + CONNECT_BACKOFF.delay(holding.failures[key] + 1))
+            holding.attempt_at(key, now + self._store_reads.failed(exc))
             return None
+        self._store_reads.succeeded()
         if letters:
             return letters
         if holding.release_if_empty(key, generation):
