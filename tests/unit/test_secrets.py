@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from urllib.parse import quote, quote_plus
 
 import pytest
@@ -50,16 +49,15 @@ def _shapes(size: int) -> dict[str, str]:
     }
 
 
+# No timing is asserted (a loaded machine would flake it): linear scrubbing of these takes well
+# under a second, quadratic or worse never ends within the pytest timeout, which fails the test.
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("size", [MB, 10 * MB], ids=["1MB", "10MB"])
 def test_scrubbing_a_value_of_megabytes_takes_linear_time_whatever_its_shape(size: int) -> None:
     scrubber = SecretScrubber()
     scrubber.remember_from("postgresql://app:hunter2-secret@db/x")
     for shape, text in _shapes(size).items():
-        started = time.perf_counter()
         scrubbed = scrubber.scrub(text)
-        elapsed = time.perf_counter() - started
-        assert elapsed < 2.0, f"{shape}: {elapsed:.1f}s for {len(text)} characters"
         if shape == "many URLs with passwords":
             assert "s3cr3t" not in scrubbed
             assert scrubbed.startswith("amqp://app:***@rabbit:5672/ ")
@@ -68,11 +66,9 @@ def test_scrubbing_a_value_of_megabytes_takes_linear_time_whatever_its_shape(siz
 @pytest.mark.timeout(120)
 def test_remembering_the_passwords_of_a_dsn_of_megabytes_takes_linear_time() -> None:
     long_dsn = "postgresql://app:pw-" + "p" * MB + "@db/x?application_name=" + "a" * MB
-    started = time.perf_counter()
     scrubber = SecretScrubber()
     scrubber.remember_from(long_dsn)
     shown = scrubber.scrub(long_dsn)
-    assert time.perf_counter() - started < 2.0
     assert shown == "postgresql://app:***@db/x?application_name=" + "a" * MB
 
 
