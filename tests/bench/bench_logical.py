@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from tests.bench.child_process import run_relay_watching_memory
+from tests.bench.child_process import RELAY_MODULE, RelayCommand, run_relay_watching_memory
 from tests.harness.postgres import start_postgres
 from tests.support import create_outbox_database, insert_events
 
@@ -44,8 +44,15 @@ def _source(dsn: str, kind: str) -> dict[str, Any]:
     }
 
 
-def drain(directory: Path, source: dict[str, Any], sink: dict[str, Any], events: int) -> dict[str, float]:
-    """Run `outbox-relay run --drain` as its own process; events/s from its log, peak RSS."""
+def drain(
+    directory: Path,
+    source: dict[str, Any],
+    sink: dict[str, Any],
+    events: int,
+    command: RelayCommand = RELAY_MODULE,
+) -> dict[str, float]:
+    """Run `outbox-relay run --drain` as its own process, started by `command`; events/s from its
+    log, peak RSS."""
     config = {
         "outboxes": [{"name": "bench", "source": source, "sink": sink}],
         "http": {"port": 0},
@@ -55,7 +62,7 @@ def drain(directory: Path, source: dict[str, Any], sink: dict[str, Any], events:
     path.write_text(yaml.safe_dump(config))
     log = directory / "relay.log"
     with log.open("w") as stderr:
-        code, peak_mb, _ = run_relay_watching_memory(path, stderr)
+        code, peak_mb, _ = run_relay_watching_memory(path, stderr, command)
     if code != 0:
         raise SystemExit(f"relay failed:\n{log.read_text()[-2000:]}")
     stamps: dict[str, float] = {}

@@ -12,17 +12,38 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 _WATCH_INTERVAL_S = 0.02
 
 
-def run_relay_watching_memory(config: Path, stderr: IO[str] | None = None) -> tuple[int, float, float]:
+@dataclass(frozen=True)
+class RelayCommand:
+    """How a benchmark starts the relay: the command line before `run -c CONFIG --drain`, and the
+    environment and working directory of the process (None: this process's own)."""
+
+    argv: tuple[str, ...] = (sys.executable, "-m", "relay")
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+
+
+#: `python -m relay` from this process's working directory, as the benchmarks start the relay.
+RELAY_MODULE = RelayCommand()
+
+
+def run_relay_watching_memory(
+    config: Path, stderr: IO[str] | None = None, command: RelayCommand = RELAY_MODULE
+) -> tuple[int, float, float]:
     """`outbox-relay run -c config --drain` as its own process: (exit code, peak RSS in MB, seconds)."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "-c", str(config), "--drain"], stderr=stderr
+        [*command.argv, "run", "-c", str(config), "--drain"],
+        stderr=stderr,
+        env=command.env,
+        cwd=command.cwd,
     )
     peak_kb = 0
     status = Path(f"/proc/{proc.pid}/status")
