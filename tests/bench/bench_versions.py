@@ -4,11 +4,11 @@ and that each relay ran the code it was meant to).
 
 The base commit's code comes from `git archive`, installed with `pip install --no-deps --target`
 into a temporary folder (this venv has every dependency); the current code is the one this venv
-has installed (this checkout, uncommitted changes included). Each relay is its own process,
-`python -m relay` or `python -m outbox_relay ... run --drain` through tests/bench/version_child.py,
-with PYTHONPATH naming the base's folder for the base only, started outside the checkout; the
-child checks afterwards that every module of the relay it loaded came from its version's folders
-and none from the other version's.
+has installed (this checkout, uncommitted changes included). Each relay is a process of its own,
+the package's CLI (`python -m relay`, or `python -m outbox_relay` after the rename) with
+`run --drain`, started through tests/bench/version_child.py outside the checkout, with PYTHONPATH
+naming the base's folder for the base only; the child checks afterwards that every module of the
+relay it loaded came from its version's folders and none from the other version's.
 
 For each run (a source -> a sink), against one private PostgreSQL (wal_level=logical) and, for
 kafka, the broker of tests/harness/kafka.py (a private tansu, or KAFKA_BOOTSTRAP_SERVERS), rounds
@@ -57,6 +57,8 @@ SOURCES = {"polling": "polling", "logical": "table"}
 SINKS = ("file", "kafka")
 TRANSACTIONS = 20
 PARTITIONS = 4
+#: The file sink's output, in the benchmark's directory, deleted before every drain.
+FILE_OUT = "out.jsonl"
 #: Top-level import names of the code before and after the package rename.
 LAYOUTS = (("relay", "connectors"), ("outbox_relay",))
 
@@ -136,7 +138,7 @@ def _sinks(names: list[str], directory: Path, stack: ExitStack) -> dict[str, dic
     sinks: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == "file":
-            sinks[name] = {"type": "file", "path": str(directory / "out.jsonl")}
+            sinks[name] = {"type": "file", "path": str(directory / FILE_OUT)}
         elif name == "kafka":
             from tests.harness.kafka import create_topic, start_kafka
 
@@ -161,7 +163,7 @@ def run_rounds(
     for round_ in range(1, args.rounds + 1):
         for version in versions:
             _prepare(dsn, SOURCES[source], args.events, TRANSACTIONS)
-            Path(directory / "out.jsonl").unlink(missing_ok=True)
+            (directory / FILE_OUT).unlink(missing_ok=True)
             figures = drain(
                 directory, _source(dsn, SOURCES[source]), sink, args.events, version.command(directory)
             )
