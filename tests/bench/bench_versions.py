@@ -15,9 +15,13 @@ kafka, the broker of tests/harness/kafka.py (a private tansu, or KAFKA_BOOTSTRAP
 alternate base, current, base, current, ...; each drains the same freshly written backlog of N
 events (1,000 aggregates, 20 transactions; for the logical source a new slot created before the
 writes). Figures per drain are those of tests.bench.bench_logical.drain: events/s between
-"outbox started" and "drained" in the relay's own log, and peak RSS. Printed per run: every
-round, then per version the median, min and max, and the ratio current/base of the medians and
-the median of the per-round ratios (each current drain against the base drain just before it).
+"outbox started" and "drained" in the relay's own log; events per CPU-second the relay process
+used in that span (sampled from /proc: far less disturbed than the elapsed time when other work
+shares the cores, but blind to time spent waiting on the database or broker); peak RSS. Printed
+per run: every round, then per version the median, min and max of both rates, and for each the
+ratio current/base of the medians and the median of the per-round ratios (each current drain
+against the base drain just before it). `--base HEAD` runs the same code on both sides: the
+spread of its ratios around 1 is what the machine's noise alone gives.
 
     python -m tests.bench.bench_versions [--base 276f62b] [--events 100000] [--rounds 5]
         [--sources polling,logical] [--sinks file,kafka]
@@ -61,6 +65,8 @@ PARTITIONS = 4
 FILE_OUT = "out.jsonl"
 #: Top-level import names of the code before and after the package rename.
 LAYOUTS = (("relay", "connectors"), ("outbox_relay",))
+#: The figures of tests.bench.bench_logical.drain compared between the versions.
+RATES = ("events_per_s", "events_per_cpu_s")
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,8 @@ class Rounds:
 
     drains: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
-    def rates(self, label: str) -> list[float]:
-        return [d["events_per_s"] for d in self.drains[label]]
+    def figures(self, label: str, figure: str) -> list[float]:
+        return [d[figure] for d in self.drains[label]]
 
 
 def _git(*args: str) -> str:
@@ -170,29 +176,33 @@ def run_rounds(
             rounds.drains[version.label].append(figures)
             print(
                 f"{label:18} round {round_}  {version.label:28} {figures['events_per_s']:9,.0f} events/s"
-                f"  {figures['seconds']:6.2f} s  peak RSS {figures['rss_mb']:5.1f} MB",
+                f" {figures['seconds']:6.2f} s, {figures['events_per_cpu_s']:9,.0f} events/CPU-s"
+                f" {figures['cpu_s']:6.2f} CPU-s, peak RSS {figures['rss_mb']:5.1f} MB",
                 flush=True,
             )
     return rounds
 
 
+def _ratios(rounds: Rounds, versions: list[Version], figure: str) -> str:
+    """current/base of the medians of `figure`, and the median of the per-round ratios."""
+    base, current = (rounds.figures(version.label, figure) for version in versions)
+    paired = statistics.median(c / b for b, c in zip(base, current, strict=True))
+    return f"{statistics.median(current) / statistics.median(base):10.3f} (per round {paired:5.3f})".ljust(29)
+
+
 def summary(label: str, rounds: Rounds, versions: list[Version]) -> list[str]:
-    """The lines printed for one run: per version the median, min and max; then the ratios."""
+    """The lines printed for one run: per version the median, min and max of events/s and of
+    events per CPU-second of the relay, the median peak RSS; then the ratios current/base."""
     lines = []
     for version in versions:
-        rates = rounds.rates(version.label)
-        seconds = statistics.median(d["seconds"] for d in rounds.drains[version.label])
-        rss = statistics.median(d["rss_mb"] for d in rounds.drains[version.label])
-        lines.append(
-            f"{label:18} {version.label:28} {statistics.median(rates):10,.0f} {min(rates):10,.0f}"
-            f" {max(rates):10,.0f} {seconds:9.2f} {rss:8.1f}"
-        )
-    base, current = (rounds.rates(v.label) for v in versions)
-    paired = statistics.median(c / b for b, c in zip(base, current, strict=True))
-    lines.append(
-        f"{label:18} {'current/base':28} {statistics.median(current) / statistics.median(base):10.3f}"
-        f"  (median of the per-round ratios {paired:.3f})"
-    )
+        columns = []
+        for figure in RATES:
+            values = rounds.figures(version.label, figure)
+            columns += [f"{statistics.median(values):10,.0f}", f"{min(values):9,.0f}", f"{max(values):9,.0f}"]
+        rss = statistics.median(rounds.figures(version.label, "rss_mb"))
+        lines.append(f"{label:18} {version.label:28} {' '.join(columns)} {rss:8.1f}")
+    ratios = " ".join(_ratios(rounds, versions, figure) for figure in RATES)
+    lines.append(f"{label:18} {'current/base':28} {ratios}".rstrip())
     return lines
 
 
@@ -233,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         imports = [f"{version.label} ran {version.imported()}" for version in versions]
     print(f"\n{args.events} events per drain, {args.rounds} rounds per version, alternating")
     print("\n".join(imports))
-    print(f"{'run':18} {'version':28}", " ".join(f"{h:>10}" for h in ("median/s", "min/s", "max/s")), end="")
-    print(f" {'median s':>9} {'RSS MB':>8}")
+    columns = " ".join(f"{name:>10} {'min':>9} {'max':>9}" for name in ("events/s", "ev/CPU-s"))
+    print(f"{'run (medians)':18} {'version':28} {columns} {'RSS MB':>8}")
     print("\n".join(results))
 
 
