@@ -37,7 +37,7 @@ unit: $(BIN)/outbox-relay
 
 bench: $(BIN)/outbox-relay
 	bash tests/install-servers.sh
-	for b in bench_polling_file bench_polling_kafka bench_polling_rabbitmq bench_logical bench_more_sinks; do $(BIN)/python -m tests.bench.$$b || exit 1; done
+	for b in bench_polling_file bench_polling_kafka bench_polling_rabbitmq bench_logical bench_more_sinks bench_versions; do $(BIN)/python -m tests.bench.$$b || exit 1; done
 
 schema: $(BIN)/outbox-relay
 	$(BIN)/outbox-relay schema > config/relay.schema.json

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import yaml
 
-from tests.bench.child_process import run_relay_watching_memory
+from tests.bench.child_process import RELAY_MODULE, RelayCommand, run_relay_watching_memory
 from tests.harness.postgres import start_postgres
 from tests.support import create_outbox_database, insert_events
 
@@ -44,8 +44,15 @@ def _source(dsn: str, kind: str) -> dict[str, Any]:
     }
 
 
-def drain(directory: Path, source: dict[str, Any], sink: dict[str, Any], events: int) -> dict[str, float]:
-    """Run `outbox-relay run --drain` as its own process; events/s from its log, peak RSS."""
+def drain(
+    directory: Path,
+    source: dict[str, Any],
+    sink: dict[str, Any],
+    events: int,
+    command: RelayCommand = RELAY_MODULE,
+) -> dict[str, float]:
+    """Run `outbox-relay run --drain` as its own process, started by `command`: events/s between
+    "outbox started" and "drained" in its log, the relay's CPU seconds in that span, peak RSS."""
     config = {
         "outboxes": [{"name": "bench", "source": source, "sink": sink}],
         "http": {"port": 0},
@@ -55,8 +62,8 @@ def drain(directory: Path, source: dict[str, Any], sink: dict[str, Any], events:
     path.write_text(yaml.safe_dump(config))
     log = directory / "relay.log"
     with log.open("w") as stderr:
-        code, peak_mb, _ = run_relay_watching_memory(path, stderr)
-    if code != 0:
+        run = run_relay_watching_memory(path, stderr, command)
+    if run.code != 0:
         raise SystemExit(f"relay failed:\n{log.read_text()[-2000:]}")
     stamps: dict[str, float] = {}
     published = 0
@@ -65,10 +72,18 @@ def drain(directory: Path, source: dict[str, Any], sink: dict[str, Any], events:
         if record.get("event") in ("outbox started", "drained: the outbox is empty"):
             stamps[record["event"]] = datetime.fromisoformat(record["timestamp"]).timestamp()
             published = int(record.get("published", published))
-    seconds = stamps["drained: the outbox is empty"] - stamps["outbox started"]
+    started, drained = stamps["outbox started"], stamps["drained: the outbox is empty"]
     if published != events:
         raise SystemExit(f"published {published}, expected {events}")
-    return {"events_per_s": events / seconds, "seconds": seconds, "rss_mb": peak_mb}
+    seconds = drained - started
+    cpu_s = run.cpu_between(started, drained)
+    return {
+        "events_per_s": events / seconds,
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "events_per_cpu_s": events / cpu_s if cpu_s > 0 else float("nan"),
+        "rss_mb": run.peak_mb,
+    }
 
 
 def _prepare(dsn: str, kind: str, events: int, transactions: int) -> None:

@@ -179,10 +179,13 @@ def _config_file(directory: Path, dsn: str, sink_path: str) -> Path:
 
 def peak_rss(dsn: str, directory: Path, events: int) -> tuple[float, float, float]:
     """(peak RSS MB, seconds, events/s) of `outbox-relay run --drain` as its own process."""
-    config = _config_file(directory, dsn, "/dev/null")
-    code, peak_mb, elapsed = run_relay_watching_memory(config)
-    assert code == 0, f"relay exited {code}"
-    return peak_mb, elapsed, events / elapsed
+    # A regular file: the file sink refuses /dev/null (a character device), and the relay exits 2.
+    out = directory / "rss.jsonl"
+    config = _config_file(directory, dsn, str(out))
+    run = run_relay_watching_memory(config)
+    out.unlink(missing_ok=True)
+    assert run.code == 0, f"relay exited {run.code}"
+    return run.peak_mb, run.seconds, events / run.seconds
 
 
 def steady_latency(dsn: str, directory: Path, rate: int, seconds: float) -> list[float]:
