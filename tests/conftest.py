@@ -84,7 +84,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
+        [sys.executable, "-m", "outbox_relay", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -192,7 +192,7 @@ def start_relay(config_path: Path, *extra: str, log: Path | None = None, capture
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "relay", "run", "-c", str(config_path), *extra]
+    command = [sys.executable, "-m", "outbox_relay", "run", "-c", str(config_path), *extra]
     if capture:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     with log.open("ab") if log is not None else contextlib.nullcontext(subprocess.DEVNULL) as stderr:

@@ -192,7 +192,7 @@ def steady_latency(dsn: str, directory: Path, rate: int, seconds: float) -> list
     out = directory / "latency.jsonl"
     out.touch()
     config = _config_file(directory, dsn, str(out))
-    proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(config)])
+    proc = subprocess.Popen([sys.executable, "-m", "outbox_relay", "run", "-c", str(config)])
     latencies: list[float] = []
     total = int(rate * seconds)
     stop = threading.Event()

@@ -157,7 +157,7 @@ def relay_latency(
     config["log"] = {"format": "json", "level": "warning"}
     config_path = directory / "latency.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(config_path)])
+    relay = subprocess.Popen([sys.executable, "-m", "outbox_relay", "run", "-c", str(config_path)])
     reader = LatencyReader(bootstrap_servers, topic, partitions)
     total = int(rate * seconds)
     try:

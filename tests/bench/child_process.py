@@ -28,7 +28,7 @@ class RelayCommand:
     """How a benchmark starts the relay: the command line before `run -c CONFIG --drain`, and the
     environment and working directory of the process (None: this process's own)."""
 
-    argv: tuple[str, ...] = (sys.executable, "-m", "relay")
+    argv: tuple[str, ...] = (sys.executable, "-m", "outbox_relay")
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
 

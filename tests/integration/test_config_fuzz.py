@@ -885,7 +885,7 @@ def test_a_bad_config_stops_the_outbox_relay_process_with_exit_2_in_bounded_time
             str(rss_file),
             sys.executable,
             "-m",
-            "relay",
+            "outbox_relay",
             "check",
             "-c",
             str(path),
