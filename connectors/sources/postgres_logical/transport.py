@@ -101,8 +101,6 @@ class ReplicationStream:
         if result is None or result.status != pq.ExecStatus.TUPLES_OK or result.ntuples != 1:
             raise ConnectorError(f"IDENTIFY_SYSTEM failed: {command_failure(result, self._pgconn)}")
         system, timeline, wal_end = (bytes(result.get_value(0, i) or b"").decode() for i in range(3))
-        while self._pgconn.get_result() is not None:  # (libpq: read results until none is left)
-            pass
         return (system, timeline), pgoutput.parse_lsn(wal_end)
 
     async def start(self, config: PostgresLogicalConfig, start: int) -> None:
@@ -126,15 +124,25 @@ class ReplicationStream:
             await asyncio.sleep(delay)
 
     async def _command(self, command: str) -> pq.abc.PGresult | None:
-        """Send one replication command and wait, without blocking the loop, for its result."""
+        """Send one replication command and wait, without blocking the loop, for its result.
+        Unless the command started streaming, the results after it are read too (libpq takes
+        no new command before the last one's results are all read: without this, the attempt
+        after a refused START_REPLICATION failed with "sending query failed")."""
+        self._pgconn.send_query(command.encode())
+        result = await self._next_result()
+        if result is not None and result.status != pq.ExecStatus.COPY_BOTH:
+            while await self._next_result() is not None:
+                pass
+        return result
+
+    async def _next_result(self) -> pq.abc.PGresult | None:
+        """The next result of the command sent, once it is all received; None after the last."""
         pgconn = self._pgconn
-        pgconn.send_query(command.encode())
         while True:
             pgconn.consume_input()
             if not pgconn.is_busy():
-                break
+                return pgconn.get_result()
             await readable(pgconn.socket, _COMMAND_POLL_S)
-        return pgconn.get_result()
 
     # --- streaming -------------------------------------------------------------------------------
 
