@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -219,6 +219,11 @@ class SourceFaults:
     acks: frozenset[int] = frozenset()
 
 
+def _as_read(event: OutboxEvent) -> OutboxEvent:
+    """The event as read from the table again: what the pipeline noted on it left behind."""
+    return replace(event, attempts=0, rejections=0, first_failed_at=None, failed_amid_successes=False)
+
+
 class _Outbox:
     """The table the sources of one outbox share: events in position order, and the acknowledged."""
 
@@ -246,6 +251,9 @@ class MemorySource(Source):
         self._broker = broker
         self._poll = poll
         self._fetches = self._acks = 0
+        #: Whether events are handed out as fresh copies (a restarted relay reads them anew from
+        #: the table, with none of the first relay's attempts on them), not as the objects added.
+        self._reads_anew = False
         self.premature_acks: list[OutboxEvent] = []
 
     def reopen(self) -> MemorySource:
@@ -253,6 +261,7 @@ class MemorySource(Source):
         not acknowledged (at-least-once across restarts)."""
         again = MemorySource(faults=self._faults, broker=self._broker, poll=self._poll)
         again._outbox = self._outbox
+        again._reads_anew = True
         return again
 
     def add(self, events: Sequence[OutboxEvent]) -> None:
@@ -282,7 +291,7 @@ class MemorySource(Source):
             event = outbox[self._handed]
             self._handed += 1
             if event.event_id not in self._outbox.acked_ids:
-                events.append(event)
+                events.append(_as_read(event) if self._reads_anew else event)
         return events
 
     async def ack(self, events: Sequence[OutboxEvent]) -> None:
