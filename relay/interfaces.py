@@ -87,9 +87,9 @@ class Sink(ABC):
     - `publish` is called concurrently, from one event loop: up to `pipeline.publish_concurrency`
       calls at once, plus those releasing held events; a sink shares its connections among them.
     - The pipeline never hands out the next events of an aggregate before the previous ones were
-      acknowledged, so no two concurrent calls hold events of one aggregate. Unless the sink sets
-      `keeps_order`, a call holds at most one event per aggregate, so the sink may publish a
-      call's events concurrently and in any interleaving.
+      acknowledged, so no two concurrent calls hold events of one aggregate. Unless the sink
+      declares `features.keeps_order`, a call holds at most one event per aggregate, so the sink
+      may publish a call's events concurrently and in any interleaving.
     - A sink with `features.keeps_order` may get several consecutive events of one aggregate in one
       call, in order, and must hand them to the broker in that order over one ordered path (one
       channel, one connection, one partition through an idempotent producer), so that the broker
