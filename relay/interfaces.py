@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from psycopg import AsyncConnection, sql
@@ -53,6 +53,30 @@ class BacklogStats:
     slot_lag_bytes: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SinkFeatures:
+    """What a sink promises beyond the contract every sink keeps (see `Sink`), declared the way
+    Watermill's publishers declare theirs: the pipeline and the contract suite
+    (outbox_relay.testing.sink_contract) read the declaration instead of knowing sinks by name.
+
+    - `keeps_order`: a call may carry several consecutive events of one aggregate, and the sink
+      hands them to the broker in that order over one ordered path. Without it, a call carries at
+      most one event per aggregate (`one_per_aggregate_per_call`), and the sink may publish a
+      call's events concurrently, in any interleaving.
+    - `dedupes_by_id`: the broker stores a repeat of an `event_id` it already stored (within its
+      deduplication window) only once, and acknowledges it again: a re-sent event reaches
+      consumers once. Without it, every acknowledged publication is stored, repeats included.
+    """
+
+    keeps_order: bool = False
+    dedupes_by_id: bool = False
+
+    @property
+    def one_per_aggregate_per_call(self) -> bool:
+        """Whether the pipeline must hand this sink at most one event per aggregate per call."""
+        return not self.keeps_order
+
+
 class Sink(ABC):
     """Publishes events to a broker.
 
@@ -63,16 +87,18 @@ class Sink(ABC):
     - `publish` is called concurrently, from one event loop: up to `pipeline.publish_concurrency`
       calls at once, plus those releasing held events; a sink shares its connections among them.
     - The pipeline never hands out the next events of an aggregate before the previous ones were
-      acknowledged, so no two concurrent calls hold events of one aggregate. Unless the sink sets
-      `keeps_order`, a call holds at most one event per aggregate, so the sink may publish a
-      call's events concurrently and in any interleaving.
-    - A sink with `keeps_order = True` may get several consecutive events of one aggregate in one
+      acknowledged, so no two concurrent calls hold events of one aggregate. Unless the sink
+      declares `features.keeps_order`, a call holds at most one event per aggregate, so the sink
+      may publish a call's events concurrently and in any interleaving.
+    - A sink with `features.keeps_order` may get several consecutive events of one aggregate in one
       call, in order, and must hand them to the broker in that order over one ordered path (one
       channel, one connection, one partition through an idempotent producer), so that the broker
       stores them in that order. Results stay per event: when an earlier one fails, the pipeline
       re-sends the later ones of its aggregate after it, whatever their results.
     - Raising from `publish` means the whole call failed (for example the broker is unreachable);
-      the pipeline treats every event of the call as failed and retries them.
+      the pipeline treats every event of the call as failed and retries them. A sink raises
+      ConnectorError (or lets an OSError through) for that; anything else is a bug in the sink,
+      which the contract suite reports as one.
     - Results are also what readiness (`/readyz`) and `outbox_relay_up{component="sink"}` are made
       of: the broker is up after a call in which it took an event (None) or answered about one
       (a `Failure` that is not `transient`: a refusal, permanent or not, is an answer), and down
@@ -89,16 +115,35 @@ class Sink(ABC):
     - `close()` flushes whatever was accepted and releases the connection.
     - Under a lease (`fence`), nothing is sent once `may_send()` is false (see there).
 
-    The shared contract suite (tests/contract) checks each of these against the sink's real
-    server, an outage included.
+    The contract suite (outbox_relay.testing.sink_contract) checks each of these against the
+    sink's real server, an outage included; a plugin's author runs it with one fixture.
     """
 
     #: Label for metrics and logs, normally the connector type.
     kind: str = "sink"
-    #: Whether a call's events reach the broker in the order given (see the contract above).
-    keeps_order: bool = False
+    #: What the sink promises beyond the contract (see `SinkFeatures`); set per class, or per
+    #: instance when it depends on the settings.
+    features: SinkFeatures = SinkFeatures()
     #: The lease term the relay publishes under, set by the pipeline (None: no lease).
     fence: Fence | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("keeps_order")
+        if isinstance(declared, bool):
+            # `keeps_order = True`, as sinks declared it before `features`: still honoured, as
+            # that feature, so that the declaration and what the pipeline reads never differ.
+            cls.features = replace(cls.features, keeps_order=declared)
+            delattr(cls, "keeps_order")
+
+    @property
+    def keeps_order(self) -> bool:
+        """Whether a call's events reach the broker in the order given: `features.keeps_order`."""
+        return self.features.keeps_order
+
+    @keeps_order.setter
+    def keeps_order(self, value: bool) -> None:
+        self.features = replace(self.features, keeps_order=value)
 
     def may_send(self) -> bool:
         """Whether the relay may still send now. The pipeline asks before every call; a sink

@@ -1,4 +1,5 @@
-"""Helpers for the per-sink integration tests: events, and publishing the way the pipeline does."""
+"""Helpers for the per-sink integration tests: events, and publishing the way the pipeline does.
+Events, the in-memory source and `eventually` are the package's own (outbox_relay.testing)."""
 
 from __future__ import annotations
 
@@ -6,105 +7,35 @@ import asyncio
 import subprocess
 import sys
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from outbox_relay.events import OutboxEvent
-from outbox_relay.interfaces import BacklogStats, ConnectorError, Sink, Source
+from outbox_relay.interfaces import ConnectorError, Sink
+from outbox_relay.testing import MemorySource, eventually, make_events
+from outbox_relay.testing.events import random_event_id
 from tests.harness.process import Server
 from tests.support import REPO
 
+__all__ = [
+    "ListSource",
+    "eventually",
+    "make_events",
+    "missing_extra_message",
+    "random_event_id",
+    "relay_events",
+    "relay_rounds_during",
+    "started_sink",
+    "stop_and_start",
+]
+
 S = TypeVar("S", bound=Sink)
 
-
-def random_event_id(_position: int) -> str:
-    return str(uuid.uuid4())
-
-
-def make_events(
-    count: int,
-    aggregates: int,
-    start: int = 1,
-    *,
-    aggregate_type: str = "order",
-    event_id: Callable[[int], str] = random_event_id,
-    epoch: float = 1_700_000_000.25,
-) -> list[OutboxEvent]:
-    """Events at positions start.. over `aggregates` aggregates, with a JSON payload that is not
-    ASCII and two headers of their own; `event_id(position)` names each, `epoch` + position is
-    its creation time."""
-    return [
-        OutboxEvent(
-            position=i,
-            event_id=event_id(i),
-            aggregate_type=aggregate_type,
-            aggregate_id=f"order-{i % aggregates}",
-            event_type="OrderUpdated",
-            payload=b'{"seq": %d, "text": "caf\xc3\xa9"}' % i,
-            headers={"traceparent": f"00-trace-{i}-01", "correlation_id": "c-1"},
-            created_at=epoch + i,
-        )
-        for i in range(start, start + count)
-    ]
-
-
-class ListSource(Source):
-    """A source in memory, so that a sink's test puts a real pipeline in front of it without a
-    database: `add` writes events as an application would; `acked` is what was acknowledged."""
-
-    kind = "list"
-
-    def __init__(self) -> None:
-        self._events: list[OutboxEvent] = []
-        self._handed = 0
-        self._arrived = asyncio.Event()
-        self.acked: list[OutboxEvent] = []
-
-    def add(self, events: Sequence[OutboxEvent]) -> None:
-        self._events += events
-        self._arrived.set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._events) - len(self.acked)
-
-    async def start(self) -> None:
-        pass
-
-    async def fetch(self, limit: int) -> list[OutboxEvent]:
-        events = self._events[self._handed : self._handed + limit]
-        self._handed += len(events)
-        return events
-
-    async def ack(self, events: Sequence[OutboxEvent]) -> None:
-        self.acked += events
-
-    async def wait_for_events(self) -> None:
-        self._arrived.clear()
-        if self._handed == len(self._events):
-            waiter = asyncio.ensure_future(self._arrived.wait())
-            try:
-                await asyncio.wait((waiter,), timeout=0.1)
-            finally:
-                waiter.cancel()
-
-    @property
-    def caught_up(self) -> bool:
-        return self._handed == len(self._events)
-
-    async def backlog(self) -> BacklogStats:
-        return BacklogStats(pending=self.pending, oldest_age_seconds=0.0)
-
-
-async def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait (without blocking the event loop) until `condition()` holds; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
-        await asyncio.sleep(0.02)
+#: A source in memory, so that a sink's test puts a real pipeline in front of it without a
+#: database: `add` writes events as an application would; `acked` is what was acknowledged.
+ListSource = MemorySource
 
 
 @asynccontextmanager

@@ -1,0 +1,278 @@
+"""The contract every sink passes, whatever the broker behind it, as a suite a sink's author
+runs against their own sink with one fixture (Watermill's pub/sub test suite is the model):
+
+    import pytest
+    from outbox_relay.testing.sink_contract import SinkBackend, SinkContract
+
+    @pytest.fixture
+    def sink_backend(tmp_path):
+        yield SinkBackend(sink=MySink(...), read_back=..., broken=lambda: MySink(bad settings))
+
+    class TestMySink(SinkContract):
+        pass
+
+`sink_backend` is a synchronous fixture yielding a `SinkBackend`: a working sink (not started),
+how to read back what it delivered, how to build one whose destination is broken and, for a sink
+with a server, how to take that server away and give it back (`SinkBackend.outage`). What the
+suite expects of a sink beyond the common contract it reads from the sink's declaration
+(`Sink.features`, see relay.interfaces.SinkFeatures). Each test runs its own event loop, so the
+suite needs pytest and nothing else (`pip install 'outbox-relay[testing]'`).
+
+A delivered message, as `read_back` returns it, is a dict with `event_id`, `aggregate_id`,
+`position` (an int), `payload` (the body as parsed JSON) and `headers` (every header, the
+standard ones included): `outbox_relay.testing.as_line(headers, body)` builds one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client import REGISTRY
+
+from outbox_relay.config import PipelineConfig, RetryConfig
+from outbox_relay.events import OutboxEvent
+from outbox_relay.interfaces import ConnectorError, Sink, SinkFeatures
+from outbox_relay.pipeline import Pipeline
+from outbox_relay.testing.events import eventually, make_events, positional_event_id
+from outbox_relay.testing.memory import MemorySource
+
+Lines = list[dict[str, Any]]
+T = TypeVar("T")
+
+#: What a sink may raise for "the whole call failed" (the destination, not the sink, is broken):
+#: anything else, a TypeError say, is a bug in the sink, and the suite fails it as one.
+CALL_FAILURES: tuple[type[Exception], ...] = (ConnectorError, OSError)
+
+
+@dataclass
+class Outage:
+    """A sink whose broker can be taken away: `refuse()` makes it unreachable (open connections
+    cut, new ones refused), `silence()` makes it hang (connections accepted, never answered),
+    `restore()` brings it back as it was. `read_back` reads what this sink delivered."""
+
+    sink: Sink
+    read_back: Callable[[], Lines]
+    refuse: Callable[[], None]
+    silence: Callable[[], None]
+    restore: Callable[[], None]
+
+
+@dataclass
+class SinkBackend:
+    """What the suite needs of one sink (the value of the `sink_backend` fixture)."""
+
+    sink: Sink
+    read_back: Callable[[], Lines]
+    broken: Callable[[], Sink]
+    #: How to take the broker away and give it back; None only for a sink without a server.
+    outage: Callable[[], AbstractContextManager[Outage]] | None = None
+    #: The features to hold the sink to; None (the rule): what the sink itself declares.
+    features: SinkFeatures | None = None
+
+    @property
+    def declared(self) -> SinkFeatures:
+        return self.sink.features if self.features is None else self.features
+
+
+def events(count: int, aggregates: int, start: int = 1) -> list[OutboxEvent]:
+    """The suite's events: ids that name their position, a fixed creation time."""
+    return make_events(count, aggregates, start, event_id=positional_event_id, epoch=1_700_000_000.0)
+
+
+def run(test: Coroutine[Any, Any, T]) -> T:
+    """Run one test's coroutine in an event loop of its own."""
+    return asyncio.run(test)
+
+
+def positions_by_aggregate(lines: Lines) -> dict[str, list[int]]:
+    per_aggregate: dict[str, list[int]] = {}
+    for line in lines:
+        per_aggregate.setdefault(line["aggregate_id"], []).append(line["position"])
+    return per_aggregate
+
+
+def assert_in_order_per_aggregate(lines: Lines) -> None:
+    for aggregate, positions in positions_by_aggregate(lines).items():
+        assert positions == sorted(positions), f"{aggregate} delivered out of order: {positions}"
+
+
+def assert_delivered_as_given(line: dict[str, Any], event: OutboxEvent) -> None:
+    assert line["payload"] == {"seq": event.position, "text": "café"}
+    headers = line["headers"]
+    assert headers["traceparent"] == event.headers["traceparent"]
+    assert headers["correlation_id"] == "c-1"
+    assert headers["event_id"] == event.event_id
+    assert headers["event_type"] == "OrderUpdated"
+    assert headers["aggregate_type"] == "order"
+    assert headers["aggregate_id"] == event.aggregate_id
+    assert headers["position"] == str(event.position)
+    assert headers["created_at"].startswith("2023-11-14T22:")
+
+
+async def publish_all(sink: Sink, calls: list[list[OutboxEvent]]) -> None:
+    """Start the sink, publish each call (every event must be acknowledged), close it."""
+    await sink.start()
+    for call in calls:
+        assert await sink.publish(call) == [None] * len(call)
+    await sink.close()
+
+
+def sink_up(outbox: str) -> float | None:
+    return REGISTRY.get_sample_value("outbox_relay_up", {"outbox": outbox, "component": "sink"})
+
+
+class SinkContract:
+    """The tests; a subclass named Test... runs them against the `sink_backend` fixture."""
+
+    def test_every_event_is_delivered_with_body_and_all_headers(self, sink_backend: SinkBackend) -> None:
+        given = events(50, aggregates=5)
+        run(publish_all(sink_backend.sink, [given]))
+        delivered = {line["event_id"]: line for line in sink_backend.read_back()}
+        assert set(delivered) == {event.event_id for event in given}
+        for event in given:
+            assert_delivered_as_given(delivered[event.event_id], event)
+
+    def test_events_of_one_aggregate_arrive_in_publish_order_across_calls(
+        self, sink_backend: SinkBackend
+    ) -> None:
+        # The pipeline hands one event per aggregate per call; successive calls follow source order.
+        calls = [events(40, aggregates=40, start=start) for start in range(1, 400, 40)]
+        run(publish_all(sink_backend.sink, calls))
+        delivered = sink_backend.read_back()
+        assert len(delivered) == 400
+        assert_in_order_per_aggregate(delivered)
+
+    def test_an_order_keeping_sink_stores_runs_of_one_aggregate_in_one_call_in_order(
+        self, sink_backend: SinkBackend
+    ) -> None:
+        if not sink_backend.declared.keeps_order:
+            pytest.skip("declares no keeps_order: gets at most one event per aggregate per call")
+        # What the pipeline hands such a sink: each aggregate's events as a run, in source order.
+        runs = sorted(events(400, aggregates=8), key=lambda e: (e.aggregate_id or "", e.position))
+        run(publish_all(sink_backend.sink, [runs[:200], runs[200:]]))
+        delivered = sink_backend.read_back()
+        assert len(delivered) == 400
+        assert_in_order_per_aggregate(delivered)
+
+    def test_a_resent_event_is_stored_again_unless_the_sink_dedupes_by_id(
+        self, sink_backend: SinkBackend
+    ) -> None:
+        """A re-send (after a crash, or a lost acknowledgement) is acknowledged again; the
+        broker keeps it once when the sink declares `dedupes_by_id`, else once per send."""
+        given = events(10, aggregates=10)
+        run(publish_all(sink_backend.sink, [given, given]))
+        copies = 1 if sink_backend.declared.dedupes_by_id else 2
+        delivered = sorted(line["event_id"] for line in sink_backend.read_back())
+        assert delivered == sorted(event.event_id for event in given * copies)
+
+    def test_a_broken_destination_never_reports_an_acknowledgement(self, sink_backend: SinkBackend) -> None:
+        """Either the call fails as a whole (start or publish raises a connector's error, so the
+        pipeline retries every event) or every result is a Failure."""
+        run(_publish_to_a_broken_destination(sink_backend.broken(), events(10, aggregates=3)))
+
+    def test_close_flushes_everything_that_was_acknowledged(self, sink_backend: SinkBackend) -> None:
+        acknowledged = run(_acknowledged_ids(sink_backend.sink))
+        assert len(acknowledged) == 300, "a working broker acknowledges every event"
+        delivered = {line["event_id"] for line in sink_backend.read_back()}
+        assert sorted(acknowledged - delivered) == [], "acknowledged but not delivered"
+
+    @pytest.mark.parametrize("how", ["refused", "silent"])
+    def test_while_the_broker_is_away_and_events_wait_the_relay_is_not_ready_and_recovers_once_it_is_back(
+        self, sink_backend: SinkBackend, how: str
+    ) -> None:
+        """Readiness and `outbox_relay_up{component="sink"}` follow what the broker did: down while
+        it refuses connections (or accepts them and never answers) and events wait, up again once
+        it is back, with every event delivered once and in order per aggregate."""
+        if sink_backend.outage is None:
+            pytest.skip("no server to take away")
+        with sink_backend.outage() as outage:
+            given = run(_relay_through_an_outage(outage, how))
+            delivered = outage.read_back()
+        ids = sorted(line["event_id"] for line in delivered)
+        assert ids == sorted(event.event_id for event in given), "lost or repeated events"
+        assert_in_order_per_aggregate(delivered)
+
+
+async def _publish_to_a_broken_destination(sink: Sink, given: list[OutboxEvent]) -> None:
+    try:
+        await sink.start()
+        results = await sink.publish(given)
+    except CALL_FAILURES:
+        return  # the whole call failed: the pipeline retries every event of it
+    finally:
+        with suppress(*CALL_FAILURES):  # (closing a broken destination may fail the same way)
+            await sink.close()
+    assert len(results) == len(given), "one result per event"
+    assert all(result is not None for result in results), "an event was acked that was never delivered"
+
+
+async def _acknowledged_ids(sink: Sink) -> set[str]:
+    """Publish 300 events in three calls, close; the ids of those the sink acknowledged."""
+    acknowledged: set[str] = set()
+    await sink.start()
+    for start in (1, 101, 201):
+        given = events(100, aggregates=100, start=start)
+        results = await sink.publish(given)
+        assert len(results) == len(given), "one result per event"
+        acknowledged.update(
+            event.event_id for event, result in zip(given, results, strict=True) if not result
+        )
+    await sink.close()
+    return acknowledged
+
+
+async def _relay_through_an_outage(outage: Outage, how: str) -> list[OutboxEvent]:
+    """Relay events before, during and after an outage through a pipeline; the events."""
+    outbox = f"contract-{uuid.uuid4().hex[:12]}"  # gauges of this test's own
+    source = MemorySource()
+    pipeline = Pipeline(
+        outbox,
+        source,
+        outage.sink,
+        retry=RetryConfig(initial=0.05, max=0.5),
+        tuning=PipelineConfig(stats_interval=0.1),
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(pipeline.run(stop))
+    try:
+        before = events(10, aggregates=5)
+        source.add(before)
+        await eventually(lambda: source.pending == 0, 60, "the events before the outage acknowledged")
+        assert pipeline.ready and sink_up(outbox) == 1
+        outage.refuse() if how == "refused" else outage.silence()
+        during = events(20, aggregates=5, start=11)
+        source.add(during)
+        await _not_ready_while_away(pipeline, source, outbox)
+        outage.restore()
+        await eventually(
+            lambda: source.pending == 0 and pipeline.ready and sink_up(outbox) == 1,
+            90,
+            "every event acknowledged, and ready with outbox_relay_up{component=sink} 1 again",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 60)
+    return before + during
+
+
+async def _not_ready_while_away(pipeline: Pipeline, source: MemorySource, outbox: str) -> None:
+    waiting = source.pending
+    await eventually(
+        lambda: not pipeline.ready and sink_up(outbox) == 0,
+        60,
+        "the relay not ready and outbox_relay_up{component=sink} 0 while the broker is away",
+    )
+    # It stays so for as long as the broker is away and events wait, however many publish calls
+    # come back with nothing but transient failures meanwhile.
+    watch_until = time.monotonic() + 3
+    while time.monotonic() < watch_until:
+        assert source.pending == waiting, "an event was acknowledged while the broker was away"
+        assert not pipeline.ready and sink_up(outbox) == 0, "marked up while the broker is away"
+        await asyncio.sleep(0.05)
