@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := dev,demo,kafka,rabbitmq,nats,redis,webhook
+EXTRAS := dev,demo,kafka,rabbitmq,nats,redis,webhook,testing
 
 .PHONY: demo test lint unit bench schema clean
 

@@ -106,7 +106,7 @@ class Fetcher:
         first event fails on its own (the broker took other events meanwhile; not in an outage,
         when nothing goes through and everything waits anyway) in the store, in order: the
         window frees and the others flow; the held ones are retried from there."""
-        if not self._parking.enabled or self._health.paused():
+        if self._health.paused():
             return
         for key in self._lanes.waiting_keys():
             head = self._lanes.head(key)

@@ -106,7 +106,7 @@ class PipelineObserver:
     async def watch_backlog(
         self,
         source: Source,
-        store: DeadLetterParking | None,
+        store: DeadLetterParking,
         in_flight: Callable[[], int],
         blocked: Callable[[], int],
         interval: float,

@@ -72,7 +72,7 @@ class Parking:
     def __init__(
         self,
         name: str,
-        store: DeadLetterParking | None,
+        store: DeadLetterParking,
         lanes: Lanes,
         holding: HeldAggregates,
         flow: Flow,
@@ -94,17 +94,13 @@ class Parking:
         self._until_done = until_done
         self._guard = guard
 
-    @property
-    def enabled(self) -> bool:
-        """Whether there is a store to park in (without one, failures are retried in memory)."""
-        return self._store is not None
-
     def hold_lane(self, head: OutboxEvent, reason: str, permanent: bool) -> None:
         """Move `head`'s whole lane to the store as held, `head` first; its aggregate is held
         until the store has nothing of it any more (see relay.release)."""
         key = head.lane_key
         evicted = self._lanes.evict(key)
-        assert evicted and evicted[0] is head, "a lane is held from its first event"
+        assert evicted, "a held lane has events"
+        assert evicted[0] is head, "a lane is held from its first event"
         self._holding.hold(key, self._policy.hold_first_attempt_at(head.attempts, time.monotonic()))
         for event in evicted:
             self._holding.sent_to_store(key)
@@ -139,7 +135,6 @@ class Parking:
         empty; then acknowledge it to the source."""
         flow = self._flow
         async for batch in batches(flow.parking, flow.park_wake, flow.dispatch_done):
-            assert self._store is not None, "events are parked only with a store"
             await self._until_done(
                 self._guard.fenced(partial(self._store.park, self._name, batch)),
                 "cannot store dead letters, retrying (does the table exist? run init-db)",

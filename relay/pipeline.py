@@ -48,8 +48,8 @@ __all__ = ["Pipeline", "describe_error"]
 
 class Pipeline:
     """Relays the events of one outbox from `source` to `sink` (see the module's docstring);
-    `dead_letters` is where poison events and held aggregates are parked (without one, every
-    failure is retried in memory, blocking only its aggregate)."""
+    `dead_letters` is where poison events and held aggregates are parked (the PostgreSQL table
+    in production, `outbox_relay.testing.MemoryDeadLetters` in tests)."""
 
     def __init__(
         self,
@@ -59,13 +59,14 @@ class Pipeline:
         *,
         retry: RetryConfig,
         tuning: PipelineConfig,
+        dead_letters: DeadLetterParking,
         dead_letter: DeadLetterConfig | None = None,
-        dead_letters: DeadLetterParking | None = None,
     ) -> None:
         self.name, self.source, self.sink = name, source, sink
         self._tuning = tuning
         dead_letter = dead_letter or DeadLetterConfig()
-        # Without a store, poison events are retried in memory, blocking their aggregate.
+        # Required: without a store, the events behind a poison one would wait in memory, fill
+        # the in-flight window and hold back every other aggregate.
         self._dead_letters = dead_letters
         self._block = dead_letter.on_poison == "block"
         self._log = get_logger(outbox=name)
@@ -81,7 +82,7 @@ class Pipeline:
         self._health = BrokerHealth(self._log, self.problems, self._observer, backoff.maximum)
         self._flow = Flow(InFlight(tuning.max_in_flight))
         self._lanes, self._holding = Lanes(), HeldAggregates()
-        policy = SettlementPolicy(backoff, dead_letter.after_attempts, dead_letters is not None, self._block)
+        policy = SettlementPolicy(backoff, dead_letter.after_attempts, self._block)
         self._parking, self._fetcher, self._dispatcher, self._releaser = _wire(self, policy)
 
     # --- public -------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class Pipeline:
         is dead-lettered: with `on_poison: block` an event refused by the broker must hold back
         every later event of its aggregate, and a later one sent in the same call might already
         have been accepted."""
-        if self.sink.keeps_order and self._dead_letters is not None and not self._block:
+        if self.sink.keeps_order and not self._block:
             return self._tuning.per_aggregate_in_flight
         return 1
 
@@ -152,7 +153,7 @@ class Pipeline:
     async def _run(self, stop: asyncio.Event, drain: bool) -> None:
         if not await self._start_connectors(stop):
             return
-        if self._dead_letters is not None and not await self._releaser.load(stop):
+        if not await self._releaser.load(stop):
             await self._close_connectors()
             return
         flow, name = self._flow, self.name
@@ -194,9 +195,8 @@ class Pipeline:
 
     async def _close_connectors(self) -> None:
         """Close each even when another fails: the sink's close flushes what the broker took."""
-        closers = [self.sink.discard if self._guard.lost.is_set() else self.sink.close, self.source.close]
-        if self._dead_letters is not None:
-            closers.append(self._dead_letters.close)
+        sink_close = self.sink.discard if self._guard.lost.is_set() else self.sink.close
+        closers = [sink_close, self.source.close, self._dead_letters.close]
         for closer in closers:
             try:
                 await closer()

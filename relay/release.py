@@ -34,7 +34,7 @@ class Releaser:
     def __init__(
         self,
         name: str,
-        store: DeadLetterParking | None,
+        store: DeadLetterParking,
         sink: Sink,
         holding: HeldAggregates,
         flow: Flow,
@@ -59,7 +59,6 @@ class Releaser:
     async def load(self, stop: asyncio.Event) -> bool:
         """Aggregates held by an earlier run stay held: their new events go behind the held
         ones. False when `stop` was set before the store answered."""
-        assert self._store is not None
         keys = await self._until_done(
             partial(self._store.held_aggregates, self._name),
             "cannot read held events, retrying",
@@ -120,7 +119,6 @@ class Releaser:
     async def _first_held(self, key: Any) -> list[DeadLetter] | None:
         """The first held events of `key`; None when there are none to publish now (the
         aggregate was released, or the next attempt is rescheduled)."""
-        assert self._store is not None, "aggregates are held only with a store"
         holding, now = self._holding, time.monotonic()
         generation = holding.generation(key)
         depth = 1 if holding.failures[key] else self._depth()
@@ -158,7 +156,6 @@ class Releaser:
         return results
 
     async def _released(self, key: Any, letters: list[DeadLetter], events: list[OutboxEvent]) -> None:
-        assert self._store is not None
         released = [letter.event_id for letter in letters]
         await self._until_done(
             self._guard.fenced(partial(self._store.release, self._name, released)),
@@ -171,7 +168,6 @@ class Releaser:
     async def _failed(self, key: Any, letter: DeadLetter, result: Failure) -> None:
         """The first held event of `key` was not taken: record it, dead-letter it when it is
         poison outside block mode (its aggregate moves on), else retry it after a backoff."""
-        assert self._store is not None
         holding = self._holding
         holding.failures[key] += 1
         attempts, refusals = letter.attempts + 1, refusals_after(letter.refusals, result)

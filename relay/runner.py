@@ -55,16 +55,15 @@ def _build(role: str, plugins: Mapping[str, object], config: ConnectorConfig, in
         raise SetupError(f"{where}: {exc}") from None
 
 
-def build_dead_letter_store(outbox: OutboxConfig, index: int) -> DeadLetterStore | None:
-    """The dead-letter store (also where `on_poison: block` keeps held events); None only for
-    `block` with a source that has no database (its blocked events then wait in memory)."""
+def build_dead_letter_store(outbox: OutboxConfig, index: int) -> DeadLetterStore:
+    """The dead-letter store, also where `on_poison: block` keeps held aggregates. Every outbox
+    has one: held in memory instead, the events behind a poison one would fill the in-flight
+    window and hold back every other aggregate."""
     dsn = outbox.dead_letter_dsn()
     if dsn is None:
-        if outbox.dead_letter.on_poison == "block":
-            return None
         raise SetupError(
             f"outboxes[{index}].dead_letter.dsn: this source has no database; name one for the "
-            "dead-letter table, or set dead_letter.on_poison: block"
+            "dead-letter table (poison events, and aggregates held with on_poison: block, wait there)"
         )
     return DeadLetterStore(dsn, outbox.dead_letter.table)
 
@@ -114,7 +113,7 @@ def _dead_letter_setup(
     outbox: OutboxConfig,
 ) -> tuple[list[sql.Composed], list[tuple[str, list[sql.Composed]]]]:
     dead_letter_dsn = outbox.dead_letter_dsn()
-    if dead_letter_dsn is None:  # (on_poison: block without a database keeps held events in memory)
+    if dead_letter_dsn is None:  # (`run` refuses to start so: see build_dead_letter_store)
         return [], []
     table: list[sql.Composed] = [
         create_dead_letter_table(outbox.dead_letter.table),

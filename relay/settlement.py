@@ -105,13 +105,11 @@ def refusals_after(refusals: int, result: Failure) -> int:
 
 @dataclass(frozen=True, slots=True)
 class SettlementPolicy:
-    """The rules for failed events. `parking`: a dead-letter store exists (without one, every
-    failure is retried in memory, blocking only its aggregate); `block`: a poison event holds
-    its aggregate back in order instead of being dead-lettered."""
+    """The rules for failed events. `block`: a poison event holds its aggregate back in order
+    (in the store) instead of being dead-lettered."""
 
     backoff: Backoff
     after_attempts: int
-    parking: bool
     block: bool
     rng: random.Random | None = None
 
@@ -122,7 +120,7 @@ class SettlementPolicy:
     def decide(self, event: OutboxEvent, result: Failure, now: float) -> Decision:
         """What becomes of `event` (its counters already noted, see `note_failure`) that failed
         with `result`; `now` is monotonic."""
-        if self.parking and self.is_poison(result, event.rejections):
+        if self.is_poison(result, event.rejections):
             if self.block:
                 return Hold(result.reason, result.permanent)
             return Park(result.reason, result.permanent)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +27,9 @@ class _DiskFull(FileSink):
 
 
 @pytest.fixture
-def sink_backend(tmp_path: Path) -> Iterator[SinkBackend]:
+def sink_backend(tmp_path: Path) -> SinkBackend:
     path = tmp_path / "events.jsonl"
-    yield SinkBackend(
+    return SinkBackend(
         FileSink(FileSinkConfig(type="file", path=str(path))),
         lambda: read_lines(path),
         lambda: _DiskFull(FileSinkConfig(type="file", path=str(tmp_path / "full.jsonl"))),

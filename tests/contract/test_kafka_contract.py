@@ -58,10 +58,10 @@ def _outage(kafka: KafkaBroker, topic: str) -> Iterator[Outage]:
 
 
 @pytest.fixture
-def sink_backend(kafka: KafkaBroker) -> Iterator[SinkBackend]:
+def sink_backend(kafka: KafkaBroker) -> SinkBackend:
     topic = f"contract-{uuid.uuid4().hex}"  # one per test: nothing to clean up, nothing shared
     kafka.create_topic(topic, partitions=3)  # several partitions, so per-key order is really tested
-    yield SinkBackend(
+    return SinkBackend(
         _sink(kafka.bootstrap_servers, topic, 10.0),
         lambda: _read_back(kafka, topic),
         # Port 1 on loopback refuses connections: start() cannot reach any broker.

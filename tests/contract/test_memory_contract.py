@@ -29,10 +29,10 @@ def _unreachable() -> MemorySink:
     params=[SinkFeatures(), SinkFeatures(keeps_order=True, dedupes_by_id=True)],
     ids=["plain", "ordered-deduplicating"],
 )
-def sink_backend(request: pytest.FixtureRequest) -> Iterator[SinkBackend]:
+def sink_backend(request: pytest.FixtureRequest) -> SinkBackend:
     features: SinkFeatures = request.param
     broker = MemoryBroker(dedupes_by_id=features.dedupes_by_id)
-    yield SinkBackend(MemorySink(broker, features), broker.lines, _unreachable, lambda: _outage(features))
+    return SinkBackend(MemorySink(broker, features), broker.lines, _unreachable, lambda: _outage(features))
 
 
 class TestMemorySink(SinkContract):

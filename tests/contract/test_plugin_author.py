@@ -180,7 +180,8 @@ def _failed(done: subprocess.CompletedProcess[str]) -> set[str]:
 def test_a_correct_plugin_sink_passes_the_exported_suite(installed: Path, tmp_path: Path) -> None:
     done = _plugin_run(installed, tmp_path / "plugin", "GoodSink")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert " passed" in done.stdout and "failed" not in done.stdout
+    assert " passed" in done.stdout
+    assert "failed" not in done.stdout
 
 
 @pytest.mark.parametrize(

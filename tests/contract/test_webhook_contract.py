@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from outbox_relay.connectors.sinks.webhook import WebhookSink, WebhookSinkConfig
@@ -15,7 +13,7 @@ from tests.harness.webhook import WebhookReceiver
 
 
 @pytest.fixture(params=["event", "batch"])
-def sink_backend(request: pytest.FixtureRequest, webhook_receiver: WebhookReceiver) -> Iterator[SinkBackend]:
+def sink_backend(request: pytest.FixtureRequest, webhook_receiver: WebhookReceiver) -> SinkBackend:
     def sink(url: str, timeout: float = 5) -> Sink:
         return WebhookSink(WebhookSinkConfig(type="webhook", url=url, mode=request.param, timeout=timeout))
 
@@ -27,7 +25,7 @@ def sink_backend(request: pytest.FixtureRequest, webhook_receiver: WebhookReceiv
         ]
 
     port = port_of(webhook_receiver.url)
-    yield SinkBackend(
+    return SinkBackend(
         sink(webhook_receiver.url),
         read_back,
         # Port 1 on loopback refuses connections: every request fails to connect.

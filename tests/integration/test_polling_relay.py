@@ -17,6 +17,7 @@ from outbox_relay.interfaces import Sink
 from outbox_relay.outbox import write_event
 from outbox_relay.pipeline import Pipeline
 from outbox_relay.runner import build_source
+from outbox_relay.testing import MemoryDeadLetters
 from tests.harness.postgres import PostgresServer
 from tests.support import (
     assert_complete_and_ordered,
@@ -144,7 +145,12 @@ async def test_failing_aggregate_is_retried_in_order_while_other_aggregates_flow
     outbox = config.outboxes[0]
     sink = _RejectsOneAggregate(tmp_path, reject="order-1", times=6)
     pipeline = Pipeline(
-        outbox.name, build_source(outbox, 0), sink, retry=outbox.retry, tuning=outbox.pipeline
+        outbox.name,
+        build_source(outbox, 0),
+        sink,
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letters=MemoryDeadLetters(),
     )
     relay = await run_relay_until(
         relay_config(dsn, {"type": "stdout"}), lambda _: unpublished(dsn) == 0, pipelines=[pipeline]
@@ -263,7 +269,12 @@ async def test_a_broker_outage_marks_nothing_and_the_backlog_drains_in_order_whe
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
     sink = _DownForAWhile(failing_calls=5)
     pipeline = sink.pipeline = Pipeline(
-        outbox.name, build_source(outbox, 0), sink, retry=outbox.retry, tuning=outbox.pipeline
+        outbox.name,
+        build_source(outbox, 0),
+        sink,
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letters=MemoryDeadLetters(),
     )
 
     def drained(relay: Any) -> bool:
@@ -307,7 +318,12 @@ async def test_the_end_of_the_shutdown_grace_period_exits_even_when_the_broker_h
     outbox = parsed.outboxes[0]
     sink = _Hangs()
     pipeline = Pipeline(
-        outbox.name, build_source(outbox, 0), sink, retry=outbox.retry, tuning=outbox.pipeline
+        outbox.name,
+        build_source(outbox, 0),
+        sink,
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letters=MemoryDeadLetters(),
     )
     relay = Relay(parsed, [pipeline])
     run = asyncio.create_task(relay.run())

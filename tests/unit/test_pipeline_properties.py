@@ -87,6 +87,7 @@ class Relay:
     sink: MemorySink
     source: MemorySource
     pipeline: Pipeline
+    store: MemoryDeadLetters
 
 
 def _relay(
@@ -96,7 +97,9 @@ def _relay(
     *,
     dead_letters: MemoryDeadLetters | None = None,
     on_poison: Literal["dead_letter", "block"] = "dead_letter",
+    name: str | None = None,
 ) -> Relay:
+    store = MemoryDeadLetters() if dead_letters is None else dead_letters
     if sink is None:
         broker = MemoryBroker(dedupes_by_id=scenario.features.dedupes_by_id)
         sink = MemorySink(broker, scenario.features, scenario.faults, timeout=0.02)
@@ -104,15 +107,15 @@ def _relay(
         source = MemorySource(faults=scenario.source_faults, broker=sink.broker, poll=0.01)
         source.add(scenario.events)
     pipeline = Pipeline(
-        f"prop-{uuid.uuid4().hex[:12]}",
+        name or f"prop-{uuid.uuid4().hex[:12]}",
         source,
         sink,
         retry=RetryConfig(initial=0.001, max=0.01),
         tuning=scenario.tuning,
         dead_letter=DeadLetterConfig(on_poison=on_poison),
-        dead_letters=dead_letters,
+        dead_letters=store,
     )
-    return Relay(sink.broker, sink, source, pipeline)
+    return Relay(sink.broker, sink, source, pipeline, store)
 
 
 def _by_aggregate(events: list[OutboxEvent]) -> dict[tuple[str, str | None], list[OutboxEvent]]:
@@ -176,19 +179,19 @@ def assert_duplicates_explained(relay: Relay) -> None:
     assert max(settled.values(), default=0) <= 1, "an acknowledged event was sent again"
 
 
-def assert_the_contract_with_the_sink_kept(
-    relay: Relay, parked: frozenset[str] | set[str] = frozenset()
-) -> None:
+def assert_the_contract_with_the_sink_kept(relay: Relay) -> None:
     """No two calls at once hold one aggregate; a sink that keeps no order gets at most one
     event per aggregate per call; nothing is acknowledged to the source before the broker has
-    it, except what was `parked` in the dead-letter store."""
+    it, except what was parked in the dead-letter store."""
     assert relay.sink.overlapping == [], "two calls at once held events of one aggregate"
     if not relay.sink.keeps_order:
         for call in relay.sink.calls:
             keys = [event.lane_key for event in call.events]
             assert len(keys) == len(set(keys)), "a call held two events of one aggregate"
     premature = {event.event_id for event in relay.source.premature_acks}
-    assert premature <= parked, "acknowledged to the source before the broker (or the store) had it"
+    assert premature <= relay.store.ever_parked, (
+        "acknowledged to the source before the broker (or the store) had it"
+    )
 
 
 async def _drain(relay: Relay) -> None:
@@ -203,12 +206,19 @@ def test_every_event_reaches_the_broker_in_order_per_aggregate_whatever_the_faul
     relay = _relay(scenario)
     asyncio.run(_drain(relay))
     assert relay.source.pending == 0, "events left unacknowledged"
-    assert set(relay.broker.deliveries()) == {event.event_id for event in scenario.events}, (
-        "an event was lost"
-    )
-    assert_order_per_aggregate(relay.broker)
+    assert _delivered_or_held(relay) == {event.event_id for event in scenario.events}, "an event was lost"
+    # (An order-keeping sink gets runs of an aggregate per call: a run is sent again after a lost
+    # acknowledgement of its first event, so only first copies are ordered.)
+    assert_first_deliveries_in_order(relay.broker)
     assert_duplicates_explained(relay)
     assert_the_contract_with_the_sink_kept(relay)
+
+
+def _delivered_or_held(relay: Relay) -> set[str]:
+    """What the broker has, and what waits in the store held (a drain ends once the outbox is
+    empty: an aggregate held while it kept failing waits in the store for the next run)."""
+    held = {row.event_id for row in relay.store.in_state(relay.pipeline.name, HELD)}
+    return set(relay.broker.deliveries()) | held
 
 
 def _acked_ids(relay: Relay) -> set[str]:
@@ -227,8 +237,9 @@ async def _until(relay: Relay, condition: Callable[[], bool], what: str) -> None
         await asyncio.wait_for(running, 20)
 
 
-#: The smallest scenario hypothesis found breaking the property below: the poison event alone fills
-#: an in-flight window of 1, so the next event (another aggregate) is never fetched.
+#: The poison event alone fills an in-flight window of 1: the next event (another aggregate) is
+#: fetched only once the poison is out of the window, in the store. (Held in memory, without a
+#: store, it stopped every aggregate: the pipeline has a store always since.)
 _WINDOW_FILLED_BY_THE_POISON = Scenario(
     make_events(2, 2, event_id=positional_event_id),
     SinkFeatures(),
@@ -236,28 +247,6 @@ _WINDOW_FILLED_BY_THE_POISON = Scenario(
     SourceFaults(),
     PipelineConfig(max_in_flight=1, publish_batch_size=1, publish_concurrency=1, per_aggregate_in_flight=1),
 )
-
-
-@_SETTINGS
-@given(scenarios(poison=True))
-@example(_WINDOW_FILLED_BY_THE_POISON)
-def test_a_poison_event_holds_back_its_own_aggregate_and_nothing_else(scenario: Scenario) -> None:
-    """Without a dead-letter store a poison event is retried for ever: the events behind it in
-    its aggregate wait, and every other event flows."""
-    poisoned = {e.lane_key: e.position for e in scenario.events if e.event_id in scenario.faults.poison}
-    held_back = {
-        e.event_id for e in scenario.events if e.position >= poisoned.get(e.lane_key, e.position + 1)
-    }
-    flowing = {event.event_id for event in scenario.events} - held_back
-    relay = _relay(scenario)
-    asyncio.run(
-        _until(relay, lambda: flowing <= _acked_ids(relay), "every event not behind the poison acknowledged")
-    )
-    assert set(relay.broker.deliveries()) == flowing, "a held-back event was sent, or a flowing one lost"
-    assert _acked_ids(relay) == flowing
-    assert_order_per_aggregate(relay.broker)
-    assert_duplicates_explained(relay)
-    assert_the_contract_with_the_sink_kept(relay)
 
 
 def _held_back(scenario: Scenario) -> set[str]:
@@ -268,6 +257,7 @@ def _held_back(scenario: Scenario) -> set[str]:
 
 @_SETTINGS
 @given(scenarios(poison=True))
+@example(_WINDOW_FILLED_BY_THE_POISON)
 def test_with_a_dead_letter_store_a_poison_event_is_parked_and_its_aggregate_moves_on(
     scenario: Scenario,
 ) -> None:
@@ -289,11 +279,12 @@ def test_with_a_dead_letter_store_a_poison_event_is_parked_and_its_aggregate_mov
     # again after a lost acknowledgement of its first event, so only first copies are ordered.)
     assert_first_deliveries_in_order(relay.broker)
     assert_duplicates_explained(relay)
-    assert_the_contract_with_the_sink_kept(relay, parked=store.ever_parked)
+    assert_the_contract_with_the_sink_kept(relay)
 
 
 @_SETTINGS
 @given(scenarios(poison=True))
+@example(_WINDOW_FILLED_BY_THE_POISON)
 def test_with_on_poison_block_the_poisoned_aggregate_waits_in_the_store_and_the_rest_flows(
     scenario: Scenario,
 ) -> None:
@@ -312,7 +303,7 @@ def test_with_on_poison_block_the_poisoned_aggregate_waits_in_the_store_and_the_
     assert set(relay.broker.deliveries()) == flowing, "a held-back event was sent, or a flowing one lost"
     assert_order_per_aggregate(relay.broker)
     assert_duplicates_explained(relay)
-    assert_the_contract_with_the_sink_kept(relay, parked=store.ever_parked)
+    assert_the_contract_with_the_sink_kept(relay)
 
 
 async def _abandon_then_restart(first: Relay, second: Relay, after_acks: int) -> None:
@@ -331,11 +322,18 @@ def test_a_relay_cut_short_and_restarted_loses_nothing_and_repeats_at_most_its_i
     scenario: Scenario, after_acks: int
 ) -> None:
     first = _relay(scenario)
-    second = _relay(scenario, source=first.source.reopen(), sink=MemorySink(first.broker, scenario.features))
+    # The store outlives a relay, as the database table does: what the first held, the second releases.
+    second = _relay(
+        scenario,
+        source=first.source.reopen(),
+        sink=MemorySink(first.broker, scenario.features),
+        dead_letters=first.store,
+        name=first.pipeline.name,
+    )
     asyncio.run(_abandon_then_restart(first, second, after_acks))
     assert second.source.pending == 0
     deliveries = first.broker.deliveries()
-    assert set(deliveries) == {event.event_id for event in scenario.events}, "an event was lost"
+    assert _delivered_or_held(second) == {event.event_id for event in scenario.events}, "an event was lost"
     # Repeats beyond those of lost acknowledgements: what the first relay had in flight when cut.
     repeats = sum(deliveries.values()) - len(deliveries)
     assert repeats <= _lost_acks(first) + _lost_acks(second) + scenario.tuning.max_in_flight

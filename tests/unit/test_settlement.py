@@ -32,8 +32,8 @@ def _event(position: int, aggregate: str = "a", defect: str | None = None) -> Ou
     return OutboxEvent(position, f"e{position}", "order", aggregate, "T", b"{}", {}, 0.0, defect=defect)
 
 
-def _policy(*, parking: bool = True, block: bool = False, after_attempts: int = 3) -> SettlementPolicy:
-    return SettlementPolicy(BACKOFF, after_attempts, parking, block, random.Random(7))
+def _policy(*, block: bool = False, after_attempts: int = 3) -> SettlementPolicy:
+    return SettlementPolicy(BACKOFF, after_attempts, block, random.Random(7))
 
 
 def _failed(event: OutboxEvent, result: Failure, times: int) -> OutboxEvent:
@@ -128,11 +128,6 @@ def test_a_permanent_failure_is_parked_at_once() -> None:
 def test_with_on_poison_block_a_poison_event_holds_its_aggregate_instead() -> None:
     event = _failed(_event(1), PERMANENT, 1)
     assert _policy(block=True).decide(event, PERMANENT, now=0.0) == Hold("too large", permanent=True)
-
-
-def test_without_a_store_every_failure_is_retried_in_memory() -> None:
-    event = _failed(_event(1), PERMANENT, 20)
-    assert isinstance(_policy(parking=False).decide(event, PERMANENT, now=0.0), Retry)
 
 
 def test_a_held_event_that_is_poison_is_dead_lettered_and_its_aggregate_moves_on() -> None:

@@ -14,6 +14,7 @@ from outbox_relay.config import PipelineConfig, RetryConfig
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
 from outbox_relay.interfaces import Sink
 from outbox_relay.pipeline import Pipeline
+from outbox_relay.testing import MemoryDeadLetters
 from tests.sink_support import ListSource, eventually, make_events
 
 Answer = Callable[[OutboxEvent], PublishResult]
@@ -43,6 +44,7 @@ async def _running(sink: _Scripted, name: str) -> AsyncIterator[tuple[Pipeline, 
         sink,
         retry=RetryConfig(initial=0.05, max=0.3),
         tuning=PipelineConfig(stats_interval=0.1),
+        dead_letters=MemoryDeadLetters(),
     )
     stop = asyncio.Event()
     running = asyncio.create_task(pipeline.run(stop))
