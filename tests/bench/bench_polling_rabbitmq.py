@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,97 @@ def outbox_messages(dsn: str) -> list[Message]:
     return messages
 
 
-async def raw_publish(url: str, exchange: str, messages: list[Message], window: int) -> tuple[int, float]:
-    """Publish every message with confirms, at most `window` unconfirmed at a time; returns
-    (confirmed with basic.ack and not returned, seconds from the first publish to the last confirm)."""
+class _Confirms:
+    """The publisher-confirm bookkeeping of one raw publishing run: which delivery tags are still
+    unconfirmed (at most `window` of them once the publisher waits for room), how many ended acked,
+    nacked or returned, and whether the connection was lost. The pika callbacks (`on_confirm`,
+    `on_return`, `on_closed`) update it; the publisher waits on it (`wait_for_room`,
+    `wait_all_confirmed`)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.unconfirmed: dict[int, None] = {}  # insertion order is delivery-tag order
+        self.counts = {"acked": 0, "nacked": 0, "returned": 0}
+        self.lost: list[str] = []
+        self.room = asyncio.Event()
+        self.all_confirmed = asyncio.Event()
+
+    def published(self, tag: int) -> None:
+        """Records that the message with delivery tag `tag` was just published."""
+        self.unconfirmed[tag] = None
+        self.all_confirmed.clear()
+
+    def full(self) -> bool:
+        return len(self.unconfirmed) >= self.window
+
+    async def wait_for_room(self) -> None:
+        """Returns once fewer than `window` are unconfirmed; raises SystemExit if the connection
+        was lost meanwhile."""
+        self.room.clear()
+        await self.room.wait()
+        self.raise_if_lost()
+
+    async def wait_all_confirmed(self, timeout: float) -> None:
+        """Returns once nothing is unconfirmed (or the connection was lost: see `raise_if_lost`)."""
+        await asyncio.wait_for(self.all_confirmed.wait(), timeout)
+
+    def raise_if_lost(self) -> None:
+        if self.lost:
+            raise SystemExit(f"raw publishing: connection lost: {self.lost[0]}")
+
+    def acked(self) -> int:
+        """The messages confirmed with basic.ack; raises SystemExit if any was nacked or returned."""
+        if self.counts["nacked"] or self.counts["returned"]:
+            raise SystemExit(
+                f"raw publishing: {self.counts['nacked']} nacked, {self.counts['returned']} returned"
+            )
+        return self.counts["acked"]
+
+    def on_confirm(self, frame: Any) -> None:
+        """pika's callback for basic.ack and basic.nack, single or `multiple` (every tag up to)."""
+        method = frame.method
+        outcome = "nacked" if method.NAME == "Basic.Nack" else "acked"
+        if method.multiple:
+            self._settle_up_to(method.delivery_tag, outcome)
+        elif method.delivery_tag in self.unconfirmed:
+            self._settle(method.delivery_tag, outcome)
+        if len(self.unconfirmed) < self.window:
+            self.room.set()
+        if not self.unconfirmed:
+            self.all_confirmed.set()
+
+    def _settle_up_to(self, last_tag: int, outcome: str) -> None:
+        while self.unconfirmed:
+            first = next(iter(self.unconfirmed))
+            if first > last_tag:
+                break
+            self._settle(first, outcome)
+
+    def _settle(self, tag: int, outcome: str) -> None:
+        del self.unconfirmed[tag]
+        self.counts[outcome] += 1
+
+    def on_return(self, *_: Any) -> None:
+        """pika's callback for basic.return (a mandatory message no queue took)."""
+        self.counts["returned"] += 1
+
+    def on_closed(self, exc: BaseException) -> None:
+        """Called when the connection closes: records why and wakes the publisher, which then
+        sees `lost`."""
+        self.lost.append(repr(exc))
+        self.room.set()
+        self.all_confirmed.set()
+
+
+async def _open_connection(
+    url: str, on_closed: Callable[[BaseException], None]
+) -> tuple[Any, asyncio.Future[None]]:
+    """Opens a pika AsyncioConnection on the running loop (15 s at most, else raises); returns it
+    with a future done once it has closed. `on_closed` is called with the reason when it closes."""
     import pika
     from pika.adapters.asyncio_connection import AsyncioConnection
 
     loop = asyncio.get_running_loop()
-    lost: list[str] = []
-    room = asyncio.Event()
-    all_confirmed = asyncio.Event()
     opened: asyncio.Future[Any] = loop.create_future()
     closed: asyncio.Future[None] = loop.create_future()
 
@@ -77,10 +159,8 @@ async def raw_publish(url: str, exchange: str, messages: list[Message], window: 
         if not opened.done():
             opened.set_exception(RuntimeError(f"cannot connect: {exc!r}"))
 
-    def on_closed(_connection: Any, exc: BaseException) -> None:
-        lost.append(repr(exc))
-        room.set()  # wake the publisher, which then sees `lost`
-        all_confirmed.set()
+    def on_close(_connection: Any, exc: BaseException) -> None:
+        on_closed(exc)
         if not closed.done():
             closed.set_result(None)
         if not opened.done():
@@ -90,73 +170,71 @@ async def raw_publish(url: str, exchange: str, messages: list[Message], window: 
         pika.URLParameters(url),
         on_open_callback=opened.set_result,
         on_open_error_callback=on_open_error,
-        on_close_callback=on_closed,
+        on_close_callback=on_close,
         custom_ioloop=loop,
     )
     await asyncio.wait_for(opened, 15)
+    return connection, closed
 
-    async def rpc(start: Any) -> Any:
-        future: asyncio.Future[Any] = loop.create_future()
 
-        def done(result: Any) -> None:
-            if not future.done():
-                future.set_result(result)
+async def _rpc(start: Callable[[Callable[[Any], None]], Any]) -> Any:
+    """Calls `start` with a completion callback and returns what that callback receives (15 s at
+    most): pika's callback style of channel.open, confirm.select and the like, awaited."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-        start(done)
-        return await asyncio.wait_for(future, 15)
+    def done(result: Any) -> None:
+        if not future.done():
+            future.set_result(result)
 
-    unconfirmed: dict[int, None] = {}  # insertion order is delivery-tag order
-    counts = {"acked": 0, "nacked": 0, "returned": 0}
+    start(done)
+    return await asyncio.wait_for(future, 15)
 
-    def on_confirm(frame: Any) -> None:
-        method = frame.method
-        outcome = "nacked" if method.NAME == "Basic.Nack" else "acked"
-        if method.multiple:
-            while unconfirmed:
-                first = next(iter(unconfirmed))
-                if first > method.delivery_tag:
-                    break
-                del unconfirmed[first]
-                counts[outcome] += 1
-        elif method.delivery_tag in unconfirmed:
-            del unconfirmed[method.delivery_tag]
-            counts[outcome] += 1
-        if len(unconfirmed) < window:
-            room.set()
-        if not unconfirmed:
-            all_confirmed.set()
 
-    def on_return(*_: Any) -> None:
-        counts["returned"] += 1
+async def _confirming_channel(connection: Any, confirms: _Confirms) -> Any:
+    """A channel of `connection` in confirm mode, its confirms and returns reported to `confirms`."""
+    channel = await _rpc(lambda done: connection.channel(on_open_callback=done))
+    channel.add_on_return_callback(confirms.on_return)
+    await _rpc(lambda done: channel.confirm_delivery(confirms.on_confirm, callback=done))
+    return channel
 
+
+async def _publish_confirmed(
+    channel: Any, exchange: str, messages: list[Message], confirms: _Confirms
+) -> float:
+    """Publishes every message (mandatory), waiting for room whenever `window` are unconfirmed,
+    then for the last confirm; returns the seconds from the first publish to the last confirm."""
+    publish = channel.basic_publish
+    started = time.perf_counter()
+    for tag, (routing_key, body, properties) in enumerate(messages, start=1):
+        if confirms.full():
+            await confirms.wait_for_room()
+        elif tag % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        publish(exchange, routing_key, body, properties, mandatory=True)
+        confirms.published(tag)
+    await confirms.wait_all_confirmed(120)
+    seconds = time.perf_counter() - started
+    confirms.raise_if_lost()
+    return seconds
+
+
+async def _close(connection: Any, closed: asyncio.Future[None]) -> None:
+    if connection.is_open:
+        connection.close()
+    await asyncio.wait_for(closed, 10)
+
+
+async def raw_publish(url: str, exchange: str, messages: list[Message], window: int) -> tuple[int, float]:
+    """Publish every message with confirms, at most `window` unconfirmed at a time; returns
+    (confirmed with basic.ack and not returned, seconds from the first publish to the last confirm)."""
+    confirms = _Confirms(window)
+    connection, closed = await _open_connection(url, confirms.on_closed)
     try:
-        channel = await rpc(lambda done: connection.channel(on_open_callback=done))
-        channel.add_on_return_callback(on_return)
-        await rpc(lambda done: channel.confirm_delivery(on_confirm, callback=done))
-        publish = channel.basic_publish
-        started = time.perf_counter()
-        for tag, (routing_key, body, properties) in enumerate(messages, start=1):
-            if len(unconfirmed) >= window:
-                room.clear()
-                await room.wait()
-                if lost:
-                    raise SystemExit(f"raw publishing: connection lost: {lost[0]}")
-            elif tag % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            publish(exchange, routing_key, body, properties, mandatory=True)
-            unconfirmed[tag] = None
-            all_confirmed.clear()
-        await asyncio.wait_for(all_confirmed.wait(), 120)
-        seconds = time.perf_counter() - started
-        if lost:
-            raise SystemExit(f"raw publishing: connection lost: {lost[0]}")
+        channel = await _confirming_channel(connection, confirms)
+        seconds = await _publish_confirmed(channel, exchange, messages, confirms)
     finally:
-        if connection.is_open:
-            connection.close()
-        await asyncio.wait_for(closed, 10)
-    if counts["nacked"] or counts["returned"]:
-        raise SystemExit(f"raw publishing: {counts['nacked']} nacked, {counts['returned']} returned")
-    return counts["acked"], seconds
+        await _close(connection, closed)
+    return confirms.acked(), seconds
 
 
 def _fresh_queue(url: str, queue: str, exchange: str) -> None:
