@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,7 @@ def profile_drain(dsn: str, sink: dict[str, Any], out: Path, top: int = 30) -> f
     return published / seconds
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -295,9 +296,95 @@ def main(argv: list[str] | None = None) -> None:
         help="use the system node on 127.0.0.1:5672 when it answers (shared: tests that restart it "
         "disturb the figures); by default a private node is booted",
     )
-    args = parser.parse_args(argv)
-    n = args.events
+    return parser.parse_args(argv)
 
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every step of one benchmark run shares: the outbox database, the broker with the
+    run's exchange and queue, the temporary directory and the backlog's size."""
+
+    dsn: str
+    url: str
+    exchange: str
+    queue: str
+    directory: Path
+    events: int
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return {"type": "postgres-polling", "dsn": self.dsn}
+
+    @property
+    def sink(self) -> dict[str, Any]:
+        return {"type": "rabbitmq", "url": self.url, "exchange": self.exchange}
+
+    def fresh_queue(self) -> None:
+        _fresh_queue(self.url, self.queue, self.exchange)
+
+    def expect_depth(self) -> None:
+        _expect_depth(self.url, self.queue, self.events)
+
+
+def _raw_round(bench: _Bench, window: int) -> float:
+    """(a) once: raw pika publishes the relay's messages for a fresh backlog; returns messages/s."""
+    _reset(bench.dsn, bench.events)  # the backlog; (a) only reads it, so (b) drains the very same rows
+    messages = outbox_messages(bench.dsn)
+    bench.fresh_queue()
+    confirmed, seconds = asyncio.run(raw_publish(bench.url, bench.exchange, messages, window))
+    bench.expect_depth()
+    return confirmed / seconds
+
+
+def _relay_round(bench: _Bench) -> dict[str, float]:
+    """(b) once: the relay drains the backlog (a) left in the outbox to the broker; its figures."""
+    bench.fresh_queue()
+    figures = drain(bench.directory, bench.source, bench.sink, bench.events)
+    bench.expect_depth()
+    return figures
+
+
+def _raw_and_relay(bench: _Bench, window: int, rounds: int, report: dict[str, Any]) -> None:
+    """(a) and (b) alternating `rounds` times; their medians and the median of the rounds' b/a."""
+    raw_rates: list[float] = []
+    relay_rates: list[float] = []
+    for round_ in range(1, rounds + 1):
+        raw_rates.append(_raw_round(bench, window))
+        figures = _relay_round(bench)
+        relay_rates.append(figures["events_per_s"])
+        report["b_relay_rabbitmq_rss_mb"] = round(figures["rss_mb"], 1)
+        if rounds > 1:
+            report[f"round_{round_}_a_b_ratio"] = (
+                f"{raw_rates[-1]:.0f} {relay_rates[-1]:.0f} {relay_rates[-1] / raw_rates[-1]:.3f}"
+            )
+    report["a_raw_pika_msgs_per_s"] = round(statistics.median(raw_rates))
+    report["b_relay_rabbitmq_events_per_s"] = round(statistics.median(relay_rates))
+    # Each round's b/a compares runs made moments apart; their median resists a busy machine.
+    report["ratio_b_over_a"] = round(
+        statistics.median(b / a for a, b in zip(raw_rates, relay_rates, strict=True)), 3
+    )
+
+
+def _relay_to_file(bench: _Bench, report: dict[str, Any]) -> None:
+    """(c): the relay drains a fresh backlog to the file sink; its figures and b/c."""
+    _reset(bench.dsn, bench.events)
+    figures = drain(bench.directory, bench.source, _file_sink(bench.directory), bench.events)
+    (bench.directory / FILE_SINK_NAME).unlink(missing_ok=True)
+    report["c_relay_file_events_per_s"] = round(figures["events_per_s"])
+    report["c_relay_file_rss_mb"] = round(figures["rss_mb"], 1)
+    report["ratio_b_over_c"] = round(
+        report["b_relay_rabbitmq_events_per_s"] / report["c_relay_file_events_per_s"], 3
+    )
+
+
+def _profiled(bench: _Bench, out: Path, report: dict[str, Any]) -> None:
+    _reset(bench.dsn, bench.events)
+    bench.fresh_queue()
+    report["profiled_relay_rabbitmq_events_per_s"] = round(profile_drain(bench.dsn, bench.sink, out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
     report: dict[str, Any] = {"load_average_1m_at_start": round(os.getloadavg()[0], 2)}
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     exchange, queue = f"{prefix}.x", f"{prefix}.q"
@@ -306,55 +393,16 @@ def main(argv: list[str] | None = None) -> None:
         start_rabbitmq(private=not args.system_node) as rabbit,
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
     ):
-        directory = Path(tmp)
         report["broker"] = repr(rabbit)
-        report["events"] = f"{n} over {AGGREGATES} aggregates"
+        report["events"] = f"{args.events} over {AGGREGATES} aggregates"
         report["a_raw_pika_window"] = args.window
         dsn = create_outbox_database(pg)
-        sink = {"type": "rabbitmq", "url": rabbit.url, "exchange": exchange}
-        source = {"type": "postgres-polling", "dsn": dsn}
-        raw_rates: list[float] = []
-        relay_rates: list[float] = []
+        bench = _Bench(dsn, rabbit.url, exchange, queue, Path(tmp), args.events)
         try:
-            for round_ in range(1, args.rounds + 1):
-                _reset(dsn, n)  # the backlog; (a) only reads it, so (b) drains the very same rows
-                messages = outbox_messages(dsn)
-                _fresh_queue(rabbit.url, queue, exchange)
-                confirmed, seconds = asyncio.run(raw_publish(rabbit.url, exchange, messages, args.window))
-                _expect_depth(rabbit.url, queue, n)
-                raw_rates.append(confirmed / seconds)
-                del messages
-
-                _fresh_queue(rabbit.url, queue, exchange)
-                figures = drain(directory, source, sink, n)
-                _expect_depth(rabbit.url, queue, n)
-                relay_rates.append(figures["events_per_s"])
-                report["b_relay_rabbitmq_rss_mb"] = round(figures["rss_mb"], 1)
-                if args.rounds > 1:
-                    report[f"round_{round_}_a_b_ratio"] = (
-                        f"{raw_rates[-1]:.0f} {relay_rates[-1]:.0f} {relay_rates[-1] / raw_rates[-1]:.3f}"
-                    )
-            report["a_raw_pika_msgs_per_s"] = round(statistics.median(raw_rates))
-            report["b_relay_rabbitmq_events_per_s"] = round(statistics.median(relay_rates))
-            # Each round's b/a compares runs made moments apart; their median resists a busy machine.
-            report["ratio_b_over_a"] = round(
-                statistics.median(b / a for a, b in zip(raw_rates, relay_rates, strict=True)), 3
-            )
-
-            _reset(dsn, n)
-            figures = drain(directory, source, _file_sink(directory), n)
-            (directory / FILE_SINK_NAME).unlink(missing_ok=True)
-            report["c_relay_file_events_per_s"] = round(figures["events_per_s"])
-            report["c_relay_file_rss_mb"] = round(figures["rss_mb"], 1)
-            report["ratio_b_over_c"] = round(
-                report["b_relay_rabbitmq_events_per_s"] / report["c_relay_file_events_per_s"], 3
-            )
-
+            _raw_and_relay(bench, args.window, args.rounds, report)
+            _relay_to_file(bench, report)
             if args.profile:
-                _reset(dsn, n)
-                _fresh_queue(rabbit.url, queue, exchange)
-                rate = profile_drain(dsn, sink, args.profile)
-                report["profiled_relay_rabbitmq_events_per_s"] = round(rate)
+                _profiled(bench, args.profile, report)
         finally:
             delete(rabbit.url, queues=[queue], exchanges=[exchange])
     report["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
