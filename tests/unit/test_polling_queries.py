@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outbox_relay.connectors.sources.postgres_connect import ResolvedTable
+from outbox_relay.connectors.sources.outbox_table import ResolvedTable
 from outbox_relay.connectors.sources.postgres_polling.config import ColumnMapping
 from outbox_relay.connectors.sources.postgres_polling.queries import build_queries
 

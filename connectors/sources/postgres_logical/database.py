@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql as psql
 
 from outbox_relay import json_span
 from outbox_relay.connectors.sources import pgoutput
-from outbox_relay.connectors.sources.postgres_connect import connect, insert_event
+from outbox_relay.connectors.sources.outbox_table import write_events
+from outbox_relay.connectors.sources.postgres_connect import connect
 from outbox_relay.connectors.sources.postgres_logical.config import PostgresLogicalConfig
 from outbox_relay.events import OutboxEvent
 from outbox_relay.identifiers import parse_table_name
@@ -81,12 +81,13 @@ class SqlConnection:
         mode, rows of the first configured table in table mode (with `replace`, a row with the
         same event id is deleted first: event ids are unique)."""
         conn = await self.get()
-        async with conn.transaction():
-            for event in events:
-                if self._config.mode == "message":
+        if self._config.mode == "message":
+            async with conn.transaction():
+                for event in events:
                     await self._emit(conn, event)
-                else:
-                    await self._insert(conn, event, replace)
+        else:
+            table = parse_table_name(self._config.tables[0]).identifier()
+            await write_events(conn, table, self._config.columns.names(), events, replace=replace)
 
     async def _emit(self, conn: psycopg.AsyncConnection[Any], event: OutboxEvent) -> None:
         try:  # (a payload the relay could not read as JSON cannot go into a message)
@@ -104,15 +105,3 @@ class SqlConnection:
         await conn.execute(
             "SELECT pg_logical_emit_message(true, %s, %s)", (self._config.message_prefix, content)
         )
-
-    async def _insert(self, conn: psycopg.AsyncConnection[Any], event: OutboxEvent, replace: bool) -> None:
-        table = parse_table_name(self._config.tables[0]).identifier()
-        columns = self._config.columns.names()
-        if replace:
-            await conn.execute(
-                psql.SQL("DELETE FROM {} WHERE {}::text = %s").format(
-                    table, psql.Identifier(columns.event_id)
-                ),
-                (event.event_id,),
-            )
-        await conn.execute(*insert_event(table, columns.mapping(), event))

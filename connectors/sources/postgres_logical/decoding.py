@@ -12,12 +12,12 @@ from typing import Any
 import psycopg
 
 from outbox_relay import json_span
-from outbox_relay.connectors.sources import pgoutput
-from outbox_relay.connectors.sources.postgres_connect import ColumnNames, null_column_defect
+from outbox_relay.connectors.sources import pgoutput, row_events
+from outbox_relay.connectors.sources.postgres_connect import ColumnNames
 from outbox_relay.connectors.sources.postgres_logical.config import PostgresLogicalConfig
 from outbox_relay.connectors.sources.postgres_logical.ledger import Unit
 from outbox_relay.connectors.sources.postgres_logical.publication import quoted, shown
-from outbox_relay.events import OutboxEvent, checked_time, headers_from_json, member_texts, unencodable
+from outbox_relay.events import OutboxEvent, member_texts, unencodable
 from outbox_relay.identifiers import parse_identifier
 from outbox_relay.interfaces import ConnectorError, Unsupported
 
@@ -176,37 +176,24 @@ def row_event(
 def _table_event(
     values: list[bytes | None], shape: TableShape, lsn: int, commit_time: float, unit: Unit
 ) -> OutboxEvent:
+    """The row's values (text forms, as pgoutput sends them) decoded, then made an event by the
+    rule both PostgreSQL sources share (`row_events`); the commit time stands in for a NULL
+    `created_at`."""
     i_id, i_type, i_agg, i_event, i_payload, i_headers, i_created = shape.indexes
-    defect = None
     payload = values[i_payload]
-    if payload is None:
-        payload, defect = b"", "payload is NULL"
-    elif shape.payload_is_bytea:
+    if payload is not None and shape.payload_is_bytea:
         payload = bytes.fromhex(payload[2:].decode())  # text form of bytea: \x0a1b...
-    headers: dict[str, str] = {}
-    raw_headers = values[i_headers] if i_headers is not None else None
-    if raw_headers is not None and raw_headers != b"{}":
-        headers, problem = headers_from_json(raw_headers)
-        defect = defect or problem
-    created, problem = checked_time(
-        _created_at(values[i_created] if i_created is not None else None), commit_time
-    )
-    event_id, aggregate_type = _text(values[i_id]), _text(values[i_type])
-    aggregate_id, event_type = _text(values[i_agg]), _text(values[i_event])
-    defect = defect or null_column_defect(event_id, aggregate_type, aggregate_id, event_type) or problem
-    return OutboxEvent(
+    fields: row_events.RowFields = (
         lsn,
-        event_id if event_id is not None else stand_in_id(lsn),
-        aggregate_type or "",
-        aggregate_id,
-        event_type or "",
+        _text(values[i_id]),
+        _text(values[i_type]),
+        _text(values[i_agg]),
+        _text(values[i_event]),
         payload,
-        headers,
-        created,
-        ack_token=unit,
-        content_type=shape.content_type,
-        defect=defect,
+        values[i_headers] if i_headers is not None else None,
+        _created_at(values[i_created] if i_created is not None else None),
     )
+    return row_events.rows_as_events([fields], commit_time, stand_in_id, shape.content_type, unit)[0]
 
 
 def _created_at(raw: bytes | None) -> float | None:

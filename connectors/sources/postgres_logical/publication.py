@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as psql
 
-from outbox_relay.connectors.sources.postgres_connect import resolve_table
+from outbox_relay.connectors.sources.outbox_table import resolve_table
 from outbox_relay.identifiers import (
     IdentifierError,
     QualifiedName,

@@ -9,7 +9,14 @@ from typing import Any
 import psycopg
 from psycopg import sql as psql
 
-from outbox_relay.connectors.sources.postgres_connect import connect, missing_columns
+from outbox_relay.connectors.sources.outbox_table import (
+    default_table_ddl,
+    existing_table,
+    missing_columns,
+    resolve_table,
+    table_columns,
+)
+from outbox_relay.connectors.sources.postgres_connect import connect
 from outbox_relay.connectors.sources.postgres_logical.config import LogicalColumns, PostgresLogicalConfig
 from outbox_relay.connectors.sources.postgres_logical.decoding import message_charmap
 from outbox_relay.connectors.sources.postgres_logical.publication import (
@@ -19,8 +26,7 @@ from outbox_relay.connectors.sources.postgres_logical.publication import (
     resolve_tables,
     shown,
 )
-from outbox_relay.connectors.sources.postgres_polling import default_table_ddl
-from outbox_relay.identifiers import parse_table_name
+from outbox_relay.identifiers import QualifiedName, parse_table_name
 from outbox_relay.interfaces import ConnectorError
 
 
@@ -97,13 +103,8 @@ async def _check_slot(sql: psycopg.AsyncConnection[Any], slot: str) -> Any:
 async def _check_columns(
     conn: psycopg.AsyncConnection[Any], config: PostgresLogicalConfig, table: tuple[str, str]
 ) -> None:
-    cur = await conn.execute(
-        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
-        table,
-    )
-    present = [row[0] for row in await cur.fetchall()]
+    found = await resolve_table(conn, QualifiedName(*table))
+    present = [column.name for column in await table_columns(conn, found.oid)]
     configured = config.columns.model_dump()
     problem = missing_columns(shown(table), configured, config.columns.names().mapping(), present)
     if problem:
@@ -140,9 +141,7 @@ async def init_db(conn: psycopg.AsyncConnection[Any], config: PostgresLogicalCon
     for table, statement in zip(config.tables, _table_sql(config), strict=False):
         # (An unqualified name that finds a table further along the search_path must not
         # get a second one in its first schema.)
-        cur = await conn.execute("SELECT to_regclass(%s)", (parse_table_name(table).regclass_text(),))
-        found = await cur.fetchone()
-        if found is None or found[0] is None:
+        if await existing_table(conn, parse_table_name(table)) is None:
             await conn.execute(statement)
     tables = await resolve_tables(conn, config.tables) if config.mode == "table" else []
     notes = await ensure_publication(conn, config.publication, tables)

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql as psql
 
 from outbox_relay.connectors.sources import pgoutput
-from outbox_relay.connectors.sources.postgres_connect import domain_bases
+from outbox_relay.connectors.sources.outbox_table import domain_bases
 from outbox_relay.connectors.sources.postgres_logical import setup
 from outbox_relay.connectors.sources.postgres_logical.config import PostgresLogicalConfig
 from outbox_relay.connectors.sources.postgres_logical.database import SqlConnection

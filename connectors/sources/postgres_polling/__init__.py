@@ -20,12 +20,13 @@ The parts: `config` (the YAML), `source` (the Source), `queries`, `inspection`, 
 
 from __future__ import annotations
 
+# (default_table_ddl: its import path from before it served both sources.)
+from outbox_relay.connectors.sources.outbox_table import default_table_ddl
 from outbox_relay.connectors.sources.postgres_polling.config import (
     ColumnMapping,
     PollingColumnNames,
     PostgresPollingConfig,
 )
-from outbox_relay.connectors.sources.postgres_polling.ddl import default_table_ddl
 from outbox_relay.connectors.sources.postgres_polling.source import PostgresPollingSource
 from outbox_relay.registry import SourcePlugin
 

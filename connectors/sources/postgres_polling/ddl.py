@@ -1,13 +1,12 @@
-"""The DDL of `init-db` for the polling source: the default outbox table (shared with the logical
-replication source), the partial index of unpublished rows, and the NOTIFY trigger."""
+"""The DDL of `init-db` for the polling source: the default outbox table (`outbox_table`, shared
+with the logical replication source), the partial index of unpublished rows, and the NOTIFY
+trigger."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
 from psycopg import sql
 
+from outbox_relay.connectors.sources.outbox_table import default_table_ddl
 from outbox_relay.connectors.sources.postgres_polling.config import ColumnMapping, PostgresPollingConfig
 from outbox_relay.identifiers import QualifiedName, derived_name
 
@@ -21,36 +20,6 @@ _NOTIFY_FUNCTION = sql.Composed(
         )
     ]
 )
-
-
-def default_table_ddl(table: QualifiedName) -> sql.Composed:
-    """The default outbox table of DESIGN.md (shared by both PostgreSQL sources)."""
-    return sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} (\n"
-        "  position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
-        "  event_id       uuid        NOT NULL DEFAULT gen_random_uuid() UNIQUE,\n"
-        "  aggregate_type text        NOT NULL,\n"
-        "  aggregate_id   text        NOT NULL,\n"
-        "  event_type     text        NOT NULL,\n"
-        "  payload        jsonb       NOT NULL,\n"
-        "  headers        jsonb       NOT NULL DEFAULT '{{}}',\n"
-        "  created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
-        "  published_at   timestamptz\n"
-        ")"
-    ).format(table.identifier())
-
-
-async def existing_table(conn: psycopg.AsyncConnection[Any], name: QualifiedName) -> QualifiedName | None:
-    """The table the server finds for the configured name, or None: `CREATE TABLE IF NOT EXISTS
-    outbox` would create a second table in the first schema of the search_path although the
-    name already finds one further along it."""
-    cur = await conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.oid = to_regclass(%s)",
-        (name.regclass_text(),),
-    )
-    row = await cur.fetchone()
-    return QualifiedName(row[0], row[1]) if row else None
 
 
 def init_statements(

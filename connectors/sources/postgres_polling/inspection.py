@@ -10,11 +10,12 @@ from typing import Any
 
 import psycopg
 
-from outbox_relay.connectors.sources.postgres_connect import (
+from outbox_relay.connectors.sources.outbox_table import (
     ResolvedTable,
     domain_bases,
     missing_columns,
     resolve_table,
+    table_columns,
 )
 from outbox_relay.connectors.sources.postgres_polling.config import PostgresPollingConfig
 from outbox_relay.identifiers import QualifiedName, quote_ident
@@ -75,17 +76,12 @@ async def _column_types(
 ) -> tuple[dict[str, str], dict[str, int], dict[int, tuple[int, str]]]:
     """The table's columns: their type names, their type oids, and the base types of domains."""
     try:
-        cur = await conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int8 FROM pg_attribute a"
-            " WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            (table.oid,),
-        )
-        found = await cur.fetchall()
+        found = await table_columns(conn, table.oid)
         bases = await domain_bases(conn)
     except psycopg.Error as exc:
         raise ConnectorError(scrubber.scrub(f"cannot inspect table {table.display()}: {exc}")) from None
-    types = {name: type_name for name, type_name, _ in found}
-    type_oids = {name: int(oid) for name, _, oid in found}
+    types = {column.name: column.type_name for column in found}
+    type_oids = {column.name: column.type_oid for column in found}
     return types, type_oids, bases
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from psycopg import sql
 
-from outbox_relay.connectors.sources.postgres_connect import ResolvedTable
+from outbox_relay.connectors.sources.outbox_table import ResolvedTable
 from outbox_relay.connectors.sources.postgres_polling.config import PollingColumnNames
 from outbox_relay.identifiers import parse_table_name
 from outbox_relay.interfaces import Fence

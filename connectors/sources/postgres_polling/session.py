@@ -9,7 +9,8 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from outbox_relay.connectors.sources.postgres_connect import ResolvedTable, connect
+from outbox_relay.connectors.sources.outbox_table import ResolvedTable
+from outbox_relay.connectors.sources.postgres_connect import connect
 from outbox_relay.connectors.sources.postgres_polling import queries
 from outbox_relay.connectors.sources.postgres_polling.config import PostgresPollingConfig
 from outbox_relay.connectors.sources.postgres_polling.inspection import InspectedTable, inspect_table

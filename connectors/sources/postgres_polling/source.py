@@ -12,10 +12,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay.connectors.sources.postgres_connect import insert_event
+from outbox_relay.connectors.sources.outbox_table import existing_table, write_events
 from outbox_relay.connectors.sources.postgres_polling import queries
 from outbox_relay.connectors.sources.postgres_polling.config import PostgresPollingConfig
-from outbox_relay.connectors.sources.postgres_polling.ddl import existing_table, init_statements
+from outbox_relay.connectors.sources.postgres_polling.ddl import init_statements
 from outbox_relay.connectors.sources.postgres_polling.in_flight import HeldPositions
 from outbox_relay.connectors.sources.postgres_polling.inspection import InspectedTable, check_notes
 from outbox_relay.connectors.sources.postgres_polling.listener import WakeUps
@@ -109,9 +109,7 @@ class PostgresPollingSource(Source):
         """The rows as events, held from now on (see `in_flight`: before any other await)."""
         inspected = self._session.inspected
         assert inspected is not None
-        events = to_events(
-            rows, payload_is_bytes=inspected.payload_is_bytes, content_type=inspected.content_type
-        )
+        events = to_events(rows, content_type=inspected.content_type)
         self._held.hand_out(row[0] for row in rows)
         return events
 
@@ -177,10 +175,7 @@ class PostgresPollingSource(Source):
 
     async def write(self, events: Sequence[OutboxEvent]) -> None:
         conn = await self._session.conn("ack")
-        table, mapping = self._session.table.identifier(), self._session.cols.mapping()
-        async with conn.transaction():
-            for event in events:
-                await conn.execute(*insert_event(table, mapping, event))
+        await write_events(conn, self._session.table.identifier(), self._session.cols, events)
 
     # --- wake-ups, backlog, status, checks, DDL -----------------------------------------------
 
@@ -211,7 +206,7 @@ class PostgresPollingSource(Source):
 
     async def init_db(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
         """`init_sql()`, on the table the server finds for the configured name when there is
-        one (see `ddl.existing_table`)."""
+        one (see `outbox_table.existing_table`)."""
         for statement in self.init_sql(await existing_table(conn, self.config.table_name())):
             await conn.execute(statement)
         return []
