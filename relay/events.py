@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import orjson
 
 from outbox_relay import json_span
-from outbox_relay.templates import FIELD_VALUES
 
 # The formatted second of the last call: every event of a batch (or a burst) shares it, and
 # formatting a datetime costs as much as the rest of building a message's headers.
@@ -105,6 +105,25 @@ class OutboxEvent:
     def template_fields(self) -> dict[str, str]:
         """Fields available to topic / routing-key templates such as `{aggregate_type}.events`."""
         return {name: value(self) for name, value in FIELD_VALUES.items()}
+
+
+def _aggregate_id(event: OutboxEvent) -> str:
+    return "" if event.aggregate_id is None else event.aggregate_id
+
+
+def _position(event: OutboxEvent) -> str:
+    return str(event.position)
+
+
+#: The fields of an event that templates (relay.templates) and readers may name, and how each is
+#: read as text. (Here, with the event, so that the templates depend on events and not back.)
+FIELD_VALUES: dict[str, Callable[[OutboxEvent], str]] = {
+    "event_id": attrgetter("event_id"),
+    "event_type": attrgetter("event_type"),
+    "aggregate_type": attrgetter("aggregate_type"),
+    "aggregate_id": _aggregate_id,
+    "position": _position,
+}
 
 
 @dataclass(frozen=True, slots=True)

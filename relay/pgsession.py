@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Annotated, Any
 
@@ -168,6 +169,37 @@ async def bounded_query(
         await _sever_and_settle(conn, task)
         raise TimeoutError(f"the database did not answer within {timeout:g}s")
     return task.result()
+
+
+class BoundedSession:
+    """One connection, opened with `connect` whenever there is none (or the last one was lost),
+    on which every statement is bounded by `bound` seconds (see `bounded_query`). A statement
+    that fails or runs out of time drops the connection: the next one starts on a new one."""
+
+    def __init__(self, connect: Callable[[], Awaitable[AsyncConnection[Any]]], bound: float) -> None:
+        self._connect = connect
+        self._bound = bound
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def query(self, statement: sql.SQL | sql.Composed, params: Params) -> list[tuple[Any, ...]]:
+        """The statement's rows; raises what connecting or the statement raised (TimeoutError
+        past the bound)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await self._connect()
+        try:
+            return await bounded_query(self._conn, statement, params, self._bound)
+        except BaseException:
+            await self.close()
+            raise
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of the connection open now (None: none is)."""
+        return None if self._conn is None else self._conn.info.backend_pid
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        await close_quietly(conn)
 
 
 async def _sever_and_settle(conn: AsyncConnection[Any], task: asyncio.Future[Any]) -> None:

@@ -18,9 +18,9 @@ from outbox_relay.deadletters import DeadLetterStore
 from outbox_relay.deadletters import create_table_sql as create_dead_letter_table
 from outbox_relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from outbox_relay.http import HealthServer
-from outbox_relay.identifiers import QualifiedName, parse_table_name
+from outbox_relay.identifiers import parse_table_name
 from outbox_relay.interfaces import ConnectorError, Sink, Source, Unsupported
-from outbox_relay.leadership import Lease, LeaseLost, Term, locate_lease
+from outbox_relay.leadership import Lease, LeaseLost, Term, lease_table_in, locate_lease
 from outbox_relay.leadership import create_table_sql as create_lease_table
 from outbox_relay.logs import get_logger
 from outbox_relay.pgsession import SESSION_NAME, fetch_rows, session_conninfo, start_session
@@ -101,12 +101,9 @@ def _lease_setup(outbox: OutboxConfig) -> list[sql.Composed]:
     where the server finds the outbox table: see relay.leadership.locate_lease)."""
     if not outbox.lease.enabled or getattr(outbox.source, "dsn", None) is None:
         return []
-    table = parse_table_name(outbox.lease.table)
     resolve = outbox.source.lease_resolves()
     schema = parse_table_name(resolve).schema if resolve is not None else None
-    if table.schema is None and schema is not None:
-        table = QualifiedName(schema, table.name)
-    return [create_lease_table(table.regclass_text())]
+    return [create_lease_table(lease_table_in(outbox.lease.table, schema).regclass_text())]
 
 
 def _dead_letter_setup(
@@ -266,7 +263,7 @@ class Relay:
         """Look for stalls every second, so that one is logged whether /healthz is probed or not."""
         while True:
             self.liveness()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # (a cadence, not a retry)
 
     @staticmethod
     def _lease_dsn(outbox: OutboxConfig) -> str | None:

@@ -6,30 +6,8 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
-from operator import attrgetter
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from outbox_relay.events import OutboxEvent
-
-
-def _aggregate_id(event: OutboxEvent) -> str:
-    return "" if event.aggregate_id is None else event.aggregate_id
-
-
-def _position(event: OutboxEvent) -> str:
-    return str(event.position)
-
-
-#: The fields a template may use, and how each is read from an event.
-FIELD_VALUES: dict[str, Callable[[OutboxEvent], str]] = {
-    "event_id": attrgetter("event_id"),
-    "event_type": attrgetter("event_type"),
-    "aggregate_type": attrgetter("aggregate_type"),
-    "aggregate_id": _aggregate_id,
-    "position": _position,
-}
-
+from outbox_relay.events import FIELD_VALUES, OutboxEvent
 
 TEMPLATE_FIELDS: tuple[str, ...] = tuple(FIELD_VALUES)
 

@@ -9,22 +9,18 @@ import contextlib
 import socket
 import threading
 
-from outbox_relay.drill_proxy import close_socket
+from outbox_relay.tools.drill_proxy import LoopbackProxy, close_socket
 from tests.harness.process import HOST
 
 
-class SwitchableProxy:
+class SwitchableProxy(LoopbackProxy):
     """Forwards connections to 127.0.0.1:`target`. `switch(port)` cuts every open connection and
     sends new ones to another port. `silence()` cuts every open connection and accepts new ones
     without ever forwarding or answering a byte. Threads only; `close()` stops them all."""
 
     def __init__(self, target: int) -> None:
-        self._target: int | None = target
-        self._listener = socket.create_server((HOST, 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="test-proxy", daemon=True).start()
+        self._target_port: int | None = target
+        super().__init__(HOST, thread_name="test-proxy")
 
     def switch(self, target: int) -> None:
         self._retarget(target)
@@ -35,52 +31,18 @@ class SwitchableProxy:
         self._retarget(None)
 
     def _retarget(self, target: int | None) -> None:
-        self._target = target
-        with self._lock:
-            cut, self._open = self._open, []
-        for sock in cut:
-            close_socket(sock)
+        self._target_port = target
+        self._cut_open()
 
-    def close(self) -> None:
-        close_socket(self._listener)
-        self._retarget(self._target)
+    def _target(self) -> tuple[str, int] | None:
+        return None if self._target_port is None else (HOST, self._target_port)
 
-    def __enter__(self) -> SwitchableProxy:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            target = self._target
-            if target is None:
-                with self._lock:
-                    self._open.append(client)
-                threading.Thread(target=_swallow, args=(client,), daemon=True).start()
-                continue
-            try:
-                upstream = socket.create_connection((HOST, target), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                close_socket(client)
-                continue
-            with self._lock:
-                self._open += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := source.recv(65536):
-            sink.sendall(data)
-    close_socket(source)
-    close_socket(sink)
+    def _take(self, client: socket.socket) -> None:
+        if self._target_port is not None:
+            super()._take(client)
+            return
+        self._track(client)
+        threading.Thread(target=_swallow, args=(client,), daemon=True).start()
 
 
 def _swallow(source: socket.socket) -> None:

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from outbox_relay.drill_proxy import CutoffProxy
+from outbox_relay.tools.drill_proxy import CutoffProxy
 from tests.conftest import webhook_request_as_lines
 from tests.harness.webhook import Reply, WebhookReceiver
 from tests.support import (

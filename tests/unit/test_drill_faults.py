@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from outbox_relay.drill_faults import FaultRecord, FaultSetupError, proxy_target, same_database, through_proxy
+from outbox_relay.tools.drill_faults import (
+    FaultRecord,
+    FaultSetupError,
+    proxy_target,
+    same_database,
+    through_proxy,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 - freeze: SIGSTOP the replica that holds the lease, SIGCONT it `for` later (a paused VM, a long
   GC pause, a hung event loop);
 - cut-close: every connection of that replica to the database is closed and new ones are
-  refused, through a proxy of the drill's own (relay.drill_proxy) between each replica and the
+  refused, through a proxy of the drill's own (relay.tools.drill_proxy) between each replica and the
   database; `forward()` again afterwards;
 - cut-hold: the same proxy keeps that replica's connections open but forwards nothing either
   way (a NAT, a firewall or a proxy that stopped relaying: no error, every wait just lasts).
@@ -26,17 +26,17 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
-from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from outbox_relay.drill_proxy import CutoffProxy
 from outbox_relay.identifiers import parse_table_name
 from outbox_relay.leadership import holder_pid, locate_lease
-from outbox_relay.pgsession import bounded_query, close_quietly, database_place
+from outbox_relay.pgsession import BoundedSession, database_place
+from outbox_relay.tools.drill_proxy import CutoffProxy
 
 FREEZE, CUT_CLOSE, CUT_HOLD = "freeze", "cut-close", "cut-hold"
 FAULT_KINDS = (FREEZE, CUT_CLOSE, CUT_HOLD)
@@ -101,18 +101,19 @@ class LeaseWatch:
     """Reads one outbox's lease row on a connection of its own, straight to the database."""
 
     def __init__(self, dsn: str, outbox: str, table: str, scope: str, resolve: str | None) -> None:
-        self._dsn = dsn
         self._where = (outbox, table, scope, resolve)
         self._query: sql.Composed | None = None
         self._key = ""
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-
-    async def _ask(self, statement: sql.SQL | sql.Composed, params: Params) -> list[tuple[Any, ...]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._dsn, autocommit=True, connect_timeout=2, application_name="outbox-relay drill"
-            )
-        return await bounded_query(self._conn, statement, params, _QUERY_BOUND)
+        self._session = BoundedSession(
+            partial(
+                psycopg.AsyncConnection.connect,
+                dsn,
+                autocommit=True,
+                connect_timeout=2,
+                application_name="outbox-relay drill",
+            ),
+            _QUERY_BOUND,
+        )
 
     async def current(self) -> LeaseRow | None:
         """The lease's holder now, or None: expired, never taken, or the database did not
@@ -120,12 +121,12 @@ class LeaseWatch:
         try:
             if self._query is None:
                 # Where the relays keep it: names resolved as they resolve them.
-                place = await locate_lease(self._ask, *self._where)
+                place = await locate_lease(self._session.query, *self._where)
                 self._key = place.key
                 self._query = sql.SQL(
                     "SELECT holder, token FROM {} WHERE lease = %s AND expires_at > clock_timestamp()"
                 ).format(parse_table_name(place.table).identifier())
-            rows = await self._ask(self._query, (self._key,))
+            rows = await self._session.query(self._query, (self._key,))
         except (psycopg.Error, OSError, TimeoutError):
             await self.close()
             return None
@@ -134,8 +135,7 @@ class LeaseWatch:
         return LeaseRow(str(rows[0][0]), int(rows[0][1]))
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        await close_quietly(conn)
+        await self._session.close()
 
 
 # --- the record ---------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class FaultRecord:
 
 
 class ReplicaSet(Protocol):
-    """What the faults need of the drill's relay processes (relay.drill._Replicas)."""
+    """What the faults need of the drill's relay processes (relay.tools.drill_replicas.Replicas)."""
 
     def alive(self) -> list[tuple[int, subprocess.Popen[bytes]]]:
         """(slot, process) of each running relay."""

@@ -1,0 +1,254 @@
+"""The lease of one outbox as one process holds it: acquire a term, keep renewing it, give it up
+(the design is told in relay.leadership)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+import psycopg
+
+from outbox_relay import metrics
+from outbox_relay.backoff import Backoff, Retrying
+from outbox_relay.leadership.guard import Guard, end_sessions_of, guard_key, session_name_of
+from outbox_relay.leadership.row import LeaseRow
+from outbox_relay.logs import get_logger
+from outbox_relay.problems import SetupProblems
+from outbox_relay.secrets import scrubber
+
+#: Between attempts to reach the database while standing by (or acquiring).
+_RECONNECT = Backoff(initial=0.5, maximum=5.0)
+#: Between attempts of one renewal, each on a new connection, until the holder's deadline.
+_RENEWAL_RETRY = Backoff(initial=0.2, maximum=0.2)
+
+#: What the holder keeps back from the lease time as its clock margin.
+MARGIN_FRACTION = 0.1
+
+
+@dataclass
+class Term:
+    """One holder's hold on a lease: its token, and its deadline on this process's monotonic
+    clock. `valid()` is what everything that publishes or marks asks, right before it does."""
+
+    table: str
+    key: str
+    token: int
+    deadline: float
+    ended: bool = False
+
+    def valid(self) -> bool:
+        return not self.ended and time.monotonic() < self.deadline
+
+    def end(self) -> None:
+        self.ended = True
+
+
+class RivalLease(Exception):
+    """Another replica holds this outbox's lease in another lease table (a setup problem)."""
+
+
+class LeaseLost(Exception):
+    """The lease's term ended: another replica may be active now."""
+
+
+class Lease:
+    """The lease of one outbox, as one process sees it. `acquire` waits for a term, `keep`
+    renews it until it is lost, `release` gives it up."""
+
+    def __init__(
+        self,
+        dsn: str,
+        outbox: str,
+        *,
+        table: str = "outbox_relay_leases",
+        lease_time: float = 5.0,
+        check_interval: float = 1.0,
+        acquire_interval: float = 1.0,
+        scope: str = "",
+        resolve: str | None = None,
+    ) -> None:
+        self._time, self._margin = lease_time, lease_time * MARGIN_FRACTION
+        self._check_interval = check_interval
+        self._acquire_interval = min(acquire_interval, lease_time / 5)
+        #: This process's name as holder (the lease row says who holds it).
+        self.holder = f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}"
+        #: What every session of this outbox goes by (relay.pgsession.SESSION_NAME).
+        self.session_name = session_name_of(self.holder)
+        self._row = LeaseRow(dsn, self.holder, lease_time, (outbox, table, scope, resolve))
+        self._guard = Guard(self._row.session, self._row.place.key)
+        self._log = get_logger(outbox=outbox)
+        #: A login the database refuses, a database that does not exist: said as such.
+        self.problems = SetupProblems(outbox, self._log)
+        self.term: Term | None = None
+        self._database_ok = False
+        self._m_database_up = metrics.UP.labels(outbox, "database")
+
+    @property
+    def key(self) -> str:
+        return self._row.place.key
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lease now (its term is valid)."""
+        return self.term is not None and self.term.valid()
+
+    @property
+    def database_ok(self) -> bool:
+        """Whether the last attempt reached the database: a standby that cannot is not ready to
+        take over (and `outbox_relay_up{component="database"}` says the same as /readyz)."""
+        return self._database_ok
+
+    @database_ok.setter
+    def database_ok(self, ok: bool) -> None:
+        self._database_ok = ok
+        self._m_database_up.set(1 if ok else 0)
+
+    # --- acquire ------------------------------------------------------------------------------
+
+    async def acquire(self, stop: asyncio.Event) -> Term | None:
+        """Wait until this process holds the lease (its new term) or `stop` is set (None)."""
+        retrying = Retrying(_RECONNECT)
+        waiting_logged = False
+        if self._guard.pid is not None:
+            # A term that ended: its session lets the guard go with it (a new one takes it).
+            self._guard.pid = None
+            await self._row.session.close()
+        self._guard.stale = {self.session_name}
+        while not stop.is_set():
+            try:
+                term, delay = await self._try_acquire()
+                retrying.succeeded()
+                self.database_ok = True
+                self.problems.clear("database")
+                if term is not None:
+                    return term
+                if not waiting_logged:
+                    self._log.info("standby: another relay holds the lease for this outbox")
+                    waiting_logged = True
+            except (psycopg.Error, OSError, TimeoutError, RivalLease) as exc:
+                self.database_ok = not isinstance(exc, psycopg.Error | OSError | TimeoutError)
+                self._row.ready = False
+                delay = retrying.failed(exc)
+                if not self.problems.report("database", exc):
+                    self._log.warning("lease: database not reachable", error=scrubber.scrub(str(exc)))
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+        return None
+
+    async def _try_acquire(self) -> tuple[Term | None, float]:
+        """One attempt: the new term, or None and how long to wait before the next attempt
+        (until the current holder's lease would end, at most `acquire_interval`)."""
+        await self._row.prepare()
+        self._guard.key = guard_key(self.key)
+        if self._guard.rival is not None:
+            raise RivalLease(self._guard.rival)  # (found once: this replica stands by from then on)
+        sent = time.monotonic()
+        taken = await self._row.take(self._guard.params())
+        if taken is not None:
+            return await self._took(*taken, sent), 0.0
+        left = await self._row.seconds_left()
+        if left is None:  # (its row was deleted: made again on the next attempt)
+            self._row.ready = False
+            return None, 0.0
+        return None, min(left + 0.01, self._acquire_interval)
+
+    async def _took(self, token: int, previous: str | None, stale_guard: str | None, sent: float) -> Term:
+        """The term of a lease this holder just took with `token` from `previous`: the previous
+        holder's sessions ended, the guard taken. Raises RivalLease (the lease given up) when a
+        live session of another replica holds the guard."""
+        if previous and previous != self.holder:
+            await end_sessions_of(self._row.session, previous, self._log)
+            self._guard.stale.add(session_name_of(previous))
+        if stale_guard:
+            self._guard.stale.add(str(stale_guard))
+        rival = await self._guard.take(self._row.place.table)
+        if rival is not None:
+            await self._row.give_up(token)
+            raise RivalLease(rival)
+        self.term = Term(self._row.place.table, self.key, token, sent + self._time - self._margin)
+        return self.term
+
+    # --- keep ---------------------------------------------------------------------------------
+
+    async def keep(self, term: Term) -> None:
+        """Renew `term` every `check_interval` until it is lost; then end it and raise LeaseLost
+        (never return). Lost: another holder took the lease, or no renewal succeeded before the
+        deadline (each failed one is retried soon on a new connection). The deadline is kept by
+        a timer of its own: a renewal stuck in a connection attempt cannot delay it."""
+        renewals = asyncio.create_task(self._renewals(term))
+        try:
+            while True:
+                left = term.deadline - time.monotonic()
+                if left <= 0 or term.ended:
+                    raise LeaseLost("no renewal succeeded before the lease's deadline")
+                done, _ = await asyncio.wait({renewals}, timeout=left)
+                if done:
+                    renewals.result()  # (raises LeaseLost: another holder took it)
+        finally:
+            term.end()
+            renewals.cancel()
+            await asyncio.gather(renewals, return_exceptions=True)
+
+    async def _renewals(self, term: Term) -> None:
+        while True:
+            # A fixed cadence, not a retry: a renewal that fails is retried by
+            # `_renew_until_deadline` under its own backoff.
+            await asyncio.sleep(self._check_interval)
+            await self._renew_until_deadline(term)
+
+    async def _renew_until_deadline(self, term: Term) -> None:
+        failure = ""
+        retrying = Retrying(_RENEWAL_RETRY)
+        while time.monotonic() < term.deadline:
+            sent = time.monotonic()
+            try:
+                still_ours = await self._row.renew(term.token)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                failure = scrubber.scrub(f"{type(exc).__name__}: {exc}")
+                self.database_ok = False
+                self._log.warning("lease renewal failed, retrying", error=failure)
+                delay = retrying.failed(exc)
+                await asyncio.sleep(min(delay, max(term.deadline - time.monotonic(), 0)))
+                continue
+            self.database_ok = True
+            await self._renewed(term, still_ours, sent)
+            return
+        term.end()
+        raise LeaseLost(f"no renewal succeeded before the lease's deadline ({failure or 'no answer'})")
+
+    async def _renewed(self, term: Term, still_ours: bool, sent: float) -> None:
+        """After a renewal the server answered: the deadline moved on, or LeaseLost when the row
+        no longer names this holder or, on a new session, a rival took the guard."""
+        if not still_ours:
+            term.end()
+            raise LeaseLost("the lease's row no longer names this relay (another took it, or it was edited)")
+        if not self._guard.on_this_session:
+            # A new session (the last one was lost, with the guard): take the guard again.
+            rival = await self._guard.take(self._row.place.table)
+            if rival is not None:
+                term.end()
+                self.problems.report("database", RivalLease(rival))
+                raise LeaseLost(rival)
+        term.deadline = max(term.deadline, sent + self._time - self._margin)
+
+    # --- release ------------------------------------------------------------------------------
+
+    async def release(self) -> None:
+        """Give the lease up (a standby may take it at once); the term ends first, so this
+        process says standby before another can say active."""
+        term, self.term = self.term, None
+        if term is not None:
+            term.end()
+            # (Also when the term already ended: the token in the statement keeps it from
+            # touching a newer holder's lease.)
+            try:
+                await self._row.give_up(term.token)
+            except (psycopg.Error, OSError, TimeoutError):
+                pass  # it expires by itself
+        await self._row.session.close()
