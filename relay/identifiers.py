@@ -150,7 +150,26 @@ def _parse_parts(text: str, most: int) -> tuple[str, ...]:
         raise IdentifierError("must not be empty")
     if "\x00" in text:
         raise IdentifierError("must not contain a NUL character")
-    found: list[tuple[str, bool]] = []  # (text, quoted): unquoted ones are checked once counted
+    found = _split_parts(text)
+    if len(found) > most:
+        if most == 1:
+            raise IdentifierError(
+                "is one name, without a schema; double-quote it if the dot is part of the name"
+            )
+        raise IdentifierError(
+            "has more than two dot-separated parts; write name or schema.name, and double-quote"
+            " a part that contains a dot"
+        )
+    parts = tuple(name if quoted else _folded(name) for name, quoted in found)
+    for part in parts:
+        _check_length(part)
+    return parts
+
+
+def _split_parts(text: str) -> list[tuple[str, bool]]:
+    """The dot-separated parts of a name as written: (text, quoted); unquoted ones are checked
+    once counted."""
+    found: list[tuple[str, bool]] = []
     i, end = 0, len(text)
     while True:
         if text.startswith('"', i):
@@ -162,7 +181,7 @@ def _parse_parts(text: str, most: int) -> tuple[str, ...]:
             found.append((_unquoted_text(text[i:stop]), False))
             i = stop
         if i == end:
-            break
+            return found
         if text[i] != ".":
             raise IdentifierError(
                 "text follows a closing double quote; a double-quoted part must end at a dot"
@@ -171,27 +190,18 @@ def _parse_parts(text: str, most: int) -> tuple[str, ...]:
         i += 1
         if i == end:
             raise IdentifierError("ends with a dot: a name part is empty")
-    if len(found) > most:
-        if most == 1:
-            raise IdentifierError(
-                "is one name, without a schema; double-quote it if the dot is part of the name"
-            )
+
+
+def _check_length(part: str) -> None:
+    try:
+        size = len(part.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise IdentifierError("is not valid Unicode text") from None
+    if size > MAX_BYTES:
         raise IdentifierError(
-            "has more than two dot-separated parts; write name or schema.name, and double-quote"
-            " a part that contains a dot"
+            f"a name part is {size} bytes long, PostgreSQL allows {MAX_BYTES} (it would silently"
+            " cut the name and use another one)"
         )
-    parts = [name if quoted else _folded(name) for name, quoted in found]
-    for part in parts:
-        try:
-            size = len(part.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise IdentifierError("is not valid Unicode text") from None
-        if size > MAX_BYTES:
-            raise IdentifierError(
-                f"a name part is {size} bytes long, PostgreSQL allows {MAX_BYTES} (it would silently"
-                " cut the name and use another one)"
-            )
-    return tuple(parts)
 
 
 def _quoted_part(text: str, start: int) -> tuple[str, int]:
