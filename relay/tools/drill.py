@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from outbox_relay.backoff import Backoff, Retrying
 from outbox_relay.config import OutboxConfig, RelayConfig
 from outbox_relay.events import OutboxEvent
 from outbox_relay.interfaces import ConnectorError
@@ -265,9 +266,16 @@ def _fault_loops(ctx: FaultContext, plan: DrillPlan) -> list[asyncio.Task[None]]
     return [asyncio.create_task(loop) for loop in loops]
 
 
+#: Between attempts of the drill's own writer and reader while the database or the broker is away.
+_RETRY = Backoff(initial=0.2, maximum=1.0)
+
+
 async def _write(source: Any, transactions: list[list[OutboxEvent]], rate: float) -> None:
+    """Write the transactions at `rate` events a second (the pauses between them are a cadence,
+    not a retry), each retried until it is written, as an application would."""
     interval = 1.0 / rate if rate > 0 else 0.0
     next_at = time.monotonic()
+    retrying = Retrying(_RETRY)
     for transaction in transactions:
         now = time.time()
         for event in transaction:
@@ -275,9 +283,10 @@ async def _write(source: Any, transactions: list[list[OutboxEvent]], rate: float
         while True:
             try:
                 await source.write(transaction)
+                retrying.succeeded()
                 break
-            except Exception:  # the database may be restarting: an application would retry too
-                await asyncio.sleep(0.2)
+            except Exception as exc:  # the database may be restarting: an application would retry too
+                await asyncio.sleep(retrying.failed(exc))
         next_at += interval * len(transaction)
         pause = next_at - time.monotonic()
         if pause > 0:
@@ -285,12 +294,15 @@ async def _write(source: Any, transactions: list[list[OutboxEvent]], rate: float
 
 
 async def _collect(reader: Any, tally: Tally) -> None:
+    """Poll the independent consumer into `tally` until cancelled."""
+    retrying = Retrying(_RETRY)
     while True:
         try:
             tally.add(await reader.poll())
-        except Exception:  # a broker outage also stalls the reader: keep trying
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(0.05)
+            retrying.succeeded()
+        except Exception as exc:  # a broker outage also stalls the reader: keep trying
+            await asyncio.sleep(retrying.failed(exc))
+        await asyncio.sleep(0.05)  # (a cadence, not a retry)
 
 
 async def _kill_randomly(replicas: Replicas, plan: DrillPlan, done: asyncio.Event) -> None:
