@@ -121,8 +121,6 @@ async def _parked_lines(outbox: OutboxConfig, index: int) -> list[str]:
     """What waits in the dead-letter table: dead-lettered events, and held ones (in order behind
     the first event of their aggregate) with how many aggregates they hold back."""
     store = build_dead_letter_store(outbox, index)
-    if store is None:
-        return []
     try:
         dead, held = await store.count(outbox.name), await store.count(outbox.name, "held")
         aggregates = len(await store.held_aggregates(outbox.name)) if held else 0
