@@ -208,20 +208,29 @@ def test_the_slice_is_the_value_text_as_written(case: tuple[bytes, bytes | None]
 
 
 def _all_members(document: bytes) -> dict[str, Any]:
-    value = parse(document)
+    parse(document)  # valid JSON, as the relay sees it
+    value = _read(document)
     assert isinstance(value, dict)
     return value
 
 
+def _read(text: bytes) -> Any:
+    """One parser for a whole document and for a slice alike: `parse` may read them with
+    different ones (orjson, or Python's json for what orjson refuses, 1E400 say), which disagree
+    on an integer beyond 64 bits (a float in orjson, exact in Python)."""
+    return json.loads(text)
+
+
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(_container(_VALUE).filter(lambda text: text.startswith("{")))
+@example('{"":true,"":1E400,"":20000000000000000001}')
 def test_every_member_sliced_parses_to_what_a_parser_sees(text: str) -> None:
     document = text.encode()
     members = _all_members(document)
     spans = member_spans(document, list(members))
     assert set(spans) == set(members)
     for name, (start, end) in spans.items():
-        assert parse(document[start:end]) == members[name]
+        assert _read(document[start:end]) == members[name]
         assert document[start:end] == document[start:end].strip(b" \t\r\n")
 
 
