@@ -234,23 +234,34 @@ class Source(ABC):
         statement in the lease's database makes it conditional on `fence.token` in that same
         statement. By default nothing: the pipeline checks the fence before every `ack` too."""
 
+
+class DatabaseSource(ABC):
+    """A declared capability, beside `Source`: a source that reads an outbox kept in a
+    PostgreSQL database it can administer. The relay's commands that work on that database ask
+    for it (`isinstance`), never probe for attributes: `init-db` (`init_sql`, `init_db`),
+    `status` (`status_lines`), `check --connect` (`check`), `dlq replay` (`replay`) and the
+    drill's writer (`write`). Its config names the database (`ConnectorConfig.database()`), which
+    is also where the outbox's lease and, by default, its dead-letter table live.
+    A source without it is relayed all the same; those commands say it cannot serve them.
+    """
+
+    @abstractmethod
     async def check(self) -> list[str]:
         """Verify the database side (reachable, table and columns present); return notes to print."""
-        return []
 
+    @abstractmethod
     async def write(self, events: Sequence[OutboxEvent]) -> None:
         """Write events into the outbox in one transaction, as an application would (for drills)."""
-        raise ConnectorError(f"source type {self.kind} cannot write events")
 
+    @abstractmethod
     async def replay(self, event: OutboxEvent) -> str:
         """Put a dead-lettered event back in front of the relay, once; return what was done."""
-        raise ConnectorError(f"source type {self.kind} cannot replay events")
 
+    @abstractmethod
     def init_sql(self) -> list[sql.Composed]:
         """The idempotent statements that set up a fresh database (table, index, trigger), each
         run alone in autocommit, in order; `init-db --print-sql` prints them. Composed with
         `psycopg.sql`: no name from the config is ever put into SQL text as it is."""
-        return []
 
     async def init_db(self, conn: AsyncConnection[Any]) -> list[str]:
         """What `init-db` does in the source's database over `conn` (autocommit): by default,
@@ -261,10 +272,17 @@ class Source(ABC):
             await conn.execute(statement)
         return []
 
+    @abstractmethod
     async def status_lines(self) -> list[str]:
         """Human-readable lines for `outbox-relay status`."""
-        stats = await self.backlog()
-        return [f"pending={stats.pending} oldest={stats.oldest_age_seconds:.1f}s"]
+
+
+def database_source(source: Source, purpose: str) -> DatabaseSource:
+    """`source` as the `DatabaseSource` it declares itself to be, for `purpose` (what a command
+    wants to do); ConnectorError naming the source's type when it does not."""
+    if isinstance(source, DatabaseSource):
+        return source
+    raise ConnectorError(f"source type {source.kind} keeps no database, so it cannot {purpose}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,13 @@ class ConnectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: str
 
+    def database(self) -> str | None:
+        """A source's declared capability: the PostgreSQL database (a DSN) its outbox is kept
+        in, which also holds the outbox's lease and, unless `dead_letter.dsn` names another, its
+        dead-letter table. None for a source that keeps none: the config then refuses
+        `lease.enabled` and needs `dead_letter.dsn` (see relay.config)."""
+        return None
+
     def lease_scope(self) -> str:
         """What this source reads, for the lease key (see relay.leadership): a table, a slot."""
         return ""

@@ -19,7 +19,7 @@ from outbox_relay.deadletters import create_table_sql as create_dead_letter_tabl
 from outbox_relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from outbox_relay.http import HealthServer
 from outbox_relay.identifiers import parse_table_name
-from outbox_relay.interfaces import ConnectorError, Sink, Source, Unsupported
+from outbox_relay.interfaces import ConnectorError, Sink, Source, Unsupported, database_source
 from outbox_relay.leadership import Lease, LeaseLost, Term, lease_table_in, locate_lease
 from outbox_relay.leadership import create_table_sql as create_lease_table
 from outbox_relay.logs import get_logger
@@ -90,7 +90,7 @@ def database_setup(
     """What `init-db` runs for an outbox on fresh databases (and `--print-sql` prints): the
     statements for the source's database (the dead-letter table included when it lives there),
     and (dsn, statements) for the dead-letter database when `dead_letter.dsn` names another one."""
-    statements = source.init_sql()
+    statements = database_source(source, "set up a database").init_sql()
     here, elsewhere = _dead_letter_setup(outbox)
     return statements + here + _lease_setup(outbox), elsewhere
 
@@ -99,7 +99,7 @@ def _lease_setup(outbox: OutboxConfig) -> list[sql.Composed]:
     """The lease table, in the source's database, when the outbox runs under a lease; an
     unqualified one in the outbox table's schema when the config names it (the relay puts it
     where the server finds the outbox table: see relay.leadership.locate_lease)."""
-    if not outbox.lease.enabled or getattr(outbox.source, "dsn", None) is None:
+    if not outbox.lease.enabled or outbox.source.database() is None:
         return []
     resolve = outbox.source.lease_resolves()
     schema = parse_table_name(resolve).schema if resolve is not None else None
@@ -116,7 +116,7 @@ def _dead_letter_setup(
         create_dead_letter_table(outbox.dead_letter.table),
         *upgrade_dead_letter_table(outbox.dead_letter.table),
     ]
-    if outbox.dead_letter.dsn in (None, getattr(outbox.source, "dsn", None)):
+    if outbox.dead_letter.dsn in (None, outbox.source.database()):
         return table, []
     return [], [(dead_letter_dsn, table)]
 
@@ -126,7 +126,7 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
     `Source.init_db`), then the dead-letter table is created where it lives. Each statement runs
     alone in autocommit: creating a replication slot is refused inside a transaction that wrote
     something. Returns the source's notes; raises ConnectorError or psycopg.Error."""
-    dsn = getattr(outbox.source, "dsn", None)
+    dsn = outbox.source.database()
     if dsn is None:
         raise SetupError("this source has no database to set up")
     here, elsewhere = _dead_letter_setup(outbox)
@@ -134,7 +134,7 @@ async def set_up_database(outbox: OutboxConfig, source: Source) -> list[str]:
         session_conninfo(dsn), connect_timeout=10, autocommit=True
     ) as conn:
         await start_session(conn)
-        notes = await source.init_db(conn)
+        notes = await database_source(source, "set up a database").init_db(conn)
         await _run_table_setup(conn, outbox.dead_letter.table, here)
         if _lease_setup(outbox):
             place = await locate_lease(
@@ -267,7 +267,7 @@ class Relay:
 
     @staticmethod
     def _lease_dsn(outbox: OutboxConfig) -> str | None:
-        return getattr(outbox.source, "dsn", None) if outbox.lease.enabled else None
+        return outbox.source.database() if outbox.lease.enabled else None
 
     async def _supervise(self, index: int, drain: bool) -> None:
         """Run one outbox: wait for its lease (if any), relay while holding it, and go back to

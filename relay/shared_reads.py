@@ -30,7 +30,7 @@ async def shared_reads_on_servers(config: RelayConfig) -> list[str]:
     problems: list[str] = []
     for index, outbox in enumerate(config.outboxes):
         claims = outbox.source.claims()
-        dsn = getattr(outbox.source, "dsn", None)
+        dsn = outbox.source.database()
         if not claims or dsn is None:
             continue
         try:

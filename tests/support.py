@@ -13,8 +13,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay.config import parse_config
+from outbox_relay.config import OutboxConfig, parse_config
 from outbox_relay.events import OutboxEvent
+from outbox_relay.interfaces import database_source
 from outbox_relay.runner import build_source, database_setup
 from tests.harness.postgres import PostgresServer
 
@@ -48,6 +49,14 @@ def relay_config(dsn: str, sink: dict[str, Any], **source: Any) -> dict[str, Any
         "http": {"port": 0},
         "log": {"format": "json", "level": "info"},
     }
+
+
+def source_setup_sql(outbox: OutboxConfig, index: int = 0) -> tuple[str, list[sql.Composed]]:
+    """The source's database and the statements that set its outbox table up (no dead-letter or
+    lease table)."""
+    dsn = outbox.source.database()
+    assert dsn is not None, "a PostgreSQL source"
+    return dsn, database_source(build_source(outbox, index), "set its table up").init_sql()
 
 
 def _default_setup_sql() -> list[sql.Composed]:

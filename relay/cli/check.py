@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import yaml
 from outbox_relay.cli.common import CONFIG_OPTION, fail, load, masked, run_async
 from outbox_relay.config import OutboxConfig, RelayConfig, config_json_schema
 from outbox_relay.deadletters import DeadLetterStore
-from outbox_relay.interfaces import ConnectorError, Sink, Source
+from outbox_relay.interfaces import ConnectorError, DatabaseSource, Sink, Source
 from outbox_relay.logs import configure_logging
 from outbox_relay.runner import SetupError, build_sink, build_source
 from outbox_relay.secrets import scrubber
@@ -150,7 +151,7 @@ async def _connect_checks(source: Source, sink: Sink, outbox: OutboxConfig) -> d
     """Per probe (database, dead letters, sink): "ok" and its notes, or "FAILED: why"."""
     outcome: dict[str, list[str]] = {}
     probes: list[tuple[str, Callable[[], Awaitable[list[str] | None]]]] = [
-        ("database", source.check),
+        ("database", partial(_check_source, source)),
         ("sink", sink.check),
     ]
     dsn = outbox.dead_letter_dsn()
@@ -163,6 +164,14 @@ async def _connect_checks(source: Source, sink: Sink, outbox: OutboxConfig) -> d
             outcome[label] = [scrubber.scrub(f"FAILED: {exc}")]
     await source.close()
     return outcome
+
+
+async def _check_source(source: Source) -> list[str]:
+    """The database side of a source that has one; any other source is started and closed."""
+    if isinstance(source, DatabaseSource):
+        return await source.check()
+    await source.start()
+    return []
 
 
 @click.command()

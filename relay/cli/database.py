@@ -11,7 +11,7 @@ import click
 
 from outbox_relay.cli.common import CONFIG_OPTION, fail, load, one_line, run_async
 from outbox_relay.config import OutboxConfig
-from outbox_relay.interfaces import ConnectorError, Source
+from outbox_relay.interfaces import ConnectorError, DatabaseSource, Source
 from outbox_relay.leadership import lease_line
 from outbox_relay.logs import configure_logging
 from outbox_relay.runner import (
@@ -35,11 +35,11 @@ def init_db(config_path: Path, print_sql: bool) -> None:
             source = build_source(outbox, index)
         except SetupError as exc:
             fail(f"{config_path}: {exc}")
+        if not isinstance(source, DatabaseSource) or outbox.source.database() is None:
+            fail(f"{config_path}: outboxes[{index}].source: this source has no database to set up")
         if print_sql:
             _print_sql(outbox, source)
             continue
-        if getattr(outbox.source, "dsn", None) is None:
-            fail(f"{config_path}: outboxes[{index}].source: this source has no database to set up")
         try:
             notes = run_async(lambda o=outbox, s=source: set_up_database(o, s))  # type: ignore[misc]
         except Exception as exc:
@@ -85,7 +85,7 @@ async def _print_status(outbox: OutboxConfig, index: int) -> bool:
         # No start(): status must not open a replication stream or take over anything.
         # (Each part printed as soon as it is known: a later one failing keeps the earlier.)
         for part in (
-            source.status_lines,
+            partial(_source_lines, source),
             partial(_parked_lines, outbox, index),
             partial(_lease_lines, outbox),
         ):
@@ -102,8 +102,16 @@ async def _print_status(outbox: OutboxConfig, index: int) -> bool:
     return True
 
 
+async def _source_lines(source: Source) -> list[str]:
+    """What the source says of itself; for a source without a database, its backlog."""
+    if isinstance(source, DatabaseSource):
+        return await source.status_lines()
+    stats = await source.backlog()
+    return [f"pending={stats.pending} oldest_age={stats.oldest_age_seconds:.1f}s"]
+
+
 async def _lease_lines(outbox: OutboxConfig) -> list[str]:
-    dsn = getattr(outbox.source, "dsn", None)
+    dsn = outbox.source.database()
     if not outbox.lease.enabled or dsn is None:
         return []
     return [

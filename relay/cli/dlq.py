@@ -14,7 +14,7 @@ from outbox_relay.cli.common import CONFIG_OPTION, OUTBOX_OPTION, fail, load, ma
 from outbox_relay.config import RelayConfig
 from outbox_relay.deadletters import DeadLetter, DeadLetterStore
 from outbox_relay.deadletters import as_event as as_dead_letter_event
-from outbox_relay.interfaces import ConnectorError, Source
+from outbox_relay.interfaces import ConnectorError, Source, database_source
 from outbox_relay.logs import configure_logging, get_logger
 from outbox_relay.runner import SetupError, build_source
 from outbox_relay.secrets import scrubber
@@ -198,7 +198,7 @@ async def _replay(outbox: str, letter: DeadLetter, store: DeadLetterStore, sourc
             "held, not replayed: the relay publishes held events in order once the first one of"
             " their aggregate goes through (purge that one to skip it)"
         )
-    done = await source.replay(as_dead_letter_event(letter))
+    done = await database_source(source, "replay events").replay(as_dead_letter_event(letter))
     await store.mark_replayed(outbox, letter.event_id)
     get_logger(outbox=outbox).info("dead letter replayed", event_id=letter.event_id, how=done)
     return done

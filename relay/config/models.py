@@ -133,7 +133,29 @@ class OutboxConfig(StrictModel):
     lease: LeaseConfig = LeaseConfig()
 
     def dead_letter_dsn(self) -> str | None:
-        return self.dead_letter.dsn or getattr(self.source, "dsn", None)
+        return self.dead_letter.dsn or self.source.database()
+
+    @model_validator(mode="after")
+    def _source_keeps_what_the_outbox_needs(self) -> OutboxConfig:
+        """The lease and the dead-letter table live in the source's database: a source that
+        declares none (`ConnectorConfig.database()`) runs without a lease, and with a dead-letter
+        database of its own, or is refused here rather than silently running every replica
+        active or holding poison events in memory."""
+        if self.source.database() is not None:
+            return self
+        kind = self.source.type
+        if self.lease.enabled:
+            raise ValueError(
+                f"lease.enabled: source type '{kind}' keeps no database to hold a lease in; set"
+                " lease.enabled: false, and run one relay for this outbox only"
+            )
+        if self.dead_letter.dsn is None:
+            raise ValueError(
+                f"dead_letter.dsn: source type '{kind}' keeps no database; name one for the"
+                " dead-letter table (poison events, and aggregates held with on_poison: block, wait"
+                " there)"
+            )
+        return self
 
 
 class HttpConfig(StrictModel):

@@ -96,7 +96,7 @@ def check_plan(config: RelayConfig, index: int, plan: DrillPlan) -> None:
             "--freeze-every and --cut-every need --replicas 2 or more: another relay must be there"
             " to take the lease over"
         )
-    dsn = getattr(outbox.source, "dsn", None)
+    dsn = outbox.source.database()
     if not isinstance(dsn, str):
         raise FaultSetupError(f"--freeze-every and --cut-every need a PostgreSQL source; {where} has none")
     if plan.cut_every:

@@ -26,7 +26,13 @@ from tests.conftest import StartRelay, consume_event_ids, kafka_message_as_line,
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer, start_postgres
 from tests.harness.proxy import SwitchableProxy
-from tests.support import assert_complete_and_ordered, read_lines, run_relay_until, write_config
+from tests.support import (
+    assert_complete_and_ordered,
+    read_lines,
+    run_relay_until,
+    source_setup_sql,
+    write_config,
+)
 
 
 def _config(dsn: str, out: Path, mode: str = "table", **source: Any) -> dict[str, Any]:
@@ -53,8 +59,9 @@ def _config(dsn: str, out: Path, mode: str = "table", **source: Any) -> dict[str
 
 def _init_db(config: dict[str, Any]) -> None:
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
-    with psycopg.connect(outbox.source.dsn, autocommit=True) as conn:  # type: ignore[attr-defined]
-        for statement in build_source(outbox, 0).init_sql():
+    source_dsn, statements = source_setup_sql(outbox)
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        for statement in statements:
             conn.execute(statement)
 
 

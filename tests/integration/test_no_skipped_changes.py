@@ -18,6 +18,7 @@ from tests.support import (
     relay_config,
     run_relay_until,
     slot_confirmed,
+    source_setup_sql,
     wal_insert_position,
 )
 
@@ -35,8 +36,9 @@ def _logical(dsn: str, out: Path, **source: Any) -> dict[str, Any]:
 
 def _create_slot_and_publication(config: dict[str, Any]) -> None:
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
-    with psycopg.connect(outbox.source.dsn, autocommit=True) as conn:  # type: ignore[attr-defined]
-        for statement in build_source(outbox, 0).init_sql():
+    source_dsn, statements = source_setup_sql(outbox)
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        for statement in statements:
             conn.execute(statement)
 
 

@@ -12,7 +12,13 @@ import pytest
 from outbox_relay.config import parse_config
 from outbox_relay.outbox import write_event
 from outbox_relay.runner import build_source
-from tests.support import assert_complete_and_ordered, read_lines, relay_config, run_relay_until
+from tests.support import (
+    assert_complete_and_ordered,
+    read_lines,
+    relay_config,
+    run_relay_until,
+    source_setup_sql,
+)
 from tests.writers import WriterPlan, message_writer, order_violations, start_writers, table_writer
 
 
@@ -25,7 +31,7 @@ def _logical_config(dsn: str, out: Path, mode: str) -> dict[str, Any]:
     config["outboxes"][0]["source"] = {"type": "postgres-logical", "dsn": dsn, "mode": mode}
     outbox = parse_config(config, "t.yaml", {}).outboxes[0]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for statement in build_source(outbox, 0).init_sql():
+        for statement in source_setup_sql(outbox)[1]:
             conn.execute(statement)
     return config
 

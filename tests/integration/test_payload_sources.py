@@ -34,7 +34,7 @@ from tests.payloads import (
     in_a_line,
     read_lines,
 )
-from tests.support import dead_letters, run_relay_until, write_config
+from tests.support import dead_letters, run_relay_until, source_setup_sql, write_config
 
 _JSON_WS = b" \t\r\n"
 _TYPES = ("json", "jsonb", "text", "bytea")
@@ -158,8 +158,9 @@ def _logical_outbox(dsn: str, mode: str, out: Path) -> dict[str, Any]:
 def _init(config: dict[str, Any]) -> None:
     """What init-db runs for each outbox of `config` (the tables exist already)."""
     for index, outbox in enumerate(parse_config(config, "t.yaml", {}).outboxes):
-        with psycopg.connect(outbox.source.dsn, autocommit=True) as conn:  # type: ignore[attr-defined]
-            for statement in build_source(outbox, index).init_sql():
+        source_dsn, statements = source_setup_sql(outbox, index)
+        with psycopg.connect(source_dsn, autocommit=True) as conn:
+            for statement in statements:
                 conn.execute(statement)
 
 

@@ -93,6 +93,9 @@ class PostgresLogicalConfig(ConnectorConfig):
             raise ValueError("must be 0 (off) or at least 0.1 (100ms): each heartbeat writes WAL")
         return value
 
+    def database(self) -> str:
+        return self.dsn
+
     def lease_scope(self) -> str:
         return f"slot {self.slot}"
 

@@ -24,11 +24,11 @@ from outbox_relay.connectors.sources.postgres_logical.reading import ChangeReade
 from outbox_relay.connectors.sources.postgres_logical.transport import ReplicationStream
 from outbox_relay.connectors.sources.postgres_logical.upkeep import PublicationWatch, heartbeats
 from outbox_relay.events import OutboxEvent
-from outbox_relay.interfaces import BacklogStats, Fence, Fenced, Source
+from outbox_relay.interfaces import BacklogStats, DatabaseSource, Fence, Fenced, Source
 from outbox_relay.logs import get_logger
 
 
-class PostgresLogicalSource(Source):
+class PostgresLogicalSource(Source, DatabaseSource):
     kind = "postgres-logical"
 
     def __init__(self, config: PostgresLogicalConfig) -> None:

@@ -58,6 +58,9 @@ class PostgresPollingConfig(ConnectorConfig):
     def table_name(self) -> QualifiedName:
         return parse_table_name(self.table)
 
+    def database(self) -> str:
+        return self.dsn
+
     def lease_scope(self) -> str:
         return f"table {parse_table_name(self.table).display()}"
 

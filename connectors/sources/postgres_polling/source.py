@@ -24,11 +24,11 @@ from outbox_relay.connectors.sources.postgres_polling.session import TableSessio
 from outbox_relay.connectors.sources.read_cursor import ReadCursor
 from outbox_relay.events import OutboxEvent
 from outbox_relay.identifiers import QualifiedName
-from outbox_relay.interfaces import BacklogStats, ConnectorError, Fence, Fenced, Source
+from outbox_relay.interfaces import BacklogStats, ConnectorError, DatabaseSource, Fence, Fenced, Source
 from outbox_relay.logs import get_logger
 
 
-class PostgresPollingSource(Source):
+class PostgresPollingSource(Source, DatabaseSource):
     kind = "postgres-polling"
 
     def __init__(self, config: PostgresPollingConfig) -> None:
