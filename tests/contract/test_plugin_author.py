@@ -203,4 +203,8 @@ def test_a_broken_plugin_sink_fails_the_test_for_its_flaw(
 ) -> None:
     done = _plugin_run(installed, tmp_path / "plugin", sink, outage)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert _failed(done) == {fails}, done.stdout
+    # The test named after the flaw fails; others may too (a sink that reverses the runs it is
+    # given also breaks the order the outage tests check), but never every one.
+    failed = _failed(done)
+    assert fails in failed, done.stdout
+    assert "test_every_event_is_delivered_with_body_and_all_headers" not in failed, done.stdout
