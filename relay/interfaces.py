@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from psycopg import AsyncConnection, sql
@@ -127,23 +127,10 @@ class Sink(ABC):
     #: The lease term the relay publishes under, set by the pipeline (None: no lease).
     fence: Fence | None = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        declared = cls.__dict__.get("keeps_order")
-        if isinstance(declared, bool):
-            # `keeps_order = True`, as sinks declared it before `features`: still honoured, as
-            # that feature, so that the declaration and what the pipeline reads never differ.
-            cls.features = replace(cls.features, keeps_order=declared)
-            delattr(cls, "keeps_order")
-
     @property
     def keeps_order(self) -> bool:
         """Whether a call's events reach the broker in the order given: `features.keeps_order`."""
         return self.features.keeps_order
-
-    @keeps_order.setter
-    def keeps_order(self, value: bool) -> None:
-        self.features = replace(self.features, keeps_order=value)
 
     def may_send(self) -> bool:
         """Whether the relay may still send now. The pipeline asks before every call; a sink

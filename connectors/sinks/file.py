@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from outbox_relay.connectors.sinks.jsonlines import encode_lines
 from outbox_relay.events import OutboxEvent, PublishResult
 from outbox_relay.files import file_kind
-from outbox_relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink
+from outbox_relay.interfaces import ConnectorError, Delivered, DeliveryReader, Sink, SinkFeatures
 from outbox_relay.registry import ConnectorConfig, SinkPlugin
 
 
@@ -61,7 +61,7 @@ def not_a_regular_file(path: str, mode: int | None = None) -> str | None:
 
 class FileSink(Sink):
     kind = "file"
-    keeps_order = True
+    features = SinkFeatures(keeps_order=True)
 
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config

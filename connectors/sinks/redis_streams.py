@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 
 from outbox_relay.durations import Duration
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
-from outbox_relay.interfaces import ConnectorError, Sink
+from outbox_relay.interfaces import ConnectorError, Sink, SinkFeatures
 from outbox_relay.logs import get_logger
 from outbox_relay.registry import ConnectorConfig, SinkPlugin
 from outbox_relay.secrets import parse_url_setting, redact_url, scrubber
@@ -158,7 +158,7 @@ def entry_fields(event: OutboxEvent) -> dict[str, str | bytes]:
 
 class RedisStreamsSink(Sink):
     kind = "redis"
-    keeps_order = True
+    features = SinkFeatures(keeps_order=True)
 
     def __init__(self, config: RedisSinkConfig) -> None:
         self.config = config

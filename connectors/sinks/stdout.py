@@ -12,7 +12,7 @@ from typing import BinaryIO, Literal
 
 from outbox_relay.connectors.sinks.jsonlines import encode_lines
 from outbox_relay.events import OutboxEvent, PublishResult
-from outbox_relay.interfaces import Sink
+from outbox_relay.interfaces import Sink, SinkFeatures
 from outbox_relay.registry import ConnectorConfig, SinkPlugin
 
 
@@ -22,7 +22,7 @@ class StdoutSinkConfig(ConnectorConfig):
 
 class StdoutSink(Sink):
     kind = "stdout"
-    keeps_order = True
+    features = SinkFeatures(keeps_order=True)
 
     def __init__(self, config: StdoutSinkConfig, stream: BinaryIO | None = None) -> None:
         self.config = config

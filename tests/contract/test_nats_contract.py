@@ -8,15 +8,11 @@ from collections.abc import Iterator
 import pytest
 
 from outbox_relay.connectors.sinks.nats import NatsSink, NatsSinkConfig
-from outbox_relay.interfaces import Sink, SinkFeatures
+from outbox_relay.interfaces import Sink
 from outbox_relay.testing.sink_contract import Lines, SinkBackend, SinkContract
 from tests.conftest import nats_message_as_line
 from tests.contract.proxy import REFUSING_PORT, behind_proxy, port_of, with_port
 from tests.harness.nats import NatsServer, read_stream
-
-#: What NatsSink promises (JetStream drops a repeat of a Nats-Msg-Id within its window), until
-#: the sink declares it itself.
-NATS_FEATURES = SinkFeatures(dedupes_by_id=True)
 
 
 @pytest.fixture
@@ -49,7 +45,6 @@ def sink_backend(nats_server: NatsServer) -> Iterator[SinkBackend]:
             # Port 1 on loopback refuses connections: start() cannot reach any server.
             lambda: sink(f"nats://127.0.0.1:{REFUSING_PORT}"),
             lambda: behind_proxy(port, lambda via: sink(with_port(nats_server.url, via), 2), read_back),
-            features=NATS_FEATURES,
         )
     finally:
         nats_server.delete_stream(stream)

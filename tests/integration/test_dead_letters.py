@@ -12,7 +12,7 @@ import psycopg
 from prometheus_client import REGISTRY
 
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
-from outbox_relay.interfaces import Sink
+from outbox_relay.interfaces import Sink, SinkFeatures
 from outbox_relay.outbox import write_event
 from tests.conftest import run_cli
 from tests.harness.kafka import KafkaBroker
@@ -39,7 +39,7 @@ class _Refuses(Sink):
         self, *, permanent: bool = False, transient: bool = False, keeps_order: bool = False
     ) -> None:
         self.permanent, self.transient = permanent, transient
-        self.keeps_order = keeps_order
+        self.features = SinkFeatures(keeps_order=keeps_order)
         self.delivered: list[OutboxEvent] = []
         self.refusals = 0
         self.log: list[tuple[str, str]] = []  # ("refused" | "delivered", event_id), in call order

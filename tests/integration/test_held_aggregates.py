@@ -16,7 +16,7 @@ import psycopg
 
 from outbox_relay.config import parse_config
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
-from outbox_relay.interfaces import ConnectorError, Sink
+from outbox_relay.interfaces import ConnectorError, Sink, SinkFeatures
 from outbox_relay.outbox import write_event
 from outbox_relay.runner import build_source, set_up_database
 from tests.conftest import consume_event_ids, kafka_headers, run_cli
@@ -266,7 +266,7 @@ async def test_a_long_held_aggregate_is_released_in_order_in_calls_of_several_ev
         ).fetchall()
     of_x = [event_id for event_id, aggregate in rows if aggregate == "x"]
     sink = _RefusesAggregate("x")
-    sink.keeps_order = True
+    sink.features = SinkFeatures(keeps_order=True)
     pipeline = pipeline_with_sink(config, sink)
     calls: list[int] = []
     publish = sink.publish

@@ -12,7 +12,7 @@ from outbox_relay.connectors.sinks.kafka.outcomes import kafka_text
 from outbox_relay.connectors.sinks.kafka.producer import ProducerHandle
 from outbox_relay.connectors.sinks.kafka.publishing import Publisher
 from outbox_relay.events import OutboxEvent, PublishResult
-from outbox_relay.interfaces import ConnectorError, Sink
+from outbox_relay.interfaces import ConnectorError, Sink, SinkFeatures
 from outbox_relay.logs import get_logger
 from outbox_relay.secrets import MASK, is_secret_key, scrubber
 
@@ -43,7 +43,9 @@ class KafkaSink(Sink):
         self._handle: ProducerHandle | None = None
         self._wait_bound = config.delivery_timeout + _WAIT_MARGIN_S + 0.1 * config.delivery_timeout
         self._publisher = Publisher(config, self._log, self._wait_bound)
-        self.keeps_order = partition_order_survives_retries(self._settings) and self._publisher.per_aggregate
+        self.features = SinkFeatures(
+            keeps_order=partition_order_survives_retries(self._settings) and self._publisher.per_aggregate
+        )
         self._probe_timeout = min(max(config.delivery_timeout, 1.0), _PROBE_TIMEOUT_MAX_S)
 
     # --- lifecycle -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from outbox_relay.connectors.sinks.nats.outcomes import explain
 from outbox_relay.connectors.sinks.nats.pending import UNSETTLED, Call, Link
 from outbox_relay.connectors.sinks.nats.subjects import subject_problem
 from outbox_relay.events import LEASE_ENDED, Failure, OutboxEvent, PublishResult
-from outbox_relay.interfaces import Sink
+from outbox_relay.interfaces import Sink, SinkFeatures
 from outbox_relay.logs import get_logger
 from outbox_relay.secrets import scrubber
 from outbox_relay.templates import Template
@@ -44,6 +44,9 @@ def message_headers(event: OutboxEvent, stream: str) -> dict[str, str] | Failure
 
 class NatsSink(Sink):
     kind = "nats"
+    #: JetStream drops a repeat of a Nats-Msg-Id (the event id) within the stream's duplicate
+    #: window; concurrent PubAcks come back in any order, so a call's order is not kept.
+    features = SinkFeatures(dedupes_by_id=True)
 
     def __init__(self, config: NatsSinkConfig) -> None:
         self.config = config

@@ -12,7 +12,7 @@ from outbox_relay.connectors.sinks.rabbitmq.connection import Connector
 from outbox_relay.connectors.sinks.rabbitmq.errors import RelayRefused, explain
 from outbox_relay.connectors.sinks.rabbitmq.link import Call, InFlight, Link, as_result, message_properties
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
-from outbox_relay.interfaces import Sink
+from outbox_relay.interfaces import Sink, SinkFeatures
 from outbox_relay.logs import get_logger
 from outbox_relay.secrets import scrubber
 from outbox_relay.templates import Template
@@ -29,7 +29,7 @@ class RabbitMQSink(Sink):
     publish call waits for its own confirms."""
 
     kind = "rabbitmq"
-    keeps_order = True
+    features = SinkFeatures(keeps_order=True)
 
     def __init__(self, config: RabbitMQSinkConfig) -> None:
         self.config = config
