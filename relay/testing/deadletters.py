@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from outbox_relay.deadletters import DEAD, HELD, DeadLetter, DeadLetterStore
+from outbox_relay.deadletters import DEAD, HELD, DeadLetter
 from outbox_relay.events import OutboxEvent
 from outbox_relay.secrets import scrubber
 
@@ -44,12 +44,13 @@ def _letter(outbox: str, event: OutboxEvent, error: str, permanent: bool, state:
     )
 
 
-class MemoryDeadLetters(DeadLetterStore):
-    """Rows by (outbox, event_id), with the table's rules: parking is idempotent per event, a
-    held row stays as it is when its event is parked again, a dead one is updated."""
+class MemoryDeadLetters:
+    """The pipeline's dead-letter store (`relay.parking.DeadLetterParking`) in memory: rows by
+    (outbox, event_id), with the table's rules: parking is idempotent per event, a held row stays
+    as it is when its event is parked again, a dead one is updated. (The operator's `dlq`
+    commands work on the PostgreSQL table only.)"""
 
     def __init__(self) -> None:
-        super().__init__("", "outbox_relay_dead_letters")
         self.rows: dict[tuple[str, str], DeadLetter] = {}
         #: Every event id ever parked, held or dead (the source may acknowledge those).
         self.ever_parked: set[str] = set()
