@@ -20,7 +20,9 @@ suite needs pytest and nothing else (`pip install 'outbox-relay[testing]'`).
 
 A delivered message, as `read_back` returns it, is a dict with `event_id`, `aggregate_id`,
 `position` (an int), `payload` (the body as parsed JSON) and `headers` (every header, the
-standard ones included): `outbox_relay.testing.as_line(headers, body)` builds one.
+standard ones included): `outbox_relay.testing.as_line(headers, body)` builds one. `read_back`
+is also called between a `publish` that returned and `close`: it returns every message the
+broker acknowledged by then (None means durably taken, not taken once the sink flushes).
 """
 
 from __future__ import annotations
@@ -312,7 +314,8 @@ def _raised_bugs(sink: Sink) -> list[Exception]:
             bugs.append(bug)
             raise
 
-    sink.publish = reporting  # type: ignore[method-assign]
+    with suppress(AttributeError):  # (a sink with __slots__ and no __dict__ is not watched)
+        sink.publish = reporting  # type: ignore[method-assign]
     return bugs
 
 
