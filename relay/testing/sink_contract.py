@@ -28,44 +28,30 @@ broker acknowledged by then (None means durably taken, not taken once the sink f
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import pytest
-from prometheus_client import REGISTRY
 
-from outbox_relay.config import PipelineConfig, RetryConfig
+from outbox_relay.config import PipelineConfig
 from outbox_relay.events import OutboxEvent, PublishResult
-from outbox_relay.interfaces import ConnectorError, Sink, SinkFeatures
-from outbox_relay.pipeline import Pipeline
-from outbox_relay.testing.deadletters import MemoryDeadLetters
-from outbox_relay.testing.events import eventually, make_events, positional_event_id
-from outbox_relay.testing.memory import MemorySource
+from outbox_relay.interfaces import Sink, SinkFeatures
+from outbox_relay.testing.events import make_events, positional_event_id
+from outbox_relay.testing.sink_outage import (
+    CALL_FAILURES,
+    Lines,
+    Outage,
+    first_deliveries,
+    raised_bugs,
+    relay_through_an_outage,
+)
 
-Lines = list[dict[str, Any]]
+__all__ = ["CALL_FAILURES", "Lines", "Outage", "SinkBackend", "SinkContract"]
+
 T = TypeVar("T")
-
-#: What a sink may raise for "the whole call failed" (the destination, not the sink, is broken):
-#: anything else, a TypeError say, is a bug in the sink, and the suite fails it as one.
-CALL_FAILURES: tuple[type[Exception], ...] = (ConnectorError, OSError)
-
-
-@dataclass
-class Outage:
-    """A sink whose broker can be taken away: `refuse()` makes it unreachable (open connections
-    cut, new ones refused), `silence()` makes it hang (connections accepted, never answered),
-    `restore()` brings it back as it was. `read_back` reads what this sink delivered."""
-
-    sink: Sink
-    read_back: Callable[[], Lines]
-    refuse: Callable[[], None]
-    silence: Callable[[], None]
-    restore: Callable[[], None]
 
 
 @dataclass
@@ -82,6 +68,9 @@ class SinkBackend:
     #: Seconds a `publish` or `close` may take against a working broker before the suite fails
     #: it as hung (the contract bounds every call by the sink's own timeouts).
     call_bound: float = 60.0
+    #: Makes one of the suite's events one that this sink's broker refuses for the event's own
+    #: fault (too large for it, say); None: the suite has no such event and skips that test.
+    refused: Callable[[OutboxEvent], OutboxEvent] | None = None
 
     @property
     def declared(self) -> SinkFeatures:
@@ -153,10 +142,6 @@ async def publish_all(backend: SinkBackend, calls: list[list[OutboxEvent]]) -> N
         results = await within(backend.call_bound, sink.publish(call), "publish")
         assert results == [None] * len(call)
     await within(backend.call_bound, sink.close(), "close")
-
-
-def sink_up(outbox: str) -> float | None:
-    return REGISTRY.get_sample_value("outbox_relay_up", {"outbox": outbox, "component": "sink"})
 
 
 class SinkContract:
@@ -234,6 +219,21 @@ class SinkContract:
         run(publish_all(sink_backend, [given]))
         assert_each_delivered_once(sink_backend.read_back(), given)
 
+    def test_an_event_the_broker_refuses_gets_a_failure_that_is_not_transient(
+        self, sink_backend: SinkBackend
+    ) -> None:
+        """A refusal is the broker's answer about one event: not `transient` (the broker as a
+        whole did not answer), so the relay stays ready and the event is dead-lettered in time
+        instead of being retried as an outage."""
+        if sink_backend.refused is None:
+            pytest.skip("no event the broker refuses (SinkBackend.refused)")
+        given = events(5, aggregates=5)
+        given[2] = sink_backend.refused(given[2])
+        results = run(_publish_once(sink_backend, given))
+        assert len(results) == len(given), "one result per event"
+        assert results[2] is not None, "acknowledged, yet the broker refuses it"
+        assert not results[2].transient, "a refusal reported as the broker not answering"
+
     def test_close_flushes_everything_that_was_acknowledged(self, sink_backend: SinkBackend) -> None:
         acknowledged = run(_acknowledged_ids(sink_backend))
         assert len(acknowledged) == 300, "a working broker acknowledges every event"
@@ -252,8 +252,9 @@ class SinkContract:
         if sink_backend.outage is None:
             pytest.skip("no server to take away")
         with sink_backend.outage() as outage:
-            bugs = _raised_bugs(outage.sink)
-            before, during = run(_relay_through_an_outage(outage, how))
+            bugs = raised_bugs(outage.sink)
+            before, during = events(10, aggregates=5), events(20, aggregates=5, start=11)
+            run(relay_through_an_outage(outage, how, before, during))
             delivered = outage.read_back()
         assert bugs == [], f"publish raised {bugs[:1]!r}: not a connector's error, a bug in the sink"
         counts = Counter(line["event_id"] for line in delivered)
@@ -289,6 +290,14 @@ async def _publish_and_read_back_before_close(backend: SinkBackend, given: list[
         await within(backend.call_bound, sink.close(), "close")
 
 
+async def _publish_once(backend: SinkBackend, given: list[OutboxEvent]) -> list[PublishResult]:
+    await backend.sink.start()
+    try:
+        return await within(backend.call_bound, backend.sink.publish(given), "publish")
+    finally:
+        await within(backend.call_bound, backend.sink.close(), "close")
+
+
 async def _publish_at_once(backend: SinkBackend, calls: list[list[OutboxEvent]]) -> None:
     """Start the sink, make the calls concurrently (every event must be acknowledged), close."""
     sink = backend.sink
@@ -297,34 +306,6 @@ async def _publish_at_once(backend: SinkBackend, calls: list[list[OutboxEvent]])
     for call, results in zip(calls, await asyncio.gather(*made), strict=True):
         assert results == [None] * len(call), "a working broker acknowledges every event"
     await within(backend.call_bound, sink.close(), "close")
-
-
-def _raised_bugs(sink: Sink) -> list[Exception]:
-    """From now on, what the sink's `publish` raises that is not a connector's error (a bug in
-    the sink, which the pipeline survives but the suite reports), in a list."""
-    bugs: list[Exception] = []
-    publish = sink.publish
-
-    async def reporting(events: Sequence[OutboxEvent]) -> list[PublishResult]:
-        try:
-            return await publish(events)
-        except CALL_FAILURES:
-            raise
-        except Exception as bug:
-            bugs.append(bug)
-            raise
-
-    with suppress(AttributeError):  # (a sink with __slots__ and no __dict__ is not watched)
-        sink.publish = reporting  # type: ignore[method-assign]
-    return bugs
-
-
-def first_deliveries(lines: Lines) -> Lines:
-    """Each event's first delivery, in delivery order: what a consumer dropping repeats sees."""
-    firsts: dict[str, dict[str, Any]] = {}
-    for line in lines:
-        firsts.setdefault(line["event_id"], line)
-    return list(firsts.values())
 
 
 async def _acknowledged_ids(backend: SinkBackend) -> set[str]:
@@ -341,57 +322,3 @@ async def _acknowledged_ids(backend: SinkBackend) -> set[str]:
         )
     await within(backend.call_bound, sink.close(), "close")
     return acknowledged
-
-
-async def _relay_through_an_outage(outage: Outage, how: str) -> tuple[list[OutboxEvent], list[OutboxEvent]]:
-    """Relay events before, during and after an outage through a pipeline; the events written
-    before it and those written during it."""
-    outbox = f"contract-{uuid.uuid4().hex[:12]}"  # gauges of this test's own
-    source = MemorySource()
-    pipeline = Pipeline(
-        outbox,
-        source,
-        outage.sink,
-        retry=RetryConfig(initial=0.05, max=0.5),
-        tuning=PipelineConfig(stats_interval=0.1),
-        dead_letters=MemoryDeadLetters(),
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(pipeline.run(stop))
-    try:
-        before = events(10, aggregates=5)
-        source.add(before)
-        await eventually(lambda: source.pending == 0, 60, "the events before the outage acknowledged")
-        assert pipeline.ready
-        assert sink_up(outbox) == 1
-        outage.refuse() if how == "refused" else outage.silence()
-        during = events(20, aggregates=5, start=11)
-        source.add(during)
-        await _not_ready_while_away(pipeline, source, outbox)
-        outage.restore()
-        await eventually(
-            lambda: source.pending == 0 and pipeline.ready and sink_up(outbox) == 1,
-            90,
-            "every event acknowledged, and ready with outbox_relay_up{component=sink} 1 again",
-        )
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 60)
-    return before, during
-
-
-async def _not_ready_while_away(pipeline: Pipeline, source: MemorySource, outbox: str) -> None:
-    waiting = source.pending
-    await eventually(
-        lambda: not pipeline.ready and sink_up(outbox) == 0,
-        60,
-        "the relay not ready and outbox_relay_up{component=sink} 0 while the broker is away",
-    )
-    # It stays so for as long as the broker is away and events wait, however many publish calls
-    # come back with nothing but transient failures meanwhile.
-    watch_until = time.monotonic() + 3
-    while time.monotonic() < watch_until:
-        assert source.pending == waiting, "an event was acknowledged while the broker was away"
-        assert not pipeline.ready, "ready while the broker is away"
-        assert sink_up(outbox) == 0, "the sink marked up while the broker is away"
-        await asyncio.sleep(0.05)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from outbox_relay.events import OutboxEvent, PublishResult
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
 from outbox_relay.interfaces import SinkFeatures
-from outbox_relay.testing import BrokerState, MemoryBroker, MemorySink
+from outbox_relay.testing import BrokerState, MemoryBroker, MemorySink, ScriptedFaults, positional_event_id
 from outbox_relay.testing.memory import TIMED_OUT
 from outbox_relay.testing.sink_contract import Outage, SinkBackend, SinkContract
 
@@ -129,6 +129,20 @@ class ConfirmLostSink(MemorySink):
         return [TIMED_OUT] * len(events)
 
 
+@dataclass(eq=False)
+class TooLargeIsTransientSink(MemorySink):
+    """Reports its broker's "message too large" refusal, an event's own fault, as transient."""
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        results = await super().publish(events)
+        too_large = Failure("message too large", transient=True)
+        return [too_large if len(e.payload) > 65_536 else r for e, r in zip(events, results, strict=True)]
+
+
+def _too_large(event: OutboxEvent) -> OutboxEvent:
+    return replace(event, payload=b'{"pad": "%s"}' % (b"x" * 100_000))
+
+
 def _backend(make: Callable[[MemoryBroker], MemorySink], broker: MemoryBroker | None = None) -> SinkBackend:
     """A backend of `make`'s sinks, each in front of a broker of its own (`broker` for the first)."""
 
@@ -183,3 +197,18 @@ def test_a_correct_sink_that_re_sends_what_a_silent_broker_stored_passes() -> No
     backend = _backend(lambda broker: ConfirmLostSink(broker))
     test = getattr(SinkContract(), OUTAGE_TEST)
     test(backend, "silent")
+
+
+def test_a_sink_reporting_a_refusal_as_transient_fails() -> None:
+    backend = replace(_backend(lambda broker: TooLargeIsTransientSink(broker)), refused=_too_large)
+    test = SinkContract().test_an_event_the_broker_refuses_gets_a_failure_that_is_not_transient
+    with pytest.raises(AssertionError, match="not answering"):
+        test(backend)
+
+
+def test_a_sink_reporting_a_refusal_as_permanent_passes() -> None:
+    poison = ScriptedFaults(poison=frozenset({positional_event_id(3)}))  # the call's third event
+    backend = _backend(lambda broker: MemorySink(broker, faults=poison))
+    SinkContract().test_an_event_the_broker_refuses_gets_a_failure_that_is_not_transient(
+        replace(backend, refused=lambda event: event)
+    )
