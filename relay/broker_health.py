@@ -41,8 +41,12 @@ class BrokerHealth:
         self._problems = problems
         self._observer = observer
         self._quiet_after = quiet_after
-        #: Calls in a row that raised: dispatching as a whole pauses after each.
-        self._reconnect = Retrying(CONNECT_BACKOFF)
+        #: Calls in a row that raised: dispatching as a whole pauses after each, never longer
+        #: than `retry.max` (`quiet_after`): the Sink contract promises retries that far apart
+        #: at most.
+        self._reconnect = Retrying(
+            Backoff(CONNECT_BACKOFF.initial, min(CONNECT_BACKOFF.maximum, quiet_after))
+        )
         #: When a publish call last heard from the broker (monotonic).
         self._last_heard = 0.0
         #: When the broker last took an event (wall clock, as `first_failed_at`).

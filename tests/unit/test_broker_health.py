@@ -30,12 +30,14 @@ class _Log:
         return [fields["attempt"] for message, fields in self.lines if message == "publish failed"]
 
 
-def _health(name: str, log: _Log | None = None) -> tuple[BrokerHealth, PipelineObserver, SetupProblems]:
+def _health(
+    name: str, log: _Log | None = None, retry_max: float = 30.0
+) -> tuple[BrokerHealth, PipelineObserver, SetupProblems]:
     log = log or _Log()
     observer = PipelineObserver(name, "test", log, CallTracker())
     observer.connected()
     problems = SetupProblems(name, log)
-    return BrokerHealth(log, problems, observer, quiet_after=30.0), observer, problems
+    return BrokerHealth(log, problems, observer, quiet_after=retry_max), observer, problems
 
 
 def _events(count: int, amid: bool = False) -> list[OutboxEvent]:
@@ -88,6 +90,13 @@ def test_a_call_that_raised_pauses_dispatching_backing_off_until_the_broker_answ
     assert observer.sink_ok
     health.raised(time.monotonic(), ConnectionError("down"), "ConnectionError: down", events=5)
     assert log.attempts() == [1, 2, 3, 1], "the backoff starts over once the broker answered"
+
+
+def test_the_pause_after_calls_that_raised_is_never_longer_than_retry_max() -> None:
+    health, _, _ = _health("bh-short", retry_max=0.5)
+    for _ in range(20):
+        health.raised(time.monotonic(), ConnectionError("down"), "ConnectionError: down", events=1)
+        assert health.paused_until <= time.monotonic() + 0.5
 
 
 def test_a_refusal_of_the_relay_itself_is_a_setup_problem_never_up() -> None:
