@@ -69,7 +69,7 @@ class Fetcher:
                 if not source.caught_up:
                     continue
             if drain and source.caught_up and not events:
-                if window.count == 0:
+                if window.count == 0 and self._holding.settled(time.monotonic()):
                     self._log.info("drained: the outbox is empty", published=self._observer.published)
                     break
                 window.space_freed.clear()

@@ -28,6 +28,8 @@ class HeldAggregates:
         self._generation: Counter[Key] = Counter()
         self._due: list[tuple[float, int, Key]] = []  # (when, tiebreak, key) heap
         self._due_at: dict[Key, float] = {}
+        #: Aggregates handed out by `due` and not rescheduled or released yet: attempts under way.
+        self._attempting: set[Key] = set()
         self._tiebreak = 0
         #: Failed release attempts of each held aggregate's first event, for the backoff.
         self.failures: Counter[Key] = Counter()
@@ -68,6 +70,7 @@ class HeldAggregates:
         if self._on_the_way[key] or self._generation[key] != generation:
             return False
         self._held.discard(key)
+        self._attempting.discard(key)
         self._due_at.pop(key, None)
         self._generation.pop(key, None)
         self.failures.pop(key, None)
@@ -76,6 +79,7 @@ class HeldAggregates:
     def attempt_at(self, key: Key, when: float) -> None:
         """(Re)schedule the next release attempt of held `key`."""
         assert key in self._held
+        self._attempting.discard(key)
         self._due_at[key] = when
         self._tiebreak += 1
         heapq.heappush(self._due, (when, self._tiebreak, key))
@@ -88,8 +92,17 @@ class HeldAggregates:
             when, _, key = heapq.heappop(self._due)
             if self._due_at.get(key) == when:  # (not rescheduled or released since)
                 del self._due_at[key]
+                self._attempting.add(key)
                 due.append(key)
         return due
+
+    def settled(self, now: float) -> bool:
+        """No release attempt under way or due by `now`: what `--drain` waits for. An aggregate
+        whose first held event the broker just took has its next ones due at once, so a drain
+        releases it to the end; one whose last attempt failed waits out its backoff past the
+        drain, for the next run."""
+        next_due = self.next_due()
+        return not self._attempting and (next_due is None or next_due > now)
 
     def next_due(self) -> float | None:
         while self._due and self._due_at.get(self._due[0][2]) != self._due[0][0]:
