@@ -54,6 +54,8 @@ class MemoryDeadLetters:
         self.rows: dict[tuple[str, str], DeadLetter] = {}
         #: Every event id ever parked, held or dead (the source may acknowledge those).
         self.ever_parked: set[str] = set()
+        #: Whether the pipeline closed it (it does when its run ends).
+        self.closed = False
 
     async def park(self, outbox: str, events: Sequence[tuple[OutboxEvent, str, bool, str]]) -> None:
         for event, error, permanent, state in events:
@@ -112,4 +114,4 @@ class MemoryDeadLetters:
         )
 
     async def close(self) -> None:
-        pass
+        self.closed = True

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("confluent_kafka")
 
 from outbox_relay.connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
-from outbox_relay.events import Failure, OutboxEvent
+from outbox_relay.events import Failure, OutboxEvent, PublishResult
 from outbox_relay.interfaces import ConnectorError
 from tests.conftest import consume_event_ids, kafka_headers
 from tests.harness.kafka import KafkaBroker, start_kafka
@@ -184,7 +184,11 @@ async def test_a_hung_broker_gives_retriable_failures_in_bounded_time_and_the_ev
     assert set(ids) == {e.event_id for e in events}
 
 
-async def test_close_delivers_what_still_lingers_in_the_producer_queue(kafka: KafkaBroker) -> None:
+async def _publishing_into_linger(
+    kafka: KafkaBroker,
+) -> tuple[KafkaSink, str, list[OutboxEvent], asyncio.Future[list[PublishResult]]]:
+    """A started sink whose publish of 50 events (one per aggregate) waits in the producer's
+    queue: linger.ms (60 s) holds the batch."""
     topic, events = _topic_events(50, aggregates=50)
     config = KafkaSinkConfig(
         type="kafka",
@@ -197,6 +201,11 @@ async def test_close_delivers_what_still_lingers_in_the_producer_queue(kafka: Ka
     publishing = asyncio.ensure_future(sink.publish(events))
     await asyncio.sleep(0.3)
     assert not publishing.done(), "linger.ms should still hold the batch"
+    return sink, topic, events, publishing
+
+
+async def test_close_delivers_what_still_lingers_in_the_producer_queue(kafka: KafkaBroker) -> None:
+    sink, topic, _, publishing = await _publishing_into_linger(kafka)
     started = time.monotonic()
     await sink.close()
     # A bound far below linger.ms (60 s), not a performance figure: close flushed, it did not wait.
@@ -209,18 +218,7 @@ async def test_discard_purges_what_lingers_so_nothing_reaches_the_topic_and_the_
     kafka: KafkaBroker,
 ) -> None:
     # After a lost lease: what the old holder still queues would land after the new holder's events.
-    topic, events = _topic_events(50, aggregates=50)
-    config = KafkaSinkConfig(
-        type="kafka",
-        bootstrap_servers=kafka.bootstrap_servers,
-        delivery_timeout=120,  # librdkafka requires message.timeout.ms > linger.ms
-        producer={"linger.ms": 60_000},
-    )
-    sink = KafkaSink(config)
-    await sink.start()
-    publishing = asyncio.ensure_future(sink.publish(events))
-    await asyncio.sleep(0.3)
-    assert not publishing.done(), "linger.ms should still hold the batch"
+    sink, topic, events, publishing = await _publishing_into_linger(kafka)
     started = time.monotonic()
     await sink.discard()
     # Far below linger.ms (60 s) and delivery_timeout (120 s): discard purged, it neither flushed nor waited.
