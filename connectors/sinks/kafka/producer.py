@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message, Producer
 
 # How long the poll thread waits per round while it polls (no publish call is waiting).
+#: How long a retiring producer waits for the reports of what it purged.
+_PURGED_REPORTS_S = 5.0
 _IDLE_POLL_S = 0.05
 
 
@@ -132,7 +134,10 @@ class ProducerHandle:
                 producer.flush(remaining)
             # What is still queued will not be delivered in time: fail it now rather than never.
             producer.purge()
-            producer.poll(0)
+            # The purged messages' reports come back through librdkafka's queue, some a moment
+            # after purge() returns: serve until every one is in (flush() returns once the
+            # queue holds nothing), or the callers waiting on them wait out their deadline.
+            producer.flush(_PURGED_REPORTS_S)
         except Exception as exc:  # a bug here must not leave callers waiting silently
             self._log.error("kafka poll thread failed", error=scrubber.scrub(f"{type(exc).__name__}: {exc}"))
             self.broken = f"poll thread failed: {exc}"
