@@ -57,6 +57,12 @@ _DRILL_OPTIONS: tuple[Callable[[Any], Any], ...] = (
     click.option(
         "--drain-timeout", default="5m", show_default=True, help="How long to wait for the backlog."
     ),
+    click.option(
+        "--logs",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Keep each relay's log in this directory (default: removed at the end).",
+    ),
 )
 
 
@@ -136,6 +142,7 @@ def _drill_plan(flags: dict[str, Any]) -> DrillPlan:
         cut_every=_flag_duration("--cut-every", flags["cut_every"]) or None,
         cut_mode=flags["cut_mode"],
         cut_for=_flag_duration("--cut-for", flags["cut_for"]),
+        logs=flags["logs"],
     )
 
 

@@ -20,7 +20,8 @@ from outbox_relay.logs import get_logger
 from outbox_relay.problems import SetupProblems
 from outbox_relay.secrets import scrubber
 
-#: Between attempts to reach the database while standing by (or acquiring).
+#: Between attempts to reach the database while standing by (or acquiring): at most this, and
+#: at most half the lease time (see `reconnect_policy`).
 _RECONNECT = Backoff(initial=0.5, maximum=5.0)
 #: Between attempts of one renewal, each on a new connection, until the holder's deadline.
 _RENEWAL_RETRY = Backoff(initial=0.2, maximum=0.2)
@@ -51,6 +52,16 @@ class RivalLease(Exception):
     """Another replica holds this outbox's lease in another lease table (a setup problem)."""
 
 
+def reconnect_policy(lease_time: float) -> Backoff:
+    """How a standby (or an ended holder) retries the database: the backoff grows, but never
+    past half the lease time, so that a standby back from an outage or a cut looks again well
+    within the time the holder it must replace has left (a standby that slept 5 s after a
+    cut missed a freeze of the holder it should have replaced within 2 s)."""
+    return Backoff(
+        initial=min(_RECONNECT.initial, lease_time / 10), maximum=min(_RECONNECT.maximum, lease_time / 2)
+    )
+
+
 class LeaseLost(Exception):
     """The lease's term ended: another replica may be active now."""
 
@@ -74,6 +85,7 @@ class Lease:
         self._time, self._margin = lease_time, lease_time * MARGIN_FRACTION
         self._check_interval = check_interval
         self._acquire_interval = min(acquire_interval, lease_time / 5)
+        self._reconnect = reconnect_policy(lease_time)
         #: This process's name as holder (the lease row says who holds it).
         self.holder = f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}"
         #: What every session of this outbox goes by (relay.pgsession.SESSION_NAME).
@@ -111,7 +123,7 @@ class Lease:
 
     async def acquire(self, stop: asyncio.Event) -> Term | None:
         """Wait until this process holds the lease (its new term) or `stop` is set (None)."""
-        retrying = Retrying(_RECONNECT)
+        retrying = Retrying(self._reconnect)
         waiting_logged = False
         if self._guard.pid is not None:
             # A term that ended: its session lets the guard go with it (a new one takes it).

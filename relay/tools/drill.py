@@ -165,7 +165,11 @@ def _replicas(
 ) -> Replicas:
     """The drill's relay processes (not started yet), each on its own config in a directory that
     `cleanup` removes, and behind its own proxy when the plan cuts relays off."""
-    directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="outbox-relay-drill-")))
+    if plan.logs is not None:
+        plan.logs.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix="outbox-relay-drill-", dir=plan.logs))
+    else:
+        directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="outbox-relay-drill-")))
     proxies: list[CutoffProxy | None] = [None] * plan.replicas
     if plan.cut_every:
         host, port = proxy_target(dsn)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from outbox_relay.config import OutboxConfig
@@ -34,6 +35,8 @@ class DrillPlan:
     cut_every: float | None = None
     cut_mode: str = "both"
     cut_for: float | None = None
+    #: Where each replica's log is kept (None: a temporary directory, removed at the end).
+    logs: Path | None = None
 
     def faults_on_the_active_replica(self) -> bool:
         return bool(self.freeze_every or self.cut_every)

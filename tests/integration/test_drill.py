@@ -102,17 +102,30 @@ def _fault_drill(tmp_path: Path, config: dict[str, Any], *flags: str) -> dict[st
     result = run_cli(
         "drill", "-c", str(path), "--events", "1800", "--aggregates", "60", "--rate", "120",
         "--cut-every", "1s", "--cut-mode", "both", "--freeze-every", "3s",
-        "--drain-timeout", "30s", "--json", *flags,
+        "--drain-timeout", "30s", "--json", "--logs", str(tmp_path / "logs"), *flags,
         timeout=120,
     )  # fmt: skip
     assert result.stdout, result.stderr[-3000:]
     report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == (0 if report["passed"] else 1)
+    report["lease_story"] = _lease_story(tmp_path / "logs")
     return report
 
 
+def _lease_story(logs: Path) -> list[str]:
+    """What the replicas said about the lease, in time order (shown when an assertion fails)."""
+    words = ("lease", "standby", "took over", "database")
+    lines = [
+        f"{path.name}: {line}"
+        for path in sorted(logs.glob("*/relay-*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if any(word in line for word in words)
+    ]
+    return sorted(lines, key=lambda line: line.split('"timestamp": "', 1)[-1])[-60:]
+
+
 def _assert_taken_over(report: dict[str, Any], dsn: str) -> None:
-    shown = json.dumps(report) + f"; unpublished rows left: {unpublished(dsn)}"
+    shown = json.dumps(report, indent=1) + f"; unpublished rows left: {unpublished(dsn)}"
     assert report["written"] == 1800, shown
     assert report["lost"] == 0, shown
     assert report["order_violations"] == 0, shown

@@ -508,3 +508,31 @@ def test_a_chain_of_takeovers_from_a_frozen_holder_goes_on_when_no_role_may_end_
         assert watch.both_active == 0
         for replica in replicas:
             replica.stop()
+
+
+def test_a_standby_back_from_a_long_cut_is_ready_to_take_over_within_the_lease_time(
+    tmp_path: Path, dsn: str, started: list[Replica]
+) -> None:
+    """A standby whose connections were refused for several lease times grew its reconnect
+    backoff; once the network is back, a freeze of the active one must still be taken over
+    within the lease time (the drill's cut-then-freeze sequence)."""
+    _prepare(dsn, "polling")
+    params = conninfo_to_dict(dsn)
+    with CutoffProxy(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)) as proxy:
+        active = Replica(tmp_path, "active", dsn, "polling")
+        started.append(active)
+        wait_for(lambda: active.role() == "active", 30, "the first replica to take the lease")
+        standby = Replica(tmp_path, "standby", _through(proxy, dsn), "polling")
+        started.append(standby)
+        wait_for(lambda: standby.role() == "standby", 30, "the second replica to stand by")
+        proxy.cut()
+        time.sleep(LEASE_TIME * 4)
+        proxy.forward()
+        os.kill(active.proc.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        wait_for(
+            lambda: standby.role() == "active", LEASE_TIME * 6, "the standby to take over", interval=0.02
+        )
+        takeover = time.monotonic() - frozen_at
+    print(f"takeover {takeover:.2f}s after freezing the active replica, the standby back from a cut")
+    assert takeover < LEASE_TIME + SLACK
