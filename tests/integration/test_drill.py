@@ -109,6 +109,7 @@ def _fault_drill(tmp_path: Path, config: dict[str, Any], *flags: str) -> dict[st
     report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == (0 if report["passed"] else 1)
     report["lease_story"] = _lease_story(tmp_path / "logs")
+    assert any("holds the lease" in line for line in report["lease_story"]), "--logs kept no relay log"
     return report
 
 
