@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := dev,demo,kafka,rabbitmq,nats,redis,webhook,testing
+EXTRAS := dev,demo,kafka,rabbitmq,nats,redis,webhook,testing,docs
 
-.PHONY: demo test lint unit bench schema clean
+.PHONY: demo test lint unit bench schema docs clean
 
 $(BIN)/outbox-relay: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -42,5 +42,9 @@ bench: $(BIN)/outbox-relay
 schema: $(BIN)/outbox-relay
 	$(BIN)/outbox-relay schema > config/relay.schema.json
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link.
+docs: $(BIN)/outbox-relay
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site

@@ -91,8 +91,8 @@ class OutboxEvent:
         return (self.aggregate_type, self.aggregate_id)
 
     def standard_headers(self, created_at_iso: str | None = None) -> dict[str, str]:
-        """The headers every message carries (DESIGN.md), the row's own headers first so that
-        ours win on a name clash: a row cannot forge `event_id` or `position`."""
+        """The headers every message carries (docs/concepts/payloads.md), the row's own headers
+        first so that ours win on a name clash: a row cannot forge `event_id` or `position`."""
         merged = dict(self.headers)
         merged["event_id"] = self.event_id
         merged["event_type"] = self.event_type

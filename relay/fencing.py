@@ -1,5 +1,5 @@
 """The lease term a pipeline acts under: nothing is handed to the sink and nothing is recorded
-unless the term is valid right before (DESIGN.md, fencing)."""
+unless the term is valid right before (docs/concepts/replicas.md, "Fencing")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics, names as promised in the README and used by the Helm chart's alerts."""
+"""Prometheus metrics, named as docs/operations/metrics.md lists them; the chart's alerts use them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Payloads that a re-encoding anywhere on the way would change: the relay must deliver each
-byte for byte (DESIGN.md: "the body is the payload as stored: numbers never pass through a float")."""
+byte for byte (docs/concepts/payloads.md: "the message body is the payload as stored; numbers
+never pass through a float")."""
 
 from __future__ import annotations
 

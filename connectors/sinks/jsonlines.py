@@ -1,7 +1,7 @@
 """The JSON-lines message format shared by the `stdout` and `file` sinks.
 
-One line per event: the event's metadata, every header of DESIGN.md (the row's own headers
-included) and the payload. A JSON payload is embedded as JSON, byte for byte, except that a raw
+One line per event: the event's metadata, every header of docs/concepts/payloads.md (the row's
+own headers included) and the payload. A JSON payload is embedded as JSON, byte for byte, except that a raw
 line break in it (CR or LF, which JSON allows only as whitespace between tokens, never inside a
 string) becomes a space, so that one event stays one line; any other payload is embedded as a
 string (text) or base64 (`payload_base64`).

@@ -162,8 +162,8 @@ async def table_columns(conn: psycopg.AsyncConnection[Any], oid: int) -> list[Ta
 
 
 def default_table_ddl(table: QualifiedName) -> sql.Composed:
-    """The default outbox table of DESIGN.md (created by `init-db` of either source when the
-    column mapping is the default one)."""
+    """The default outbox table of docs/getting-started.md (created by `init-db` of either source
+    when the column mapping is the default one)."""
     return sql.SQL(
         "CREATE TABLE IF NOT EXISTS {} (\n"
         "  position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"

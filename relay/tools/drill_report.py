@@ -135,7 +135,7 @@ class Tally:
 
 
 def duplicates_bound(outbox: OutboxConfig, report: DrillReport, largest_transaction: int) -> int:
-    """README, "At-least-once, with a bounded number of repeats": after a crash at most
+    """docs/concepts/guarantees.md, "At-least-once, with a bounded number of repeats": after a crash at most
     `max_in_flight` events are sent again (logical replication: plus one transaction). Every
     interruption of the drill counts as one."""
     per_interruption = outbox.pipeline.max_in_flight

@@ -1,7 +1,7 @@
-"""Properties of the pipeline (DESIGN.md's promises 1 to 4), checked on the in-memory connectors
-under random fault schedules: no loss, order per aggregate, marked only after the broker said
-yes, no more duplicates than the faults explain, and a poison event holds back only its own
-aggregate. Faults are keyed by (event, attempt), so a schedule means the same whatever batches
+"""Properties of the pipeline (the promises of docs/concepts/guarantees.md), checked on the
+in-memory connectors under random fault schedules: no loss, order per aggregate, marked only after
+the broker said yes, no more duplicates than the faults explain, and a poison event holds back
+only its own aggregate. Faults are keyed by (event, attempt), so a schedule means the same whatever batches
 the pipeline happens to make."""
 
 from __future__ import annotations

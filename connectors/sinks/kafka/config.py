@@ -19,7 +19,8 @@ ProducerValue = str | int | float | bool
 
 #: Merged *under* the user's `producer:` settings: the user can override each of them.
 SAFE_DEFAULTS: dict[str, ProducerValue] = {
-    # A delivery report then means every in-sync replica has the message (DESIGN.md promise 4).
+    # A delivery report then means every in-sync replica has the message (docs/concepts/guarantees.md:
+    # marked only after the broker said yes).
     "acks": "all",
     # librdkafka retries internally without duplicating or reordering a partition's messages;
     # it keeps max.in.flight.requests.per.connection at its idempotence-compatible 5.
