@@ -153,7 +153,7 @@ def _flag_duration(flag: str, value: str | None) -> float | None:
 @click.option("--rate", default=50.0, show_default=True, help="Sample events written per second.")
 @click.option("--duration", default="0", help="Stop after this long, e.g. 15s (0: until Ctrl-C).")
 # Acknowledge every Nth event without writing it: proves that the demo's check can fail.
-@click.option("--drop-every", default=0, hidden=True)
+@click.option("--drop-every", type=click.IntRange(min=0), default=0, hidden=True)
 def demo(dsn: str | None, rate: float, duration: str, drop_every: int) -> None:
     """Embedded PostgreSQL, orders written through their lifecycle, relayed to a file sink; on
     Ctrl-C or after --duration: drain, read back, check. Exit 1 when an event was lost or out

@@ -124,7 +124,7 @@ class _Demo:
             if order_id in self._sample_orders:
                 payload = line["payload"]
                 print(
-                    f"  {order_id}  #{payload['sequence']} {line['event_type']:<15}"
+                    f"  {order_id:<16} #{payload['sequence']} {line['event_type']:<15}"
                     f" position={line['position']}  amount={payload['amount']:.2f}",
                     flush=True,
                 )
@@ -215,9 +215,9 @@ async def _demo(dsn: str, rate: float, duration: float, drop_every: int) -> int:
         demo = _Demo(dsn, sink_path, Relay(config, [pipeline]))
         until = f"for {duration:g}s (or until Ctrl-C)" if duration else "until Ctrl-C"
         print(
-            f"demo: writing {rate:g} order events/s (placed, paid, shipped, delivered; 20 orders at a"
-            f" time) into the outbox {until}, relaying them to a file sink, then draining and"
-            f" checking what it received. Events of the first {SAMPLE_ORDERS} orders:",
+            f"demo: writing {rate:g} order events/s into the outbox (orders placed, paid, shipped,"
+            f" delivered; 20 at a time) {until}, relayed to a file sink; then it drains and checks"
+            f" what the sink received. The events of {SAMPLE_ORDERS} orders:",
             file=sys.stderr,
             flush=True,
         )

@@ -89,7 +89,7 @@ class DemoSummary:
             else "FAILED: events were lost or out of order"
         )
         lines = [
-            f"demo summary ({self.seconds:.1f}s)",
+            f"demo summary, after {self.seconds:.1f}s:",
             f"  written            {self.written} events, {self.orders} orders complete"
             f" ({' -> '.join(LIFECYCLE)})",
             f"  published          {self.published} distinct events read back from the sink",
