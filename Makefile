@@ -13,7 +13,7 @@ $(BIN)/outbox-relay: pyproject.toml
 	@touch $@
 
 demo: $(BIN)/outbox-relay
-	$(BIN)/outbox-relay demo
+	$(BIN)/outbox-relay demo --duration 15s
 
 # mypy cannot follow the editable install's import hook, so it reads the package through links
 # named as installed: outbox_relay -> relay/*, outbox_relay/connectors -> connectors/.

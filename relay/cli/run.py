@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from outbox_relay.cli.common import CONFIG_OPTION, fail, load, run_async
 from outbox_relay.logs import configure_logging
+from outbox_relay.progress import Fields, RateMeter, showing
 from outbox_relay.runner import Relay, SetupError, build_pipelines, tune_garbage_collector
 from outbox_relay.shared_reads import shared_reads_on_servers
 
@@ -28,7 +30,7 @@ def run(config_path: Path, drain: bool) -> None:
     relay = Relay(config, pipelines)
 
     async def main() -> int:
-        return await relay.run(drain=drain)
+        return await _drain(relay) if drain else await relay.run()
 
     if len(config.outboxes) > 1:  # (what the config alone shows was refused when it loaded)
         shared = run_async(lambda: shared_reads_on_servers(config))
@@ -39,3 +41,24 @@ def run(config_path: Path, drain: bool) -> None:
     if relay.refusals:
         fail([f"{config_path}: {refusal}" for refusal in relay.refusals], code)
     sys.exit(code)
+
+
+async def _drain(relay: Relay) -> int:
+    """`relay.run(drain=True)` with a progress line on stderr: rows left, published, rate."""
+    meter, started = RateMeter(), time.monotonic()
+
+    def published() -> int:
+        return sum(pipeline.published for pipeline in relay.pipelines)
+
+    async def measure() -> Fields:
+        try:
+            left: object = sum([(await p.source.backlog()).pending for p in relay.pipelines])
+        except Exception:  # not connected yet, or the database is away: the line goes on
+            left = "?"
+        return {"left": left, "published": published(), "rate": f"{meter.rate(published()):.0f}/s"}
+
+    def last() -> Fields:
+        return {"published": published(), "seconds": f"{time.monotonic() - started:.1f}"}
+
+    async with showing("drain", measure, last):
+        return await relay.run(drain=True)

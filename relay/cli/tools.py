@@ -157,10 +157,20 @@ def _flag_duration(flag: str, value: str | None) -> float | None:
 
 @click.command()
 @click.option("--dsn", envvar="DATABASE_URL", help="Use this PostgreSQL instead of an embedded one.")
-@click.option("--rate", default=50, show_default=True, help="Sample events written per second.")
-@click.option("--duration", default=0.0, help="Stop after this many seconds (0: until Ctrl-C).")
-def demo(dsn: str | None, rate: int, duration: float) -> None:
-    """Embedded PostgreSQL, sample order events written continuously, relayed to stdout."""
+@click.option("--rate", default=50.0, show_default=True, help="Sample events written per second.")
+@click.option("--duration", default="0", help="Stop after this long, e.g. 15s (0: until Ctrl-C).")
+# Acknowledge every Nth event without writing it: proves that the demo's check can fail.
+@click.option("--drop-every", type=click.IntRange(min=0), default=0, hidden=True)
+def demo(dsn: str | None, rate: float, duration: str, drop_every: int) -> None:
+    """Embedded PostgreSQL, orders written through their lifecycle, relayed to a file sink; on
+    Ctrl-C or after --duration: drain, read back, check. Exit 1 when an event was lost or out
+    of order."""
     from outbox_relay.tools.demo import run_demo
 
-    sys.exit(run_demo(dsn, rate, duration))
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        fail(f"--duration: {exc}")
+    if rate <= 0:
+        fail(f"--rate: must be more than 0, not {rate:g}")
+    sys.exit(run_demo(dsn, rate, seconds, drop_every))

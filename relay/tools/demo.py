@@ -1,24 +1,40 @@
-"""`outbox-relay demo`: an embedded PostgreSQL, sample order events written continuously,
-relayed to stdout, and a progress line (rate and lag) on stderr once a second."""
+"""`outbox-relay demo`: an embedded PostgreSQL (or --dsn), orders going through their lifecycle
+written into the outbox, relayed to a file sink that the demo reads back. It shows a few of
+the events and a progress line; on Ctrl-C or after --duration it stops writing, drains (waits
+until everything written is published), checks what the sink received against what was
+written, and prints the summary: exit 0 only when nothing was lost or out of order."""
 
 from __future__ import annotations
 
 import asyncio
-import random
+import os
+import signal
 import sys
 import tempfile
 import time
+import uuid
 import warnings
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import psycopg
 
-from outbox_relay.config import parse_config
+from outbox_relay.config import RelayConfig, parse_config
+from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig
+from outbox_relay.events import OutboxEvent, PublishResult
 from outbox_relay.logs import configure_logging
-from outbox_relay.outbox import write_event_async
-from outbox_relay.runner import Relay, build_pipelines, database_setup
+from outbox_relay.pipeline import Pipeline
+from outbox_relay.progress import Fields, RateMeter, showing
+from outbox_relay.runner import Relay, build_dead_letter_store, build_source, database_setup
+from outbox_relay.tools.demo_check import DemoSummary, FileTail, SinkTally, summarize
+from outbox_relay.tools.demo_orders import Written, write_orders
 
-_STATUSES = ("OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered")
+#: Events shown as they arrive (those of the first orders seen); the rest is only counted.
+SAMPLE_ORDERS = 2
+#: How long the drain may take before the demo gives up and reports what is missing as lost.
+DRAIN_TIMEOUT = 60.0
+_UNPUBLISHED = "SELECT count(*) FROM public.outbox WHERE published_at IS NULL AND headers->>'demo_run' = %s"
 
 
 def _embedded_postgres() -> tuple[str, Any]:
@@ -40,94 +56,186 @@ def _embedded_postgres() -> tuple[str, Any]:
     return str(server.get_uri()), server
 
 
-async def _write_orders(dsn: str, rate: int, stop: asyncio.Event, counter: list[int]) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        interval = 1.0 / max(rate, 1)
-        next_at = time.monotonic()
-        order = 0
-        while not stop.is_set():
-            order += 1
-            order_id = f"order-{order % 100}"
-            async with conn.transaction():
-                await write_event_async(
-                    conn,
-                    "order",
-                    order_id,
-                    _STATUSES[order % len(_STATUSES)],
-                    {"order_id": order_id, "amount": round(random.uniform(5, 500), 2)},
-                    {"traceparent": f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-01"},
-                )
-            counter[0] += 1
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+class _DroppingFileSink(FileSink):
+    """A broken sink for the demo's own test: it acknowledges every `every`-th event without
+    writing it, which the read-back must report as lost."""
+
+    def __init__(self, config: FileSinkConfig, every: int) -> None:
+        super().__init__(config)
+        self._every, self._seen = every, 0
+
+    async def publish(self, events: Sequence[OutboxEvent]) -> list[PublishResult]:
+        kept = []
+        for event in events:
+            self._seen += 1
+            if self._seen % self._every:
+                kept.append(event)
+        if kept:
+            await super().publish(kept)
+        return [None] * len(events)
 
 
-async def _progress(relay: Relay, counter: list[int], stop: asyncio.Event) -> None:
-    pipeline = relay.pipelines[0]
-    last_published, last_time = 0, time.monotonic()
-    while not stop.is_set():
-        await asyncio.sleep(1.0)
-        now = time.monotonic()
-        rate = (pipeline.published - last_published) / (now - last_time)
-        last_published, last_time = pipeline.published, now
-        try:
-            lag = f"{(await pipeline.source.backlog()).oldest_age_seconds:.3f}s"
-        except Exception:
-            lag = "?"
-        print(
-            f"demo: written={counter[0]} published={pipeline.published} rate={rate:.0f}/s lag={lag}",
-            file=sys.stderr,
-            flush=True,
-        )
+def _config(dsn: str, sink_path: str) -> RelayConfig:
+    outbox = {"name": "orders", "source": {"type": "postgres-polling", "dsn": dsn}}
+    outbox["sink"] = {"type": "file", "path": sink_path}
+    settings = {"outboxes": [outbox], "http": {"port": 0}, "log": {"format": "console", "level": "warning"}}
+    return parse_config(settings, file="(demo)")
 
 
-async def _demo(dsn: str, rate: int, duration: float) -> int:
-    config = parse_config(
-        {
-            "outboxes": [
-                {
-                    "name": "orders",
-                    "source": {"type": "postgres-polling", "dsn": dsn},
-                    "sink": {"type": "stdout"},
-                }
-            ],
-            "http": {"port": 0},
-            "log": {"format": "console", "level": "warning"},
-        },
-        file="(demo)",
+def _pipeline(config: RelayConfig, drop_every: int) -> Pipeline:
+    outbox = config.outboxes[0]
+    assert isinstance(outbox.sink, FileSinkConfig)
+    sink = _DroppingFileSink(outbox.sink, drop_every) if drop_every else FileSink(outbox.sink)
+    return Pipeline(
+        outbox.name,
+        build_source(outbox, 0),
+        sink,
+        retry=outbox.retry,
+        tuning=outbox.pipeline,
+        dead_letter=outbox.dead_letter,
+        dead_letters=build_dead_letter_store(outbox, 0),
     )
-    configure_logging(config.log.format, config.log.level)
-    pipelines = build_pipelines(config)
-    # The outbox table and the dead-letter table, as `init-db` creates them.
-    statements, _ = database_setup(config.outboxes[0], pipelines[0].source)
+
+
+class _Demo:
+    """One run: what was written, what the sink received, and the stop requests."""
+
+    def __init__(self, dsn: str, sink_path: str, relay: Relay) -> None:
+        self.dsn, self.relay = dsn, relay
+        run_id = uuid.uuid4().hex[:6]
+        self.written, self.tally = Written(run_id), SinkTally(run_id)
+        self.tail = FileTail(sink_path)
+        self.stop_writing, self.give_up = asyncio.Event(), asyncio.Event()
+        self.meter = RateMeter()
+        self.started = time.monotonic()
+        self._sample_orders: list[str] = []
+
+    def on_signal(self) -> None:
+        """Ctrl-C (or SIGTERM): stop writing and drain; a second one: stop draining."""
+        if self.stop_writing.is_set():
+            self.give_up.set()
+        self.stop_writing.set()
+
+    def read_sink(self) -> None:
+        for line in self.tally.add(self.tail.read()):
+            order_id = line["aggregate_id"]
+            if order_id not in self._sample_orders and len(self._sample_orders) < SAMPLE_ORDERS:
+                self._sample_orders.append(order_id)
+            if order_id in self._sample_orders:
+                payload = line["payload"]
+                print(
+                    f"  {order_id:<16} #{payload['sequence']} {line['event_type']:<15}"
+                    f" position={line['position']}  amount={payload['amount']:.2f}",
+                    flush=True,
+                )
+
+    def counts(self, phase: str) -> dict[str, object]:
+        return {"phase": phase, "written": len(self.written.events), "published": len(self.tally.received)}
+
+    async def measure(self) -> Fields:
+        published = len(self.tally.received)
+        try:
+            backlog = await self.relay.pipelines[0].source.backlog()
+            lag = f"{backlog.oldest_age_seconds:.2f}s"
+        except Exception:  # not connected yet, or the database is away: the line goes on
+            lag = "?"
+        phase = "draining" if self.stop_writing.is_set() else "writing"
+        return {**self.counts(phase), "rate": f"{self.meter.rate(published):.0f}/s", "lag": lag}
+
+    async def follow(self) -> None:
+        while True:
+            self.read_sink()
+            await asyncio.sleep(0.2)  # (a cadence, not a retry)
+
+    async def drain(self) -> list[str]:
+        """Wait until the sink holds every written event, or the database says the relay
+        published them all (whatever the sink lacks then is lost); notes on why it stopped short."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                self.read_sink()
+                if self.written.events.keys() <= self.tally.received.keys():
+                    return []
+                row = await (await conn.execute(_UNPUBLISHED, (self.written.run_id,))).fetchone()
+                if row is not None and row[0] == 0:
+                    self.read_sink()  # (marked only after the sink took them: all are in the file)
+                    return []
+                if self.give_up.is_set():
+                    return ["a second Ctrl-C stopped the drain: what was not published yet counts as lost"]
+                if time.monotonic() > deadline:
+                    return [f"the drain did not finish in {DRAIN_TIMEOUT:g}s"]
+                await asyncio.sleep(0.2)  # (a cadence, not a retry)
+
+    def summary(self, notes: list[str]) -> DemoSummary:
+        self.read_sink()
+        return summarize(self.written, self.tally, time.monotonic() - self.started, notes)
+
+
+async def _set_up(dsn: str, config: RelayConfig, pipeline: Pipeline) -> None:
+    """The outbox table and the dead-letter table, as `init-db` creates them."""
+    statements, _ = database_setup(config.outboxes[0], pipeline.source)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for statement in statements:
             await conn.execute(statement)
-    relay = Relay(config, pipelines)
-    counter = [0]
-    writer = asyncio.create_task(_write_orders(dsn, rate, relay.stop, counter))
-    progress = asyncio.create_task(_progress(relay, counter, relay.stop))
+
+
+async def _relay_and_check(demo: _Demo, rate: float, duration: float) -> list[str]:
+    """Write and relay until asked to stop, then drain; notes for the summary."""
+    relay, loop = demo.relay, asyncio.get_running_loop()
+    relaying = asyncio.create_task(relay.run())
+    await asyncio.sleep(0)  # relay.run has installed its signal handlers: the demo's replace them
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, demo.on_signal)
     if duration:
-        asyncio.get_running_loop().call_later(duration, relay.stop.set)
-    print(
-        f"demo: writing {rate} order events/s into the outbox, relaying them to stdout; Ctrl-C stops",
-        file=sys.stderr,
-    )
+        loop.call_later(duration, demo.stop_writing.set)
+    writer = asyncio.create_task(write_orders(demo.dsn, rate, demo.stop_writing, demo.written))
+    follower = asyncio.create_task(demo.follow())
+    stopped = asyncio.create_task(demo.stop_writing.wait())
     try:
-        return await relay.run()
+        await asyncio.wait({stopped, relaying, writer}, return_when=asyncio.FIRST_COMPLETED)
+        demo.stop_writing.set()
+        await writer  # (raises if the writer failed: the demo cannot go on without it)
+        if relaying.done():
+            return [f"the relay stopped early (exit code {relaying.result()})"]
+        return await demo.drain()
     finally:
+        demo.stop_writing.set()
         relay.stop.set()
-        await asyncio.gather(writer, progress, return_exceptions=True)
+        follower.cancel()
+        await asyncio.gather(relaying, follower, writer, stopped, return_exceptions=True)
 
 
-def run_demo(dsn: str | None, rate: int, duration: float) -> int:
+async def _demo(dsn: str, rate: float, duration: float, drop_every: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="outbox-relay-demo-") as directory:
+        sink_path = os.path.join(directory, "events.jsonl")
+        config = _config(dsn, sink_path)
+        configure_logging(config.log.format, config.log.level)
+        pipeline = _pipeline(config, drop_every)
+        await _set_up(dsn, config, pipeline)
+        demo = _Demo(dsn, sink_path, Relay(config, [pipeline]))
+        until = f"for {duration:g}s (or until Ctrl-C)" if duration else "until Ctrl-C"
+        print(
+            f"demo: writing {rate:g} order events/s into the outbox (orders placed, paid, shipped,"
+            f" delivered; 20 at a time) {until}, relayed to a file sink; then it drains and checks"
+            f" what the sink received. The events of {SAMPLE_ORDERS} orders:",
+            file=sys.stderr,
+            flush=True,
+        )
+        async with showing("demo", demo.measure, partial(demo.counts, "done")):
+            notes = await _relay_and_check(demo, rate, duration)
+        summary = demo.summary(notes)
+    print(summary.as_text(), flush=True)
+    return 0 if summary.passed else 1
+
+
+def run_demo(dsn: str | None, rate: float, duration: float, drop_every: int = 0) -> int:
     server = None
     if dsn is None:
         dsn, server = _embedded_postgres()
     try:
-        return asyncio.run(_demo(dsn, rate, duration))
+        return asyncio.run(_demo(dsn, rate, duration, drop_every))
     except KeyboardInterrupt:
-        return 0
+        return 130
     finally:
         if server is not None:
             server.cleanup()

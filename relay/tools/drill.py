@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from outbox_relay.config import OutboxConfig, RelayConfig
 from outbox_relay.events import OutboxEvent
 from outbox_relay.interfaces import ConnectorError
 from outbox_relay.logs import get_logger
+from outbox_relay.progress import Fields, RateMeter, showing
 from outbox_relay.registry import sink_plugins
 from outbox_relay.runner import build_source
 from outbox_relay.tools.drill_faults import (
@@ -115,6 +117,9 @@ class _Drill:
     tally: Tally
     record: FaultRecord = field(default_factory=FaultRecord)
     log: Any = None
+    #: Events written so far, and whether the writing is over (for the progress line).
+    written: int = 0
+    draining: bool = False
 
 
 async def run_drill(config: RelayConfig, index: int, plan: DrillPlan) -> DrillReport:
@@ -192,18 +197,37 @@ async def _drive(drill: _Drill, replicas: Replicas, faults: FaultContext, writer
         if plan.db_restart_command:
             chaos.append(asyncio.create_task(_db_restart(plan, report, drill.log)))
         started = time.monotonic()
-        await _write(writer_source, drill.transactions, plan.rate)
-        report.write_seconds = time.monotonic() - started
-        faults.done.set()
-        await asyncio.gather(*chaos)
-        replicas.fill()
-        finished_writing = time.time()
-        await _drain(drill)
-        await asyncio.sleep(1.0)  # late duplicates count too
+        meter = RateMeter()
+        async with showing(
+            "drill", partial(_measure, drill, replicas, meter), partial(_counts, drill, replicas)
+        ):
+            await _write(writer_source, drill)
+            report.write_seconds = time.monotonic() - started
+            drill.draining = True
+            faults.done.set()
+            await asyncio.gather(*chaos)
+            replicas.fill()
+            finished_writing = time.time()
+            await _drain(drill)
+            await asyncio.sleep(1.0)  # late duplicates count too
         return finished_writing
     finally:
         collector.cancel()
         await asyncio.gather(collector, return_exceptions=True)
+
+
+def _counts(drill: _Drill, replicas: Replicas) -> dict[str, object]:
+    return {
+        "phase": "draining" if drill.draining else "writing",
+        "written": f"{drill.written}/{drill.plan.events}",
+        "delivered": len(drill.tally.first_seen),
+        "duplicates": drill.tally.duplicates,
+        "kills": replicas.kills,
+    }
+
+
+async def _measure(drill: _Drill, replicas: Replicas, meter: RateMeter) -> Fields:
+    return {**_counts(drill, replicas), "rate": f"{meter.rate(len(drill.tally.first_seen)):.0f}/s"}
 
 
 def _written_ids(drill: _Drill) -> set[str]:
@@ -274,13 +298,14 @@ def _fault_loops(ctx: FaultContext, plan: DrillPlan) -> list[asyncio.Task[None]]
 _RETRY = Backoff(initial=0.2, maximum=1.0)
 
 
-async def _write(source: Any, transactions: list[list[OutboxEvent]], rate: float) -> None:
-    """Write the transactions at `rate` events a second (the pauses between them are a cadence,
-    not a retry), each retried until it is written, as an application would."""
+async def _write(source: Any, drill: _Drill) -> None:
+    """Write the drill's transactions at the plan's rate of events a second (the pauses between
+    them are a cadence, not a retry), each retried until it is written, as an application would."""
+    rate = drill.plan.rate
     interval = 1.0 / rate if rate > 0 else 0.0
     next_at = time.monotonic()
     retrying = Retrying(_RETRY)
-    for transaction in transactions:
+    for transaction in drill.transactions:
         now = time.time()
         for event in transaction:
             event.created_at = now
@@ -291,6 +316,7 @@ async def _write(source: Any, transactions: list[list[OutboxEvent]], rate: float
                 break
             except Exception as exc:  # the database may be restarting: an application would retry too
                 await asyncio.sleep(retrying.failed(exc))
+        drill.written += len(transaction)
         next_at += interval * len(transaction)
         pause = next_at - time.monotonic()
         if pause > 0:

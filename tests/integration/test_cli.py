@@ -350,20 +350,6 @@ def test_sigterm_finishes_in_flight_events_and_exits_0(dsn: str, tmp_path: Path)
     assert marked == {line["event_id"] for line in delivered}
 
 
-def test_demo_sets_up_an_empty_database_then_writes_and_relays_sample_orders(pg: PostgresServer) -> None:
-    dsn = pg.create_database()  # nothing in it: the demo creates what init-db would
-    result = run_cli("demo", "--dsn", dsn, "--rate", "100", "--duration", "3")
-    assert result.returncode == 0, result.stderr
-    assert "dead letters" not in result.stderr, result.stderr
-    assert "failed" not in result.stderr, result.stderr
-    events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(events) > 100
-    assert {e["aggregate_type"] for e in events} == {"order"}
-    assert "traceparent" in events[0]["headers"]
-    assert "demo: written=" in result.stderr
-    assert "lag=" in result.stderr
-
-
 def _ready(base: str) -> bool | None:
     try:
         return bool(json.loads(http_get(base + "/readyz"))["ready"])
