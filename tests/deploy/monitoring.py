@@ -65,6 +65,7 @@ class DashboardQuery:
     expr: str
     instant: bool = False  # a stat panel's value now, not a time series
     legend: str = ""  # the legendFormat, e.g. "{{outbox}} {{pod}}"
+    title: str = ""  # the panel's
 
 
 def dashboard() -> dict[str, Any]:
@@ -79,6 +80,7 @@ def panel_queries(board: dict[str, Any]) -> list[DashboardQuery]:
             target["expr"],
             bool(target.get("instant", False)),
             target.get("legendFormat", ""),
+            panel["title"],
         )
         for panel in board["panels"]
         for target in panel.get("targets", [])

@@ -47,7 +47,8 @@ from tests.support import (
 )
 
 OUTBOX = "orders"
-POD = "orders-outbox-relay-0"
+#: Two replicas as the chart's Deployment runs them: one active, one standby.
+PODS = ["orders-outbox-relay-0", "orders-outbox-relay-1"]
 SCRAPE_INTERVAL_S = 1
 #: Grafana's $__rate_interval: at least four scrape intervals (the range query's step is 1s).
 RATE_INTERVAL = f"{4 * SCRAPE_INTERVAL_S}s"
@@ -59,6 +60,14 @@ POISON, FLAKY = "order-poison", "order-flaky"
 EXCUSED: dict[str, str] = {}
 #: Alerts the scenario must make pending (their `for:` is longer than the test).
 EXPECTED_ALERTS = {"OutboxRelayDeadLetters", "OutboxRelayPublishFailures"}
+#: What some panels show once the scenario is over (sorted values, one per series), selecting
+#: the release's outbox: the poison event parked, one replica active, database and webhook up.
+EXPECTED_AT_THE_END = {
+    "Active relays": [1.0],
+    "Dead letters": [1.0],
+    "Leader (lease holder)": [0.0, 1.0],
+    "Database and broker up": [1.0, 1.0],
+}
 #: The whole scenario, from starting the relay to the last query (a run takes about 10 s).
 TIMEOUT_S = 40.0
 
@@ -128,14 +137,17 @@ def _write_events(dsn: str) -> int:
     return 300 + 3 + 4
 
 
-def _prometheus_config(relay_port: int) -> str:
+def _prometheus_config(relay_ports: list[int]) -> str:
     """One job as a ServiceMonitor makes it: job = the Service's name, namespace and pod labels."""
-    target = {"targets": [f"127.0.0.1:{relay_port}"], "labels": {"namespace": NAMESPACE, "pod": POD}}
+    targets = [
+        {"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": NAMESPACE, "pod": pod}}
+        for port, pod in zip(relay_ports, PODS, strict=True)
+    ]
     config = {
         "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": "1s"},
         "rule_files": [RULES_FILE],
         "scrape_configs": [
-            {"job_name": JOB, "scrape_timeout": f"{SCRAPE_INTERVAL_S}s", "static_configs": [target]}
+            {"job_name": JOB, "scrape_timeout": f"{SCRAPE_INTERVAL_S}s", "static_configs": targets}
         ],
     }
     return yaml.safe_dump(config)
@@ -190,6 +202,24 @@ def _wait_for_every_panel(prometheus: PrometheusServer, since: float, timeout: f
         time.sleep(0.5)
 
 
+def _values_now(prometheus: PrometheusServer) -> dict[str, list[float]]:
+    """The panels of EXPECTED_AT_THE_END as an instant query now gives them."""
+    return {
+        query.title: sorted(float(s["value"][1]) for s in prometheus.query(sent))
+        for query in panel_queries(dashboard())
+        if query.title in EXPECTED_AT_THE_END
+        for sent in [grafana_expr(query.expr, NAMESPACE, OUTBOX)]
+    }
+
+
+def _wait_for_the_end_state(prometheus: PrometheusServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := _values_now(prometheus)) != EXPECTED_AT_THE_END:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout:g}s the panels show {now}, not {EXPECTED_AT_THE_END}")
+        time.sleep(0.5)
+
+
 def _variable_values(prometheus: PrometheusServer, query: DashboardQuery) -> list[str]:
     """label_values(selector, label) as Grafana asks for it, with namespace "All"."""
     inner = grafana_expr(query.expr, ".*", ".*").removeprefix("label_values(").removesuffix(")")
@@ -203,12 +233,12 @@ def _active_alerts(prometheus: PrometheusServer) -> set[str]:
 
 @pytest.fixture
 def prometheus_for(tmp_path: Path) -> Iterator[Any]:
-    """Starts a private Prometheus scraping the relay on a port, with the chart's rules."""
+    """Starts a private Prometheus scraping the relays on these ports, with the chart's rules."""
     started: list[PrometheusServer] = []
 
-    def start(relay_port: int) -> PrometheusServer:
+    def start(relay_ports: list[int]) -> PrometheusServer:
         files = {RULES_FILE: rules_text(rule_groups())}
-        server = start_prometheus(_prometheus_config(relay_port), files=files, tmp_root=str(tmp_path))
+        server = start_prometheus(_prometheus_config(relay_ports), files=files, tmp_root=str(tmp_path))
         started.append(server)
         return server
 
@@ -218,9 +248,28 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
         server.close()
 
 
-@pytest.mark.timeout(TIMEOUT_S + 30)  # (+ stopping the relay and Prometheus)
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[Any]:
+    """Starts the relay replicas, each on its own HTTP port; stops them by PID (SIGTERM, exit 0)."""
+    started: list[Any] = []
+
+    def start(config_for: Any) -> list[int]:
+        ports = []
+        for index in range(len(PODS)):
+            ports.append(free_port())
+            path = write_config(tmp_path, config_for(ports[-1]), f"relay-{index}.yaml")
+            started.append(start_relay(path, log=tmp_path / f"relay-{index}.log"))
+        return ports
+
+    yield start
+    for relay in started:
+        if relay.poll() is None:
+            stop_relay(relay)
+
+
+@pytest.mark.timeout(TIMEOUT_S + 30)  # (+ stopping the relays and Prometheus)
 def test_every_dashboard_query_shows_data_and_every_rule_evaluates_on_a_live_scrape(
-    dsn: str, tmp_path: Path, webhook_receiver: WebhookReceiver, prometheus_for: Any
+    dsn: str, webhook_receiver: WebhookReceiver, replicas: Any, prometheus_for: Any
 ) -> None:
     deadline = time.monotonic() + TIMEOUT_S
 
@@ -229,26 +278,22 @@ def test_every_dashboard_query_shows_data_and_every_rule_evaluates_on_a_live_scr
 
     receiver = Receiver()
     webhook_receiver.respond_with(receiver.reply)
-    port = free_port()
-    config = _relay_config(dsn, webhook_receiver.url, port)
-    _init_db(config)
-    relay = start_relay(write_config(tmp_path, config), log=tmp_path / "relay.log")
-    try:
-        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), left(), "the relay's HTTP port")
-        prometheus = prometheus_for(port)
-        since = time.time()
-        # Scraped before the burst: a counter first seen at 307 has no rate.
-        published = f'outbox_relay_events_published_total{{job="{JOB}"}}'
-        wait_for(lambda: prometheus.query(published), left(), "a scrape of the relay", 0.2)
-        delivered = _write_events(dsn)
-        _wait_for_every_panel(prometheus, since, timeout=left())
-        wait_for(lambda: _active_alerts(prometheus) >= EXPECTED_ALERTS, left(), "the alerts", 0.5)
-        receiver.failing.clear()
-        wait_for(lambda: receiver.taken_count() >= delivered, left(), "every other event delivered")
-        _assert_live_results(prometheus, since)
-    finally:
-        if relay.poll() is None:
-            stop_relay(relay)
+    _init_db(_relay_config(dsn, webhook_receiver.url, 0))
+    ports = replicas(lambda port: _relay_config(dsn, webhook_receiver.url, port))
+    readyz = [f"http://127.0.0.1:{port}/readyz" for port in ports]
+    wait_for(lambda: all(_answers(url) for url in readyz), left(), "the relays' HTTP ports")
+    prometheus = prometheus_for(ports)
+    since = time.time()
+    # Scraped before the burst (a counter first seen after it has no rate), one replica active.
+    scraped = f'sum(outbox_relay_leader{{job="{JOB}"}}) == 1 and count(up{{job="{JOB}"}} == 1) == 2'
+    wait_for(lambda: prometheus.query(scraped), left(), "both replicas scraped, one active", 0.2)
+    delivered = _write_events(dsn)
+    _wait_for_every_panel(prometheus, since, timeout=left())
+    wait_for(lambda: _active_alerts(prometheus) >= EXPECTED_ALERTS, left(), "the alerts", 0.5)
+    receiver.failing.clear()
+    wait_for(lambda: receiver.taken_count() >= delivered, left(), "every other event delivered")
+    _wait_for_the_end_state(prometheus, timeout=left())
+    _assert_live_results(prometheus, since)
 
 
 def _answers(url: str) -> bool:
