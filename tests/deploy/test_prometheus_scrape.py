@@ -1,19 +1,25 @@
-"""The chart's dashboard and alert rules against a real Prometheus scraping a real relay.
+"""The chart's dashboard and alert rules against a real Prometheus scraping real relays.
 
-A relay (logical replication source, webhook sink) relays a few hundred events while the
-receiver refuses one event for good (a dead letter) and answers 503 to another aggregate until
-Prometheus has seen everything (a blocked aggregate, retries, publish failures, a backlog, WAL
-held by the slot). Prometheus scrapes it every second, labelled as a ServiceMonitor labels it,
-with the chart's rules loaded. Every query of the dashboard, panels and variables, must then show
-data through Prometheus' HTTP API, and every rule must evaluate cleanly."""
+Two relay replicas (logical replication source, webhook sink), as the chart's Deployment runs
+them, relay a few hundred events while the receiver refuses one event for good (a dead letter)
+and answers 503 to another aggregate until Prometheus has seen everything (a blocked aggregate,
+retries, publish failures, a backlog, WAL held by the slot). Then the active replica is frozen
+until the other takes over, and resumes as a standby still exporting its last backlog.
+Prometheus scrapes both every second, labelled as a ServiceMonitor labels them, with the chart's
+rules loaded. Every query of the dashboard, panels and variables, must show data through
+Prometheus' HTTP API, the panels must show the end state the active replica sees, and every
+rule must evaluate cleanly."""
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +67,19 @@ EXCUSED: dict[str, str] = {}
 #: Alerts the scenario must make pending (their `for:` is longer than the test).
 EXPECTED_ALERTS = {"OutboxRelayDeadLetters", "OutboxRelayPublishFailures"}
 #: What some panels show once the scenario is over (sorted values, one per series), selecting
-#: the release's outbox: the poison event parked, one replica active, database and webhook up.
+#: the release's outbox: the poison event parked, all else delivered by the replica that took
+#: over (the demoted one still exports its last backlog: it must not count), database and
+#: webhook up.
 EXPECTED_AT_THE_END = {
     "Active relays": [1.0],
     "Dead letters": [1.0],
     "Leader (lease holder)": [0.0, 1.0],
     "Database and broker up": [1.0, 1.0],
+    "Lag (oldest unpublished)": [0.0],
+    "Lag": [0.0],
+    "Pending events": [0.0],
+    "In-flight events": [0.0],
+    "Blocked aggregates": [0.0],
 }
 #: The whole scenario, from starting the relay to the last query (a run takes about 10 s).
 TIMEOUT_S = 40.0
@@ -106,6 +119,8 @@ def _relay_config(dsn: str, url: str, port: int) -> dict[str, Any]:
                 "sink": {"type": "webhook", "url": url},
                 "retry": {"initial": "100ms", "max": "500ms"},
                 "pipeline": {"stats_interval": "200ms"},
+                # A quick takeover when the active replica freezes.
+                "lease": {"time": "2s", "check_interval": "500ms"},
             }
         ],
         "http": {"port": port, "host": "127.0.0.1"},
@@ -248,23 +263,49 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
         server.close()
 
 
+@dataclass(frozen=True)
+class Replica:
+    pod: str
+    port: int
+    process: Any  # subprocess.Popen
+
+
 @pytest.fixture
 def replicas(tmp_path: Path) -> Iterator[Any]:
     """Starts the relay replicas, each on its own HTTP port; stops them by PID (SIGTERM, exit 0)."""
-    started: list[Any] = []
+    started: list[Replica] = []
 
-    def start(config_for: Any) -> list[int]:
-        ports = []
-        for index in range(len(PODS)):
-            ports.append(free_port())
-            path = write_config(tmp_path, config_for(ports[-1]), f"relay-{index}.yaml")
-            started.append(start_relay(path, log=tmp_path / f"relay-{index}.log"))
-        return ports
+    def start(config_for: Any) -> list[Replica]:
+        for index, pod in enumerate(PODS):
+            port = free_port()
+            path = write_config(tmp_path, config_for(port), f"relay-{index}.yaml")
+            started.append(Replica(pod, port, start_relay(path, log=tmp_path / f"relay-{index}.log")))
+        return list(started)
 
     yield start
-    for relay in started:
-        if relay.poll() is None:
-            stop_relay(relay)
+    for replica in started:
+        if replica.process.poll() is None:
+            os.kill(replica.process.pid, signal.SIGCONT)  # (in case the test failed while it was frozen)
+            stop_relay(replica.process)
+
+
+def _leader(prometheus: PrometheusServer, pod: str) -> list[float]:
+    series = prometheus.query(f'outbox_relay_leader{{job="{JOB}", pod="{pod}"}}')
+    return [float(s["value"][1]) for s in series]
+
+
+def _fail_over(prometheus: PrometheusServer, replicas: list[Replica], timeout: float) -> None:
+    """Freeze the active replica (SIGSTOP) until the other takes over, then let it go on: it finds
+    its lease lost and goes back to standby, still exporting the backlog it last measured."""
+    deadline = time.monotonic() + timeout
+    (active,) = [r for r in replicas if _leader(prometheus, r.pod) == [1.0]]
+    (other,) = [r for r in replicas if r is not active]
+    os.kill(active.process.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _leader(prometheus, other.pod) == [1.0], deadline - time.monotonic(), "a takeover")
+    finally:
+        os.kill(active.process.pid, signal.SIGCONT)
+    wait_for(lambda: _leader(prometheus, active.pod) == [0.0], deadline - time.monotonic(), "the demotion")
 
 
 @pytest.mark.timeout(TIMEOUT_S + 30)  # (+ stopping the relays and Prometheus)
@@ -279,10 +320,10 @@ def test_every_dashboard_query_shows_data_and_every_rule_evaluates_on_a_live_scr
     receiver = Receiver()
     webhook_receiver.respond_with(receiver.reply)
     _init_db(_relay_config(dsn, webhook_receiver.url, 0))
-    ports = replicas(lambda port: _relay_config(dsn, webhook_receiver.url, port))
-    readyz = [f"http://127.0.0.1:{port}/readyz" for port in ports]
+    started = replicas(lambda port: _relay_config(dsn, webhook_receiver.url, port))
+    readyz = [f"http://127.0.0.1:{r.port}/readyz" for r in started]
     wait_for(lambda: all(_answers(url) for url in readyz), left(), "the relays' HTTP ports")
-    prometheus = prometheus_for(ports)
+    prometheus = prometheus_for([r.port for r in started])
     since = time.time()
     # Scraped before the burst (a counter first seen after it has no rate), one replica active.
     scraped = f'sum(outbox_relay_leader{{job="{JOB}"}}) == 1 and count(up{{job="{JOB}"}} == 1) == 2'
@@ -290,6 +331,7 @@ def test_every_dashboard_query_shows_data_and_every_rule_evaluates_on_a_live_scr
     delivered = _write_events(dsn)
     _wait_for_every_panel(prometheus, since, timeout=left())
     wait_for(lambda: _active_alerts(prometheus) >= EXPECTED_ALERTS, left(), "the alerts", 0.5)
+    _fail_over(prometheus, started, timeout=left())
     receiver.failing.clear()
     wait_for(lambda: receiver.taken_count() >= delivered, left(), "every other event delivered")
     _wait_for_the_end_state(prometheus, timeout=left())
