@@ -22,6 +22,10 @@ if [ -z "${RELAY_TEST_AMQP_URL:-}" ] && ! have_rabbitmq; then missing+=(rabbitmq
 # NATS and Redis: the tests that pause or restart a server always start a private one.
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then missing+=(nats-server); fi
 if ! command -v redis-server >/dev/null 2>&1; then missing+=(redis-server); fi
+# Prometheus: promtool unit-tests the chart's alert rules; prometheus scrapes a live relay.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  missing+=(prometheus)
+fi
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 
