@@ -76,3 +76,26 @@ STALLED = Gauge(
     " http.stuck_after.",
     ["outbox"],
 )
+
+#: What only the active relay of an outbox knows: its backlog, its calls out, its slot's lag.
+_ACTIVE_ONLY = (
+    PENDING,
+    LAG,
+    IN_FLIGHT,
+    BLOCKED_AGGREGATES,
+    SLOT_LAG,
+    DEAD_LETTERS,
+    HELD_EVENTS,
+    HELD_AGGREGATES,
+)
+
+
+def forget_active_state(outbox: str) -> None:
+    """Drop the outbox's series that only its active relay keeps current: a replica back to
+    standby would otherwise export its last backlog for good (and alerts on it would fire on
+    a standby while the new holder has drained everything)."""
+    for gauge in _ACTIVE_ONLY:
+        try:
+            gauge.remove(outbox)
+        except KeyError:  # (never set by this process)
+            pass

@@ -317,6 +317,7 @@ class Relay:
                 if finished:
                     return
                 log.error("lease lost: abandoned in-flight work, back to standby")
+                metrics.forget_active_state(outbox.name)
         finally:
             await lease.release()
 

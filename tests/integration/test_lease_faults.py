@@ -96,6 +96,10 @@ class Replica:
         except (ValueError, KeyError):
             return {}
 
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
     def size(self) -> int:
         """How many requests it made."""
         return len(self.receiver.received())
@@ -293,6 +297,9 @@ def test_a_frozen_active_replica_is_replaced_within_the_lease_time_and_publishes
         woken = time.monotonic()
         time.sleep(2.0)
         assert old.role() == "standby"
+        # (A standby exports no backlog: its last one would stay, and alerts fire on it.)
+        assert 'outbox_relay_in_flight_events{outbox="orders"}' not in old.metrics()
+        assert 'outbox_relay_in_flight_events{outbox="orders"}' in new.metrics()
         after_waking = old.received_since(woken)
         assert _marks_by(dsn, _session_of(holder), woken_at) == 0, "the old holder marked rows after waking"
         if source == "logical":
