@@ -26,10 +26,11 @@ lint: $(BIN)/outbox-relay
 	$(BIN)/mypy
 
 # Installs the servers the tests need when missing, then lints and runs every test against real
-# servers the tests start themselves (or RELAY_TEST_PG_DSN / KAFKA_BOOTSTRAP_SERVERS when set).
+# servers the tests start themselves (or RELAY_TEST_PG_DSN / KAFKA_BOOTSTRAP_SERVERS when set), on two
+# pytest-xdist workers (each starts its own private servers), with the slowest tests listed.
 test: lint
 	bash tests/install-servers.sh
-	@$(BIN)/pytest; rc=$$?; \
+	@$(BIN)/pytest -n 2 --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
 unit: $(BIN)/outbox-relay

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
-from tests.harness.machine_servers import watch_machine_servers
+from tests.harness.machine_servers import MachineServers, watch_machine_servers
 from tests.harness.nats import NatsServer, start_nats
 from tests.harness.postgres import PostgresServer, start_postgres
 from tests.harness.rabbitmq import RabbitBroker, delete, start_rabbitmq
@@ -30,26 +30,41 @@ from tests.support import REPO, create_outbox_database, start_relay
 StartRelay = Callable[..., subprocess.Popen[bytes]]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def machine_servers_left_as_they_were() -> Iterator[None]:
-    """Fails the run if any test stopped, restarted or reconfigured one of the machine's own
-    servers (PostgreSQL, RabbitMQ, NATS, Redis on their standard ports): tests may only do that to
-    servers they started (see tests/harness/machine_servers.py)."""
-    watched = watch_machine_servers()
+_MACHINE_WATCH = pytest.StashKey[MachineServers]()
+_MACHINE_SERVERS_REPORT: list[str] = []
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fingerprints the machine's own servers (PostgreSQL, RabbitMQ, NATS, Redis on their
+    standard ports) before any test runs: once per run, in the process that runs or hands out
+    the tests (not in each pytest-xdist worker)."""
+    if not _is_xdist_worker(session.config):
+        session.config.stash[_MACHINE_WATCH] = watch_machine_servers()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fails the run if any test stopped, restarted or reconfigured one of those servers: tests
+    may only do that to servers they started (see tests/harness/machine_servers.py)."""
+    watched = session.config.stash.get(_MACHINE_WATCH, None)
+    if watched is None:
+        return
     try:
-        yield
         changes = watched.changes()
     finally:
         watched.close()
+    if not changes:
+        _MACHINE_SERVERS_REPORT.append(
+            "the machine's own servers, left as they were: " + (", ".join(watched.watched) or "none ran")
+        )
+        return
     _MACHINE_SERVERS_REPORT.append(
-        "the machine's own servers, left as they were: " + (", ".join(watched.watched) or "none ran")
-        if not changes
-        else "the test run changed the machine's own servers:\n  " + "\n  ".join(changes)
+        "the test run changed the machine's own servers:\n  " + "\n  ".join(changes)
     )
-    assert not changes, "the test run changed the machine's own servers:\n" + "\n".join(changes)
-
-
-_MACHINE_SERVERS_REPORT: list[str] = []
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
