@@ -23,6 +23,11 @@ if [ -z "${RELAY_TEST_AMQP_URL:-}" ] && ! have_rabbitmq; then missing+=(rabbitmq
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then missing+=(nats-server); fi
 if ! command -v redis-server >/dev/null 2>&1; then missing+=(redis-server); fi
 
+# podman, and the stand-in base image it builds ours from, for tests/deploy/test_image.py: installed
+# or made when missing (the base once, about a minute). Exit 3: podman cannot run here (not root),
+# and those tests skip saying so.
+bash "$(dirname "$0")/deploy/podman-setup" || [ $? -eq 3 ]
+
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing for the tests (Debian packages): ${missing[*]}"
