@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from testcontainers.core.config import testcontainers_config
 
 from tests.deploy.podman import ImageBuilds, PodmanUnavailable, api_service, build_images
 
@@ -32,11 +33,14 @@ def image_builds() -> ImageBuilds:
     return builds
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def docker_host(image_builds: ImageBuilds, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """podman's Docker-compatible API on a private socket, named by DOCKER_HOST for testcontainers
-    (Ryuk off: its image cannot be pulled here; the tests remove their containers themselves)."""
+    (Ryuk off: its image cannot be pulled here; the tests remove their containers themselves).
+    For one module only: later tests must not find an engine that this fixture started."""
     with api_service(tmp_path_factory.mktemp("podman")) as url, pytest.MonkeyPatch.context() as patch:
         patch.setenv("DOCKER_HOST", url)
         patch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+        # testcontainers reads that variable once and keeps the answer: say it to the config too.
+        patch.setattr(testcontainers_config, "ryuk_disabled", True)
         yield url
