@@ -115,11 +115,14 @@ def test_the_image_runs_read_only_as_non_root_relays_every_event_and_exits_0_on_
         DockerContainer(image_tag())
         .with_volume_mapping(str(config), CONFIG_IN_IMAGE, "ro")
         .with_tmpfs_mount("/tmp")
+        .with_env("OUTBOX_RELAY_HEALTH_URL", f"http://127.0.0.1:{port}/healthz")
         .with_kwargs(network_mode="host", read_only=True)
     )
     with container:
         wait_for(lambda: _http_status(f"http://127.0.0.1:{port}/readyz") == 200, 60, "/readyz 200")
         _assert_non_root_and_read_only(container)
+        # The image's own HEALTHCHECK command, run by podman in the container.
+        podman("healthcheck", "run", container.get_wrapped_container().id or "")
         written |= _write_events(dsn, 150, aggregates=10)  # and events while it runs
         lines = _delivered(kafka, topic, written)
         assert_complete_and_ordered(lines, written)
