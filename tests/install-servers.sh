@@ -27,6 +27,11 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   missing+=(prometheus)
 fi
 
+# podman, and the stand-in base image it builds ours from, for tests/deploy/test_image.py: installed
+# or made when missing (the base once, about a minute). Exit 3: podman cannot run here (not root),
+# and those tests skip saying so.
+bash "$(dirname "$0")/deploy/podman-setup" || [ $? -eq 3 ]
+
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing for the tests (Debian packages): ${missing[*]}"

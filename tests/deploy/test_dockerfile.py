@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,20 +61,72 @@ def test_multi_stage_from_a_pinned_slim_python() -> None:
     assert named[-1] == "runtime"
 
 
-def test_builder_installs_the_package_with_its_broker_extras_into_a_venv() -> None:
+def _builder_runs() -> list[str]:
+    return [" ".join(c.value) for c in instruction(dict(stages())["builder"], "RUN")]
+
+
+def _pip_installs() -> list[str]:
+    """The builder's RUNs that install with pip: the dependencies first, then the code."""
+    installs = [run for run in _builder_runs() if "pip install" in run]
+    assert len(installs) == 2, "one layer for the dependencies, one for the code"
+    return installs
+
+
+def _requirements_command() -> list[str]:
+    """The argv the builder runs to list the requirements (everything before `>`)."""
+    words = shlex.split(_pip_installs()[0])
+    return words[: words.index(">")]
+
+
+def test_builder_makes_a_venv_with_any_debian_based_python() -> None:
+    # `python3`: every Debian-based Python image has it, `python` only some.
+    assert re.search(rf"(^|&& )python3 -m venv {VENV}( |$)", " ".join(_builder_runs()))
+
+
+def test_builder_installs_the_requirements_of_pyproject_and_its_broker_extras_first() -> None:
+    deps = _pip_installs()[0]
+    assert deps.split("&&")[-1].split()[:2] == [f"{VENV}/bin/pip", "install"], "into the venv"
+    assert "--requirement /tmp/requirements.txt" in deps
+    argv = _requirements_command()
+    assert argv[0] == f"{VENV}/bin/python"
+    extras = argv[-1].split(",")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert {"kafka", "rabbitmq"} <= set(extras)
+    assert set(extras) <= set(project["project"]["optional-dependencies"]), "extras not in pyproject"
+    # The exact command, run here on the same pyproject.toml: what it lists is every requirement
+    # of the build backend, the package and those extras.
+    listed = subprocess.run(
+        [sys.executable, *argv[1:]], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True
+    ).stdout.split("\n")
+    wanted = [
+        *project["build-system"]["requires"],
+        *project["project"]["dependencies"],
+        *(r for extra in extras for r in project["project"]["optional-dependencies"][extra]),
+    ]
+    assert [line for line in listed if line] == wanted
+
+
+def test_builder_copies_only_pyproject_before_the_dependencies_so_a_code_change_keeps_their_layer() -> None:
     builder = dict(stages())["builder"]
-    runs = " ".join(" ".join(c.value) for c in instruction(builder, "RUN"))
-    assert f"python -m venv {VENV}" in runs
-    installs = [" ".join(c.value) for c in instruction(builder, "RUN") if "pip install" in " ".join(c.value)]
-    assert len(installs) == 1
-    match = re.search(r"pip install [^&]*?['\"]?\.\[([A-Za-z0-9_,-]+)\]['\"]?", installs[0])
-    assert match, f"no `pip install .[extras]` in {installs[0]!r}"
-    assert " -e " not in installs[0], "the runtime stage gets the venv only: no editable install"
-    assert installs[0].split()[0] == f"{VENV}/bin/pip", "installed into the venv"
-    extras = set(match.group(1).split(","))
-    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    assert {"kafka", "rabbitmq"} <= extras
-    assert extras <= declared, f"extras not in pyproject.toml: {extras - declared}"
+    deps_line = next(
+        c.start_line for c in instruction(builder, "RUN") if "--requirement" in " ".join(c.value)
+    )
+    before = [list(c.value[:-1]) for c in instruction(builder, "COPY") if c.start_line < deps_line]
+    after = [v for c in instruction(builder, "COPY") if c.start_line > deps_line for v in c.value[:-1]]
+    assert before == [["pyproject.toml"]]
+    assert {"relay", "connectors", "README.md"} <= set(after)
+
+
+def test_builder_installs_the_code_without_dependencies_and_checks_that_none_is_missing() -> None:
+    code = _pip_installs()[1]
+    steps = [step.split() for step in code.split("&&")]
+    install = steps[0]
+    assert install[:2] == [f"{VENV}/bin/pip", "install"], "into the venv"
+    assert install[-1] == "."
+    assert "--no-deps" in install
+    assert not {"-e", "--editable"} & set(install), "the runtime stage gets the venv only"
+    assert [f"{VENV}/bin/pip", "check"] in steps, "pip check: the dependency layer lacks nothing"
+    assert [f"{VENV}/bin/outbox-relay", "--version"] in steps
 
 
 def test_runtime_copies_the_venv_and_nothing_from_the_source_tree() -> None:
