@@ -30,7 +30,7 @@ lint: $(BIN)/outbox-relay
 # pytest-xdist workers (each starts its own private servers), with the slowest tests listed.
 test: lint
 	bash tests/install-servers.sh
-	@$(BIN)/pytest -n 2 --durations=15; rc=$$?; \
+	@$(BIN)/pytest -n 2 --dist loadgroup --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
 unit: $(BIN)/outbox-relay

@@ -38,7 +38,8 @@ from tests.support import (
 
 pytest.importorskip("confluent_kafka")
 # A first run on a machine installs podman, makes the base image and builds ours: minutes, not hangs.
-pytestmark = pytest.mark.timeout(900)
+# One worker builds and runs the image (make test runs two): one podman service, one build at a time.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("podman")]
 
 CONFIG_IN_IMAGE = "/etc/outbox-relay/relay.yaml"
 RELAY_UID = 10001
