@@ -68,6 +68,10 @@ _BY_TEXT = tuple(
         ("path does not exist", r"^cannot append to .*, not a regular file"),
         ("database does not exist", r"database \"[^\"]*\" does not exist"),
         ("database is read-only", r"read-only transaction|session is read-only"),
+        (
+            "application's table does not exist",
+            r"it is the application's table, which init-db does not create",
+        ),
         ("table does not exist", r"table \S+ does not exist|relation \"[^\"]*\" does not exist"),
         ("replication slot or publication missing", r"replication slot \S+ is missing"),
         ("replication slot or publication missing", r"publication \"[^\"]*\" does not exist"),
@@ -83,9 +87,13 @@ _FIXES = {
     "database does not exist": "check the database name the DSN gives",
     "virtual host does not exist": "check the virtual host the URL gives, or create it on the broker",
     "database is read-only": "point the DSN at the primary (or turn off default_transaction_read_only)",
-    "schema does not exist": "check the table's schema in the config, or run: outbox-relay init-db",
+    "schema does not exist": "check the table's schema in the config, or run: outbox-relay init-db (it"
+    " creates the relay's own tables and their schemas, not an application's table with a columns mapping)",
     "permission denied": "grant the relay's role the privilege the message names",
-    "table does not exist": "run: outbox-relay init-db, or check the table's name in the config",
+    "table does not exist": "check the table's name in the config, or run: outbox-relay init-db (it creates"
+    " the relay's own tables, not an application's table with a columns mapping)",
+    "application's table does not exist": "check the table's name in the config, or create the table"
+    " (outbox-relay init-db --print-sql prints a CREATE TABLE with the mapped columns)",
     "column does not exist": "check the config's columns mapping against the table",
     "object does not exist": "run: outbox-relay init-db, or check the names in the config",
     "replication slot or publication missing": "run: outbox-relay init-db",

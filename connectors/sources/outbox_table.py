@@ -56,10 +56,25 @@ async def existing_table(conn: psycopg.AsyncConnection[Any], name: QualifiedName
     return None if found is None else QualifiedName(found.schema, found.name)
 
 
-async def resolve_table(conn: psycopg.AsyncConnection[Any], table: QualifiedName) -> ResolvedTable:
+def missing_table(table: object, *, mapped: bool) -> str:
+    """Why `table` is missing and what to do: `init-db` creates a table of the default shape, but
+    a table with a columns mapping is the application's (its own migration creates it; one the
+    relay made up would collide with it, or hide a mistyped name)."""
+    if not mapped:
+        return f"table {table} does not exist (run: outbox-relay init-db)"
+    return (
+        f"table {table} does not exist: with a columns mapping it is the application's table, which"
+        " init-db does not create; create it first (outbox-relay init-db --print-sql prints a"
+        " CREATE TABLE with the mapped columns)"
+    )
+
+
+async def resolve_table(
+    conn: psycopg.AsyncConnection[Any], table: QualifiedName, *, mapped: bool = False
+) -> ResolvedTable:
     """The table `table` means on this connection (see `find_table`). Raises ConnectorError
-    when there is none, with the double-quoted spelling of a table whose name differs only in
-    case."""
+    when there is none (`mapped`: a table with a columns mapping, see `missing_table`), with the
+    double-quoted spelling of a table whose name differs only in case."""
     try:
         found = await find_table(conn, table)
         if found is None:
@@ -67,7 +82,7 @@ async def resolve_table(conn: psycopg.AsyncConnection[Any], table: QualifiedName
     except psycopg.Error as exc:
         raise ConnectorError(scrubber.scrub(f"cannot look up table {table}: {exc}")) from None
     if found is None:
-        raise ConnectorError(f"table {table} does not exist (run: outbox-relay init-db){hint}")
+        raise ConnectorError(missing_table(table, mapped=mapped) + hint)
     return found
 
 
@@ -177,6 +192,58 @@ def default_table_ddl(table: QualifiedName) -> sql.Composed:
         "  published_at   timestamptz\n"
         ")"
     ).format(table.identifier())
+
+
+# Each field's column in a table `init-db --print-sql` suggests for a columns mapping: the types
+# of the default table.
+_COLUMN_TYPES = {
+    "position": "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    "event_id": "uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE",
+    "aggregate_type": "text NOT NULL",
+    "aggregate_id": "text NOT NULL",
+    "event_type": "text NOT NULL",
+    "payload": "jsonb NOT NULL",
+    "headers": "jsonb NOT NULL DEFAULT '{}'",
+    "created_at": "timestamptz NOT NULL DEFAULT clock_timestamp()",
+    "published_at": "timestamptz",
+}
+
+
+def application_table_sql(table: QualifiedName, columns: Mapping[str, str | None]) -> list[sql.Composed]:
+    """For `init-db --print-sql` with a columns mapping: a table the application may create
+    where it has none yet (init-db itself never does), its schema included. `columns`: each
+    field's column by the server's name, None where the config maps none."""
+    lines = sql.SQL(",\n").join(
+        sql.SQL("  {} {}").format(sql.Identifier(name), sql.SQL(_COLUMN_TYPES[key]))
+        for key, name in columns.items()
+        if name is not None
+    )
+    # (A fixed comment: no name from the config goes into it.)
+    comment = sql.SQL(
+        "-- The outbox table is the application's (the config maps its columns): init-db does not\n"
+        "-- create it. Where it does not exist yet, the application may create it like this:\n"
+    )
+    create = sql.SQL("CREATE TABLE IF NOT EXISTS {} (\n{}\n)").format(table.identifier(), lines)
+    first, *rest = [*schema_sql(table), create]
+    return [comment + first, *rest]
+
+
+def schema_sql(table: QualifiedName) -> list[sql.Composed]:
+    """The table's schema, when the name has one (`init-db` runs it only where the schema is
+    missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege on the database even when
+    the schema is there). Never `public`: every database has it, and a role that may not create
+    schemas could not run the statement."""
+    if table.schema in (None, "public"):
+        return []
+    return [sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.schema))]
+
+
+async def schema_missing(conn: psycopg.AsyncConnection[Any], table: QualifiedName) -> bool:
+    """Whether the table's name has a schema that does not exist (yet)."""
+    if table.schema is None:
+        return False
+    cur = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (table.schema,))
+    return await cur.fetchone() is None
 
 
 def insert_event(

@@ -28,7 +28,10 @@ from outbox_relay.secrets import scrubber
 @CONFIG_OPTION
 @click.option("--print-sql", is_flag=True, help="Print the SQL instead of running it.")
 def init_db(config_path: Path, print_sql: bool) -> None:
-    """Create the outbox table, its partial index and the NOTIFY trigger (idempotent)."""
+    """Create the outbox table, its partial index and the NOTIFY trigger (idempotent).
+
+    A table with a columns mapping is the application's: init-db sets up what the relay needs
+    around it but does not create it (--print-sql shows a CREATE TABLE for it)."""
     config = load(config_path)
     for index, outbox in enumerate(config.outboxes):
         try:

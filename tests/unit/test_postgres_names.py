@@ -40,22 +40,30 @@ def test_polling_init_sql_quotes_every_name_and_passes_the_channel_as_a_literal(
         dead_letter_table='"DL\'s"',
     )
     table = '"Odd.Schema"."Out ""Box""; DROP TABLE canary; --"'
-    assert statements[0] == (
+    # First the application's table, as a suggestion under a comment that names nothing.
+    assert statements[0].endswith('\nCREATE SCHEMA IF NOT EXISTS "Odd.Schema"')
+    assert "canary" not in statements[0]
+    assert statements[1].startswith(f'CREATE TABLE IF NOT EXISTS {table} (\n  "pos" bigint')
+    assert statements[1].endswith('  "Published At" timestamptz\n)')
+    assert statements[2] == (
         f'CREATE INDEX IF NOT EXISTS "Out ""Box""; DROP TABLE canary; --_unpublished" ON {table}'
         ' ("pos") WHERE "Published At" IS NULL'
     )
-    assert statements[2] == f"DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}"
-    assert statements[3] == (
+    assert statements[4] == f"DROP TRIGGER IF EXISTS outbox_relay_notify ON {table}"
+    assert statements[5] == (
         f"CREATE TRIGGER outbox_relay_notify AFTER INSERT ON {table} FOR EACH STATEMENT"
         " EXECUTE FUNCTION outbox_relay_notify('outbox_relay')"
     )
-    assert statements[4].startswith('CREATE TABLE IF NOT EXISTS "DL\'s" (\n')
+    assert statements[6].startswith('CREATE TABLE IF NOT EXISTS "DL\'s" (\n')
 
 
 def test_the_default_table_is_created_under_the_name_as_postgresql_reads_it() -> None:
     statements = _setup_sql({"type": "postgres-polling", "table": "Sales.OutBox"})
-    assert statements[0].startswith('CREATE TABLE IF NOT EXISTS "sales"."outbox" (\n')
-    assert statements[1].startswith('CREATE INDEX IF NOT EXISTS "outbox_unpublished" ON "sales"."outbox"')
+    assert statements[0] == 'CREATE SCHEMA IF NOT EXISTS "sales"'
+    assert statements[1].startswith('CREATE TABLE IF NOT EXISTS "sales"."outbox" (\n')
+    assert statements[2].startswith('CREATE INDEX IF NOT EXISTS "outbox_unpublished" ON "sales"."outbox"')
+    public = _setup_sql({"type": "postgres-polling", "table": "public.outbox"})
+    assert public[0].startswith('CREATE TABLE IF NOT EXISTS "public"."outbox" (\n')
     long = _setup_sql({"type": "postgres-polling", "table": "t" * 63})
     assert f'CREATE INDEX IF NOT EXISTS "{"t" * 51}_unpublished" ON "{"t" * 63}"' in long[1]
     unicode = _setup_sql({"type": "postgres-polling", "table": "é" * 31})  # 62 bytes
@@ -72,12 +80,13 @@ def test_logical_init_sql_creates_the_publication_without_a_dollar_quoted_block(
         }
     )
     assert statements[0].startswith('CREATE TABLE IF NOT EXISTS "outbox" (\n')
-    assert statements[1].startswith('CREATE TABLE IF NOT EXISTS "Odd"."Out; DROP TABLE canary" (\n')
-    assert statements[2] == (
+    assert statements[1] == 'CREATE SCHEMA IF NOT EXISTS "Odd"'
+    assert statements[2].startswith('CREATE TABLE IF NOT EXISTS "Odd"."Out; DROP TABLE canary" (\n')
+    assert statements[3] == (
         'CREATE PUBLICATION "Pub\'; DROP TABLE canary; --" FOR TABLE "outbox", "Odd"."Out; DROP TABLE canary"'
         " WITH (publish = 'insert', publish_via_partition_root = true)"
     )
-    assert statements[3] == (
+    assert statements[4] == (
         "SELECT pg_create_logical_replication_slot('slot_1', 'pgoutput')"
         " WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'slot_1')"
     )

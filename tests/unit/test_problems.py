@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
+from outbox_relay.connectors.sources.outbox_table import missing_table
 from outbox_relay.interfaces import ConnectorError
 from outbox_relay.problems import SetupProblems, setup_problem
 
@@ -36,6 +37,7 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
             ConnectorError("table public.outbox does not exist (run: outbox-relay init-db)"),
             "table does not exist",
         ),
+        (ConnectorError(missing_table("billing.events", mapped=True)), "application's table does not exist"),
         (
             ConnectorError("table public.outbox has no column for columns.payload=body"),
             "column does not exist",

@@ -93,6 +93,11 @@ class PostgresLogicalConfig(ConnectorConfig):
             raise ValueError("must be 0 (off) or at least 0.1 (100ms): each heartbeat writes WAL")
         return value
 
+    @property
+    def maps_columns(self) -> bool:
+        """The tables have columns of their own names: the application's tables, not init-db's."""
+        return self.columns.names() != LogicalColumns().names()
+
     def database(self) -> str:
         return self.dsn
 

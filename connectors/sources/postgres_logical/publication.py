@@ -47,10 +47,13 @@ def create_publication_sql(publication: str, tables: Sequence[QualifiedName]) ->
     )
 
 
-async def resolve_tables(conn: psycopg.AsyncConnection[Any], tables: Sequence[str]) -> list[tuple[str, str]]:
+async def resolve_tables(
+    conn: psycopg.AsyncConnection[Any], tables: Sequence[str], *, mapped: bool = False
+) -> list[tuple[str, str]]:
     """Each configured table (as written in the config) as the server's (schema, table): a
     qualified name exactly, an unqualified one through the connection's search_path, as the
-    server resolves names in SQL. Raises ConnectorError naming a table that does not exist (with
+    server resolves names in SQL. Raises ConnectorError naming a table that does not exist (an
+    application's with `mapped`, see outbox_table.missing_table; with
     the double-quoted spelling of a table whose name differs only in case) or is no table."""
     pairs: list[tuple[str, str]] = []
     for text in tables:
@@ -58,7 +61,7 @@ async def resolve_tables(conn: psycopg.AsyncConnection[Any], tables: Sequence[st
             name = parse_table_name(text)
         except IdentifierError as exc:
             raise ConnectorError(f"tables: {printable(text)}: {exc}") from None
-        table = await resolve_table(conn, name)
+        table = await resolve_table(conn, name, mapped=mapped)
         if table.kind not in ("r", "p"):
             raise ConnectorError(f"{table.display()} is not a table: a publication publishes tables only")
         if (table.schema, table.name) not in pairs:

@@ -10,14 +10,18 @@ import psycopg
 from psycopg import sql as psql
 
 from outbox_relay.connectors.sources.outbox_table import (
+    application_table_sql,
     default_table_ddl,
     existing_table,
     missing_columns,
+    missing_table,
     resolve_table,
+    schema_missing,
+    schema_sql,
     table_columns,
 )
 from outbox_relay.connectors.sources.postgres_connect import connect
-from outbox_relay.connectors.sources.postgres_logical.config import LogicalColumns, PostgresLogicalConfig
+from outbox_relay.connectors.sources.postgres_logical.config import PostgresLogicalConfig
 from outbox_relay.connectors.sources.postgres_logical.decoding import message_charmap
 from outbox_relay.connectors.sources.postgres_logical.publication import (
     create_publication_sql,
@@ -36,7 +40,11 @@ async def published_tables(
     """The configured tables as the server resolves them (none in message mode), after checking
     that the publication publishes exactly them: a mismatch would skip events silently, so it
     raises ConnectorError."""
-    tables = await resolve_tables(conn, config.tables) if config.mode == "table" else []
+    tables = (
+        await resolve_tables(conn, config.tables, mapped=config.maps_columns)
+        if config.mode == "table"
+        else []
+    )
     problem = await publication_mismatch(conn, config.publication, tables)
     if problem:
         raise ConnectorError(problem)
@@ -52,7 +60,7 @@ async def check(config: PostgresLogicalConfig) -> list[str]:
         notes: list[str] = []
         tables: list[tuple[str, str]] = []
         if config.mode == "table":
-            tables = await resolve_tables(sql, config.tables)
+            tables = await resolve_tables(sql, config.tables, mapped=config.maps_columns)
             for pair in tables:
                 await _check_columns(sql, config, pair)
             notes.append(f"table(s) {', '.join(shown(pair) for pair in tables)}: mapping ok")
@@ -111,11 +119,14 @@ async def _check_columns(
         raise ConnectorError(problem)
 
 
-def _table_sql(config: PostgresLogicalConfig) -> list[psql.Composed]:
-    """The default outbox table for each configured table, when the mapping is the default one."""
-    if config.mode == "table" and config.columns.names() == LogicalColumns().names():
-        return [default_table_ddl(parse_table_name(table)) for table in config.tables]
-    return []
+def _table_sql(
+    config: PostgresLogicalConfig, table: QualifiedName, create_schema: bool
+) -> list[psql.Composed]:
+    """A default outbox table (in its schema, with `create_schema`); with a columns mapping, the
+    application's table as a suggestion (init-db never runs it: see `init_db`)."""
+    if config.maps_columns:
+        return application_table_sql(table, config.columns.names().mapping())
+    return [*(schema_sql(table) if create_schema else []), default_table_ddl(table)]
 
 
 def _slot_sql(slot: str) -> psql.Composed:
@@ -131,19 +142,29 @@ def init_sql(config: PostgresLogicalConfig) -> list[psql.Composed]:
     """The statements `init-db --print-sql` shows."""
     tables = [parse_table_name(table) for table in config.tables] if config.mode == "table" else []
     # (init-db itself creates the publication only when it does not exist: see init_db.)
-    return [*_table_sql(config), create_publication_sql(config.publication, tables), _slot_sql(config.slot)]
+    creates = [statement for table in tables for statement in _table_sql(config, table, True)]
+    return [*creates, create_publication_sql(config.publication, tables), _slot_sql(config.slot)]
 
 
 async def init_db(conn: psycopg.AsyncConnection[Any], config: PostgresLogicalConfig) -> list[str]:
     """The tables (default mapping), then the publication: created for the tables as the
     server resolves them when it does not exist, else completed with the configured tables
     it lacks; refused when it publishes tables that are not configured. Then the slot."""
-    for table, statement in zip(config.tables, _table_sql(config), strict=False):
+    for text in config.tables if config.mode == "table" else []:
         # (An unqualified name that finds a table further along the search_path must not
         # get a second one in its first schema.)
-        if await existing_table(conn, parse_table_name(table)) is None:
+        table = parse_table_name(text)
+        if await existing_table(conn, table) is not None:
+            continue
+        if config.maps_columns:
+            raise ConnectorError(missing_table(table, mapped=True))
+        for statement in _table_sql(config, table, await schema_missing(conn, table)):
             await conn.execute(statement)
-    tables = await resolve_tables(conn, config.tables) if config.mode == "table" else []
+    tables = (
+        await resolve_tables(conn, config.tables, mapped=config.maps_columns)
+        if config.mode == "table"
+        else []
+    )
     notes = await ensure_publication(conn, config.publication, tables)
     await conn.execute(_slot_sql(config.slot))
     return notes

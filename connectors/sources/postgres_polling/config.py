@@ -72,6 +72,11 @@ class PostgresPollingConfig(ConnectorConfig):
         return [Claim("table", database_place(self.dsn), table.schema, table.name, "table", table.display())]
 
     @property
+    def maps_columns(self) -> bool:
+        """The table has columns of its own names: the application's table, not init-db's."""
+        return self.columns.names() != ColumnMapping().names()
+
+    @property
     def marks(self) -> bool:
         """Rows are marked published (`after_publish: mark`), not deleted."""
         return self.after_publish == "mark"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from outbox_relay.connectors.sources.outbox_table import default_table_ddl
-from outbox_relay.connectors.sources.postgres_polling.config import ColumnMapping, PostgresPollingConfig
+from outbox_relay.connectors.sources.outbox_table import application_table_sql, default_table_ddl, schema_sql
+from outbox_relay.connectors.sources.postgres_polling.config import PostgresPollingConfig
 from outbox_relay.identifiers import QualifiedName, derived_name
 
 # Fixed text: the channel comes as the trigger's argument, the table name from the server.
@@ -23,16 +23,21 @@ _NOTIFY_FUNCTION = sql.Composed(
 
 
 def init_statements(
-    config: PostgresPollingConfig, existing: QualifiedName | None = None
+    config: PostgresPollingConfig, existing: QualifiedName | None = None, *, create_schema: bool = True
 ) -> list[sql.Composed]:
     """The DDL of `init-db`; on `existing`, the table the configured name finds, when given
-    (it is then not created)."""
+    (it is then not created). Without it, the default table is created (in its schema, with
+    `create_schema`), and for a table with a columns mapping the statements start with the
+    application's table, as a suggestion (init-db refuses to go on without that table)."""
     cols = config.columns.names()
     configured = config.table_name()
     name = existing or configured
     table = name.identifier()
     statements: list[sql.Composed] = []
-    if cols == ColumnMapping().names() and existing is None:
+    if existing is None and config.maps_columns:
+        statements.extend(application_table_sql(configured, {"position": cols.position, **cols.mapping()}))
+    elif existing is None:
+        statements.extend(schema_sql(configured) if create_schema else [])
         statements.append(default_table_ddl(configured))
     if cols.published_at and config.marks:
         statements.append(

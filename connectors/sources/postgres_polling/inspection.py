@@ -14,6 +14,7 @@ from outbox_relay.connectors.sources.outbox_table import (
     ResolvedTable,
     domain_bases,
     missing_columns,
+    missing_table,
     resolve_table,
     table_columns,
 )
@@ -50,10 +51,10 @@ async def inspect_table(
     that the mapped columns exist and that the position column can key the reads. Raises
     ConnectorError saying what is wrong."""
     cols = config.columns.names()
-    table = await resolve_table(conn, name)
+    table = await resolve_table(conn, name, mapped=config.maps_columns)
     types, type_oids, bases = await _column_types(conn, table)
-    if not types:
-        raise ConnectorError(f"table {table.display()} does not exist (run: outbox-relay init-db)")
+    if not types:  # (dropped since)
+        raise ConnectorError(missing_table(table.display(), mapped=config.maps_columns))
     problem = missing_columns(table.display(), config.columns.model_dump(), cols.mapping(), types)
     if problem:
         raise ConnectorError(problem)

@@ -12,7 +12,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay.connectors.sources.outbox_table import existing_table, write_events
+from outbox_relay.connectors.sources.outbox_table import (
+    existing_table,
+    missing_table,
+    schema_missing,
+    write_events,
+)
 from outbox_relay.connectors.sources.postgres_polling import queries
 from outbox_relay.connectors.sources.postgres_polling.config import PostgresPollingConfig
 from outbox_relay.connectors.sources.postgres_polling.ddl import init_statements
@@ -207,7 +212,12 @@ class PostgresPollingSource(Source, DatabaseSource):
     async def init_db(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
         """`init_sql()`, on the table the server finds for the configured name when there is
         one (see `outbox_table.existing_table`)."""
-        for statement in self.init_sql(await existing_table(conn, self.config.table_name())):
+        name = self.config.table_name()
+        existing = await existing_table(conn, name)
+        if existing is None and self.config.maps_columns:
+            raise ConnectorError(missing_table(name, mapped=True))
+        create_schema = await schema_missing(conn, name)
+        for statement in init_statements(self.config, existing, create_schema=create_schema):
             await conn.execute(statement)
         return []
 
