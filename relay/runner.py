@@ -68,11 +68,12 @@ def build_dead_letter_store(outbox: OutboxConfig, index: int) -> DeadLetterStore
     return DeadLetterStore(dsn, outbox.dead_letter.table)
 
 
-def build_pipeline(outbox: OutboxConfig, index: int) -> Pipeline:
+def build_pipeline(outbox: OutboxConfig, index: int, sink: Sink | None = None) -> Pipeline:
+    """The outbox's pipeline, with its configured sink unless `sink` is given (tools, tests)."""
     return Pipeline(
         outbox.name,
         build_source(outbox, index),
-        build_sink(outbox, index),
+        sink if sink is not None else build_sink(outbox, index),
         retry=outbox.retry,
         tuning=outbox.pipeline,
         dead_letter=outbox.dead_letter,

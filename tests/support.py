@@ -280,19 +280,9 @@ def slot_confirmed(dsn: str, slot: str = "outbox_relay") -> int:
 
 def pipeline_with_sink(config: dict[str, Any], sink: Any) -> Any:
     """The pipeline of the config's first outbox, with `sink` instead of the configured one."""
-    from outbox_relay.pipeline import Pipeline
-    from outbox_relay.runner import build_dead_letter_store
+    from outbox_relay.runner import build_pipeline
 
-    outbox = parse_config(config, "t.yaml", {}).outboxes[0]
-    return Pipeline(
-        outbox.name,
-        build_source(outbox, 0),
-        sink,
-        retry=outbox.retry,
-        tuning=outbox.pipeline,
-        dead_letter=outbox.dead_letter,
-        dead_letters=build_dead_letter_store(outbox, 0),
-    )
+    return build_pipeline(parse_config(config, "t.yaml", {}).outboxes[0], 0, sink)
 
 
 @contextlib.contextmanager

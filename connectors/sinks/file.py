@@ -16,7 +16,7 @@ import stat
 import time
 from collections.abc import Sequence
 from io import FileIO
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import Field, field_validator
@@ -182,28 +182,42 @@ def _drop_torn_last_line(path: str) -> None:
             handle.truncate(end)
 
 
-class FileReader(DeliveryReader):
-    """Tails the sink's file from its current end."""
+class JsonLinesTail:
+    """The JSON lines appended to a file since the last `read` (a line still being written is
+    kept for the next one)."""
 
-    def __init__(self, config: FileSinkConfig) -> None:
-        self._path = config.path
-        self._offset = 0
+    def __init__(self, path: str, offset: int = 0) -> None:
+        self._path = path
+        self._offset = offset
         self._partial = b""
 
-    async def start(self, fields: Sequence[dict[str, str]]) -> None:
-        self._offset = os.path.getsize(self._path) if os.path.exists(self._path) else 0
-
-    async def poll(self) -> list[Delivered]:
+    def read(self) -> list[dict[str, Any]]:
         if not os.path.exists(self._path):
             return []
         with open(self._path, "rb") as handle:
             handle.seek(self._offset)
             chunk = handle.read()
         self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        return [orjson.loads(line) for line in lines if line.strip()]
+
+
+class FileReader(DeliveryReader):
+    """Tails the sink's file from its current end."""
+
+    def __init__(self, config: FileSinkConfig) -> None:
+        self._path = config.path
+        self._tail = JsonLinesTail(self._path)
+
+    async def start(self, fields: Sequence[dict[str, str]]) -> None:
+        self._tail = JsonLinesTail(
+            self._path, os.path.getsize(self._path) if os.path.exists(self._path) else 0
+        )
+
+    async def poll(self) -> list[Delivered]:
+        lines = self._tail.read()
         now = time.time()
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        return [Delivered(orjson.loads(line)["headers"], now) for line in lines if line.strip()]
+        return [Delivered(line["headers"], now) for line in lines]
 
 
 plugin = SinkPlugin(type="file", config=FileSinkConfig, factory=FileSink, reader=FileReader)

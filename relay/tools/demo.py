@@ -21,13 +21,13 @@ from typing import Any
 import psycopg
 
 from outbox_relay.config import RelayConfig, parse_config
-from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig
+from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig, JsonLinesTail
 from outbox_relay.events import OutboxEvent, PublishResult
 from outbox_relay.logs import configure_logging
 from outbox_relay.pipeline import Pipeline
 from outbox_relay.progress import Fields, RateMeter, showing
-from outbox_relay.runner import Relay, build_dead_letter_store, build_source, database_setup
-from outbox_relay.tools.demo_check import DemoSummary, FileTail, SinkTally, summarize
+from outbox_relay.runner import Relay, build_pipeline, database_setup
+from outbox_relay.tools.demo_check import DemoSummary, SinkTally, summarize
 from outbox_relay.tools.demo_orders import Written, write_orders
 
 #: Events shown as they arrive (those of the first orders seen); the rest is only counted.
@@ -86,15 +86,7 @@ def _pipeline(config: RelayConfig, drop_every: int) -> Pipeline:
     outbox = config.outboxes[0]
     assert isinstance(outbox.sink, FileSinkConfig)
     sink = _DroppingFileSink(outbox.sink, drop_every) if drop_every else FileSink(outbox.sink)
-    return Pipeline(
-        outbox.name,
-        build_source(outbox, 0),
-        sink,
-        retry=outbox.retry,
-        tuning=outbox.pipeline,
-        dead_letter=outbox.dead_letter,
-        dead_letters=build_dead_letter_store(outbox, 0),
-    )
+    return build_pipeline(outbox, 0, sink)
 
 
 class _Demo:
@@ -104,7 +96,7 @@ class _Demo:
         self.dsn, self.relay = dsn, relay
         run_id = uuid.uuid4().hex[:6]
         self.written, self.tally = Written(run_id), SinkTally(run_id)
-        self.tail = FileTail(sink_path)
+        self.tail = JsonLinesTail(sink_path)
         self.stop_writing, self.give_up = asyncio.Event(), asyncio.Event()
         self.meter = RateMeter()
         self.started = time.monotonic()

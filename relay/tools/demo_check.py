@@ -8,12 +8,9 @@ delivery allows (consumers drop them by event_id); they do not fail the demo.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from outbox_relay.tools.demo_orders import LIFECYCLE, Written
 
@@ -46,25 +43,6 @@ class SinkTally:
             self._last[order_id] = max(sequence, self._last.get(order_id, 0))
             new.append(line)
         return new
-
-
-class FileTail:
-    """Reads the lines appended to the sink's file since the last call."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._offset = 0
-        self._partial = b""
-
-    def read(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self._path):
-            return []
-        with open(self._path, "rb") as handle:
-            handle.seek(self._offset)
-            chunk = handle.read()
-        self._offset += len(chunk)
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        return [orjson.loads(line) for line in lines if line.strip()]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 
-from outbox_relay.tools.demo_check import FileTail, SinkTally, summarize
+from outbox_relay.connectors.sinks.file import JsonLinesTail
+from outbox_relay.tools.demo_check import SinkTally, summarize
 from outbox_relay.tools.demo_orders import LIFECYCLE, OrderBook, Written
 
 
@@ -80,7 +81,7 @@ def test_the_file_tail_returns_each_complete_line_once_and_waits_for_the_rest_of
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "events.jsonl"
-    tail = FileTail(str(path))
+    tail = JsonLinesTail(str(path))
     assert tail.read() == [], "no file yet"
     first, second = orjson.dumps(_line("a1", "a", 1)), orjson.dumps(_line("a2", "a", 2))
     path.write_bytes(first + b"\n" + second[:10])
