@@ -101,7 +101,7 @@ def dsn(pg: PostgresServer) -> Iterator[str]:
         pg.drop_database(database)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # (not session: a module may have a `pg` or `kafka` of its own)
 def controlled_pg(pg: PostgresServer) -> Iterator[PostgresServer]:
     """A PostgreSQL this run may stop, restart and reconfigure (see `controlled_postgres`)."""
     with controlled_postgres(pg) as server:
@@ -180,7 +180,7 @@ def kafka() -> Iterator[KafkaBroker]:
         yield broker
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def controlled_kafka(kafka: KafkaBroker) -> Iterator[KafkaBroker]:
     """A Kafka-protocol broker this run may pause and stop: `kafka` when it is a private tansu,
     else (a container) a private tansu of its own; skips when KAFKA_BOOTSTRAP_SERVERS names one."""

@@ -19,6 +19,7 @@ Images come from ``RELAY_TEST_PG_IMAGE``, ``RELAY_TEST_KAFKA_IMAGE`` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -124,9 +125,13 @@ class _Removal:
 
 
 def _loopback_only(container: Any, port: int) -> None:
-    """Publish ``port`` on the loopback interface only when the engine runs on this machine (a
-    unix socket); a remote engine's containers are reached at its address."""
-    if engine_address().startswith("unix://"):
+    """Publish ``port`` on the loopback interface only when the tests reach the engine's ports
+    there: an engine on this machine (a unix socket), reached at its own address (not from
+    inside another container through a gateway)."""
+    from testcontainers.core.config import ConnectionMode
+
+    local = engine_address().startswith("unix://")
+    if local and container.get_docker_client().get_connection_mode() is ConnectionMode.docker_host:
         container.ports[str(port)] = (HOST,)
 
 
@@ -137,13 +142,14 @@ def _host(container: Any) -> str:
 
 def _started(container: Any, port: int) -> tuple[_Removal, str, int]:
     """Start the container; its removal, and the host and port clients reach ``port`` at."""
-    container.start()
     try:
-        removal = _Removal(container)
-        return removal, _host(container), int(container.get_exposed_port(port))
+        container.start()
+        host, exposed = _host(container), int(container.get_exposed_port(port))
     except BaseException:
-        container.stop()
+        with contextlib.suppress(Exception):  # (a container that never started: nothing to remove)
+            container.stop()
         raise
+    return _Removal(container), host, exposed
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------

@@ -7,18 +7,21 @@ says how to point these tests at an engine and an image.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from outbox_relay.config import parse_config
-from tests.conftest import controlled_postgres
+from tests.conftest import controlled_postgres, rabbit_delivered
 from tests.harness import containers
 from tests.harness.docker_engine import engine_client, image_availability
-from tests.harness.postgres import DSN_ENV_VAR, PostgresServer, start_postgres
+from tests.harness.postgres import PostgresServer, start_postgres
+from tests.harness.rabbitmq import consistent_hash_available, declare_queue, drain_queue, start_rabbitmq
 from tests.harness.server_choice import MODE_ENV_VAR
 from tests.support import (
     assert_complete_and_ordered,
@@ -29,19 +32,28 @@ from tests.support import (
     relay_config,
     run_relay_until,
     source_setup_sql,
+    unpublished,
 )
+
+
+@contextmanager
+def _containers_only(server: str) -> Iterator[None]:
+    """RELAY_TEST_SERVERS=containers and `server` not configured; skips where no container of
+    `server` can be had."""
+    spec = containers.SERVERS[server]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(spec.configured_by, raising=False)
+        patch.setenv(MODE_ENV_VAR, "auto")
+        choice = containers.choice_for(server)
+        if choice.kind != "container":
+            pytest.skip(f"no {spec.label} container can be had here: {choice.reason}")
+        patch.setenv(MODE_ENV_VAR, "containers")
+        yield
 
 
 @pytest.fixture(scope="module")
 def container_env() -> Iterator[None]:
-    """RELAY_TEST_SERVERS=containers with no configured server; skips where no container can be had."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(DSN_ENV_VAR, raising=False)
-        patch.setenv(MODE_ENV_VAR, "auto")
-        choice = containers.choice_for("postgres")
-        if choice.kind != "container":
-            pytest.skip(f"no PostgreSQL container can be had here: {choice.reason}")
-        patch.setenv(MODE_ENV_VAR, "containers")
+    with _containers_only("postgres"):
         yield
 
 
@@ -113,3 +125,19 @@ def test_auto_falls_back_to_a_process_naming_the_image_an_engine_cannot_have(
     choice = containers.choice_for("postgres")
     assert choice.kind == "process"
     assert f"image {absent} is not in the engine and cannot be pulled" in choice.reason
+
+
+def test_a_rabbitmq_container_takes_what_the_relay_publishes_and_has_the_consistent_hash_exchange(
+    dsn: str, tmp_path: Path
+) -> None:
+    with _containers_only("rabbitmq"), start_rabbitmq() as rabbit:
+        assert isinstance(rabbit, containers.RabbitContainerBroker), rabbit
+        assert not rabbit.controllable
+        assert consistent_hash_available(rabbit.url)
+        exchange, queue = f"relaytest-{tmp_path.name}.x", f"relaytest-{tmp_path.name}.q"
+        declare_queue(rabbit.url, queue, exchange, "#", exchange_type="topic")
+        insert_events(dsn, 200, aggregates=5)
+        sink = {"type": "rabbitmq", "url": rabbit.url, "exchange": exchange, "confirm_timeout": "5s"}
+        asyncio.run(run_relay_until(relay_config(dsn, sink), lambda _: unpublished(dsn) == 0, timeout=60))
+        delivered = rabbit_delivered(drain_queue(rabbit.url, queue, 200))
+        assert assert_complete_and_ordered(delivered, event_ids(dsn)) == 0
