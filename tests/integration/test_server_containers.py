@@ -1,8 +1,8 @@
-"""The container path of the test harness, for real: a PostgreSQL container started through
-testcontainers where a Docker engine (or podman's API service) has the image.
+"""The container path of the test harness, for real: PostgreSQL, RabbitMQ and Kafka containers
+started through testcontainers where a Docker engine (or podman's API service) has the images.
 
-Skipped, with the reason, where no engine answers or the image cannot be had: docs/test-servers.md
-says how to point these tests at an engine and an image.
+Each test is skipped, with the reason, where no engine answers or its image cannot be had:
+docs/test-servers.md says how to point these tests at an engine and at images of your own.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import psycopg
 import pytest
 
 from outbox_relay.config import parse_config
-from tests.conftest import controlled_postgres, rabbit_delivered
+from tests.conftest import consume_event_ids, controlled_postgres, kafka_message_as_line, rabbit_delivered
 from tests.harness import containers
 from tests.harness.docker_engine import engine_client, image_availability
+from tests.harness.kafka import start_kafka
 from tests.harness.postgres import PostgresServer, start_postgres
 from tests.harness.rabbitmq import consistent_hash_available, declare_queue, drain_queue, start_rabbitmq
 from tests.harness.server_choice import MODE_ENV_VAR
@@ -140,4 +141,22 @@ def test_a_rabbitmq_container_takes_what_the_relay_publishes_and_has_the_consist
         sink = {"type": "rabbitmq", "url": rabbit.url, "exchange": exchange, "confirm_timeout": "5s"}
         asyncio.run(run_relay_until(relay_config(dsn, sink), lambda _: unpublished(dsn) == 0, timeout=60))
         delivered = rabbit_delivered(drain_queue(rabbit.url, queue, 200))
+        assert assert_complete_and_ordered(delivered, event_ids(dsn)) == 0
+
+
+def test_a_kafka_container_takes_what_the_relay_publishes_and_cannot_be_paused_from_here(
+    dsn: str, tmp_path: Path
+) -> None:
+    with _containers_only("kafka"), start_kafka() as kafka:
+        assert isinstance(kafka, containers.KafkaContainerBroker), kafka
+        assert not kafka.owned
+        with pytest.raises(RuntimeError, match="controlled_kafka"):
+            kafka.pause()
+        topic = f"relaytest-{tmp_path.name}"
+        kafka.create_topic(topic, partitions=2)
+        insert_events(dsn, 200, aggregates=5)
+        sink = {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "topic": topic}
+        asyncio.run(run_relay_until(relay_config(dsn, sink), lambda _: unpublished(dsn) == 0, timeout=60))
+        messages = consume_event_ids(kafka, topic, event_ids(dsn), timeout=20)
+        delivered = [kafka_message_as_line(m) for m in messages]
         assert assert_complete_and_ordered(delivered, event_ids(dsn)) == 0
