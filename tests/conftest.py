@@ -72,7 +72,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_configure(config: Any) -> None:
+def pytest_configure(config: pytest.Config) -> None:
     """A bad RELAY_TEST_SERVERS stops the run at once with one line, not every test with a trace."""
     try:
         mode_from(os.environ)
