@@ -1,6 +1,7 @@
 """Fixtures shared by the integration tests: a real PostgreSQL (private cluster with
-wal_level=logical, or RELAY_TEST_PG_DSN), one fresh database per test, a Kafka-protocol broker
-(private tansu, or KAFKA_BOOTSTRAP_SERVERS), and small helpers."""
+wal_level=logical, a container, or RELAY_TEST_PG_DSN), one fresh database per test, a
+Kafka-protocol broker (private tansu, a container, or KAFKA_BOOTSTRAP_SERVERS), and small helpers.
+Where each server comes from: docs/test-servers.md."""
 
 from __future__ import annotations
 
@@ -11,18 +12,22 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.harness.kafka import BOOTSTRAP_ENV_VAR as KAFKA_ENV_VAR
 from tests.harness.kafka import ConsumedMessage, KafkaBroker, start_kafka
 from tests.harness.machine_servers import MachineServers, watch_machine_servers
 from tests.harness.nats import NatsServer, start_nats
+from tests.harness.postgres import DSN_ENV_VAR as PG_DSN_ENV_VAR
 from tests.harness.postgres import PostgresServer, start_postgres
 from tests.harness.rabbitmq import RabbitBroker, delete, start_rabbitmq
 from tests.harness.redis import RedisServer, start_redis
+from tests.harness.server_choice import ServerChoiceError, mode_from
 from tests.harness.webhook import Request as WebhookRequest
 from tests.harness.webhook import WebhookReceiver
 from tests.support import REPO, create_outbox_database, start_relay
@@ -67,6 +72,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A bad RELAY_TEST_SERVERS stops the run at once with one line, not every test with a trace."""
+    try:
+        mode_from(os.environ)
+    except ServerChoiceError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in _MACHINE_SERVERS_REPORT:
         terminalreporter.write_line(line)
@@ -86,6 +99,37 @@ def dsn(pg: PostgresServer) -> Iterator[str]:
         yield database
     finally:
         pg.drop_database(database)
+
+
+@pytest.fixture(scope="module")  # (not session: a module may have a `pg` or `kafka` of its own)
+def controlled_pg(pg: PostgresServer) -> Iterator[PostgresServer]:
+    """A PostgreSQL this run may stop, restart and reconfigure (see `controlled_postgres`)."""
+    with controlled_postgres(pg) as server:
+        yield server
+
+
+@contextmanager
+def controlled_postgres(shared: PostgresServer) -> Iterator[PostgresServer]:
+    """`shared` when it is a private cluster, else (a container, which the harness does not
+    control) a private cluster of its own. Skips the test when RELAY_TEST_PG_DSN names the server:
+    the tests never touch a server they did not start."""
+    if shared.owned:
+        yield shared
+        return
+    if os.environ.get(PG_DSN_ENV_VAR):
+        pytest.skip(f"needs a PostgreSQL this test run started ({PG_DSN_ENV_VAR} names another)")
+    with start_postgres(private=True) as server:
+        yield server
+
+
+@pytest.fixture
+def controlled_dsn(controlled_pg: PostgresServer) -> Iterator[str]:
+    """Like `dsn`, on `controlled_pg`."""
+    database = create_outbox_database(controlled_pg)
+    try:
+        yield database
+    finally:
+        controlled_pg.drop_database(database)
 
 
 @pytest.fixture
@@ -133,6 +177,19 @@ def kafka() -> Iterator[KafkaBroker]:
     """A Kafka-protocol broker for the whole run: a private tansu, or KAFKA_BOOTSTRAP_SERVERS."""
     pytest.importorskip("confluent_kafka")
     with start_kafka() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def controlled_kafka(kafka: KafkaBroker) -> Iterator[KafkaBroker]:
+    """A Kafka-protocol broker this run may pause and stop: `kafka` when it is a private tansu,
+    else (a container) a private tansu of its own; skips when KAFKA_BOOTSTRAP_SERVERS names one."""
+    if kafka.owned:
+        yield kafka
+        return
+    if os.environ.get(KAFKA_ENV_VAR):
+        pytest.skip(f"needs a broker this test run started ({KAFKA_ENV_VAR} names another)")
+    with start_kafka(private=True) as broker:
         yield broker
 
 

@@ -113,11 +113,15 @@ class KafkaBroker(Server):
         return consume_all(self.bootstrap_servers, topic, expected_count, timeout)
 
 
-def start_kafka(tmp_root: str | None = None) -> KafkaBroker:
-    """Return a running Kafka-protocol broker for tests.
+def start_kafka(tmp_root: str | None = None, *, private: bool = False) -> KafkaBroker:
+    """Return a running Kafka-protocol broker for tests; with ``private``, always a private tansu
+    broker (for a test that pauses or stops it).
 
     If ``KAFKA_BOOTSTRAP_SERVERS`` is set, that cluster is used as is (``owned=False``) after
     checking that it answers a metadata request; RuntimeError if not.
+
+    Otherwise, where a Docker engine can run the image, a Kafka container
+    (tests/harness/containers.py; ``RELAY_TEST_SERVERS`` decides), ``owned=False``.
 
     Otherwise a private tansu broker is started on a free loopback port, with its log in a new
     directory under ``tmp_root`` (default: the system temp directory), and returned with
@@ -125,7 +129,7 @@ def start_kafka(tmp_root: str | None = None) -> KafkaBroker:
     :meth:`KafkaBroker.close` (or use it as a context manager); an atexit hook and a watchdog
     process clean up if it does not.
     """
-    external = os.environ.get(BOOTSTRAP_ENV_VAR)
+    external = None if private else os.environ.get(BOOTSTRAP_ENV_VAR)
     if external:
         from confluent_kafka.admin import AdminClient
 
@@ -134,6 +138,10 @@ def start_kafka(tmp_root: str | None = None) -> KafkaBroker:
         except Exception as exc:
             raise RuntimeError(f"{BOOTSTRAP_ENV_VAR}={external} is set but does not answer: {exc}") from None
         return KafkaBroker(external, owned=False)
+    from tests.harness import containers  # (it imports this module)
+
+    if not private and containers.wanted("kafka"):
+        return containers.start_kafka_container()
     binary = _find_binary()
 
     def command(port: int, root: Path) -> list[str]:

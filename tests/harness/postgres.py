@@ -338,11 +338,15 @@ class PostgresServer(ClosesOnExit):
         return log_tail(self.log_path)
 
 
-def start_postgres(tmp_root: str | None = None) -> PostgresServer:
-    """Return a running PostgreSQL server for tests.
+def start_postgres(tmp_root: str | None = None, *, private: bool = False) -> PostgresServer:
+    """Return a running PostgreSQL server for tests; with ``private``, always a private cluster
+    (for a test that stops, restarts or reconfigures it).
 
     If ``RELAY_TEST_PG_DSN`` is set, that server is used as is (``owned=False``) after
     checking that it accepts a connection; RuntimeError (password redacted) if not.
+
+    Otherwise, where a Docker engine can run the image, a container (tests/harness/containers.py;
+    ``RELAY_TEST_SERVERS`` decides, see docs/test-servers.md), ``owned=False``.
 
     Otherwise a private cluster is initialised under ``tmp_root`` (default: the system
     temp directory; when running as root it must be traversable by the ``postgres``
@@ -352,6 +356,8 @@ def start_postgres(tmp_root: str | None = None) -> PostgresServer:
     (or use it as a context manager); an atexit hook and a watchdog process clean up
     if it does not.
     """
+    if private:
+        return _start_private_cluster(tmp_root)
     external = os.environ.get(DSN_ENV_VAR)
     if external:
         try:
@@ -359,6 +365,10 @@ def start_postgres(tmp_root: str | None = None) -> PostgresServer:
         except RuntimeError as exc:
             raise RuntimeError(f"{DSN_ENV_VAR} is set but that server does not answer: {exc}") from None
         return PostgresServer(external, owned=False)
+    from tests.harness import containers  # (it imports this module)
+
+    if containers.wanted("postgres"):
+        return containers.start_postgres_container()
     return _start_private_cluster(tmp_root)
 
 

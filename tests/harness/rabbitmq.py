@@ -52,6 +52,7 @@ from tests.harness.process import (
     port_accepts,
     wait_until_ready,
 )
+from tests.harness.server_choice import Mode, mode_from
 
 __all__ = [
     "AMQP_URL_ENV_VAR",
@@ -388,9 +389,10 @@ def start_rabbitmq(*, private: bool = False, tmp_root: str | None = None) -> Rab
     With ``private`` (a test that stops the broker, enables a plugin or adds users), always a
     private node. Otherwise ``RELAY_TEST_AMQP_URL`` wins when set (RuntimeError if it does not
     accept a login), then the system node on 127.0.0.1:5672 when it accepts guest/guest (unless
-    ``RELAY_TEST_RABBITMQ_PRIVATE=1``). Else a private node is booted under a new directory in
-    ``tmp_root`` (default: the system temp dir); RuntimeError (with the install hint) when the
-    rabbitmq-server package is missing.
+    ``RELAY_TEST_RABBITMQ_PRIVATE=1`` or ``RELAY_TEST_SERVERS=containers``), then a container where
+    a Docker engine can run the image (tests/harness/containers.py). Else a private node is booted
+    under a new directory in ``tmp_root`` (default: the system temp dir); RuntimeError (with the
+    install hint) when the rabbitmq-server package is missing.
     """
     external = None if private else os.environ.get(AMQP_URL_ENV_VAR)
     if external:
@@ -400,8 +402,14 @@ def start_rabbitmq(*, private: bool = False, tmp_root: str | None = None) -> Rab
             raise RuntimeError(f"{AMQP_URL_ENV_VAR} is set but {exc}") from None
         return RabbitBroker(external, owned=False)
     prefer_existing = not private and os.environ.get(PRIVATE_ENV_VAR, "") not in ("1", "true", "yes")
+    from tests.harness import containers  # (it imports this module)
+
+    # RELAY_TEST_SERVERS=containers asks for a container even where the system node runs.
+    prefer_existing = prefer_existing and mode_from(os.environ) is not Mode.CONTAINERS
     if prefer_existing and _amqp_login_works(SYSTEM_URL):
         return RabbitBroker(SYSTEM_URL, owned=False)
+    if not private and containers.wanted("rabbitmq"):
+        return containers.start_rabbitmq_container()
     if not (_LIB_BIN / "rabbitmq-server").is_file() and shutil.which("rabbitmq-server") is None:
         raise RuntimeError(
             "no RabbitMQ: install the Debian package rabbitmq-server (tests/install-servers.sh), "

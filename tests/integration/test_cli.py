@@ -284,9 +284,10 @@ def test_http_serves_metrics_health_and_readiness(dsn: str, tmp_path: Path) -> N
     assert relay.returncode == 0
 
 
-def test_readiness_is_false_while_the_database_is_down(pg: PostgresServer, dsn: str, tmp_path: Path) -> None:
-    if not pg.owned:
-        pytest.skip("needs a PostgreSQL this test run started")
+def test_readiness_is_false_while_the_database_is_down(
+    controlled_pg: PostgresServer, controlled_dsn: str, tmp_path: Path
+) -> None:
+    pg, dsn = controlled_pg, controlled_dsn
     config = relay_config(dsn, {"type": "stdout"})
     port = free_port()
     config["http"] = {"port": port, "host": "127.0.0.1"}

@@ -46,10 +46,9 @@ def _assert_survived(report: dict[str, Any], dsn: str) -> None:
 
 
 def test_drill_against_kafka_with_kills_a_broker_pause_and_a_database_restart_loses_nothing(
-    tmp_path: Path, pg: PostgresServer, dsn: str, kafka: KafkaBroker
+    tmp_path: Path, controlled_pg: PostgresServer, controlled_dsn: str, controlled_kafka: KafkaBroker
 ) -> None:
-    if not (pg.owned and kafka.owned):
-        pytest.skip("pauses the broker and restarts the database: needs servers this run started")
+    pg, dsn, kafka = controlled_pg, controlled_dsn, controlled_kafka
     sink = {"type": "kafka", "bootstrap_servers": kafka.bootstrap_servers, "delivery_timeout": "3s"}
     report = _drill(
         tmp_path, relay_config(dsn, sink), "--broker-outage", "2s", "--broker-pid", str(kafka.pid),
@@ -64,10 +63,10 @@ def private_rabbit() -> Iterator[RabbitBroker]:
 
 
 def test_drill_against_rabbitmq_with_kills_a_broker_outage_and_a_database_restart_loses_nothing(
-    tmp_path: Path, pg: PostgresServer, dsn: str, private_rabbit: RabbitBroker
+    tmp_path: Path, controlled_pg: PostgresServer, controlled_dsn: str, private_rabbit: RabbitBroker
 ) -> None:
-    rabbitmq = private_rabbit
-    if not (pg.owned and rabbitmq.controllable):
+    pg, dsn, rabbitmq = controlled_pg, controlled_dsn, private_rabbit
+    if not rabbitmq.controllable:
         pytest.skip("stops the broker and restarts the database: needs servers this run started")
     exchange = f"drill-{tmp_path.name}"
     sink = {"type": "rabbitmq", "url": rabbitmq.url, "exchange": exchange, "confirm_timeout": "3s"}

@@ -203,10 +203,9 @@ async def test_a_huge_single_transaction_streams_within_the_in_flight_window(
 
 @pytest.mark.slow
 async def test_a_postgres_restart_mid_stream_loses_nothing(
-    pg: PostgresServer, dsn: str, tmp_path: Path
+    controlled_pg: PostgresServer, controlled_dsn: str, tmp_path: Path
 ) -> None:
-    if not pg.owned:
-        pytest.skip("needs a PostgreSQL this test run started")
+    pg, dsn = controlled_pg, controlled_dsn
     out = tmp_path / "out.jsonl"
     config = _config(dsn, out, batch_size=200, pipeline={"max_in_flight": 500})
     # (A restart longer than the lease, 1 s here, ends its term too: the relay then starts a

@@ -75,9 +75,8 @@ def test_the_watch_sees_a_rabbitmq_app_stopped_and_started_again() -> None:
             watched.close()
 
 
-def test_the_watch_sees_a_postgres_configuration_reloaded(pg: PostgresServer) -> None:
-    if not pg.owned:
-        pytest.skip("reloads the server's configuration: needs a PostgreSQL this run started")
+def test_the_watch_sees_a_postgres_configuration_reloaded(controlled_pg: PostgresServer) -> None:
+    pg = controlled_pg
     watched = _watch("postgres", _port(pg.dsn))
     try:
         time.sleep(0.01)  # pg_conf_load_time has microseconds; make the reload's time differ

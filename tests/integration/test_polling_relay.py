@@ -220,9 +220,10 @@ async def test_memory_stays_bounded_by_the_in_flight_window(dsn: str, tmp_path: 
 
 
 @pytest.mark.slow
-async def test_database_restart_mid_run_loses_nothing(pg: PostgresServer, dsn: str, tmp_path: Path) -> None:
-    if not pg.owned:
-        pytest.skip("needs a PostgreSQL this test run started")
+async def test_database_restart_mid_run_loses_nothing(
+    controlled_pg: PostgresServer, controlled_dsn: str, tmp_path: Path
+) -> None:
+    pg, dsn = controlled_pg, controlled_dsn
     insert_events(dsn, 20_000, aggregates=100)
     out = tmp_path / "out.jsonl"
     restarted = False
