@@ -5,84 +5,38 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import Mapping
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from outbox_relay import metrics
+from outbox_relay.assembly import SetupError, build_pipeline, build_pipelines
 from outbox_relay.config import OutboxConfig, RelayConfig
-from outbox_relay.deadletters import DeadLetterStore
 from outbox_relay.deadletters import create_table_sql as create_dead_letter_table
 from outbox_relay.deadletters import upgrade_table_sql as upgrade_dead_letter_table
 from outbox_relay.http import HealthServer
 from outbox_relay.identifiers import parse_table_name
-from outbox_relay.interfaces import ConnectorError, Sink, Source, Unsupported, database_source
+from outbox_relay.interfaces import Source, Unsupported, database_source
 from outbox_relay.leadership import Lease, LeaseLost, Term, lease_table_in, locate_lease
 from outbox_relay.leadership import create_table_sql as create_lease_table
 from outbox_relay.logs import get_logger
 from outbox_relay.pgsession import SESSION_NAME, fetch_rows, session_conninfo, start_session
 from outbox_relay.pipeline import Pipeline
-from outbox_relay.registry import ConnectorConfig, sink_plugins, source_plugins
 
 
-class SetupError(Exception):
-    """A config that validated but cannot be used (missing extra, connector refuses settings)."""
-
-
-def build_source(outbox: OutboxConfig, index: int) -> Source:
-    return cast(Source, _build("source", source_plugins(), outbox.source, index))
-
-
-def build_sink(outbox: OutboxConfig, index: int) -> Sink:
-    return cast(Sink, _build("sink", sink_plugins(), outbox.sink, index))
-
-
-def _build(role: str, plugins: Mapping[str, object], config: ConnectorConfig, index: int) -> object:
-    from outbox_relay.registry import Plugin
-
-    plugin = plugins[config.type]
-    assert isinstance(plugin, Plugin)
-    where = f"outboxes[{index}].{role}"
-    missing = plugin.missing_requirement()
-    if missing:
-        raise SetupError(f"{where}.type: {role} type '{config.type}' {missing}")
-    try:
-        return plugin.factory(config)
-    except ConnectorError as exc:
-        raise SetupError(f"{where}: {exc}") from None
-
-
-def build_dead_letter_store(outbox: OutboxConfig, index: int) -> DeadLetterStore:
-    """The dead-letter store, also where `on_poison: block` keeps held aggregates. Every outbox
-    has one: held in memory instead, the events behind a poison one would fill the in-flight
-    window and hold back every other aggregate."""
-    dsn = outbox.dead_letter_dsn()
-    if dsn is None:
-        raise SetupError(
-            f"outboxes[{index}].dead_letter.dsn: this source has no database; name one for the "
-            "dead-letter table (poison events, and aggregates held with on_poison: block, wait there)"
-        )
-    return DeadLetterStore(dsn, outbox.dead_letter.table)
-
-
-def build_pipeline(outbox: OutboxConfig, index: int, sink: Sink | None = None) -> Pipeline:
-    """The outbox's pipeline, with its configured sink unless `sink` is given (tools, tests)."""
-    return Pipeline(
+def _lease_of(outbox: OutboxConfig, dsn: str) -> Lease:
+    """The outbox's lease, as its config and its source place it."""
+    return Lease(
+        dsn,
         outbox.name,
-        build_source(outbox, index),
-        sink if sink is not None else build_sink(outbox, index),
-        retry=outbox.retry,
-        tuning=outbox.pipeline,
-        dead_letter=outbox.dead_letter,
-        dead_letters=build_dead_letter_store(outbox, index),
+        table=outbox.lease.table,
+        lease_time=outbox.lease.time,
+        check_interval=outbox.lease.check_interval,
+        scope=outbox.source.lease_scope(),
+        resolve=outbox.source.lease_resolves(),
     )
-
-
-def build_pipelines(config: RelayConfig) -> list[Pipeline]:
-    return [build_pipeline(outbox, i) for i, outbox in enumerate(config.outboxes)]
 
 
 def database_setup(
@@ -278,15 +232,7 @@ class Relay:
         if dsn is None:
             await self.pipelines[index].run(self.stop, drain=drain)
             return
-        lease = self._leases[index] = Lease(
-            dsn,
-            outbox.name,
-            table=outbox.lease.table,
-            lease_time=outbox.lease.time,
-            check_interval=outbox.lease.check_interval,
-            scope=outbox.source.lease_scope(),
-            resolve=outbox.source.lease_resolves(),
-        )
+        lease = self._leases[index] = _lease_of(outbox, dsn)
         # Every session this outbox opens goes by the holder's name: a new holder ends them all
         # if this process freezes or is cut off (the tasks below inherit it).
         SESSION_NAME.set(lease.session_name)

@@ -143,7 +143,7 @@ def missing_extra_message(sink_config: dict[str, Any], module: str) -> str:
 import sys
 sys.modules[{module!r}] = None
 from outbox_relay.config import parse_config
-from outbox_relay.runner import SetupError, build_sink
+from outbox_relay.assembly import SetupError, build_sink
 config = parse_config({{"outboxes": [{{"name": "o", "source": {{"type": "postgres-polling", "dsn": "postgresql://x/y"}},
     "sink": {sink_config!r}}}]}}, "relay.yaml", {{}})
 try:

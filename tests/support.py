@@ -13,10 +13,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import OutboxConfig, parse_config
 from outbox_relay.events import OutboxEvent
 from outbox_relay.interfaces import database_source
-from outbox_relay.runner import build_source, database_setup
+from outbox_relay.runner import database_setup
 from tests.harness.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,7 +281,7 @@ def slot_confirmed(dsn: str, slot: str = "outbox_relay") -> int:
 
 def pipeline_with_sink(config: dict[str, Any], sink: Any) -> Any:
     """The pipeline of the config's first outbox, with `sink` instead of the configured one."""
-    from outbox_relay.runner import build_pipeline
+    from outbox_relay.assembly import build_pipeline
 
     return build_pipeline(parse_config(config, "t.yaml", {}).outboxes[0], 0, sink)
 

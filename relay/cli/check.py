@@ -13,12 +13,12 @@ from typing import Any
 import click
 import yaml
 
+from outbox_relay.assembly import SetupError, build_sink, build_source
 from outbox_relay.cli.common import CONFIG_OPTION, fail, load, masked, run_async
 from outbox_relay.config import OutboxConfig, RelayConfig, config_json_schema
 from outbox_relay.deadletters import DeadLetterStore
 from outbox_relay.interfaces import ConnectorError, DatabaseSource, Sink, Source
 from outbox_relay.logs import configure_logging
-from outbox_relay.runner import SetupError, build_sink, build_source
 from outbox_relay.secrets import scrubber
 from outbox_relay.shared_reads import shared_reads_on_servers
 

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import click
 
+from outbox_relay.assembly import SetupError, build_dead_letter_store, build_source
 from outbox_relay.cli.common import CONFIG_OPTION, fail, load, one_line, run_async
 from outbox_relay.config import OutboxConfig
 from outbox_relay.interfaces import ConnectorError, DatabaseSource, Source
 from outbox_relay.leadership import lease_line
 from outbox_relay.logs import configure_logging
-from outbox_relay.runner import (
-    SetupError,
-    build_dead_letter_store,
-    build_source,
-    database_setup,
-    set_up_database,
-)
+from outbox_relay.runner import database_setup, set_up_database
 from outbox_relay.secrets import scrubber
 
 

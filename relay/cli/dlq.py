@@ -10,13 +10,13 @@ from typing import Any
 
 import click
 
+from outbox_relay.assembly import SetupError, build_source
 from outbox_relay.cli.common import CONFIG_OPTION, OUTBOX_OPTION, fail, load, masked, run_async
 from outbox_relay.config import RelayConfig
 from outbox_relay.deadletters import DeadLetter, DeadLetterStore
 from outbox_relay.deadletters import as_event as as_dead_letter_event
 from outbox_relay.interfaces import ConnectorError, Source, database_source
 from outbox_relay.logs import configure_logging, get_logger
-from outbox_relay.runner import SetupError, build_source
 from outbox_relay.secrets import scrubber
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
+from outbox_relay.assembly import SetupError, build_pipelines
 from outbox_relay.cli.common import CONFIG_OPTION, fail, load, run_async
 from outbox_relay.logs import configure_logging
 from outbox_relay.progress import Fields, RateMeter, showing
-from outbox_relay.runner import Relay, SetupError, build_pipelines, tune_garbage_collector
+from outbox_relay.runner import Relay, tune_garbage_collector
 from outbox_relay.shared_reads import shared_reads_on_servers
 
 

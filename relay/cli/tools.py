@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from outbox_relay.assembly import SetupError
 from outbox_relay.cli.common import CONFIG_OPTION, OUTBOX_OPTION, fail, load, run_async
 from outbox_relay.durations import parse_duration
 from outbox_relay.interfaces import ConnectorError
 from outbox_relay.logs import configure_logging
-from outbox_relay.runner import SetupError
 
 if TYPE_CHECKING:
     from outbox_relay.tools.drill_report import DrillPlan

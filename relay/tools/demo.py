@@ -20,13 +20,14 @@ from typing import Any
 
 import psycopg
 
+from outbox_relay.assembly import build_pipeline
 from outbox_relay.config import RelayConfig, parse_config
 from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig, JsonLinesTail
 from outbox_relay.events import OutboxEvent, PublishResult
 from outbox_relay.logs import configure_logging
 from outbox_relay.pipeline import Pipeline
 from outbox_relay.progress import Fields, RateMeter, showing
-from outbox_relay.runner import Relay, build_pipeline, database_setup
+from outbox_relay.runner import Relay, database_setup
 from outbox_relay.tools.demo_check import DemoSummary, SinkTally, summarize
 from outbox_relay.tools.demo_orders import Written, write_orders
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from outbox_relay.assembly import build_source
 from outbox_relay.backoff import Backoff, Retrying
 from outbox_relay.config import OutboxConfig, RelayConfig
 from outbox_relay.events import OutboxEvent
@@ -33,7 +34,6 @@ from outbox_relay.interfaces import ConnectorError
 from outbox_relay.logs import get_logger
 from outbox_relay.progress import Fields, RateMeter, showing
 from outbox_relay.registry import sink_plugins
-from outbox_relay.runner import build_source
 from outbox_relay.tools.drill_faults import (
     CUT_MODES,
     FAULT_KINDS,

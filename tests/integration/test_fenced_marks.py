@@ -28,7 +28,7 @@ class _Term:
 
 
 async def test_an_ack_whose_token_is_no_longer_the_leases_marks_nothing_and_says_fenced(dsn: str) -> None:
-    from outbox_relay.runner import build_source
+    from outbox_relay.assembly import build_source
 
     insert_events(dsn, 5)
     outbox = parse_config(relay_config(dsn, {"type": "stdout"}), "t.yaml", {}).outboxes[0]

@@ -14,11 +14,12 @@ from typing import Any
 
 import psycopg
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import parse_config
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
 from outbox_relay.interfaces import ConnectorError, Sink, SinkFeatures
 from outbox_relay.outbox import write_event
-from outbox_relay.runner import build_source, set_up_database
+from outbox_relay.runner import set_up_database
 from tests.conftest import consume_event_ids, kafka_headers, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.support import (

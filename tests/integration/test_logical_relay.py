@@ -17,11 +17,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import parse_config
 from outbox_relay.connectors.sources import pgoutput
 from outbox_relay.connectors.sources.postgres_logical import PostgresLogicalSource
 from outbox_relay.outbox import emit_event, write_event
-from outbox_relay.runner import Relay, build_source
+from outbox_relay.runner import Relay
 from tests.conftest import StartRelay, consume_event_ids, kafka_message_as_line, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer, start_postgres

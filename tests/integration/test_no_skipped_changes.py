@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import parse_config
-from outbox_relay.runner import build_source
 from tests.support import (
     dead_letters,
     read_lines,

@@ -9,9 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import parse_config
 from outbox_relay.outbox import write_event
-from outbox_relay.runner import build_source
 from tests.support import (
     assert_complete_and_ordered,
     read_lines,

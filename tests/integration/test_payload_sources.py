@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from outbox_relay.assembly import build_dead_letter_store, build_source
 from outbox_relay.config import parse_config
 from outbox_relay.connectors.sources.postgres_polling import default_table_ddl
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
@@ -24,7 +25,6 @@ from outbox_relay.identifiers import parse_table_name
 from outbox_relay.interfaces import Sink
 from outbox_relay.outbox import emit_event, write_event
 from outbox_relay.pipeline import Pipeline
-from outbox_relay.runner import build_dead_letter_store, build_source
 from tests.conftest import run_cli
 from tests.payloads import (
     BYTES_PAYLOAD,

@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import parse_config
 from outbox_relay.events import Failure, OutboxEvent, PublishResult
 from outbox_relay.interfaces import Sink
 from outbox_relay.outbox import write_event
 from outbox_relay.pipeline import Pipeline
-from outbox_relay.runner import build_source
 from outbox_relay.testing import MemoryDeadLetters
 from tests.harness.postgres import PostgresServer
 from tests.support import (

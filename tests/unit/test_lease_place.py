@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import parse_config
 from outbox_relay.identifiers import QualifiedName
 from outbox_relay.leadership import lease_key, lease_table_in
-from outbox_relay.runner import build_source, database_setup
+from outbox_relay.runner import database_setup
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from outbox_relay.assembly import build_source
 from outbox_relay.config import parse_config
 from outbox_relay.connectors.sources.postgres_logical import (
     _mismatch,
@@ -11,7 +12,7 @@ from outbox_relay.connectors.sources.postgres_logical import (
     start_replication_command,
 )
 from outbox_relay.outbox import _statement
-from outbox_relay.runner import build_source, database_setup
+from outbox_relay.runner import database_setup
 
 
 def _setup_sql(source: dict[str, Any], dead_letter_table: str = "outbox_relay_dead_letters") -> list[str]:

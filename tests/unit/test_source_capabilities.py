@@ -9,11 +9,12 @@ from typing import Literal
 import pytest
 
 from outbox_relay import registry
+from outbox_relay.assembly import build_source
 from outbox_relay.config import ConfigError, config_model, parse_config
 from outbox_relay.events import OutboxEvent
 from outbox_relay.interfaces import BacklogStats, ConnectorError, DatabaseSource, Source, database_source
 from outbox_relay.registry import ConnectorConfig, SourcePlugin
-from outbox_relay.runner import build_source, database_setup
+from outbox_relay.runner import database_setup
 from outbox_relay.testing import MemorySource
 
 
@@ -50,7 +51,7 @@ class _QueueSource(Source):
 def queue_source_installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     plugins = {**registry.source_plugins(), "queue": SourcePlugin("queue", _QueueConfig, _QueueSource)}
     for module in ("outbox_relay.registry", "outbox_relay.config.models", "outbox_relay.config.checks",
-                   "outbox_relay.config.messages", "outbox_relay.runner"):  # fmt: skip
+                   "outbox_relay.config.messages", "outbox_relay.assembly"):  # fmt: skip
         monkeypatch.setattr(f"{module}.source_plugins", lambda: plugins)
     config_model.cache_clear()
     yield
