@@ -219,8 +219,11 @@ async def test_a_postgres_restart_mid_stream_loses_nothing(
     restart = threading.Thread(target=pg.restart)
 
     first_term: list[Any] = []
+    terms: list[Any] = []  # (each lease term runs a pipeline of its own)
 
     def restart_once(relay: Any) -> bool:
+        if all(pipeline is not relay.pipelines[0] for pipeline in terms):
+            terms.append(relay.pipelines[0])
         if restart.ident is None and relay.pipelines[0].published > 2000:
             first_term.append(relay.pipelines[0])
             restart.start()
@@ -230,8 +233,12 @@ async def test_a_postgres_restart_mid_stream_loses_nothing(
     duplicates = assert_complete_and_ordered(read_lines(out), expected)
     # The relay outlived the restart, so it resumed where it had confirmed, even before
     # PostgreSQL 17, whose clean shutdown may save an older position for the slot; also in a
-    # new lease term, with a new source.
-    assert duplicates <= 500 + 1000, "bounded by the in-flight window (and one transaction)"
+    # new lease term, with a new source. Each term that ended (the restart's, and on a busy
+    # machine one more whose renewals came late) repeats at most its window.
+    ended = max(len(terms) - 1, 1)
+    assert duplicates <= (500 + 1000) * ended, (
+        f"bounded by the in-flight window (and one transaction) x {ended}"
+    )
 
 
 async def test_after_a_failover_the_new_servers_slot_advances_over_acknowledged_events_only(
