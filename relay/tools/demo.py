@@ -22,20 +22,22 @@ import psycopg
 
 from outbox_relay.assembly import build_pipeline
 from outbox_relay.config import RelayConfig, parse_config
+from outbox_relay.config.errors import ConfigError
 from outbox_relay.connectors.sinks.file import FileSink, FileSinkConfig, JsonLinesTail
 from outbox_relay.events import OutboxEvent, PublishResult
 from outbox_relay.logs import configure_logging
 from outbox_relay.pipeline import Pipeline
 from outbox_relay.progress import Fields, RateMeter, showing
 from outbox_relay.runner import Relay, database_setup
+from outbox_relay.secrets import scrubber
 from outbox_relay.tools.demo_check import DemoSummary, SinkTally, summarize
-from outbox_relay.tools.demo_orders import Written, write_orders
+from outbox_relay.tools.demo_orders import DEMO_DEAD_LETTERS, DEMO_OUTBOX, Written, write_orders
 
 #: Events shown as they arrive (those of the first orders seen); the rest is only counted.
 SAMPLE_ORDERS = 2
 #: How long the drain may take before the demo gives up and reports what is missing as lost.
 DRAIN_TIMEOUT = 60.0
-_UNPUBLISHED = "SELECT count(*) FROM public.outbox WHERE published_at IS NULL AND headers->>'demo_run' = %s"
+_UNPUBLISHED = f"SELECT count(*) FROM {DEMO_OUTBOX} WHERE published_at IS NULL AND headers->>'demo_run' = %s"
 
 
 def _embedded_postgres() -> tuple[str, Any]:
@@ -46,14 +48,24 @@ def _embedded_postgres() -> tuple[str, Any]:
     except ImportError:
         print(
             "outbox-relay demo: the embedded PostgreSQL needs: pip install 'outbox-relay[demo]'"
-            " (or pass --dsn / DATABASE_URL)",
+            " (or pass --dsn)",
             file=sys.stderr,
         )
         raise SystemExit(2) from None
     data_dir = tempfile.mkdtemp(prefix="outbox-relay-demo-")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = pgserver.get_server(data_dir, cleanup_mode="delete")  # type: ignore[attr-defined]
+    # A Ctrl-C while the server starts would leave it running with nobody to stop it: it is
+    # taken when the server is up (and then stops it).
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _: interrupted.append(signum))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = pgserver.get_server(data_dir, cleanup_mode="delete")  # type: ignore[attr-defined]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        server.cleanup()
+        raise KeyboardInterrupt
     return str(server.get_uri()), server
 
 
@@ -77,8 +89,12 @@ class _DroppingFileSink(FileSink):
 
 
 def _config(dsn: str, sink_path: str) -> RelayConfig:
-    outbox = {"name": "orders", "source": {"type": "postgres-polling", "dsn": dsn}}
-    outbox["sink"] = {"type": "file", "path": sink_path}
+    outbox: dict[str, Any] = {
+        "name": "orders",
+        "source": {"type": "postgres-polling", "dsn": dsn, "table": DEMO_OUTBOX},
+        "sink": {"type": "file", "path": sink_path},
+        "dead_letter": {"table": DEMO_DEAD_LETTERS},
+    }
     settings = {"outboxes": [outbox], "http": {"port": 0}, "log": {"format": "console", "level": "warning"}}
     return parse_config(settings, file="(demo)")
 
@@ -223,12 +239,16 @@ async def _demo(dsn: str, rate: float, duration: float, drop_every: int) -> int:
 
 def run_demo(dsn: str | None, rate: float, duration: float, drop_every: int = 0) -> int:
     server = None
-    if dsn is None:
-        dsn, server = _embedded_postgres()
     try:
+        if dsn is None:
+            dsn, server = _embedded_postgres()
         return asyncio.run(_demo(dsn, rate, duration, drop_every))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (before the demo's own handlers were in place)
+        print("demo: stopped before it started writing", file=sys.stderr)
         return 130
+    except (psycopg.Error, ConfigError) as exc:
+        print(f"demo: {scrubber.scrub(str(exc).strip().splitlines()[0])}", file=sys.stderr)
+        return 2
     finally:
         if server is not None:
             server.cleanup()

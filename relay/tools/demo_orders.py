@@ -15,6 +15,11 @@ from outbox_relay.outbox import write_event_async
 
 #: An order's events, in the order they happen.
 LIFECYCLE = ("OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered")
+#: The demo's own outbox table: on a database given with --dsn it never touches the
+#: application's outbox (nor a relay that runs on it).
+DEMO_OUTBOX = "public.outbox_relay_demo"
+#: Its dead-letter table, apart from the application's for the same reason.
+DEMO_DEAD_LETTERS = "public.outbox_relay_demo_dead_letters"
 #: The business table beside the outbox (created if missing; the demo's rows only).
 ORDERS_TABLE_SQL = (
     "CREATE TABLE IF NOT EXISTS demo_orders ("
@@ -76,7 +81,13 @@ async def _write_step(
         payload = {"order_id": order_id, "sequence": sequence, "status": status, "amount": amount}
         trace = f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-01"
         return await write_event_async(
-            conn, "order", order_id, event_type, payload, {"traceparent": trace, "demo_run": run_id}
+            conn,
+            "order",
+            order_id,
+            event_type,
+            payload,
+            {"traceparent": trace, "demo_run": run_id},
+            table=DEMO_OUTBOX,
         )
 
 

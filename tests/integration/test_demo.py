@@ -53,6 +53,23 @@ def test_demo_on_the_suites_postgres_drains_and_proves_nothing_lost_or_reordered
     assert unpublished(dsn) == 0
 
 
+def test_demo_on_an_application_database_leaves_its_outbox_and_its_relay_alone(dsn: str) -> None:
+    """Given --dsn of a database with an application's outbox (and maybe its relay), the demo
+    uses tables of its own: the application's pending events are neither published nor counted."""
+    insert_events(dsn, 50, aggregates=5)
+    result = run_cli("demo", "--dsn", dsn, "--rate", "100", "--duration", "2s")
+    _assert_passed(result)
+    assert unpublished(dsn) == 50, "the demo relayed the application's own events"
+
+
+def test_demo_refuses_a_database_it_cannot_reach_in_one_line_without_the_password() -> None:
+    result = run_cli("demo", "--dsn", "postgresql://u:s3cret@127.0.0.1:1/x", "--duration", "1s")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("demo: connection failed"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "s3cret" not in result.stderr
+
+
 def test_demo_on_the_embedded_postgres_drains_and_proves_nothing_lost_or_reordered(
     cli_env: dict[str, str],
 ) -> None:
