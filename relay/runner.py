@@ -327,6 +327,10 @@ class Relay:
                         task.cancel()
                     await asyncio.gather(*still, return_exceptions=True)
                     return 1
+                if drain and not done.issuperset(runs):
+                    # (A batch job stopped at its deadline did not do its job: say so.)
+                    self._log.error("stopped before the outbox was empty: --drain did not finish")
+                    return 1
             else:
                 await asyncio.gather(*runs)
                 stopper.cancel()

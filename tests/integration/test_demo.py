@@ -11,13 +11,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
 from tests.harness.postgres import PostgresServer
-from tests.support import REPO, insert_events, relay_config, unpublished, write_config
+from tests.support import REPO, free_port, insert_events, relay_config, start_relay, unpublished, write_config
 
 _SUMMARY = re.compile(
     r"written +(?P<written>\d+) events.*\n"
@@ -126,6 +127,24 @@ def test_run_drain_off_a_terminal_shows_plain_progress_lines_on_stderr(dsn: str,
     assert progress, result.stderr[-2000:]
     assert progress[-1].startswith("drain: published=3000 "), progress
     assert result.stdout == ""
+
+
+def test_run_drain_stopped_by_a_signal_before_the_outbox_is_empty_exits_1(dsn: str, tmp_path: Path) -> None:
+    """A batch job stopped at its deadline did not drain: its exit code must not say it did."""
+    insert_events(dsn, 3, aggregates=3)
+    sink = {"type": "webhook", "url": f"http://127.0.0.1:{free_port()}/refused"}  # (nobody listens)
+    path = write_config(tmp_path, relay_config(dsn, sink))
+    relay = start_relay(path, "--drain", log=tmp_path / "relay.log")
+    try:
+        time.sleep(3)
+        assert relay.poll() is None, "it cannot drain: nobody takes the events"
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(timeout=30) == 1, (tmp_path / "relay.log").read_text()[-2000:]
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+    assert "stopped before the outbox was empty" in (tmp_path / "relay.log").read_text()
+    assert unpublished(dsn) == 3
 
 
 def test_drill_json_stays_alone_on_stdout_and_its_progress_off_a_terminal_is_plain(
