@@ -19,7 +19,7 @@ import binascii
 import html
 import json
 import re
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -38,9 +38,11 @@ _URL_CREDENTIALS = re.compile(r"://(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)(?P<at>@?)
 # `password=...` of a keyword DSN; the quoted form is the unrolled loop `'[^'\\]*(?:\\.[^'\\]*)*'`,
 # which has one way to match any text.
 _KV_PASSWORD = re.compile(
-    r"(?P<key>\b(?ai:password)\s*=\s*)(?P<pw>'[^'\\]*(?:\\.[^'\\]*)*'|\S+)", re.IGNORECASE
+    r"(?P<key>\b(?ai:(?:ssl)?password)\s*=\s*)(?P<pw>'[^'\\]*(?:\\.[^'\\]*)*'|\S+)", re.IGNORECASE
 )
-_KV_REST = re.compile(r"\bpassword\s*=\s*(.*)", re.IGNORECASE | re.DOTALL)
+_KV_REST = re.compile(r"\b(?:ssl)?password\s*=\s*(.*)", re.IGNORECASE | re.DOTALL)
+#: libpq's keywords whose value is a secret: the login's password and the client key's.
+_SECRET_KEYWORDS = ("password", "sslpassword")
 # Secrets shorter than this are not remembered: masking every "ab" would make text unreadable.
 _SHORTEST = 3
 
@@ -79,9 +81,8 @@ def passwords_in(text: str) -> list[str]:
         found.append(match["pw"].strip("'"))
     if "password" in text.lower() and "://" not in text:
         try:
-            value = conninfo_to_dict(text).get("password")
-            if value:
-                found.append(str(value))
+            params = conninfo_to_dict(text)
+            found.extend(str(params[key]) for key in _SECRET_KEYWORDS if params.get(key))
         except Exception:  # not a DSN libpq reads: everything after password= may be secret
             for rest in _KV_REST.findall(text):
                 found.append(rest)
@@ -90,6 +91,8 @@ def passwords_in(text: str) -> list[str]:
         parts = urlsplit(text)
         if parts.password:
             found.append(parts.password)
+        query = parse_qs(parts.query)
+        found.extend(value for key in _SECRET_KEYWORDS for value in query.get(key, []))
     except ValueError:
         pass
     return [p for p in {*found, *(unquote(p) for p in found)} if p]

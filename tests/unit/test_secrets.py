@@ -6,7 +6,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from outbox_relay.secrets import SecretScrubber, redact_url, secret_forms
+from outbox_relay.secrets import SecretScrubber, passwords_in, redact_url, secret_forms
 
 
 def test_url_and_keyword_dsn_passwords_are_masked() -> None:
@@ -201,3 +201,17 @@ def test_a_secret_with_two_spaces_or_a_tab_is_masked_in_a_setup_problem() -> Non
     problem = setup_problem(RuntimeError("authentication failed for two  spaces\tsecret"))
     assert problem is not None
     assert "spaces" not in problem.text
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db dbname=app password=pw1x sslpassword=pw2x",
+        "postgresql://app:pw1x@db/app?sslmode=require&sslpassword=pw2x",
+    ],
+)
+def test_the_client_keys_password_is_a_secret_as_the_logins_is(dsn: str) -> None:
+    """libpq's sslpassword decrypts the client's key: `check` showed it while masking password."""
+    assert "pw2x" not in redact_url(dsn)
+    assert "pw1x" not in redact_url(dsn)
+    assert {"pw1x", "pw2x"} <= set(passwords_in(dsn))
