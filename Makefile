@@ -6,18 +6,24 @@ EXTRAS := dev,demo,kafka,rabbitmq,nats,redis,webhook,testing,docs
 
 .PHONY: demo test lint unit bench schema docs clean image
 
-$(BIN)/outbox-relay: pyproject.toml
+# A stamp of this Makefile's own, not the venv's outbox-relay script: a .venv made by hand (the
+# README's install, with fewer extras) must still get the extras these targets need.
+READY  := $(VENV)/.installed-by-make
+
+$(READY): pyproject.toml Makefile
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	@touch $@
 
-demo: $(BIN)/outbox-relay
+$(BIN)/outbox-relay: $(READY)
+
+demo: $(READY)
 	$(BIN)/outbox-relay demo --duration 15s
 
 # mypy cannot follow the editable install's import hook, so it reads the package through links
 # named as installed: outbox_relay -> relay/*, outbox_relay/connectors -> connectors/.
-lint: $(BIN)/outbox-relay
+lint: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@rm -rf $(VENV)/typecheck && mkdir -p $(VENV)/typecheck/outbox_relay
@@ -33,18 +39,18 @@ test: lint
 	@$(BIN)/pytest -n 2 --dist loadgroup --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
-unit: $(BIN)/outbox-relay
+unit: $(READY)
 	$(BIN)/pytest tests/unit tests/contract
 
-bench: $(BIN)/outbox-relay
+bench: $(READY)
 	bash tests/install-servers.sh
 	for b in bench_polling_file bench_polling_kafka bench_polling_rabbitmq bench_logical bench_more_sinks bench_versions; do $(BIN)/python -m tests.bench.$$b || exit 1; done
 
-schema: $(BIN)/outbox-relay
+schema: $(READY)
 	$(BIN)/outbox-relay schema > config/relay.schema.json
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link.
-docs: $(BIN)/outbox-relay
+docs: $(READY)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The container image, outbox-relay:<version>, built with podman from local images only:
