@@ -31,12 +31,16 @@ def check(config_path: Path, connect: bool, as_json: bool) -> None:
     """Validate the config and print the effective settings (secrets masked) as YAML."""
     config = load(config_path)
     configure_logging("console", "warning")
+    # The process's own settings (http, log, shutdown_grace), defaults included, then each outbox's.
+    process = masked(config.model_dump(mode="json", exclude={"outboxes"}))
+    if not as_json:
+        click.echo(_as_yaml({"relay": process}, indent=""), nl=False)
     report = [
         _check_outbox(config_path, outbox, index, connect, as_json)
         for index, outbox in enumerate(config.outboxes)
     ]
     failed = any(not probe["ok"] for e in report for probe in e.get("connect", {}).values())
-    document: dict[str, Any] = {"config": str(config_path), "outboxes": report}
+    document: dict[str, Any] = {"config": str(config_path), "relay": process, "outboxes": report}
     if connect and len(config.outboxes) > 1:
         failed = _shared_reads_found(config, document, as_json) or failed
     if as_json:

@@ -404,12 +404,16 @@ def test_check_prints_readable_yaml_and_with_json_one_document_for_machines_secr
     assert text.returncode == 0, text.stderr
     assert "pa55word" not in text.stdout
     lines = text.stdout.splitlines()
-    assert lines[0] == "outbox orders:"
-    assert lines[-1] == f"{path}: ok"
     assert max(len(line) for line in lines) < 120, "one setting a line, not one long JSON line"
-    settings = yaml.safe_load("\n".join(line[2:] for line in lines[1:-1]))
+    shown = yaml.safe_load(text.stdout)
+    assert shown[str(path)] == "ok"
+    settings = shown["outbox orders"]
     assert settings["source"]["dsn"] == "postgresql://relay:***@localhost/db"
     assert settings["pipeline"]["max_in_flight"] == 10_000
+    # The process's own settings, defaults included.
+    assert shown["relay"]["http"]["port"] == config["http"]["port"]
+    assert shown["relay"]["shutdown_grace"] == 30.0
+    assert shown["relay"]["log"]["level"] == "info"
 
     machine = run_cli("check", "-c", str(path), "--json")
     assert machine.returncode == 0, machine.stderr
@@ -418,6 +422,7 @@ def test_check_prints_readable_yaml_and_with_json_one_document_for_machines_secr
     assert document["ok"] is True
     assert [o["outbox"] for o in document["outboxes"]] == ["orders"]
     assert document["outboxes"][0]["settings"] == settings
+    assert document["relay"] == shown["relay"]
 
 
 def test_check_connect_prints_yaml_that_parses_for_a_passing_and_a_failing_connect(
