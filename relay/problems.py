@@ -78,6 +78,10 @@ _BY_TEXT = tuple(
         ("column does not exist", r"has no column|column \"[^\"]*\" does not exist"),
         ("replicas use different lease tables", r"holds this outbox's lease in another table"),
         ("replication slot in use", r"replication slot \S+ is in use by another process"),
+        (
+            "wal_level is not logical",
+            r"logical decoding requires wal_level|logical replication needs wal_level",
+        ),
     )
 )
 _FIXES = {
@@ -100,6 +104,8 @@ _FIXES = {
     "broker refused the relay": "check the sink's credentials and what the broker permits them",
     "replicas use different lease tables": "give every replica of this outbox the same lease.table"
     " (schema-qualified, or the same search_path)",
+    "wal_level is not logical": "set wal_level = logical in postgresql.conf and restart PostgreSQL"
+    " (or use the postgres-polling source, which needs no replication)",
     "replication slot in use": "let the relays' role end the previous holder's sessions (the same"
     " role for every replica, or GRANT pg_signal_backend); else the server frees the slot only once"
     " wal_sender_timeout ends the old stream",

@@ -76,6 +76,10 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
         (ConnectorError("cannot open /nowhere/out.jsonl: No such file or directory"), "path does not exist"),
         (ConnectorError("cannot open /tmp: Is a directory"), "path does not exist"),
         (ConnectorError("cannot open /etc/hosts/x: Not a directory"), "path does not exist"),
+        (
+            ConnectorError("START_REPLICATION failed: logical decoding requires wal_level >= logical"),
+            "wal_level is not logical",
+        ),
     ],
 )
 def test_setup_mistakes_are_told_apart_with_a_fix(error: BaseException, kind: str) -> None:
