@@ -335,6 +335,10 @@ def test_every_dashboard_query_shows_data_and_every_rule_evaluates_on_a_live_scr
     receiver.failing.clear()
     wait_for(lambda: receiver.taken_count() >= delivered, left(), "every other event delivered")
     _wait_for_the_end_state(prometheus, timeout=left())
+    # (The new holder's series start the alerts' `for:` anew: pending again at the next evaluation.)
+    wait_for(
+        lambda: _active_alerts(prometheus) >= EXPECTED_ALERTS, left(), "the alerts after the takeover", 0.5
+    )
     _assert_live_results(prometheus, since)
 
 
