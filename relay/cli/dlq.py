@@ -136,7 +136,7 @@ def dlq_replay(
     if not event_ids and not replay_all:
         fail("name the events with --event-id (repeatable), or pass --all")
     config = load(config_path)
-    configure_logging("console", "info")
+    configure_logging(config.log.format, "info")
     found: set[str] = set()
 
     async def main() -> None:

@@ -53,6 +53,12 @@ _REASONS: dict[str, Callable[[Mapping[str, Any], str], str]] = {
     "union_tag_invalid": _union_tag,
     "union_tag_not_found": lambda ctx, kind: "required key 'type' is missing",
     "too_short": lambda ctx, kind: f"must have at least {ctx.get('min_length')} item(s)",
+    # (An empty `${VAR}` too: the variable is set, but to nothing.)
+    "string_too_short": lambda ctx, kind: (
+        "must not be empty"
+        if ctx.get("min_length") == 1
+        else f"must be at least {ctx.get('min_length')} characters long"
+    ),
     "string_pattern_mismatch": lambda ctx, kind: f"must match {ctx.get('pattern')}",
 }
 

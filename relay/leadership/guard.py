@@ -114,5 +114,7 @@ async def end_sessions_of(session: BoundedSession, previous: str, log: Any) -> N
         return
     ended = int(rows[0][0]) if rows else 0
     log.info(
-        "took over the lease from a holder that stopped renewing", previous=previous, sessions_ended=ended
+        "took over the lease from its previous holder (released, or no longer renewed)",
+        previous=previous,
+        sessions_ended=ended,
     )

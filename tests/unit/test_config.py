@@ -88,6 +88,11 @@ def test_a_variable_that_is_set_but_empty_without_a_default_stays_empty() -> Non
     assert _problems(data, {"DB": ""}) == ["relay.yaml: outboxes[0].source.dsn: is empty" + _EMPTY_DSN_TAIL]
 
 
+def test_a_file_sink_path_from_a_variable_set_to_nothing_says_it_must_not_be_empty() -> None:
+    data = {"outboxes": [{**_outbox(), "sink": {"type": "file", "path": "${OUT}"}}]}
+    assert _problems(data, {"OUT": ""}) == ["relay.yaml: outboxes[0].sink.path: must not be empty"]
+
+
 _EMPTY_DSN_TAIL = (
     " (libpq would connect to its defaults, a local socket and another database): give the"
     " database's connection string or URL"
