@@ -68,6 +68,8 @@ def drain(
     stamps: dict[str, float] = {}
     published = 0
     for line in log.read_text().splitlines():
+        if not line.startswith("{"):  # (`run --drain`'s progress lines, off a terminal)
+            continue
         record = json.loads(line)
         if record.get("event") in ("outbox started", "drained: the outbox is empty"):
             stamps[record["event"]] = datetime.fromisoformat(record["timestamp"]).timestamp()
