@@ -91,8 +91,8 @@ _FIXES = {
     "database does not exist": "check the database name the DSN gives",
     "virtual host does not exist": "check the virtual host the URL gives, or create it on the broker",
     "database is read-only": "point the DSN at the primary (or turn off default_transaction_read_only)",
-    "schema does not exist": "check the table's schema in the config, or run: outbox-relay init-db (it"
-    " creates the relay's own tables and their schemas, not an application's table with a columns mapping)",
+    "schema does not exist": "check the table's schema in the config, or create the schema (init-db"
+    " creates a missing one only for the outbox table it creates, not for the dead-letter or lease table)",
     "permission denied": "grant the relay's role the privilege the message names",
     "table does not exist": "check the table's name in the config, or run: outbox-relay init-db (it creates"
     " the relay's own tables, not an application's table with a columns mapping)",

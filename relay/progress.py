@@ -1,8 +1,9 @@
 """Progress of a long command (`demo`, `drill`, `run --drain`) on stderr.
 
-On a terminal, one line that rich redraws in place. Anywhere else (a pipe, a log file, CI) a
-plain `label: key=value ...` line now and then, never an escape code: whoever reads the file
-later sees text. stdout is left alone either way (JSON reports and the stdout sink live there).
+On a terminal, one line that rich redraws in place (lines printed meanwhile, logs and, when it
+is the same terminal, stdout, go above it). Anywhere else (a pipe, a log file, CI) a plain
+`label: key=value ...` line now and then, never an escape code; or, where the stream carries JSON
+logs, a log record of its own, so that every line stays one JSON document.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
@@ -71,8 +72,11 @@ class Progress:
         terminal: bool | None = None,
         interval: float = PLAIN_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        log: Any = None,
     ) -> None:
         self.label = label
+        #: Off a terminal, the logger the progress goes to instead of plain lines (JSON logs).
+        self._log = log
         self._stream = stream if stream is not None else sys.stderr
         self.terminal = self._stream.isatty() if terminal is None else terminal
         self._interval = interval
@@ -132,6 +136,10 @@ class Progress:
 
     def _print_plain(self) -> None:
         line = plain_line(self.label, self._last)
+        if self._log is not None:
+            self._log.info(f"{self.label}: progress", **self._last)
+            self._shown = line
+            return
         self._stream.write(line + "\n")
         self._stream.flush()
         self._shown = line
@@ -150,10 +158,12 @@ async def showing(
     measure: Callable[[], Awaitable[Fields]],
     last: Callable[[], Fields],
     stream: TextIO | None = None,
+    log: Any = None,
 ) -> AsyncIterator[Progress]:
     """A progress line on `stream` (stderr) kept up to date while the block runs, ending on
-    `last()` (measured without the connections the block may have closed)."""
-    with Progress(label, stream) as progress:
+    `last()` (measured without the connections the block may have closed); off a terminal, log
+    records on `log` instead of plain lines when it is given."""
+    with Progress(label, stream, log=log) as progress:
         shower = asyncio.create_task(keep_showing(progress, measure))
         try:
             yield progress

@@ -10,7 +10,7 @@ import click
 
 from outbox_relay.assembly import SetupError, build_pipelines
 from outbox_relay.cli.common import CONFIG_OPTION, fail, load, run_async
-from outbox_relay.logs import configure_logging
+from outbox_relay.logs import configure_logging, get_logger
 from outbox_relay.progress import Fields, RateMeter, showing
 from outbox_relay.runner import Relay, tune_garbage_collector
 from outbox_relay.shared_reads import shared_reads_on_servers
@@ -45,21 +45,25 @@ def run(config_path: Path, drain: bool) -> None:
 
 
 async def _drain(relay: Relay) -> int:
-    """`relay.run(drain=True)` with a progress line on stderr: rows left, published, rate."""
+    """`relay.run(drain=True)` with progress on stderr: events published and the rate. (From the
+    pipelines' counts alone: a query for the rows left would open connections of the sources
+    outside their pipelines' lives and lease terms.)"""
     meter, started = RateMeter(), time.monotonic()
 
     def published() -> int:
         return sum(pipeline.published for pipeline in relay.pipelines)
 
     async def measure() -> Fields:
-        try:
-            left: object = sum([(await p.source.backlog()).pending for p in relay.pipelines])
-        except Exception:  # not connected yet, or the database is away: the line goes on
-            left = "?"
-        return {"left": left, "published": published(), "rate": f"{meter.rate(published()):.0f}/s"}
+        return {"published": published(), "rate": f"{meter.rate(published()):.0f}/s"}
 
     def last() -> Fields:
         return {"published": published(), "seconds": f"{time.monotonic() - started:.1f}"}
 
-    async with showing("drain", measure, last):
+    async with showing("drain", measure, last, log=None if _console_logs(relay) else get_logger()):
         return await relay.run(drain=True)
+
+
+def _console_logs(relay: Relay) -> bool:
+    """Whether the logs on stderr are console lines (else JSON: progress goes there as records)."""
+    fmt = relay.config.log.format
+    return fmt == "console" or (fmt == "auto" and sys.stderr.isatty())

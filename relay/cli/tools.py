@@ -158,8 +158,8 @@ def _flag_duration(flag: str, value: str | None) -> float | None:
 @click.command()
 @click.option(
     "--dsn",
-    help="Use this PostgreSQL instead of an embedded one (the demo's own tables only:"
-    " outbox_relay_demo, outbox_relay_demo_dead_letters, demo_orders).",
+    help="Use this PostgreSQL instead of an embedded one (tables of the demo's own:"
+    " outbox_relay_demo, outbox_relay_demo_dead_letters, demo_orders; its own NOTIFY channel).",
 )
 @click.option("--rate", default=50.0, show_default=True, help="Sample events written per second.")
 @click.option("--duration", default="0", help="Stop after this long, e.g. 15s (0: until Ctrl-C).")

@@ -31,12 +31,22 @@ from outbox_relay.progress import Fields, RateMeter, showing
 from outbox_relay.runner import Relay, database_setup
 from outbox_relay.secrets import scrubber
 from outbox_relay.tools.demo_check import DemoSummary, SinkTally, summarize
-from outbox_relay.tools.demo_orders import DEMO_DEAD_LETTERS, DEMO_OUTBOX, Written, write_orders
+from outbox_relay.tools.demo_orders import (
+    DEMO_DEAD_LETTERS,
+    DEMO_OUTBOX,
+    DEMO_OUTBOX_CHANNEL,
+    Written,
+    write_orders,
+)
 
 #: Events shown as they arrive (those of the first orders seen); the rest is only counted.
 SAMPLE_ORDERS = 2
 #: How long the drain may take before the demo gives up and reports what is missing as lost.
 DRAIN_TIMEOUT = 60.0
+_OLDEST_UNPUBLISHED = (
+    f"SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8 FROM {DEMO_OUTBOX}"
+    " WHERE published_at IS NULL AND headers->>'demo_run' = %s"
+)
 _UNPUBLISHED = f"SELECT count(*) FROM {DEMO_OUTBOX} WHERE published_at IS NULL AND headers->>'demo_run' = %s"
 
 
@@ -91,9 +101,16 @@ class _DroppingFileSink(FileSink):
 def _config(dsn: str, sink_path: str) -> RelayConfig:
     outbox: dict[str, Any] = {
         "name": "orders",
-        "source": {"type": "postgres-polling", "dsn": dsn, "table": DEMO_OUTBOX},
+        # (A channel of its own: an application's relay on the same database is not woken.)
+        "source": {
+            "type": "postgres-polling",
+            "dsn": dsn,
+            "table": DEMO_OUTBOX,
+            "notify_channel": DEMO_OUTBOX_CHANNEL,
+        },
         "sink": {"type": "file", "path": sink_path},
         "dead_letter": {"table": DEMO_DEAD_LETTERS},
+        "lease": {"enabled": False},  # (one process: no lease row in the application's lease table)
     }
     settings = {"outboxes": [outbox], "http": {"port": 0}, "log": {"format": "console", "level": "warning"}}
     return parse_config(settings, file="(demo)")
@@ -143,13 +160,20 @@ class _Demo:
 
     async def measure(self) -> Fields:
         published = len(self.tally.received)
-        try:
-            backlog = await self.relay.pipelines[0].source.backlog()
-            lag = f"{backlog.oldest_age_seconds:.2f}s"
-        except Exception:  # not connected yet, or the database is away: the line goes on
-            lag = "?"
         phase = "draining" if self.stop_writing.is_set() else "writing"
-        return {**self.counts(phase), "rate": f"{self.meter.rate(published):.0f}/s", "lag": lag}
+        return {**self.counts(phase), "rate": f"{self.meter.rate(published):.0f}/s", "lag": await self._lag()}
+
+    async def _lag(self) -> str:
+        """Age of the oldest event of this run not published yet, read on a connection of the
+        demo's own (never the relay's: the progress line must not open or keep its sessions)."""
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=2
+            ) as conn:
+                row = await (await conn.execute(_OLDEST_UNPUBLISHED, (self.written.run_id,))).fetchone()
+        except psycopg.Error:  # the database is away for a moment: the line goes on
+            return "?"
+        return f"{float(row[0]):.2f}s" if row and row[0] is not None else "0.00s"
 
     async def follow(self) -> None:
         while True:
@@ -212,6 +236,9 @@ async def _relay_and_check(demo: _Demo, rate: float, duration: float) -> list[st
         relay.stop.set()
         follower.cancel()
         await asyncio.gather(relaying, follower, writer, stopped, return_exceptions=True)
+        # (The relay took its signal handlers with it: a Ctrl-C now must not cost the summary.)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, demo.on_signal)
 
 
 async def _demo(dsn: str, rate: float, duration: float, drop_every: int) -> int:

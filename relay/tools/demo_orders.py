@@ -16,8 +16,12 @@ from outbox_relay.outbox import write_event_async
 #: An order's events, in the order they happen.
 LIFECYCLE = ("OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered")
 #: The demo's own outbox table: on a database given with --dsn it never touches the
-#: application's outbox (nor a relay that runs on it).
+#: application's outbox, and with its own NOTIFY channel and no lease, wakes no relay of the
+#: application's.
 DEMO_OUTBOX = "public.outbox_relay_demo"
+#: The channel its NOTIFY trigger wakes the demo's relay on (not the default one of the
+#: application's relay).
+DEMO_OUTBOX_CHANNEL = "outbox_relay_demo"
 #: Its dead-letter table, apart from the application's for the same reason.
 DEMO_DEAD_LETTERS = "public.outbox_relay_demo_dead_letters"
 #: The business table beside the outbox (created if missing; the demo's rows only).
@@ -95,7 +99,7 @@ async def write_orders(dsn: str, rate: float, stop: asyncio.Event, written: Writ
     """Write order events at `rate` a second until `stop` is set, recording each once committed."""
     book = OrderBook(written.run_id)
     amounts: dict[str, float] = {}
-    interval = 1.0 / max(rate, 1.0)
+    interval = 1.0 / rate
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         await conn.execute(ORDERS_TABLE_SQL)
         await conn.commit()

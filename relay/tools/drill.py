@@ -169,18 +169,20 @@ def _replicas(
     cleanup: contextlib.ExitStack, config: RelayConfig, outbox: OutboxConfig, plan: DrillPlan, dsn: str
 ) -> Replicas:
     """The drill's relay processes (not started yet), each on its own config in a directory that
-    `cleanup` removes, and behind its own proxy when the plan cuts relays off."""
+    `cleanup` removes (the configs hold the DSNs and the broker's credentials), logging there too
+    unless the plan keeps the logs elsewhere, and behind its own proxy when the plan cuts relays
+    off."""
+    directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="outbox-relay-drill-")))
+    logs = directory
     if plan.logs is not None:
         plan.logs.mkdir(parents=True, exist_ok=True)
-        directory = Path(tempfile.mkdtemp(prefix="outbox-relay-drill-", dir=plan.logs))
-    else:
-        directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="outbox-relay-drill-")))
+        logs = Path(tempfile.mkdtemp(prefix="outbox-relay-drill-", dir=plan.logs))
     proxies: list[CutoffProxy | None] = [None] * plan.replicas
     if plan.cut_every:
         host, port = proxy_target(dsn)
         proxies = [cleanup.enter_context(CutoffProxy(host, port)) for _ in range(plan.replicas)]
     configs = [child_config(config, outbox, directory, slot, proxies[slot]) for slot in range(plan.replicas)]
-    return Replicas(configs, directory, proxies)
+    return Replicas(configs, logs, proxies)
 
 
 async def _drive(drill: _Drill, replicas: Replicas, faults: FaultContext, writer_source: Any) -> float:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.conftest import run_cli
@@ -61,6 +62,16 @@ def test_demo_on_an_application_database_leaves_its_outbox_and_its_relay_alone(d
     result = run_cli("demo", "--dsn", dsn, "--rate", "100", "--duration", "2s")
     _assert_passed(result)
     assert unpublished(dsn) == 50, "the demo relayed the application's own events"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        leases = conn.execute("SELECT to_regclass('outbox_relay_leases') IS NOT NULL").fetchone()
+        if leases and leases[0]:
+            assert conn.execute("SELECT count(*) FROM outbox_relay_leases").fetchone() == (0,)
+        trigger = conn.execute(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'outbox_relay_demo'::regclass"
+            " AND NOT tgisinternal"
+        ).fetchone()
+    assert trigger is not None
+    assert "'outbox_relay_demo'" in trigger[0], "its own NOTIFY channel"
 
 
 def test_demo_refuses_a_database_it_cannot_reach_in_one_line_without_the_password() -> None:
@@ -116,17 +127,33 @@ def test_ctrl_c_in_the_middle_stops_writing_drains_and_ends_with_the_summary(pg:
         pg.drop_database(database)
 
 
-def test_run_drain_off_a_terminal_shows_plain_progress_lines_on_stderr(dsn: str, tmp_path: Path) -> None:
+def test_run_drain_off_a_terminal_shows_plain_progress_lines_among_console_logs(
+    dsn: str, tmp_path: Path
+) -> None:
     insert_events(dsn, 3000, aggregates=30)
     out = tmp_path / "out.jsonl"
-    path = write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(out)}))
-    result = run_cli("run", "-c", str(path), "--drain")
+    config = relay_config(dsn, {"type": "file", "path": str(out)})
+    config["log"] = {"format": "console", "level": "info"}
+    result = run_cli("run", "-c", str(write_config(tmp_path, config)), "--drain")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\x1b" not in result.stderr
     progress = [line for line in result.stderr.splitlines() if line.startswith("drain: ")]
     assert progress, result.stderr[-2000:]
     assert progress[-1].startswith("drain: published=3000 "), progress
     assert result.stdout == ""
+
+
+def test_run_drain_with_json_logs_keeps_every_stderr_line_one_json_document(dsn: str, tmp_path: Path) -> None:
+    """Log collectors parse stderr line by line: the progress comes as records of its own."""
+    insert_events(dsn, 3000, aggregates=30)
+    out = tmp_path / "out.jsonl"
+    path = write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(out)}))
+    result = run_cli("run", "-c", str(path), "--drain")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    progress = [record for record in records if record["event"] == "drain: progress"]
+    assert progress, result.stderr[-2000:]
+    assert progress[-1]["published"] == 3000, progress
 
 
 def test_run_drain_stopped_by_a_signal_before_the_outbox_is_empty_exits_1(dsn: str, tmp_path: Path) -> None:

@@ -109,6 +109,7 @@ def _fault_drill(tmp_path: Path, config: dict[str, Any], *flags: str) -> dict[st
     assert result.returncode == (0 if report["passed"] else 1)
     report["lease_story"] = _lease_story(tmp_path / "logs")
     assert any("holds the lease" in line for line in report["lease_story"]), "--logs kept no relay log"
+    assert not list((tmp_path / "logs").glob("*/*.yaml")), "--logs kept the configs (their credentials)"
     return report
 
 
