@@ -130,58 +130,62 @@ def setup_problem(exc: BaseException) -> SetupProblem | None:
 
 
 class SetupProblems:
-    """The setup problems one outbox has now, by component ("database", "sink"). Not
-    thread-safe: used from the event loop only."""
+    """The setup problems one outbox has now, by component ("database", "sink") and, within one,
+    by the operation that met it (a fetch, an acknowledgement, a dead letter...): one operation
+    that works again does not clear what another still meets (a role may SELECT the outbox but
+    not UPDATE it). Not thread-safe: used from the event loop only."""
 
     REPEAT_EVERY_S = 60.0
 
     def __init__(self, outbox: str, log: Any) -> None:
         self._outbox = outbox
         self._log = log
-        self._now: dict[str, SetupProblem] = {}
-        self._logged_at: dict[str, float] = {}
+        self._now: dict[tuple[str, str], SetupProblem] = {}
+        self._logged_at: dict[tuple[str, str], float] = {}
 
-    def report(self, component: str, exc: BaseException) -> bool:
+    def report(self, component: str, exc: BaseException, operation: str = "") -> bool:
         """Record `exc` if it is a setup problem (True), logging it when it is new or a minute
         has passed since it was last logged; False for an outage, which clears nothing."""
         problem = setup_problem(exc)
         if problem is None:
             return False
-        self._record(component, problem)
+        self._record((component, operation), problem)
         return True
 
     def report_refusal(self, component: str, reason: str) -> None:
         """The broker refused the relay itself for an event (a `Failure` with `setup`)."""
         text = " ".join(scrubber.scrub_shortened(reason, _LONGEST_TEXT).split())[:_LONGEST_TEXT]
-        self._record(component, SetupProblem(BROKER_REFUSED, text, _FIXES[BROKER_REFUSED]))
+        self._record((component, ""), SetupProblem(BROKER_REFUSED, text, _FIXES[BROKER_REFUSED]))
 
-    def _record(self, component: str, problem: SetupProblem) -> None:
+    def _record(self, key: tuple[str, str], problem: SetupProblem) -> None:
         now = time.monotonic()
-        previous = self._now.get(component)
+        previous = self._now.get(key)
         if (
             previous is None
             or previous.kind != problem.kind
-            or now - self._logged_at.get(component, 0.0) >= self.REPEAT_EVERY_S
+            or now - self._logged_at.get(key, 0.0) >= self.REPEAT_EVERY_S
         ):
             self._log.error(
                 "setup problem: the relay cannot go on until it is fixed (it keeps retrying)",
-                component=component,
+                component=key[0],
                 problem=problem.kind,
                 error=problem.text,
                 fix=problem.fix,
             )
-            self._logged_at[component] = now
-        self._now[component] = problem
-        metrics.SETUP_PROBLEM.labels(self._outbox, component).set(1)
+            self._logged_at[key] = now
+        self._now[key] = problem
+        metrics.SETUP_PROBLEM.labels(self._outbox, key[0]).set(1)
 
-    def clear(self, component: str) -> None:
-        """`component` works again: its problem, if it had one, is fixed."""
-        problem = self._now.pop(component, None)
-        if problem is not None:
-            self._logged_at.pop(component, None)
-            self._log.info("setup problem fixed", component=component, problem=problem.kind)
+    def clear(self, component: str, operation: str = "") -> None:
+        """`operation` of `component` works again: its problem, if it had one, is fixed."""
+        problem = self._now.pop((component, operation), None)
+        if problem is None:
+            return
+        self._logged_at.pop((component, operation), None)
+        self._log.info("setup problem fixed", component=component, problem=problem.kind)
+        if not any(key[0] == component for key in self._now):
             metrics.SETUP_PROBLEM.labels(self._outbox, component).set(0)
 
     def describe(self) -> list[dict[str, str]]:
         """The problems for /readyz: component, problem, error and fix of each (none: empty)."""
-        return [{"component": component, **p.as_dict()} for component, p in sorted(self._now.items())]
+        return [{"component": key[0], **p.as_dict()} for key, p in sorted(self._now.items())]

@@ -65,7 +65,7 @@ class UntilDone:
                 delay = retrying.failed(exc)
                 if database:
                     self._observer.database(False)
-                if not self._problems.report(component, exc):
+                if not self._problems.report(component, exc, operation=failing):
                     self._log.error(
                         failing,
                         error=describe_error(exc),
@@ -77,7 +77,7 @@ class UntilDone:
                 continue
             if database:
                 self._observer.database(True)
-            self._problems.clear(component)
+            self._problems.clear(component, operation=failing)
             return result
         return None
 

@@ -177,8 +177,10 @@ class Relay:
             lease = self._leases.get(index)
             if role == "active":
                 entry |= {"started": pipeline.started, "database": pipeline.db_ok, "sink": pipeline.sink_ok}
-                ready = ready and pipeline.ready
                 problem = pipeline.problems.describe()
+                # (Reachable is not enough: a setup problem, such as marks the role may not make
+                # while its fetches work, stops the outbox all the same.)
+                ready = ready and pipeline.ready and not problem
             else:
                 database_ok = lease is not None and lease.database_ok
                 entry["database"] = database_ok

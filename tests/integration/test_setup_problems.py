@@ -25,6 +25,7 @@ from tests.support import (
     read_lines,
     relay_config,
     stop_relay,
+    unpublished,
     wait_for,
     write_config,
 )
@@ -148,6 +149,35 @@ def test_a_missing_privilege_is_named_and_a_grant_heals_it(
         wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "events after the grant")
         assert _problems(port) == []
         assert _problem_gauge(port) == 0.0
+        stop_relay(relay)
+
+
+def test_a_role_that_may_read_the_outbox_but_not_mark_it_is_a_lasting_setup_problem(
+    dsn: str, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    """Each fetch works, each mark fails: the fetches must not clear what the marks meet, or
+    /readyz says ready, the gauge 0 and the alert never fires while nothing is marked."""
+    port = free_port()
+    out = tmp_path / "out.jsonl"
+    with login_role(dsn) as role:
+        insert_events(dsn, 3)
+        grant_tables(dsn, role)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("REVOKE UPDATE ON outbox FROM {}").format(sql.Identifier(role)))
+        config = _config(psycopg.conninfo.make_conninfo(dsn, user=role), out, port)
+        relay = start_relay(write_config(tmp_path, config))
+        problem = _wait_for_problem(port, "permission denied")
+        time.sleep(3)  # many fetches and marks later
+        assert _problems(port) == [problem], "still there: the marks still fail"
+        assert _problem_gauge(port) == 1.0
+        assert _readiness(port)["ready"] is False
+        _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "permission denied")
+        said = _log_lines(tmp_path / "relay-0.log")
+        fixed = [line for line in said if line.get("event") == "setup problem fixed"]
+        assert fixed == [], "a fetch that works fixes nothing"
+        grant_tables(dsn, role)
+        wait_for(lambda: unpublished(dsn) == 0, 30, "every event marked after the grant")
+        assert _problems(port) == []
         stop_relay(relay)
 
 

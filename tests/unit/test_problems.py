@@ -154,6 +154,23 @@ def test_a_problem_is_logged_once_while_it_lasts_shown_and_cleared_when_fixed() 
     assert log.lines[-1][:2] == ("info", "setup problem fixed")
 
 
+def test_an_operation_that_works_does_not_clear_what_another_operation_still_meets() -> None:
+    """A role that may SELECT the outbox but not UPDATE it: each fetch works, each mark fails.
+    The problem stays (said once, /readyz and the gauge show it) until the marks work."""
+    log = _Log()
+    problems = SetupProblems("problems-unit-ops", log)
+    denied = Op("permission denied for table outbox")
+    for _ in range(20):
+        assert problems.report("database", denied, operation="ack failed")
+        problems.clear("database", operation="fetch failed")
+    assert [line[0] for line in log.lines] == ["error"]
+    assert [p["problem"] for p in problems.describe()] == ["permission denied"]
+    assert _gauge("problems-unit-ops") == 1.0
+    problems.clear("database", operation="ack failed")
+    assert problems.describe() == []
+    assert _gauge("problems-unit-ops") == 0.0
+
+
 def test_a_lasting_problem_is_logged_again_every_minute_and_a_new_one_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
