@@ -4,6 +4,7 @@ Their modules are imported when the command runs: the relay itself never loads t
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,9 @@ def drill(config_path: Path, outbox_name: str | None, as_json: bool, **flags: An
         check_plan(config, index, plan)
     except ValueError as exc:
         fail(f"drill: {exc}")
+    # SIGTERM ends the drill as Ctrl-C does: its relays stopped, its temporary files removed
+    # (by default a SIGTERM ended the drill alone and left its relays running).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         report = run_async(lambda: run_drill(config, index, plan))
     except (ConnectorError, SetupError) as exc:

@@ -6,6 +6,10 @@ connections), which must also be taken over by another replica, in seconds."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ from tests.conftest import private_rabbitmq, run_cli
 from tests.harness.kafka import KafkaBroker
 from tests.harness.postgres import PostgresServer
 from tests.harness.rabbitmq import RabbitBroker
-from tests.support import relay_config, unpublished, write_config
+from tests.support import relay_config, unpublished, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -191,3 +195,42 @@ def test_faults_the_setup_cannot_take_are_refused_in_one_line_before_anything_ru
     assert reason in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "s3cret" not in result.stderr
+
+
+def _processes_naming(text: str) -> list[int]:
+    """PIDs of the processes whose command line names `text` (a path only this test uses)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # (gone meanwhile)
+            continue
+    return found
+
+
+def test_a_sigterm_ends_the_drill_with_its_relays_and_its_temporary_files(dsn: str, tmp_path: Path) -> None:
+    """As Ctrl-C does: by default SIGTERM ended the drill alone, its relays ran on (holding the
+    lease) and their configs, with the credentials, stayed in the temporary directory."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    path = write_config(tmp_path, relay_config(dsn, {"type": "file", "path": str(out)}))
+    drill = subprocess.Popen(
+        [sys.executable, "-m", "outbox_relay", "drill", "-c", str(path), "--events", "100000",
+         "--rate", "500", "--replicas", "2", "--kill-every", "0"],
+        env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(_processes_naming(str(scratch))) >= 2, 30, "the drill's relays to start")
+        drill.send_signal(signal.SIGTERM)
+        assert drill.wait(timeout=60) != 0
+    finally:
+        if drill.poll() is None:
+            drill.kill()
+    left = _processes_naming(str(scratch))
+    for pid in left:  # (only processes started from this test's own scratch directory)
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "the drill's relays outlived it"
+    assert not list(scratch.rglob("*.yaml")), "the relays' configs (their credentials) stayed behind"

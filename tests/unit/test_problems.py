@@ -80,6 +80,13 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
             ConnectorError("START_REPLICATION failed: logical decoding requires wal_level >= logical"),
             "wal_level is not logical",
         ),
+        (
+            ConnectorError(
+                'publication "p" publishes table public.other, which is not in tables: public.outbox;'
+                " its inserts cannot become events (add it to tables:, or remove it from the publication)"
+            ),
+            "publication publishes another table",
+        ),
     ],
 )
 def test_setup_mistakes_are_told_apart_with_a_fix(error: BaseException, kind: str) -> None:
