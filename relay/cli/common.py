@@ -73,6 +73,14 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
 
 
+def database_error(exc: BaseException) -> str:
+    """An error as one line without the server's LINE/caret excerpt of the statement (and with
+    the fix when it is a relay table init-db makes)."""
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    text = f"{type(exc).__name__}: {primary or one_line(exc)}"
+    return f"{text} (run: outbox-relay init-db)" if "does not exist" in text else text
+
+
 def masked(value: Any) -> Any:
     """Settings for display: every string with a password in it, masked."""
     if isinstance(value, str):

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from outbox_relay.assembly import SetupError, build_dead_letter_store, build_source
-from outbox_relay.cli.common import CONFIG_OPTION, fail, load, one_line, run_async
+from outbox_relay.cli.common import CONFIG_OPTION, database_error, fail, load, one_line, run_async
 from outbox_relay.config import OutboxConfig
 from outbox_relay.interfaces import ConnectorError, DatabaseSource, Source
 from outbox_relay.leadership import lease_line
@@ -79,6 +79,7 @@ def status(config_path: Path) -> None:
 async def _print_status(outbox: OutboxConfig, index: int) -> bool:
     """Print an outbox's status lines; False when its database could not say."""
     source = build_source(outbox, index)
+    healthy = True
     try:
         # No start(): status must not open a replication stream or take over anything.
         # (Each part printed as soon as it is known: a later one failing keeps the earlier.)
@@ -89,6 +90,8 @@ async def _print_status(outbox: OutboxConfig, index: int) -> bool:
         ):
             for line in await part():
                 click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
+                # (A part that could not say, or a slot or table init-db makes still missing.)
+                healthy = healthy and "unavailable" not in line and "(run: outbox-relay init-db)" not in line
     except (ConnectorError, OSError) as exc:
         click.echo(scrubber.scrub(f"{outbox.name}: unavailable: {exc}"))
         return False
@@ -97,7 +100,7 @@ async def _print_status(outbox: OutboxConfig, index: int) -> bool:
         return False
     finally:
         await source.close()
-    return True
+    return healthy
 
 
 async def _source_lines(source: Source) -> list[str]:
@@ -131,7 +134,7 @@ async def _parked_lines(outbox: OutboxConfig, index: int) -> list[str]:
         dead, held = await store.count(outbox.name), await store.count(outbox.name, "held")
         aggregates = len(await store.held_aggregates(outbox.name)) if held else 0
     except Exception as exc:  # (a missing table says nothing about the outbox itself)
-        return [scrubber.scrub(f"dead letters unavailable: {type(exc).__name__}: {exc}")]
+        return [scrubber.scrub(f"dead letters unavailable: {database_error(exc)}")]
     finally:
         await store.close()
     return [f"dead_letters={dead} held={held} held_aggregates={aggregates}"]

@@ -11,7 +11,15 @@ from typing import Any
 import click
 
 from outbox_relay.assembly import SetupError, build_source
-from outbox_relay.cli.common import CONFIG_OPTION, OUTBOX_OPTION, fail, load, masked, run_async
+from outbox_relay.cli.common import (
+    CONFIG_OPTION,
+    OUTBOX_OPTION,
+    database_error,
+    fail,
+    load,
+    masked,
+    run_async,
+)
 from outbox_relay.config import RelayConfig
 from outbox_relay.deadletters import DeadLetter, DeadLetterStore
 from outbox_relay.deadletters import as_event as as_dead_letter_event
@@ -210,5 +218,4 @@ def _run_dlq(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except (ConnectorError, SetupError) as exc:
         fail(str(exc), code=1)
     except Exception as exc:  # database unreachable, table missing: one line, no traceback
-        hint = " (run: outbox-relay init-db)" if "does not exist" in str(exc) else ""
-        fail(f"dlq: {type(exc).__name__}: {exc}{hint}", code=1)
+        fail(f"dlq: {database_error(exc)}", code=1)

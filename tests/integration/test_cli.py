@@ -213,6 +213,23 @@ def test_status_reports_pending_events_and_age_of_the_oldest(dsn: str, tmp_path:
     assert "orders: lease: never held" in result.stdout
 
 
+@pytest.mark.parametrize("source", ["postgres-polling", "postgres-logical"])
+def test_status_and_dlq_before_init_db_say_so_in_one_line_each_and_exit_1(
+    pg: PostgresServer, tmp_path: Path, source: str
+) -> None:
+    database = pg.create_database()  # empty: init-db never ran
+    try:
+        path = write_config(tmp_path, relay_config(database, {"type": "stdout"}, type=source))
+        for command in (["status"], ["dlq", "list"]):
+            result = run_cli(*command, "-c", str(path))
+            assert result.returncode == 1, result.stdout + result.stderr
+            said = result.stdout + result.stderr
+            assert "LINE 1" not in said, "the server's excerpt of the statement is not for the user"
+            assert "init-db" in said, said
+    finally:
+        pg.drop_database(database)
+
+
 def _body_or_nothing(url: str) -> str:
     """The body of a GET, or "" while nothing listens there yet."""
     try:
