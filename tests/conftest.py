@@ -91,14 +91,18 @@ def pg() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture
-def dsn(pg: PostgresServer) -> Iterator[str]:
-    """A fresh database with the default outbox table, NOTIFY trigger included."""
-    database = create_outbox_database(pg)
+def _outbox_database(server: PostgresServer) -> Iterator[str]:
+    database = create_outbox_database(server)
     try:
         yield database
     finally:
-        pg.drop_database(database)
+        server.drop_database(database)
+
+
+@pytest.fixture
+def dsn(pg: PostgresServer) -> Iterator[str]:
+    """A fresh database with the default outbox table, NOTIFY trigger included."""
+    yield from _outbox_database(pg)
 
 
 @pytest.fixture(scope="module")  # (not session: a module may have a `pg` or `kafka` of its own)
@@ -125,11 +129,7 @@ def controlled_postgres(shared: PostgresServer) -> Iterator[PostgresServer]:
 @pytest.fixture
 def controlled_dsn(controlled_pg: PostgresServer) -> Iterator[str]:
     """Like `dsn`, on `controlled_pg`."""
-    database = create_outbox_database(controlled_pg)
-    try:
-        yield database
-    finally:
-        controlled_pg.drop_database(database)
+    yield from _outbox_database(controlled_pg)
 
 
 @pytest.fixture
