@@ -12,10 +12,10 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -32,6 +32,7 @@ from tests.harness.webhook import Request as WebhookRequest
 from tests.harness.webhook import WebhookReceiver
 from tests.support import REPO, create_outbox_database, start_relay
 
+T = TypeVar("T")
 StartRelay = Callable[..., subprocess.Popen[bytes]]
 
 
@@ -112,18 +113,26 @@ def controlled_pg(pg: PostgresServer) -> Iterator[PostgresServer]:
         yield server
 
 
+def _controlled(
+    shared: T, owned: bool, env_var: str, what: str, start_private: Callable[..., AbstractContextManager[T]]
+) -> Iterator[T]:
+    """`shared` when this run started it, else a private one of its own (the harness does not
+    control a container); skips when `env_var` names a server the run must not touch."""
+    if owned:
+        yield shared
+        return
+    if os.environ.get(env_var):
+        pytest.skip(f"needs {what} this test run started ({env_var} names another)")
+    with start_private(private=True) as server:
+        yield server
+
+
 @contextmanager
 def controlled_postgres(shared: PostgresServer) -> Iterator[PostgresServer]:
     """`shared` when it is a private cluster, else (a container, which the harness does not
     control) a private cluster of its own. Skips the test when RELAY_TEST_PG_DSN names the server:
     the tests never touch a server they did not start."""
-    if shared.owned:
-        yield shared
-        return
-    if os.environ.get(PG_DSN_ENV_VAR):
-        pytest.skip(f"needs a PostgreSQL this test run started ({PG_DSN_ENV_VAR} names another)")
-    with start_postgres(private=True) as server:
-        yield server
+    yield from _controlled(shared, shared.owned, PG_DSN_ENV_VAR, "a PostgreSQL", start_postgres)
 
 
 @pytest.fixture
@@ -184,13 +193,7 @@ def kafka() -> Iterator[KafkaBroker]:
 def controlled_kafka(kafka: KafkaBroker) -> Iterator[KafkaBroker]:
     """A Kafka-protocol broker this run may pause and stop: `kafka` when it is a private tansu,
     else (a container) a private tansu of its own; skips when KAFKA_BOOTSTRAP_SERVERS names one."""
-    if kafka.owned:
-        yield kafka
-        return
-    if os.environ.get(KAFKA_ENV_VAR):
-        pytest.skip(f"needs a broker this test run started ({KAFKA_ENV_VAR} names another)")
-    with start_kafka(private=True) as broker:
-        yield broker
+    yield from _controlled(kafka, kafka.owned, KAFKA_ENV_VAR, "a broker", start_kafka)
 
 
 @pytest.fixture(scope="session")

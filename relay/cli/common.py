@@ -73,12 +73,19 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
 
 
+#: SQLSTATE undefined_table: a relay table init-db makes is missing.
+_UNDEFINED_TABLE = "42P01"
+
+
 def database_error(exc: BaseException) -> str:
-    """An error as one line without the server's LINE/caret excerpt of the statement (and with
-    the fix when it is a relay table init-db makes)."""
+    """An error as one line without the server's LINE/caret excerpt of the statement, with the
+    fix when a table is missing (not for a database or a role that does not exist: init-db
+    makes neither)."""
     primary = getattr(getattr(exc, "diag", None), "message_primary", None)
     text = f"{type(exc).__name__}: {primary or one_line(exc)}"
-    return f"{text} (run: outbox-relay init-db)" if "does not exist" in text else text
+    return (
+        f"{text} (run: outbox-relay init-db)" if getattr(exc, "sqlstate", None) == _UNDEFINED_TABLE else text
+    )
 
 
 def masked(value: Any) -> Any:

@@ -76,6 +76,10 @@ def status(config_path: Path) -> None:
         fail(f"{config_path}: {exc}")
 
 
+class _Unavailable(Exception):
+    """A part of an outbox's status that could not say (its line says why); status exits 1."""
+
+
 async def _print_status(outbox: OutboxConfig, index: int) -> bool:
     """Print an outbox's status lines; False when its database could not say."""
     source = build_source(outbox, index)
@@ -88,10 +92,12 @@ async def _print_status(outbox: OutboxConfig, index: int) -> bool:
             partial(_parked_lines, outbox, index),
             partial(_lease_lines, outbox),
         ):
-            for line in await part():
+            try:
+                lines = await part()
+            except _Unavailable as exc:  # (the next parts may still say something)
+                lines, healthy = [str(exc)], False
+            for line in lines:
                 click.echo(scrubber.scrub(f"{outbox.name}: {line}"))
-                # (A part that could not say, or a slot or table init-db makes still missing.)
-                healthy = healthy and "unavailable" not in line and "(run: outbox-relay init-db)" not in line
     except (ConnectorError, OSError) as exc:
         click.echo(scrubber.scrub(f"{outbox.name}: unavailable: {exc}"))
         return False
@@ -134,7 +140,7 @@ async def _parked_lines(outbox: OutboxConfig, index: int) -> list[str]:
         dead, held = await store.count(outbox.name), await store.count(outbox.name, "held")
         aggregates = len(await store.held_aggregates(outbox.name)) if held else 0
     except Exception as exc:  # (a missing table says nothing about the outbox itself)
-        return [scrubber.scrub(f"dead letters unavailable: {database_error(exc)}")]
+        raise _Unavailable(f"dead letters unavailable: {database_error(exc)}") from None
     finally:
         await store.close()
     return [f"dead_letters={dead} held={held} held_aggregates={aggregates}"]

@@ -16,10 +16,10 @@ from outbox_relay.secrets import scrubber
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError, Message, Producer
 
-# How long the poll thread waits per round while it polls (no publish call is waiting).
+#: How long the poll thread waits per round while it polls (no publish call is waiting).
+_IDLE_POLL_S = 0.05
 #: How long a retiring producer waits for the reports of what it purged.
 _PURGED_REPORTS_S = 5.0
-_IDLE_POLL_S = 0.05
 
 
 class _LibrdkafkaLog:

@@ -62,7 +62,9 @@ class SqlConnection:
         """The slot's line in `outbox-relay status`."""
         row = await self.slot_row()
         if row is None:
-            return f"slot {self._config.slot}: missing (run: outbox-relay init-db)"
+            raise ConnectorError(
+                f"replication slot {self._config.slot} is missing (run: outbox-relay init-db)"
+            )
         lag, active, confirmed, pid = row
         state = f"active (pid {pid})" if active else "inactive"
         return f"slot {self._config.slot}: lag_bytes={lag} confirmed_flush_lsn={confirmed} {state}"
