@@ -28,7 +28,7 @@ from outbox_relay.events import OutboxEvent, PublishResult
 from outbox_relay.logs import configure_logging
 from outbox_relay.pipeline import Pipeline
 from outbox_relay.progress import Fields, RateMeter, showing
-from outbox_relay.runner import Relay, database_setup
+from outbox_relay.runner import Relay, set_up_database
 from outbox_relay.secrets import scrubber
 from outbox_relay.tools.demo_check import DemoSummary, SinkTally, summarize
 from outbox_relay.tools.demo_orders import (
@@ -204,14 +204,6 @@ class _Demo:
         return summarize(self.written, self.tally, time.monotonic() - self.started, notes)
 
 
-async def _set_up(dsn: str, config: RelayConfig, pipeline: Pipeline) -> None:
-    """The outbox table and the dead-letter table, as `init-db` creates them."""
-    statements, _ = database_setup(config.outboxes[0], pipeline.source)
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        for statement in statements:
-            await conn.execute(statement)
-
-
 async def _relay_and_check(demo: _Demo, rate: float, duration: float) -> list[str]:
     """Write and relay until asked to stop, then drain; notes for the summary."""
     relay, loop = demo.relay, asyncio.get_running_loop()
@@ -247,7 +239,7 @@ async def _demo(dsn: str, rate: float, duration: float, drop_every: int) -> int:
         config = _config(dsn, sink_path)
         configure_logging(config.log.format, config.log.level)
         pipeline = _pipeline(config, drop_every)
-        await _set_up(dsn, config, pipeline)
+        await set_up_database(config.outboxes[0], pipeline.source)  # (what init-db does)
         demo = _Demo(dsn, sink_path, Relay(config, [pipeline]))
         until = f"for {duration:g}s (or until Ctrl-C)" if duration else "until Ctrl-C"
         print(
