@@ -82,7 +82,9 @@ _BY_TEXT = tuple(
             "wal_level is not logical",
             r"logical decoding requires wal_level|logical replication needs wal_level",
         ),
-        ("publication publishes another table", r"publishes table .{1,300}?, which is not in tables"),
+        # (Found at start, or while streaming once the publication changed.)
+        ("publication does not match the tables", r"does not match the configured tables"),
+        ("publication does not match the tables", r"publishes table .{1,300}?, which is not in tables"),
     )
 )
 _FIXES = {
@@ -105,8 +107,8 @@ _FIXES = {
     "broker refused the relay": "check the sink's credentials and what the broker permits them",
     "replicas use different lease tables": "give every replica of this outbox the same lease.table"
     " (schema-qualified, or the same search_path)",
-    "publication publishes another table": "add the table to the source's tables:, or drop it from the"
-    " publication (ALTER PUBLICATION ... DROP TABLE ...)",
+    "publication does not match the tables": "make the publication publish the inserts of exactly the"
+    " source's tables: (init-db adds the ones it lacks; drop others with ALTER PUBLICATION ... DROP TABLE)",
     "wal_level is not logical": "set wal_level = logical in postgresql.conf and restart PostgreSQL"
     " (or use the postgres-polling source, which needs no replication)",
     "replication slot in use": "let the relays' role end the previous holder's sessions (the same"

@@ -181,6 +181,40 @@ def test_a_role_that_may_read_the_outbox_but_not_mark_it_is_a_lasting_setup_prob
         stop_relay(relay)
 
 
+def test_a_publication_that_publishes_another_table_too_is_a_setup_problem_until_it_is_dropped(
+    dsn: str, tmp_path: Path, start_relay: StartRelay
+) -> None:
+    """Its inserts could not become events: said once, not retried as an outage, not ready; the
+    outbox goes on by itself once the publication is made right."""
+    port = free_port()
+    out = tmp_path / "out.jsonl"
+    name = f"pub_{uuid.uuid4().hex[:8]}"
+    config = _config(dsn, out, port, type="postgres-logical", slot=name, publication=name, mode="table")
+    path = write_config(tmp_path, config)
+    init = run_cli("init-db", "-c", str(path))
+    assert init.returncode == 0, init.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+        conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE other").format(sql.Identifier(name)))
+    try:
+        insert_events(dsn, 3)
+        relay = start_relay(path)
+        problem = _wait_for_problem(port, "publication does not match the tables")
+        assert "other" in problem["error"], problem
+        assert _problem_gauge(port) == 1.0
+        assert _readiness(port)["ready"] is False
+        _assert_said_once_not_per_retry(tmp_path / "relay-0.log", "publication does not match the tables")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE other").format(sql.Identifier(name)))
+        wait_for(lambda: len(read_lines(out)) == 3 if out.exists() else False, 30, "the events once fixed")
+        assert _problems(port) == []
+        stop_relay(relay)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                         " WHERE slot_name = %s AND NOT active", (name,))  # fmt: skip
+
+
 def test_a_missing_lease_table_is_created_by_the_relay_or_named_when_its_role_may_not(
     dsn: str, tmp_path: Path, start_relay: StartRelay
 ) -> None:

@@ -85,7 +85,14 @@ def _sqlstate(text: str, code: str) -> psycopg.Error:
                 'publication "p" publishes table public.other, which is not in tables: public.outbox;'
                 " its inserts cannot become events (add it to tables:, or remove it from the publication)"
             ),
-            "publication publishes another table",
+            "publication does not match the tables",
+        ),
+        (
+            ConnectorError(
+                'publication "p" does not match the configured tables: it publishes public.other,'
+                " which is not configured"
+            ),
+            "publication does not match the tables",
         ),
     ],
 )
