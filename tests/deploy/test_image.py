@@ -49,12 +49,7 @@ def _relay_config(tmp_path: Path, dsn: str, kafka: KafkaBroker) -> tuple[Path, s
     """relay.yaml for the container: Kafka sink to a fresh 4-partition topic, HTTP on a free
     loopback port. Returns (file, topic, http port)."""
     prefix = f"image-{uuid.uuid4().hex[:12]}"
-    kafka.create_topic(f"{prefix}.order", partitions=4)
-    sink = {
-        "type": "kafka",
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "topic": prefix + ".{aggregate_type}",
-    }
+    sink = kafka.order_sink(prefix, partitions=4)
     config = relay_config(dsn, sink)
     port = free_port()
     config["http"] = {"host": "127.0.0.1", "port": port}

@@ -36,7 +36,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from tests.harness.process import HOST, OwnedProcess, Server, port_accepts, start_owned
 from tests.harness.proxy import SwitchableProxy
@@ -107,6 +107,17 @@ class KafkaBroker(Server):
     def create_topic(self, name: str, partitions: int = 1, timeout: float = 10.0) -> None:
         """See :func:`create_topic`."""
         create_topic(self.bootstrap_servers, name, partitions, timeout)
+
+    def order_sink(self, prefix: str, partitions: int, **settings: Any) -> dict[str, Any]:
+        """A kafka sink config relaying to `<prefix>.<aggregate_type>`, its `<prefix>.order` topic
+        made first with `partitions` partitions (the tests' events are orders)."""
+        self.create_topic(f"{prefix}.order", partitions=partitions)
+        return {
+            "type": "kafka",
+            "bootstrap_servers": self.bootstrap_servers,
+            "topic": prefix + ".{aggregate_type}",
+            **settings,
+        }
 
     def consume_all(self, topic: str, expected_count: int, timeout: float = 10.0) -> list[ConsumedMessage]:
         """See :func:`consume_all`."""

@@ -39,16 +39,14 @@ PARTITIONS = 4
 def _config(tmp_path: Path, dsn: str, kafka: KafkaBroker, **producer: Any) -> tuple[Path, str]:
     """A relay.yaml relaying to a fresh topic of PARTITIONS partitions; returns (path, topic)."""
     prefix = f"relay-{uuid.uuid4().hex[:12]}"
-    kafka.create_topic(f"{prefix}.order", partitions=PARTITIONS)
-    sink = {
-        "type": "kafka",
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "topic": prefix + ".{aggregate_type}",
-        "key": "{aggregate_id}",
+    sink = kafka.order_sink(
+        prefix,
+        partitions=PARTITIONS,
+        key="{aggregate_id}",
         # Short, so that events waiting on a hung broker fail and are retried within the test.
-        "delivery_timeout": "2s",
-        "producer": producer,
-    }
+        delivery_timeout="2s",
+        producer=producer,
+    )
     config = relay_config(dsn, sink, batch_size=200)
     config["outboxes"][0]["pipeline"] = {"publish_batch_size": 100}
     return write_config(tmp_path, config), f"{prefix}.order"

@@ -428,13 +428,8 @@ async def test_both_modes_relay_into_kafka_in_commit_order_per_aggregate(
     dsn: str, tmp_path: Path, kafka: KafkaBroker, mode: str
 ) -> None:
     topic_prefix = f"logical-{mode}-{tmp_path.name[-8:]}"
-    kafka.create_topic(f"{topic_prefix}.order", partitions=3)
     config = _config(dsn, tmp_path / "unused.jsonl", mode=mode)
-    config["outboxes"][0]["sink"] = {
-        "type": "kafka",
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "topic": topic_prefix + ".{aggregate_type}",
-    }
+    config["outboxes"][0]["sink"] = kafka.order_sink(topic_prefix, partitions=3)
     _init_db(config)
     expected: set[str] = set()
     with psycopg.connect(dsn) as conn:

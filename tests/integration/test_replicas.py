@@ -72,12 +72,7 @@ class Replicas:
 @pytest.fixture
 def replicas(tmp_path: Path, dsn: str, kafka: KafkaBroker) -> Iterator[tuple[Replicas, str]]:
     topic_prefix = f"replicas-{uuid.uuid4().hex[:10]}"
-    kafka.create_topic(f"{topic_prefix}.order", partitions=4)
-    sink = {
-        "type": "kafka",
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "topic": topic_prefix + ".{aggregate_type}",
-    }
+    sink = kafka.order_sink(topic_prefix, partitions=4)
     group = Replicas(tmp_path, dsn, sink)
     try:
         yield group, f"{topic_prefix}.order"
