@@ -96,7 +96,9 @@ _FIXES = {
     "database is read-only": "point the DSN at the primary (or turn off default_transaction_read_only)",
     "schema does not exist": "check the table's schema in the config, or create the schema (init-db"
     " creates a missing one only for the outbox table it creates, not for the dead-letter or lease table)",
-    "permission denied": "grant the relay's role the privilege the message names",
+    "permission denied": "grant the relay's role the privilege the message names (the outbox table:"
+    " SELECT, and UPDATE to mark or DELETE to delete; the dead-letter and lease tables: SELECT, INSERT,"
+    " UPDATE and DELETE)",
     "table does not exist": "check the table's name in the config, or run: outbox-relay init-db (it creates"
     " the relay's own tables, not an application's table with a columns mapping)",
     "application's table does not exist": "check the table's name in the config, or create the table"
@@ -108,7 +110,9 @@ _FIXES = {
     "replicas use different lease tables": "give every replica of this outbox the same lease.table"
     " (schema-qualified, or the same search_path)",
     "publication does not match the tables": "make the publication publish the inserts of exactly the"
-    " source's tables: (init-db adds the ones it lacks; drop others with ALTER PUBLICATION ... DROP TABLE)",
+    " source's tables: (init-db adds the ones it lacks; drop others with ALTER PUBLICATION ... DROP TABLE);"
+    " inserts into another table already in the slot still stop the outbox: see the postgres-logical"
+    " source's docs, 'Changing the publication while the relay runs'",
     "wal_level is not logical": "set wal_level = logical in postgresql.conf and restart PostgreSQL"
     " (or use the postgres-polling source, which needs no replication)",
     "replication slot in use": "let the relays' role end the previous holder's sessions (the same"
