@@ -176,6 +176,12 @@ def row_event(
         event_id, aggregate_type = values[i_id], values[i_type]
         aggregate_id, event_type = values[i_agg], values[i_event]
         raw_created = values[i_created] if i_created is not None else None
+        created: float | None = None
+        if raw_created is not None:  # its text as seconds since the epoch; 'infinity' or a year
+            try:  # past 9999 as infinite, which the row rule (`checked_time`) then refuses
+                created = pgoutput.timestamptz_text_to_epoch(raw_created.decode())
+            except ValueError:
+                created = float("inf")
         fields: row_events.RowFields = (
             lsn,
             None if event_id is None else event_id.decode(),
@@ -184,22 +190,13 @@ def row_event(
             None if event_type is None else event_type.decode(),
             payload,
             values[i_headers] if i_headers is not None else None,
-            None if raw_created is None else _created_at(raw_created),
+            created,
         )
         return row_events.row_as_event(fields, commit_time, stand_in_id, shape.content_type, unit)
     except (ValueError, TypeError, IndexError) as exc:  # (UnicodeDecodeError is a ValueError)
         raw = values[i_payload] if len(values) > i_payload else None
         reason = f"cannot decode the row: {exc}"
         return _defect_event(lsn, bytes(raw or b""), commit_time, unit, reason, "application/octet-stream")
-
-
-def _created_at(raw: bytes) -> float:
-    """A `created_at` column's text as seconds since the epoch; infinite for 'infinity' or a
-    year past 9999 (which `checked_time` then refuses)."""
-    try:
-        return pgoutput.timestamptz_text_to_epoch(raw.decode())
-    except ValueError:
-        return float("inf")
 
 
 def _not_an_event(exc: ValueError) -> str:
