@@ -135,8 +135,7 @@ class Dispatcher:
         the log."""
         outcome = split_call(batch, results)
         now_wall = time.time()
-        for event in outcome.acknowledged:
-            self._lanes.succeeded(event)
+        self._lanes.all_succeeded(outcome.acknowledged)
         retried = 0
         for event, result in outcome.failed:
             note_failure(event, result, now_wall, self._health.last_taken, outcome.any_taken)

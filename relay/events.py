@@ -190,8 +190,12 @@ def headers_from_json(raw: str | bytes) -> tuple[dict[str, str], str | None]:
     document = raw.encode() if isinstance(raw, str) else bytes(raw)
     try:  # the common case, fast: orjson read an object of strings (never a lone surrogate)
         quick = orjson.loads(document)
-        if isinstance(quick, dict) and all(type(item) is str for item in quick.values()):
-            return quick, None
+        if isinstance(quick, dict):
+            for item in quick.values():  # (a loop: once per row, no all() and generator calls)
+                if type(item) is not str:
+                    break
+            else:
+                return quick, None
     except orjson.JSONDecodeError:
         pass
     try:

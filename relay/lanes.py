@@ -82,18 +82,25 @@ class Lanes:
     def succeeded(self, event: OutboxEvent) -> None:
         """The lane's first event was acknowledged: drop it. Once nothing of the lane is out, its
         next event becomes ready."""
-        key = event.lane_key
-        lane = self._lanes[key]
-        head = lane.events.popleft()
-        assert head is event, "events of a lane are acknowledged in order"
-        lane.retrying = False
-        lane.out = max(lane.out - 1, 0)
-        if lane.out:
-            return
-        if lane.events:
-            self._ready.append(key)
-        else:
-            del self._lanes[key]
+        self.all_succeeded((event,))
+
+    def all_succeeded(self, events: Iterable[OutboxEvent]) -> None:
+        """`succeeded` of each event in turn (those a call acknowledged, in order): one call per
+        settled call, not one per event."""
+        lanes, ready = self._lanes, self._ready
+        for event in events:
+            key = event.lane_key
+            lane = lanes[key]
+            head = lane.events.popleft()
+            assert head is event, "events of a lane are acknowledged in order"
+            lane.retrying = False
+            lane.out = max(lane.out - 1, 0)
+            if lane.out:
+                continue
+            if lane.events:
+                ready.append(key)
+            else:
+                del lanes[key]
 
     def failed(self, event: OutboxEvent, retry_at: float) -> None:
         """The lane's first event failed: the lane waits until `retry_at`, then offers the same

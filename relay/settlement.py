@@ -74,7 +74,8 @@ def split_call(batch: Sequence[OutboxEvent], results: Sequence[PublishResult]) -
     stopped: set[Hashable] = set()
     overtaken = 0
     for event, result in zip(batch, results, strict=True):
-        if event.lane_key in stopped:
+        # (`stopped and`: no lane key is built per event while nothing failed, the common case)
+        if stopped and event.lane_key in stopped:
             overtaken += result is None
         elif result is None:
             acknowledged.append(event)
@@ -155,11 +156,10 @@ def sendable_events(batch: Sequence[OutboxEvent]) -> list[OutboxEvent]:
     behind: set[Hashable] = set()
     sendable: list[OutboxEvent] = []
     for event in batch:
-        if event.lane_key in behind:
-            continue
+        # A lane key is built only for a defect, or once one was found (the common batch has none).
         if event.defect is not None:
             behind.add(event.lane_key)
-        else:
+        elif not behind or event.lane_key not in behind:
             sendable.append(event)
     return sendable
 

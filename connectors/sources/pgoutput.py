@@ -156,21 +156,19 @@ def _relation(payload: bytes) -> Relation:
 def _tuple_values(buf: bytes, offset: int) -> list[bytes | None]:
     count = _U16.unpack_from(buf, offset)[0]
     offset += 2
-    values: list[bytes | None] = []
-    append = values.append
+    # Filled in place (a NULL is left as it is): no list method called per column of every row.
+    values: list[bytes | None] = [None] * count
     unpack_length = _I32.unpack_from
-    for _ in range(count):
+    for index in range(count):
         kind = buf[offset]
         offset += 1
         if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
             length = unpack_length(buf, offset)[0]
             offset += 4
-            append(buf[offset : offset + length])
+            values[index] = buf[offset : offset + length]
             offset += length
-        elif kind == 0x6E:  # 'n' null
-            append(None)
-        else:  # 'u' unchanged TOAST: never in an insert
-            append(UNCHANGED)  # type: ignore[arg-type]
+        elif kind != 0x6E:  # (not 'n', null) 'u', unchanged TOAST: never in an insert
+            values[index] = UNCHANGED  # type: ignore[call-overload]
     return values
 
 

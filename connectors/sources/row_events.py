@@ -47,43 +47,51 @@ def rows_as_events(
     content_type: str,
     ack_token: Any = None,
 ) -> list[OutboxEvent]:
-    """One event per row, in row order. A row that cannot be relayed as it is (a NULL payload or
-    mapped column, headers that are not a JSON object, an unusable creation time) becomes an
-    event with a `defect`, so it is dead-lettered instead of stopping the relay; the first
-    reason found is given, in that order. `fallback_time` serves for a NULL `created_at`; a row
-    without an event id gets `stand_in_id(position)`, unique, as the dead-letter table keys on
-    the event id. Each event's `ack_token` is `ack_token`, or its position when that is None.
-    (The hot path of a polling fetch: one loop, locals bound once.)"""
-    events: list[OutboxEvent] = []
-    append = events.append
-    for position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created in rows:
-        defect = None
-        if payload is None:
-            body, defect = b"", "payload is NULL"
-        else:
-            body = payload.encode() if isinstance(payload, str) else payload
-        if headers is None or headers in _NO_HEADERS:
-            header_map: dict[str, str] = {}
-        else:
-            header_map, problem = headers_from_json(headers)
-            defect = defect or problem
-        defect = defect or null_column_defect(event_id, aggregate_type, aggregate_id, event_type)
-        if created is None or not _EARLIEST <= created <= _LATEST:  # (else usable as it is)
-            created, problem = checked_time(created, fallback_time)
-            defect = defect or problem
-        append(
-            OutboxEvent(
-                position,
-                event_id if event_id is not None else stand_in_id(position),
-                aggregate_type or "",
-                aggregate_id,
-                event_type or "",
-                body,
-                header_map,
-                created,
-                ack_token=position if ack_token is None else ack_token,
-                content_type=content_type,
-                defect=defect,
-            )
-        )
-    return events
+    """One event per row, in row order (see `row_as_event`). (The hot path of a polling fetch:
+    a comprehension, no list method called per row.)"""
+    return [row_as_event(row, fallback_time, stand_in_id, content_type, ack_token) for row in rows]
+
+
+def row_as_event(
+    row: RowFields,
+    fallback_time: float,
+    stand_in_id: Callable[[int], str],
+    content_type: str,
+    ack_token: Any = None,
+) -> OutboxEvent:
+    """The event of one row. A row that cannot be relayed as it is (a NULL payload or mapped
+    column, headers that are not a JSON object, an unusable creation time) becomes an event with
+    a `defect`, so it is dead-lettered instead of stopping the relay; the first reason found is
+    given, in that order. `fallback_time` serves for a NULL `created_at`; a row without an event
+    id gets `stand_in_id(position)`, unique, as the dead-letter table keys on the event id. The
+    event's `ack_token` is `ack_token`, or its position when that is None. (The logical source
+    calls it once per inserted row: each check costs a call only when it finds something.)"""
+    position, event_id, aggregate_type, aggregate_id, event_type, payload, headers, created = row
+    defect = None
+    if payload is None:
+        body, defect = b"", "payload is NULL"
+    else:
+        body = payload.encode() if isinstance(payload, str) else payload
+    if headers is None or headers in _NO_HEADERS:
+        header_map: dict[str, str] = {}
+    else:
+        header_map, problem = headers_from_json(headers)
+        defect = defect or problem
+    if defect is None and None in (event_id, aggregate_type, aggregate_id, event_type):
+        defect = null_column_defect(event_id, aggregate_type, aggregate_id, event_type)
+    if created is None or not _EARLIEST <= created <= _LATEST:  # (else usable as it is)
+        created, problem = checked_time(created, fallback_time)
+        defect = defect or problem
+    return OutboxEvent(
+        position,
+        event_id if event_id is not None else stand_in_id(position),
+        aggregate_type or "",
+        aggregate_id,
+        event_type or "",
+        body,
+        header_map,
+        created,
+        ack_token=position if ack_token is None else ack_token,
+        content_type=content_type,
+        defect=defect,
+    )

@@ -131,3 +131,21 @@ def test_a_lane_added_again_after_eviction_is_not_woken_by_the_old_lanes_retry()
     lanes.failed(a2, retry_at=20)
     assert lanes.take(10, now=6) == [], "the evicted lane's retry at 5 must not wake the new lane"
     assert lanes.take(10, now=20) == [a2]
+
+
+def test_acknowledging_a_calls_events_at_once_frees_their_lanes_as_one_at_a_time_does() -> None:
+    a1, a2, a3, b1, c1 = _event(1, "a"), _event(2, "a"), _event(3, "a"), _event(4, "b"), _event(5, "c")
+    one_by_one, at_once = Lanes(), Lanes()
+    for lanes in (one_by_one, at_once):
+        lanes.add([a1, a2, a3, b1, c1])
+        assert lanes.take(10, now=0, depth=2) == [a1, a2, b1, c1]
+    for event in (a1, b1):
+        one_by_one.succeeded(event)
+    at_once.all_succeeded([a1, b1])
+    for lanes in (one_by_one, at_once):
+        assert len(lanes) == 3
+        assert lanes.take(10, now=0, depth=2) == []  # a2 of lane a is still out
+    for event in (a2, c1):
+        one_by_one.succeeded(event)
+    at_once.all_succeeded([a2, c1])
+    assert one_by_one.take(10, now=0) == at_once.take(10, now=0) == [a3]

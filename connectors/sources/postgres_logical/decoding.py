@@ -163,48 +163,40 @@ def _defect_event(
 def row_event(
     values: list[bytes | None], shape: TableShape, lsn: int, commit_time: float, unit: Unit
 ) -> OutboxEvent:
-    """The event of an inserted row; a row whose values cannot be decoded is not skipped but
-    becomes a defect (dead-lettered with its payload bytes as they came)."""
+    """The event of an inserted row: its values (text forms, as pgoutput sends them) decoded,
+    then made an event by the rule both PostgreSQL sources share (`row_events`); the commit time
+    stands in for a NULL `created_at`. A row whose values cannot be decoded is not skipped but
+    becomes a defect (dead-lettered with its payload bytes as they came). (Once per inserted
+    row: the fields are decoded here, not through a call each.)"""
+    i_id, i_type, i_agg, i_event, i_payload, i_headers, i_created = shape.indexes
     try:
-        return _table_event(values, shape, lsn, commit_time, unit)
+        payload = values[i_payload]
+        if payload is not None and shape.payload_is_bytea:
+            payload = bytes.fromhex(payload[2:].decode())  # text form of bytea: \x0a1b...
+        event_id, aggregate_type = values[i_id], values[i_type]
+        aggregate_id, event_type = values[i_agg], values[i_event]
+        raw_created = values[i_created] if i_created is not None else None
+        created: float | None = None
+        if raw_created is not None:  # its text as seconds since the epoch; 'infinity' or a year
+            try:  # past 9999 as infinite, which the row rule (`checked_time`) then refuses
+                created = pgoutput.timestamptz_text_to_epoch(raw_created.decode())
+            except ValueError:
+                created = float("inf")
+        fields: row_events.RowFields = (
+            lsn,
+            None if event_id is None else event_id.decode(),
+            None if aggregate_type is None else aggregate_type.decode(),
+            None if aggregate_id is None else aggregate_id.decode(),
+            None if event_type is None else event_type.decode(),
+            payload,
+            values[i_headers] if i_headers is not None else None,
+            created,
+        )
+        return row_events.row_as_event(fields, commit_time, stand_in_id, shape.content_type, unit)
     except (ValueError, TypeError, IndexError) as exc:  # (UnicodeDecodeError is a ValueError)
-        raw = values[shape.indexes[4]] if len(values) > shape.indexes[4] else None
+        raw = values[i_payload] if len(values) > i_payload else None
         reason = f"cannot decode the row: {exc}"
         return _defect_event(lsn, bytes(raw or b""), commit_time, unit, reason, "application/octet-stream")
-
-
-def _table_event(
-    values: list[bytes | None], shape: TableShape, lsn: int, commit_time: float, unit: Unit
-) -> OutboxEvent:
-    """The row's values (text forms, as pgoutput sends them) decoded, then made an event by the
-    rule both PostgreSQL sources share (`row_events`); the commit time stands in for a NULL
-    `created_at`."""
-    i_id, i_type, i_agg, i_event, i_payload, i_headers, i_created = shape.indexes
-    payload = values[i_payload]
-    if payload is not None and shape.payload_is_bytea:
-        payload = bytes.fromhex(payload[2:].decode())  # text form of bytea: \x0a1b...
-    fields: row_events.RowFields = (
-        lsn,
-        _text(values[i_id]),
-        _text(values[i_type]),
-        _text(values[i_agg]),
-        _text(values[i_event]),
-        payload,
-        values[i_headers] if i_headers is not None else None,
-        _created_at(values[i_created] if i_created is not None else None),
-    )
-    return row_events.rows_as_events([fields], commit_time, stand_in_id, shape.content_type, unit)[0]
-
-
-def _created_at(raw: bytes | None) -> float | None:
-    """A `created_at` column's text as seconds since the epoch; infinite for 'infinity' or a
-    year past 9999 (which `checked_time` then refuses)."""
-    if raw is None:
-        return None
-    try:
-        return pgoutput.timestamptz_text_to_epoch(raw.decode())
-    except ValueError:
-        return float("inf")
 
 
 def _not_an_event(exc: ValueError) -> str:
@@ -244,10 +236,6 @@ def message_event(content: bytes, lsn: int, commit_time: float, unit: Unit) -> O
         ack_token=unit,
         defect=defect,
     )
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
 
 
 async def message_charmap(conn: psycopg.AsyncConnection[Any]) -> str | None:

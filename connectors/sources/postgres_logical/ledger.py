@@ -101,13 +101,17 @@ class Ledger:
             self.current.closed = True
             self.current = None
 
-    def saw(self, *positions: int) -> None:
-        """The stream reached these WAL positions."""
-        self.received = max(self.received, *positions)
+    def saw(self, wal_end: int, wal_start: int) -> None:
+        """The stream reached these WAL positions (those of a frame: once per change, so
+        compared here, not through max())."""
+        if wal_end > self.received:
+            self.received = wal_end
+        if wal_start > self.received:
+            self.received = wal_start
 
     def keepalive(self, wal_end: int) -> None:
         """The server is at `wal_end` and sent nothing more."""
-        self.saw(wal_end)
+        self.received = max(self.received, wal_end)
         if self.current is None and not self.units:
             # Everything sent so far is acknowledged or was never ours: let the slot advance.
             self.confirmed = max(self.confirmed, wal_end)

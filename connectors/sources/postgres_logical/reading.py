@@ -38,10 +38,16 @@ class ChangeReader:
             self._ledger.keepalive(parsed.wal_end)
             return parsed.reply_requested
         if parsed is not None:
-            self._ledger.saw(parsed.wal_end, parsed.wal_start)
-            event = self._on_change(pgoutput.decode(parsed.payload), parsed.wal_start)
+            ledger, lsn = self._ledger, parsed.wal_start
+            ledger.saw(parsed.wal_end, lsn)
+            message = pgoutput.decode(parsed.payload)
+            # An insert, the change of almost every frame, goes to the decoder at once.
+            if type(message) is pgoutput.Insert:
+                event = self._decoder.insert_event(message, lsn, ledger.current)
+            else:
+                event = self._on_change(message, lsn)
             if event is not None:
-                self._ledger.hand_out(events, event)
+                ledger.hand_out(events, event)
         return False
 
     def failed(self, exc: Exception, events: list[OutboxEvent], mark: FetchMark) -> ConnectorError:
@@ -58,10 +64,8 @@ class ChangeReader:
         return error
 
     def _on_change(self, message: pgoutput.Decoded, lsn: int) -> OutboxEvent | None:
-        """Take in one decoded change at `lsn`; the event it makes, if any."""
+        """Take in one decoded change at `lsn` other than an insert; the event it makes, if any."""
         ledger = self._ledger
-        if isinstance(message, pgoutput.Insert):
-            return self._decoder.insert_event(message, lsn, ledger.current)
         if isinstance(message, pgoutput.Begin):
             ledger.begin()
             self._decoder.begin(message)

@@ -111,10 +111,7 @@ class PostgresLogicalSource(Source, DatabaseSource):
         events: list[OutboxEvent] = []
         mark = self._ledger.mark()
         try:
-            stream.receive()
-            while len(events) < limit and (frame := stream.frame()) is not None:
-                if self._reader.read(frame, events):
-                    self._send_status(reply=False)
+            stream.read_frames(self._reader.read, events, limit, self._send_status)
         except psycopg.Error as exc:
             await self._drop_stream()
             raise connection_lost(exc) from None

@@ -5,7 +5,8 @@ a stream that just ended to let the slot go), CopyData frames in, standby status
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -23,6 +24,8 @@ from outbox_relay.connectors.sources.postgres_logical.errors import (
 )
 from outbox_relay.identifiers import parse_identifier
 from outbox_relay.interfaces import ConnectorError
+
+T = TypeVar("T")
 
 #: How long a new stream waits for the slot to be let go by a stream that just ended.
 _SLOT_RELEASE_S = 2.0
@@ -146,19 +149,25 @@ class ReplicationStream:
 
     # --- streaming -------------------------------------------------------------------------------
 
-    def receive(self) -> None:
-        """Take in what the socket holds now (libpq buffers it for `frame`)."""
-        self._pgconn.consume_input()
-
-    def frame(self) -> bytes | None:
-        """The next CopyData frame buffered; None when none is. Raises OperationalError when the
-        stream ended."""
-        size, frame = self._pgconn.get_copy_data(1)
-        if size == 0:
-            return None
-        if size < 0:
-            raise stream_ended(self._pgconn)
-        return bytes(frame)
+    def read_frames(
+        self, read: Callable[[bytes, list[T]], bool], into: list[T], limit: int, reply: Callable[[], None]
+    ) -> None:
+        """Take in what the socket holds now and hand each CopyData frame buffered to `read`
+        (with `into`) until `into` holds `limit` items or no frame is left; `reply` at once when
+        a `read` returns True (the server asks for a status update). Raises OperationalError
+        when the stream ended. (One call per fetch: the frames come from libpq in this loop, not
+        through a call each.)"""
+        pgconn = self._pgconn
+        pgconn.consume_input()
+        get_copy_data = pgconn.get_copy_data
+        while len(into) < limit:
+            size, frame = get_copy_data(1)
+            if size == 0:
+                return
+            if size < 0:
+                raise stream_ended(pgconn)
+            if read(bytes(frame), into):
+                reply()
 
     def send(self, message: bytes) -> None:
         """Send one CopyData message (a standby status update) and flush it."""
