@@ -146,13 +146,19 @@ async def fetch_rows(
     return list(await cur.fetchall()) if cur.description is not None else []
 
 
+class Unanswered(TimeoutError):
+    """A statement was sent and no answer came within its bound. The server may still run it
+    (and commit it) later: a caller must not take it for one that never happened."""
+
+
 async def bounded_query(
     conn: AsyncConnection[Any],
     query: sql.SQL | sql.Composed | str,
     params: Params | None,
     timeout: float,
 ) -> list[tuple[Any, ...]]:
-    """Run one statement and return its rows, or raise TimeoutError after `timeout` seconds.
+    """Run one statement and return its rows, or raise Unanswered (a TimeoutError) after
+    `timeout` seconds.
 
     `asyncio.wait_for` around a psycopg query is not a bound: cancelling it makes psycopg ask
     the server to cancel the query and wait for that, up to 10 s more, over the same network
@@ -167,7 +173,7 @@ async def bounded_query(
         raise
     if not done:
         await _sever_and_settle(conn, task)
-        raise TimeoutError(f"the database did not answer within {timeout:g}s")
+        raise Unanswered(f"the database did not answer within {timeout:g}s")
     return task.result()
 
 

@@ -9,9 +9,16 @@ forwarding keeps its session alive; the lock never moves. A row with an expiry e
 however the holder's connection looks.
 
 - Acquire: a standby sets itself as holder, with the next token and an expiry `time` from now,
-  where the row has expired (or is its own): one UPDATE, so two standbys never both win.
+  where the row has expired (also when it names this standby): one UPDATE, so two standbys
+  never both win.
 - Renew: the holder moves its expiry on every `check_interval`, where the token is still its
-  own. A renewal that fails is retried on a new connection until the holder's deadline.
+  own, and only from the expiry it last saw. A renewal that fails is retried on a new
+  connection until the holder's deadline.
+- Unanswered statements: a statement the holder gave up waiting for may still commit (the
+  request arrived; the answer was lost or late). Renewing from the last expiry seen, its retries
+  move the expiry on once at most; taking only an expired row, and only a lease time after a
+  statement went unanswered, a replica that can send but not hear cannot keep the lease from
+  the standbys that can.
 - Deadline: the holder's own clock when it sent its last successful renewal, plus the lease
   time, minus a margin (a tenth of it). The server set the expiry when it ran the renewal, after
   it was sent, so the deadline falls before the expiry by at least the margin.
@@ -45,7 +52,7 @@ however the holder's connection looks.
 """
 
 from outbox_relay.leadership.guard import guard_key, holder_pid, session_name_of
-from outbox_relay.leadership.lease import MARGIN_FRACTION, Lease, LeaseLost, RivalLease, Term
+from outbox_relay.leadership.lease import Lease
 from outbox_relay.leadership.place import (
     LeasePlace,
     create_table_sql,
@@ -54,6 +61,7 @@ from outbox_relay.leadership.place import (
     lease_table_in,
     locate_lease,
 )
+from outbox_relay.leadership.term import MARGIN_FRACTION, LeaseLost, RivalLease, Term
 
 __all__ = [
     "MARGIN_FRACTION",

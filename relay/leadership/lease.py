@@ -8,14 +8,15 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
 
 import psycopg
 
 from outbox_relay import metrics
 from outbox_relay.backoff import Backoff, Retrying
 from outbox_relay.leadership.guard import Guard, end_sessions_of, guard_key, session_name_of
-from outbox_relay.leadership.row import LeaseRow
+from outbox_relay.leadership.renewal import Renewals
+from outbox_relay.leadership.row import LeaseRow, Taken
+from outbox_relay.leadership.term import MARGIN_FRACTION, RivalLease, Term
 from outbox_relay.logs import get_logger
 from outbox_relay.problems import SetupProblems
 from outbox_relay.secrets import scrubber
@@ -23,33 +24,6 @@ from outbox_relay.secrets import scrubber
 #: Between attempts to reach the database while standing by (or acquiring): at most this, and
 #: at most half the lease time (see `reconnect_policy`).
 _RECONNECT = Backoff(initial=0.5, maximum=5.0)
-#: Between attempts of one renewal, each on a new connection, until the holder's deadline.
-_RENEWAL_RETRY = Backoff(initial=0.2, maximum=0.2)
-
-#: What the holder keeps back from the lease time as its clock margin.
-MARGIN_FRACTION = 0.1
-
-
-@dataclass
-class Term:
-    """One holder's hold on a lease: its token, and its deadline on this process's monotonic
-    clock. `valid()` is what everything that publishes or marks asks, right before it does."""
-
-    table: str
-    key: str
-    token: int
-    deadline: float
-    ended: bool = False
-
-    def valid(self) -> bool:
-        return not self.ended and time.monotonic() < self.deadline
-
-    def end(self) -> None:
-        self.ended = True
-
-
-class RivalLease(Exception):
-    """Another replica holds this outbox's lease in another lease table (a setup problem)."""
 
 
 def reconnect_policy(lease_time: float) -> Backoff:
@@ -60,10 +34,6 @@ def reconnect_policy(lease_time: float) -> Backoff:
     return Backoff(
         initial=min(_RECONNECT.initial, lease_time / 10), maximum=min(_RECONNECT.maximum, lease_time / 2)
     )
-
-
-class LeaseLost(Exception):
-    """The lease's term ended: another replica may be active now."""
 
 
 class Lease:
@@ -98,6 +68,8 @@ class Lease:
         self.term: Term | None = None
         self._database_ok = False
         self._m_database_up = metrics.UP.labels(outbox, "database")
+        renewing = (self._row, self._guard, self.problems, self._log)
+        self._renewals = Renewals(*renewing, self._reached, self._margin)
 
     @property
     def key(self) -> str:
@@ -118,6 +90,9 @@ class Lease:
     def database_ok(self, ok: bool) -> None:
         self._database_ok = ok
         self._m_database_up.set(1 if ok else 0)
+
+    def _reached(self, ok: bool) -> None:
+        self.database_ok = ok
 
     # --- acquire ------------------------------------------------------------------------------
 
@@ -160,20 +135,28 @@ class Lease:
         self._guard.key = guard_key(self.key)
         if self._guard.rival is not None:
             raise RivalLease(self._guard.rival)  # (found once: this replica stands by from then on)
+        # A lease statement of this process that went unanswered may still commit: it may hold
+        # the row (or have moved its expiry on) without knowing. Taking the lease again sooner
+        # than a lease time after, it would race the standbys that do get answers, and could
+        # win, unanswered again, each time the row expires, keeping the outbox from all of them.
+        holding_off = self._row.unanswered_at + self._time - time.monotonic()
+        if holding_off > 0:
+            return None, min(holding_off, self._acquire_interval)
         sent = time.monotonic()
         taken = await self._row.take(self._guard.params())
         if taken is not None:
-            return await self._took(*taken, sent), 0.0
+            return await self._took(taken, sent), 0.0
         left = await self._row.seconds_left()
         if left is None:  # (its row was deleted: made again on the next attempt)
             self._row.ready = False
             return None, 0.0
         return None, min(left + 0.01, self._acquire_interval)
 
-    async def _took(self, token: int, previous: str | None, stale_guard: str | None, sent: float) -> Term:
-        """The term of a lease this holder just took with `token` from `previous`: the previous
-        holder's sessions ended, the guard taken. Raises RivalLease (the lease given up) when a
-        live session of another replica holds the guard."""
+    async def _took(self, taken: Taken, sent: float) -> Term:
+        """The term of a lease this holder just took (`taken`: its token, from which holder):
+        the previous holder's sessions ended, the guard taken. Raises RivalLease (the lease
+        given up) when a live session of another replica holds the guard."""
+        token, previous, stale_guard, expiry = taken
         if previous and previous != self.holder:
             await end_sessions_of(self._row.session, previous, self._log)
             self._guard.stale.add(session_name_of(previous))
@@ -183,71 +166,15 @@ class Lease:
         if rival is not None:
             await self._row.give_up(token)
             raise RivalLease(rival)
-        self.term = Term(self._row.place.table, self.key, token, sent + self._time - self._margin)
+        self.term = Term(self._row.place.table, self.key, token, sent + self._time - self._margin, expiry)
         return self.term
 
     # --- keep ---------------------------------------------------------------------------------
 
     async def keep(self, term: Term) -> None:
-        """Renew `term` every `check_interval` until it is lost; then end it and raise LeaseLost
-        (never return). Lost: another holder took the lease, or no renewal succeeded before the
-        deadline (each failed one is retried soon on a new connection). The deadline is kept by
-        a timer of its own: a renewal stuck in a connection attempt cannot delay it."""
-        renewals = asyncio.create_task(self._renewals(term))
-        try:
-            while True:
-                left = term.deadline - time.monotonic()
-                if left <= 0 or term.ended:
-                    raise LeaseLost("no renewal succeeded before the lease's deadline")
-                done, _ = await asyncio.wait({renewals}, timeout=left)
-                if done:
-                    renewals.result()  # (raises LeaseLost: another holder took it)
-        finally:
-            term.end()
-            renewals.cancel()
-            await asyncio.gather(renewals, return_exceptions=True)
-
-    async def _renewals(self, term: Term) -> None:
-        while True:
-            # A fixed cadence, not a retry: a renewal that fails is retried by
-            # `_renew_until_deadline` under its own backoff.
-            await asyncio.sleep(self._check_interval)
-            await self._renew_until_deadline(term)
-
-    async def _renew_until_deadline(self, term: Term) -> None:
-        failure = ""
-        retrying = Retrying(_RENEWAL_RETRY)
-        while time.monotonic() < term.deadline:
-            sent = time.monotonic()
-            try:
-                still_ours = await self._row.renew(term.token)
-            except (psycopg.Error, OSError, TimeoutError) as exc:
-                failure = scrubber.scrub(f"{type(exc).__name__}: {exc}")
-                self.database_ok = False
-                self._log.warning("lease renewal failed, retrying", error=failure)
-                delay = retrying.failed(exc)
-                await asyncio.sleep(min(delay, max(term.deadline - time.monotonic(), 0)))
-                continue
-            self.database_ok = True
-            await self._renewed(term, still_ours, sent)
-            return
-        term.end()
-        raise LeaseLost(f"no renewal succeeded before the lease's deadline ({failure or 'no answer'})")
-
-    async def _renewed(self, term: Term, still_ours: bool, sent: float) -> None:
-        """After a renewal the server answered: the deadline moved on, or LeaseLost when the row
-        no longer names this holder or, on a new session, a rival took the guard."""
-        if not still_ours:
-            term.end()
-            raise LeaseLost("the lease's row no longer names this relay (another took it, or it was edited)")
-        if not self._guard.on_this_session:
-            # A new session (the last one was lost, with the guard): take the guard again.
-            rival = await self._guard.take(self._row.place.table)
-            if rival is not None:
-                term.end()
-                self.problems.report("database", RivalLease(rival))
-                raise LeaseLost(rival)
-        term.deadline = max(term.deadline, sent + self._time - self._margin)
+        """Renew `term` every `check_interval` until it is lost; then end it and raise
+        LeaseLost (see `Renewals.keep`)."""
+        await self._renewals.keep(term, self._check_interval)
 
     # --- release ------------------------------------------------------------------------------
 

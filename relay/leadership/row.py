@@ -4,7 +4,9 @@ connection of it goes by the holder's session name, so that a later holder can e
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import time
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -13,12 +15,15 @@ from outbox_relay.identifiers import parse_table_name
 from outbox_relay.interfaces import Unsupported
 from outbox_relay.leadership.guard import GUARD_SESSIONS, session_name_of
 from outbox_relay.leadership.place import LeasePlace, lease_key, prepare_lease
-from outbox_relay.pgsession import BoundedSession, session_conninfo, start_session
+from outbox_relay.pgsession import BoundedSession, Unanswered, session_conninfo, start_session
 
-#: Where the row has expired (or is this holder's own), this holder takes it with the next token,
-#: in the same statement noting which stale session keeps the guard, if one does (the previous
-#: holder's, or one it noted), for this holder and the ones after it, also when this one dies
-#: before it could say so. ({t}: the lease table.)
+#: Where the row has expired, this holder takes it with the next token, in the same statement
+#: noting which stale session keeps the guard, if one does (the previous holder's, or one it
+#: noted), for this holder and the ones after it, also when this one dies before it could say so.
+#: Only where it has expired, also when the row names this holder: a holder that lost its term
+#: does not know what its last statements did (one it gave up waiting for may have committed),
+#: and taking its own row back would let statements it never saw answered keep the lease from
+#: every standby. ({t}: the lease table.)
 _TAKE = (
     "WITH previous AS (SELECT holder, stale_guard FROM {t} WHERE lease = %(key)s FOR UPDATE),"
     " guard AS (" + GUARD_SESSIONS + ")"
@@ -29,19 +34,37 @@ _TAKE = (
     " stale_guard = (SELECT session FROM guard WHERE session IN"
     " (%(prefix)s || regexp_replace(previous.holder, '^.* ', ''), previous.stale_guard) LIMIT 1)"
     " FROM previous WHERE {t}.lease = %(key)s"
-    " AND ({t}.expires_at <= clock_timestamp() OR {t}.holder = %(me)s)"
-    " RETURNING {t}.token, previous.holder, {t}.stale_guard"
+    " AND {t}.expires_at <= clock_timestamp()"
+    " RETURNING {t}.token, previous.holder, {t}.stale_guard, {t}.expires_at"
 )
 _SECONDS_LEFT = "SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM {t} WHERE lease = %s"
+#: Moves the expiry on only from the one the holder last saw (`known`): a renewal the holder
+#: gave up waiting for may still commit, and its retries must not each move the expiry on again
+#: (every one of them would, unanswered, keep the lease from the standbys). Either way it
+#: returns the row's expiry and the seconds left until it, from which the holder's deadline
+#: follows.
 _RENEW = (
-    "UPDATE {t} SET renewed_at = clock_timestamp(),"
-    " expires_at = clock_timestamp() + make_interval(secs => %s)"
-    " WHERE lease = %s AND token = %s AND holder = %s RETURNING token"
+    "UPDATE {t} SET"
+    " renewed_at = CASE WHEN expires_at = %(known)s THEN clock_timestamp() ELSE renewed_at END,"
+    " expires_at = CASE WHEN expires_at = %(known)s"
+    " THEN clock_timestamp() + make_interval(secs => %(time)s) ELSE expires_at END"
+    " WHERE lease = %(key)s AND token = %(token)s AND holder = %(me)s"
+    " RETURNING expires_at, extract(epoch FROM expires_at - clock_timestamp())::float8"
 )
 _GIVE_UP = (
     "UPDATE {t} SET expires_at = clock_timestamp()"
     " WHERE lease = %s AND token = %s AND expires_at > clock_timestamp()"
 )
+
+
+class Taken(NamedTuple):
+    """A lease just taken: its token, the holder before, the stale session that keeps the
+    guard (if one does) and the row's expiry."""
+
+    token: int
+    previous: str | None
+    stale_guard: str | None
+    expiry: datetime
 
 
 class LeaseRow:
@@ -61,6 +84,9 @@ class LeaseRow:
         self.session = BoundedSession(self._connect, max(lease_time / 5, 0.2))
         #: Whether `prepare` found the place and the row since the last failure.
         self.ready = False
+        #: When a take or a renewal last went unanswered (the monotonic clock): it may still have
+        #: run on the server, and moved the expiry on.
+        self.unanswered_at = -float("inf")
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         timeout = max(int(self._time / 2), 1)
@@ -80,9 +106,14 @@ class LeaseRow:
             raise
         return conn
 
-    async def _run(self, statement: str, params: Any) -> list[tuple[Any, ...]]:
+    async def _run(self, statement: str, params: Any, *, moves_expiry: bool = False) -> list[tuple[Any, ...]]:
         table = parse_table_name(self.place.table).identifier()
-        return await self.session.query(sql.SQL(statement).format(t=table), params)
+        try:
+            return await self.session.query(sql.SQL(statement).format(t=table), params)
+        except Unanswered:
+            if moves_expiry:
+                self.unanswered_at = time.monotonic()
+            raise
 
     async def prepare(self) -> None:
         """Unless ready: where the lease lives, its table created when missing and its row
@@ -91,17 +122,17 @@ class LeaseRow:
             self.place = await prepare_lease(self.session.query, *self._where)
             self.ready = True
 
-    async def take(self, guard: dict[str, Any]) -> tuple[int, str | None, str | None] | None:
-        """Take the row where it has expired (or is this holder's): the new token, the previous
-        holder, and the stale session that keeps the guard (`guard`: its key's parameters)."""
+    async def take(self, guard: dict[str, Any]) -> Taken | None:
+        """Take the row where it has expired: the new token, the previous holder, the stale
+        session that keeps the guard (`guard`: its key's parameters) and the new expiry."""
         params = {
             "key": self.place.key,
             "me": self._holder,
             "time": self._time,
             "prefix": session_name_of(""),
         }
-        rows = await self._run(_TAKE, params | guard)
-        return (int(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
+        rows = await self._run(_TAKE, params | guard, moves_expiry=True)
+        return Taken(int(rows[0][0]), rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
     async def seconds_left(self) -> float | None:
         """How long until the row expires (0 when it has), None when the row is gone."""
@@ -110,9 +141,13 @@ class LeaseRow:
             return None
         return max(float(rows[0][0]), 0.0) if rows[0][0] is not None else 0.0
 
-    async def renew(self, token: int) -> bool:
-        """Move the expiry on, where the token is still this holder's; whether it was."""
-        return bool(await self._run(_RENEW, (self._time, self.place.key, token, self._holder)))
+    async def renew(self, token: int, known: datetime) -> tuple[datetime, float] | None:
+        """Move the expiry on from `known` (the one this holder last saw), where the token is
+        still this holder's: the row's expiry now and the seconds left until it; None when the
+        token is no longer this holder's."""
+        params = {"known": known, "time": self._time, "token": token, "me": self._holder}
+        rows = await self._run(_RENEW, params | {"key": self.place.key}, moves_expiry=True)
+        return (rows[0][0], float(rows[0][1])) if rows else None
 
     async def give_up(self, token: int) -> None:
         """Let the row expire now, if `token` still holds it."""

@@ -543,3 +543,71 @@ def test_a_standby_back_from_a_long_cut_is_ready_to_take_over_within_the_lease_t
         takeover = time.monotonic() - frozen_at
     print(f"takeover {takeover:.2f}s after freezing the active replica, the standby back from a cut")
     assert takeover < LEASE_TIME + SLACK
+
+
+#: Over the holder's bound on a lease statement (a fifth of the lease time), under the lease time.
+SLOW = LEASE_TIME * 0.45
+
+
+def _slow_lease_statements_of(dsn: str, session: str, seconds: float) -> None:
+    """Every statement of `session` that updates the lease row takes `seconds` on the server: it
+    still runs and commits, but its answer comes after the holder gave up waiting (a network
+    that delivers requests and loses or delays answers, a database slow for one client)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION slow_lease() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF current_setting('application_name') = '{session}' THEN PERFORM pg_sleep({seconds});"
+            " END IF; RETURN NULL; END $$"
+        )
+        # (For each statement, before it locks the row: the others' statements are not held up.)
+        conn.execute(
+            "CREATE TRIGGER slow_lease BEFORE UPDATE ON outbox_relay_leases"
+            " FOR EACH STATEMENT EXECUTE FUNCTION slow_lease()"
+        )
+
+
+def _lease_statements_fast_again(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER slow_lease ON outbox_relay_leases")
+
+
+def test_a_holder_whose_lease_statements_commit_but_answer_too_late_is_replaced_and_cannot_take_it_back(
+    tmp_path: Path, dsn: str, started: list[Replica]
+) -> None:
+    """The holder gives up on a renewal that has not answered within its bound, but the server
+    still runs it: a renewal (or a take) abandoned that way must not keep the lease alive. It
+    may move the expiry on once, no more: the standby takes over within about a lease time and
+    a check interval, and the old holder, which never learns what its statements did, must not
+    take the lease back for itself while its statements still go unanswered."""
+    _prepare(dsn, "polling")
+    old, new = _first_active_then_standby(tmp_path, dsn, "polling", started)
+    writer = SteadyWriter(dsn, rate=100, aggregates=10)
+    writer.start()
+    try:
+        wait_for(lambda: old.size() > 0, 20, "the first replica to publish")
+        holder, token = _holder(dsn)
+        # Every lease statement of the old holder commits, then answers too late.
+        _slow_lease_statements_of(dsn, _session_of(holder), SLOW)
+        slow_at = time.monotonic()
+        wait_for(lambda: new.role() == "active", LEASE_TIME * 4, "the standby to take over", interval=0.02)
+        takeover = time.monotonic() - slow_at
+        holders = set()
+        for _ in range(int(LEASE_TIME * 4 / 0.1)):  # four lease times, statements still slow
+            holders.add(_holder(dsn)[0])
+            time.sleep(0.1)
+        assert holders == {_holder(dsn)[0]} != {holder}, f"the lease went back and forth: {holders}"
+        assert new.role() == "active"
+        assert old.role() == "standby"
+        _lease_statements_fast_again(dsn)
+        time.sleep(LEASE_TIME)
+        assert new.role() == "active"
+        assert old.role() == "standby"
+    finally:
+        writer.stop.set()
+        writer.join()
+    print(f"takeover {takeover:.2f}s after the holder's lease statements began to answer too late")
+    # The renewal the holder abandoned may have moved the expiry on once, when the server ran
+    # it: up to a check interval and the statement's time more.
+    assert takeover < LEASE_TIME + 0.5 + SLOW + SLACK
+    assert _holder(dsn)[1] > token
+    _delivered_complete_and_in_order(dsn, old, new)
