@@ -21,20 +21,12 @@ from outbox_relay.connectors.sources.postgres_logical.decoding import ChangeDeco
 from outbox_relay.connectors.sources.postgres_logical.errors import connection_lost
 from outbox_relay.connectors.sources.postgres_logical.ledger import Ledger
 from outbox_relay.connectors.sources.postgres_logical.reading import ChangeReader
-from outbox_relay.connectors.sources.postgres_logical.silence import Due, Silence
+from outbox_relay.connectors.sources.postgres_logical.silence import StreamWatch
 from outbox_relay.connectors.sources.postgres_logical.transport import ReplicationStream
 from outbox_relay.connectors.sources.postgres_logical.upkeep import PublicationWatch, heartbeats
 from outbox_relay.events import OutboxEvent
 from outbox_relay.interfaces import BacklogStats, DatabaseSource, Fence, Fenced, Source
 from outbox_relay.logs import get_logger
-from outbox_relay.pgsession import bounded_query
-from outbox_relay.secrets import scrubber
-
-#: Ends the server process of a stream this relay gave up on, if it still holds the slot.
-_END_ABANDONED = (
-    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-    " WHERE slot_name = %s AND active_pid = %s"
-)
 
 
 class PostgresLogicalSource(Source, DatabaseSource):
@@ -57,9 +49,7 @@ class PostgresLogicalSource(Source, DatabaseSource):
         self._drain_target = 0
         self._held = 0
         self._reader = ChangeReader(self._decoder, self._ledger)
-        self._silence = Silence(config.receive_timeout, time.monotonic())
-        #: The server process of the stream last given up on as silent (see `_end_abandoned`).
-        self._abandoned_pid: int | None = None
+        self._silent = StreamWatch(config, self._sql, self._log)
 
     # --- connections --------------------------------------------------------------------------
 
@@ -86,14 +76,13 @@ class PostgresLogicalSource(Source, DatabaseSource):
         to, else (first start, another server) from the slot's confirmed position."""
         stream = await ReplicationStream.open(self.config)
         try:
-            await self._end_abandoned()
+            await self._silent.restart()
             history, wal_end = await stream.identify_system()
             await stream.start(self.config, self._ledger.resume_position(history, wal_end))
         except Exception:
             await stream.close()
             raise
         self._repl = stream
-        self._silence.heard(time.monotonic())
         self._ledger.restarted()
         self._decoder.reset()
         cfg = self.config
@@ -133,10 +122,9 @@ class PostgresLogicalSource(Source, DatabaseSource):
             error = self._reader.failed(exc, events, mark)
             await self._drop_stream()
             raise error from None
-        if heard:
-            self._silence.heard(time.monotonic())
-        else:
-            await self._mind_silence()
+        if (silent := self._silent.after_read(heard, stream, self._send_status)) is not None:
+            await self._drop_stream()  # (a connection that forwards nothing: see `silence`)
+            raise silent
         if self._reader.stuck is not None and not events:
             raise self._reader.stuck
         self._held += len(events)
@@ -147,48 +135,6 @@ class PostgresLogicalSource(Source, DatabaseSource):
         if self._ledger.status_due:
             self._send_status()
         return events
-
-    async def _mind_silence(self) -> None:
-        """Nothing came from the server this time: at half the receive timeout of silence ask
-        it for a reply; past the whole of it the stream is dead (a connection held open by
-        something that stopped forwarding fails nothing, and would be waited on for ever).
-        Raises OperationalError then, as for a stream that ended: the pipeline retries and the
-        next fetch starts a new stream from the confirmed position."""
-        now = time.monotonic()
-        due = self._silence.due(now)
-        if due is Due.ASK:
-            self._send_status(reply=True)
-            self._silence.asked(now)
-        elif due is Due.DEAD:
-            silent = self._silence.silent_for(now)
-            message = f"replication stream silent for {silent:.0f}s; reconnecting"
-            self._log.warning(message, receive_timeout=self._silence.timeout)
-            assert self._repl is not None
-            # The server process may hold the slot until its wal_sender_timeout: ended first
-            # thing by the next stream (see `_end_abandoned`).
-            self._abandoned_pid = self._repl.backend_pid
-            self._repl.sever()
-            await self._drop_stream()
-            raise psycopg.OperationalError(message)
-
-    async def _end_abandoned(self) -> None:
-        """End the server process of the stream given up on as silent, if it still streams the
-        slot: it would keep it (START_REPLICATION refused) until the server's own timeout. On
-        the ordinary connection, bounded: it may be cut off too. A failure only leaves the slot
-        to the server's timeout."""
-        pid, self._abandoned_pid = self._abandoned_pid, None
-        if pid is None:
-            return
-        try:
-            conn = await self._sql.get()
-            await bounded_query(conn, _END_ABANDONED, (self.config.slot, pid), self.config.connect_timeout)
-        except Exception as exc:
-            self._log.warning(
-                "could not end the silent stream's server process; the slot waits for the"
-                " server's wal_sender_timeout",
-                pid=pid,
-                error=scrubber.scrub(str(exc)),
-            )
 
     # --- ack ----------------------------------------------------------------------------------
 
@@ -249,9 +195,7 @@ class PostgresLogicalSource(Source, DatabaseSource):
         if stream is None or stream.closed:
             await asyncio.sleep(self.config.poll_interval)
             return
-        # (Woken in time to ask for a reply, or to give up on a silent stream: see `fetch`.)
-        wait = min(self.config.poll_interval, self._silence.until_due(time.monotonic()))
-        await stream.wait_readable(wait)
+        await stream.wait_readable(self._silent.wait(self.config.poll_interval))
 
     # --- backlog, status, checks, DDL ---------------------------------------------------------
 
