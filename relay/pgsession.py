@@ -24,7 +24,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, sql
@@ -33,6 +33,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import AfterValidator
 
 from outbox_relay.interfaces import Unsupported
+
+T = TypeVar("T")
 
 #: The session settings the relay pins on every connection (name, value).
 PINNED_SETTINGS: tuple[tuple[str, str], ...] = (
@@ -158,14 +160,19 @@ async def bounded_query(
     timeout: float,
 ) -> list[tuple[Any, ...]]:
     """Run one statement and return its rows, or raise Unanswered (a TimeoutError) after
+    `timeout` seconds (see `bounded`)."""
+    return await bounded(conn, fetch_rows(conn, query, params), timeout)
+
+
+async def bounded(conn: AsyncConnection[Any], work: Awaitable[T], timeout: float) -> T:
+    """The result of `work` (statements on `conn`), or Unanswered (a TimeoutError) after
     `timeout` seconds.
 
     `asyncio.wait_for` around a psycopg query is not a bound: cancelling it makes psycopg ask
     the server to cancel the query and wait for that, up to 10 s more, over the same network
     that stopped answering. Here the connection is severed instead (its socket shut down, so
     the query fails at once with an OperationalError) and left broken: reconnect to go on."""
-
-    task = asyncio.ensure_future(fetch_rows(conn, query, params))
+    task = asyncio.ensure_future(work)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     except asyncio.CancelledError:

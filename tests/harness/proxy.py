@@ -50,3 +50,46 @@ def _swallow(source: socket.socket) -> None:
         while source.recv(65536):
             pass
     close_socket(source)
+
+
+class HoldOneProxy(LoopbackProxy):
+    """Forwards every connection to 127.0.0.1:`target`. `hold(port)` stops forwarding on the one
+    connection whose end at the server has the local port `port` (the `client_port`
+    PostgreSQL shows for its session in pg_stat_activity): from then on, what either end sends
+    is read and dropped, and neither end is closed, not even when the other closes its own (a
+    proxy or NAT that stopped relaying keeps both). Every other connection, and every new one,
+    goes on. Threads only; `close()` stops them all."""
+
+    def __init__(self, target: int) -> None:
+        self._target_port = target
+        self._held: set[int] = set()
+        super().__init__(HOST, thread_name="test-hold-proxy")
+
+    def hold(self, port: int) -> None:
+        self._held.add(port)
+
+    def _target(self) -> tuple[str, int] | None:
+        return (HOST, self._target_port)
+
+    def _take(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection((HOST, self._target_port), timeout=5)
+            upstream.settimeout(None)
+        except OSError:
+            close_socket(client)
+            return
+        port = upstream.getsockname()[1]
+        self._track(client, upstream)
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._relay, args=(port, source, sink), daemon=True).start()
+
+    def _relay(self, port: int, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if port not in self._held:
+                    sink.sendall(data)
+        if port in self._held:
+            close_socket(source)  # (the other end stays open: nothing is forwarded, not even a close)
+            return
+        close_socket(source)
+        close_socket(sink)

@@ -158,3 +158,20 @@ def test_lease_keys_differ_by_what_the_outbox_reads_and_never_collide_like_a_crc
     assert lease_key("orders", "table public.outbox") != lease_key("orders", "table public.billing_outbox")
     assert lease_key("plumless") != lease_key("buckeroo")  # (their CRC32 is the same)
     assert lease_key("orders", "slot outbox_relay") == lease_key("orders", "slot outbox_relay")
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [({}, "query_timeout"), ({"type": "postgres-logical"}, "receive_timeout")],
+)
+def test_a_data_path_timeout_is_off_at_zero_refused_below_a_second_and_a_minute_by_default(
+    source: dict[str, object], key: str
+) -> None:
+    assert (
+        getattr(parse_config({"outboxes": [_outbox(**source)]}, "r.yaml", {}).outboxes[0].source, key) == 60.0
+    )
+    off = parse_config({"outboxes": [_outbox(**source, **{key: 0})]}, "r.yaml", {})
+    assert getattr(off.outboxes[0].source, key) == 0.0
+    [problem] = _problems({"outboxes": [_outbox(**source, **{key: "500ms"})]})
+    assert problem.startswith(f"relay.yaml: outboxes[0].source.{key}: ")
+    assert "must be 0 (off) or at least 1s" in problem

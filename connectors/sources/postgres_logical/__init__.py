@@ -19,8 +19,9 @@ window bounds what is held, the socket holds the rest (a 200,000-event transacti
 The parts: `config` (what the YAML file says), `publication` (the publication must publish
 exactly the configured tables), `setup` (check and init-db), `transport` (the replication
 protocol), `decoding` (changes to events), `ledger` (what is handed out, what may be
-confirmed), `errors` (what failures mean), `database` and `upkeep` (the ordinary connection and
-the background tasks), `source` (the source that ties them together).
+confirmed), `errors` (what failures mean), `silence` (when a stream the server says nothing
+on is dead), `database` and `upkeep` (the ordinary connection and the background tasks),
+`source` (the source that ties them together).
 """
 
 from __future__ import annotations

@@ -60,6 +60,14 @@ class PostgresLogicalConfig(ConnectorConfig):
         ge=0.1,
         description="Standby status updates at least this often (< wal_sender_timeout; at least 100ms).",
     )
+    receive_timeout: Duration = Field(
+        default=60.0,
+        ge=0,
+        description="A stream the server sends nothing on for this long is dead and started again"
+        " from the confirmed position; at half of it the relay asks the server for a reply (like"
+        " PostgreSQL's wal_receiver_timeout). Catches a connection a proxy or firewall holds open"
+        " without forwarding. 0: off (else at least 1s).",
+    )
     connect_timeout: Duration = Field(default=5.0, gt=0)
 
     # (Field validators run only for keys the file sets: the defaults of `tables` and `columns`
@@ -91,6 +99,15 @@ class PostgresLogicalConfig(ConnectorConfig):
     def _heartbeat_off_or_sparse(cls, value: float) -> float:
         if 0 < value < 0.1:
             raise ValueError("must be 0 (off) or at least 0.1 (100ms): each heartbeat writes WAL")
+        return value
+
+    @field_validator("receive_timeout")
+    @classmethod
+    def _receive_timeout_off_or_long(cls, value: float) -> float:
+        if 0 < value < 1.0:
+            raise ValueError(
+                "must be 0 (off) or at least 1s: a shorter one would end a stream that is only quiet"
+            )
         return value
 
     @property

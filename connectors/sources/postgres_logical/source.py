@@ -21,6 +21,7 @@ from outbox_relay.connectors.sources.postgres_logical.decoding import ChangeDeco
 from outbox_relay.connectors.sources.postgres_logical.errors import connection_lost
 from outbox_relay.connectors.sources.postgres_logical.ledger import Ledger
 from outbox_relay.connectors.sources.postgres_logical.reading import ChangeReader
+from outbox_relay.connectors.sources.postgres_logical.silence import StreamWatch
 from outbox_relay.connectors.sources.postgres_logical.transport import ReplicationStream
 from outbox_relay.connectors.sources.postgres_logical.upkeep import PublicationWatch, heartbeats
 from outbox_relay.events import OutboxEvent
@@ -48,6 +49,7 @@ class PostgresLogicalSource(Source, DatabaseSource):
         self._drain_target = 0
         self._held = 0
         self._reader = ChangeReader(self._decoder, self._ledger)
+        self._silent = StreamWatch(config, self._sql, self._log)
 
     # --- connections --------------------------------------------------------------------------
 
@@ -74,6 +76,7 @@ class PostgresLogicalSource(Source, DatabaseSource):
         to, else (first start, another server) from the slot's confirmed position."""
         stream = await ReplicationStream.open(self.config)
         try:
+            await self._silent.restart()
             history, wal_end = await stream.identify_system()
             await stream.start(self.config, self._ledger.resume_position(history, wal_end))
         except Exception:
@@ -111,7 +114,7 @@ class PostgresLogicalSource(Source, DatabaseSource):
         events: list[OutboxEvent] = []
         mark = self._ledger.mark()
         try:
-            stream.read_frames(self._reader.read, events, limit, self._send_status)
+            heard = stream.read_frames(self._reader.read, events, limit, self._send_status)
         except psycopg.Error as exc:
             await self._drop_stream()
             raise connection_lost(exc) from None
@@ -119,6 +122,9 @@ class PostgresLogicalSource(Source, DatabaseSource):
             error = self._reader.failed(exc, events, mark)
             await self._drop_stream()
             raise error from None
+        if (silent := self._silent.after_read(heard, stream, self._send_status)) is not None:
+            await self._drop_stream()  # (a connection that forwards nothing: see `silence`)
+            raise silent
         if self._reader.stuck is not None and not events:
             raise self._reader.stuck
         self._held += len(events)
@@ -189,7 +195,7 @@ class PostgresLogicalSource(Source, DatabaseSource):
         if stream is None or stream.closed:
             await asyncio.sleep(self.config.poll_interval)
             return
-        await stream.wait_readable(self.config.poll_interval)
+        await stream.wait_readable(self._silent.wait(self.config.poll_interval))
 
     # --- backlog, status, checks, DDL ---------------------------------------------------------
 

@@ -24,6 +24,7 @@ from outbox_relay.connectors.sources.postgres_logical.errors import (
 )
 from outbox_relay.identifiers import parse_identifier
 from outbox_relay.interfaces import ConnectorError
+from outbox_relay.pgsession import sever
 
 T = TypeVar("T")
 
@@ -95,8 +96,18 @@ class ReplicationStream:
     def closed(self) -> bool:
         return self._conn.closed
 
+    @property
+    def backend_pid(self) -> int:
+        """The server process streaming for this connection (the slot's `active_pid`)."""
+        return self._pgconn.backend_pid
+
     async def close(self) -> None:
         await self._conn.close()
+
+    def sever(self) -> None:
+        """Shut the socket down without a word to the server (see `pgsession.sever`): closing
+        then waits for nothing on a connection that stopped forwarding."""
+        sever(self._conn)
 
     async def identify_system(self) -> tuple[tuple[str, str], int]:
         """The server's (system identifier, timeline) and the end of its WAL."""
@@ -151,23 +162,26 @@ class ReplicationStream:
 
     def read_frames(
         self, read: Callable[[bytes, list[T]], bool], into: list[T], limit: int, reply: Callable[[], None]
-    ) -> None:
+    ) -> bool:
         """Take in what the socket holds now and hand each CopyData frame buffered to `read`
         (with `into`) until `into` holds `limit` items or no frame is left; `reply` at once when
-        a `read` returns True (the server asks for a status update). Raises OperationalError
-        when the stream ended. (One call per fetch: the frames come from libpq in this loop, not
-        through a call each.)"""
+        a `read` returns True (the server asks for a status update). Whether any frame came (a
+        keepalive counts: the server is there). Raises OperationalError when the stream ended.
+        (One call per fetch: the frames come from libpq in this loop, not through a call each.)"""
         pgconn = self._pgconn
         pgconn.consume_input()
         get_copy_data = pgconn.get_copy_data
+        heard = False
         while len(into) < limit:
             size, frame = get_copy_data(1)
             if size == 0:
-                return
+                break
             if size < 0:
                 raise stream_ended(pgconn)
+            heard = True
             if read(bytes(frame), into):
                 reply()
+        return heard
 
     def send(self, message: bytes) -> None:
         """Send one CopyData message (a standby status update) and flush it."""

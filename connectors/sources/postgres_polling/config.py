@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from outbox_relay.connectors.sources.postgres_connect import ColumnNames, EventColumns
 from outbox_relay.durations import Duration
@@ -53,7 +53,23 @@ class PostgresPollingConfig(ConnectorConfig):
     columns: ColumnMapping = ColumnMapping()
     notify: bool = Field(default=True, description="LISTEN for the trigger that init-db installs.")
     notify_channel: str = Field(default="outbox_relay", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    query_timeout: Duration = Field(
+        default=60.0,
+        ge=0,
+        description="A statement of the data path (read, sweep, mark or delete, backlog) the database"
+        " does not answer within this long: the connection is severed and opened again (catches one"
+        " a proxy or firewall holds open without forwarding). 0: off (else at least 1s).",
+    )
     connect_timeout: Duration = Field(default=5.0, gt=0)
+
+    @field_validator("query_timeout")
+    @classmethod
+    def _query_timeout_off_or_long(cls, value: float) -> float:
+        if 0 < value < 1.0:
+            raise ValueError(
+                "must be 0 (off) or at least 1s: a shorter one would end statements that are only slow"
+            )
+        return value
 
     def table_name(self) -> QualifiedName:
         return parse_table_name(self.table)

@@ -3,7 +3,7 @@ server showed it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import psycopg
@@ -15,6 +15,7 @@ from outbox_relay.connectors.sources.postgres_polling import queries
 from outbox_relay.connectors.sources.postgres_polling.config import PostgresPollingConfig
 from outbox_relay.connectors.sources.postgres_polling.inspection import InspectedTable, inspect_table
 from outbox_relay.interfaces import Fence
+from outbox_relay.pgsession import bounded, close_quietly
 
 Role = Literal["fetch", "ack", "stats"]
 ROLES: tuple[Role, ...] = ("fetch", "ack", "stats")
@@ -30,8 +31,11 @@ class TableSession:
     the next one after `forget_queries` (a restart: the columns may have changed; a new fence);
     `on_inspected` hears of each inspection."""
 
-    def __init__(self, config: PostgresPollingConfig, on_inspected: Callable[[InspectedTable], None]) -> None:
+    def __init__(
+        self, config: PostgresPollingConfig, on_inspected: Callable[[InspectedTable], None], log: Any
+    ) -> None:
         self.config = config
+        self._log = log
         self.cols = config.columns.names()
         #: The lease term acks are fenced by, once the relay runs under a lease.
         self.fence: Fence | None = None
@@ -95,16 +99,35 @@ class TableSession:
         prepare: bool | None = None,
     ) -> psycopg.AsyncCursor[Any]:
         """Run a query on one of the connections; `query` may name one of the built queries
-        (built once the table was inspected, which connecting does when needed)."""
+        (built once the table was inspected, which connecting does when needed). A query the
+        database does not answer within `query_timeout` fails as a lost connection does."""
         conn = await self.conn(role)
         if isinstance(query, str):
             query = self._queries[query]
         try:
-            return await conn.execute(query, params, prepare=prepare)
+            return await self._bounded(conn, conn.execute(query, params, prepare=prepare))
         except psycopg.OperationalError:
             # Drop the connection: the next call reconnects (database restart, network cut).
-            await conn.close()
+            await close_quietly(conn)
             raise
+
+    async def _bounded(
+        self, conn: psycopg.AsyncConnection[Any], work: Awaitable[psycopg.AsyncCursor[Any]]
+    ) -> psycopg.AsyncCursor[Any]:
+        """`work` within `query_timeout`. A connection held open by something that stopped
+        forwarding fails nothing, and its statement would wait for ever; past the bound the
+        connection is severed (a cancel would wait on it too: see `pgsession.bounded`), and the
+        caller's retry reconnects. A mark the server still commits later is harmless: marking
+        a row twice marks it, and under a lease the statement checks the token itself."""
+        timeout = self.config.query_timeout
+        if timeout <= 0:
+            return await work
+        try:
+            return await bounded(conn, work, timeout)
+        except TimeoutError:
+            message = f"database did not answer within {timeout:g}s; reconnecting"
+            self._log.warning(message)
+            raise psycopg.OperationalError(message) from None
 
     def own_pids(self) -> list[int]:
         """The server processes of the connections that read and mark rows."""

@@ -40,8 +40,8 @@ class PostgresPollingSource(Source, DatabaseSource):
         if config.marks and config.columns.published_at is None:
             raise ConnectorError("columns.published_at is required with after_publish: mark")
         self.config = config
-        self._session = TableSession(config, self._on_table_inspected)
         self._log = get_logger(source=self.kind, table=config.table)
+        self._session = TableSession(config, self._on_table_inspected, self._log)
         self._wake_ups = WakeUps(self._session.connect, config.notify_channel, self._log)
         self._cursor = ReadCursor()
         self._held = HeldPositions()
