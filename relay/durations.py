@@ -63,3 +63,11 @@ Duration = Annotated[
         }
     ),
 ]
+
+
+def off_or_at_least(seconds: float, least: float, why: str) -> float:
+    """A timeout setting that is 0 (off) or at least `least` seconds; `why` says what a shorter
+    one would do wrong."""
+    if 0 < seconds < least:
+        raise ValueError(f"must be 0 (off) or at least {least:g}s: {why}")
+    return seconds

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from outbox_relay.connectors.sources.postgres_connect import EventColumns
-from outbox_relay.durations import Duration
+from outbox_relay.durations import Duration, off_or_at_least
 from outbox_relay.identifiers import Identifier, TableName, parse_identifier, parse_table_name, quote_ident
 from outbox_relay.pgsession import Dsn, database_place, server_place
 from outbox_relay.registry import Claim, ConnectorConfig
@@ -104,11 +104,7 @@ class PostgresLogicalConfig(ConnectorConfig):
     @field_validator("receive_timeout")
     @classmethod
     def _receive_timeout_off_or_long(cls, value: float) -> float:
-        if 0 < value < 1.0:
-            raise ValueError(
-                "must be 0 (off) or at least 1s: a shorter one would end a stream that is only quiet"
-            )
-        return value
+        return off_or_at_least(value, 1.0, "a shorter one would end a stream that is only quiet")
 
     @property
     def maps_columns(self) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from outbox_relay.connectors.sources.postgres_connect import ColumnNames, EventColumns
-from outbox_relay.durations import Duration
+from outbox_relay.durations import Duration, off_or_at_least
 from outbox_relay.identifiers import ColumnName, QualifiedName, TableName, parse_table_name
 from outbox_relay.pgsession import Dsn, database_place
 from outbox_relay.registry import Claim, ConnectorConfig
@@ -65,11 +65,7 @@ class PostgresPollingConfig(ConnectorConfig):
     @field_validator("query_timeout")
     @classmethod
     def _query_timeout_off_or_long(cls, value: float) -> float:
-        if 0 < value < 1.0:
-            raise ValueError(
-                "must be 0 (off) or at least 1s: a shorter one would end statements that are only slow"
-            )
-        return value
+        return off_or_at_least(value, 1.0, "a shorter one would end statements that are only slow")
 
     def table_name(self) -> QualifiedName:
         return parse_table_name(self.table)
