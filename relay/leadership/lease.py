@@ -141,21 +141,24 @@ class Lease:
         # win, unanswered again, each time the row expires, keeping the outbox from all of them.
         holding_off = self._row.unanswered_at + self._time - time.monotonic()
         if holding_off > 0:
+            await self._row.seconds_left()  # (answered or not: whether this standby is ready)
             return None, min(holding_off, self._acquire_interval)
         sent = time.monotonic()
         taken = await self._row.take(self._guard.params())
         if taken is not None:
-            return await self._took(taken, sent), 0.0
+            term = await self._took(taken, sent)
+            return term, (0.0 if term is not None else self._time)
         left = await self._row.seconds_left()
         if left is None:  # (its row was deleted: made again on the next attempt)
             self._row.ready = False
             return None, 0.0
         return None, min(left + 0.01, self._acquire_interval)
 
-    async def _took(self, taken: Taken, sent: float) -> Term:
+    async def _took(self, taken: Taken, sent: float) -> Term | None:
         """The term of a lease this holder just took (`taken`: its token, from which holder):
-        the previous holder's sessions ended, the guard taken. Raises RivalLease (the lease
-        given up) when a live session of another replica holds the guard."""
+        the previous holder's sessions ended, the guard taken. When a live session of another
+        replica holds the guard, the lease is given up, and RivalLease raised; or None, when
+        the row named no holder (see below)."""
         token, previous, stale_guard, expiry = taken
         if previous and previous != self.holder:
             await end_sessions_of(self._row.session, previous, self._log)
@@ -165,6 +168,14 @@ class Lease:
         rival = await self._guard.take(self._row.place.table)
         if rival is not None:
             await self._row.give_up(token)
+            if previous is None:
+                # The row was just made (for the first time, or again: deleted, its table
+                # dropped), so who holds the guard may be the holder whose row went, not yet
+                # aware of it (its next renewal finds the row gone). A rival only if it still
+                # holds the guard when this replica takes its own row again, a lease time on.
+                self._guard.rival = None
+                self._log.info("the outbox's guard is held, the lease row was made again: waiting")
+                return None
             raise RivalLease(rival)
         self.term = Term(self._row.place.table, self.key, token, sent + self._time - self._margin, expiry)
         return self.term
