@@ -231,7 +231,10 @@ async def close_quietly(conn: AsyncConnection[Any] | None) -> None:
     if conn is None:
         return
     try:
-        await asyncio.wait_for(conn.close(), 1)
+        # (asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # comes as the close completes, and a task being abandoned then ran on for ever.)
+        async with asyncio.timeout(1):
+            await conn.close()
     except (OSError, TimeoutError, psycopg.Error):
         pass
 
